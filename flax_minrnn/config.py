@@ -1,0 +1,382 @@
+"""Experiment configuration: the schema, loading, validation and overrides.
+
+Experiment configs are Python files (``configs/*.py``) following the
+``get_config()`` convention of the flax examples and big_vision::
+
+    from flax_minrnn.config import default_config
+
+    def get_config(arg=None):
+        '''Command: ... Expected result: ...'''
+        config = default_config()
+        config.model.d_model = 256
+        return config
+
+``load_config("configs/x.py:arg", ["model.d_model=512"])`` imports the file,
+calls ``get_config("arg")`` (``get_config()`` without a ``:arg`` suffix),
+validates the result against :func:`default_config` (unknown keys and wrong
+types raise :class:`ConfigError` naming the dotted key), fills in missing keys
+from the defaults, applies the command-line overrides and returns a locked
+``ConfigDict``. ``data.task_kwargs`` is the only free-form section.
+"""
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import tempfile
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# Sections whose keys are free-form (not checked against the schema).
+FREE_FORM = ("data.task_kwargs",)
+# Allowed values of enumerated string fields.
+CHOICES = {
+    "data.name": ("char", "selective_copying", "parity", "mqar"),
+    "model.time_mixing": ("mingru", "minlstm", "glrnn"),
+    "model.norm": ("rmsnorm", "layernorm"),
+}
+CONFIG_FILENAME = "config.json"
+
+
+class ConfigError(ValueError):
+    """An invalid config: unknown key, wrong type, bad override or value."""
+
+
+def default_config() -> ConfigDict:
+    """Returns the full config schema with its default values."""
+    c = ConfigDict()
+    c.seed = 0
+    c.data = ConfigDict(dict(
+        name="char",               # 'char'|'selective_copying'|'parity'|'mqar'
+        path="",                   # '' = embedded Tiny Shakespeare
+        seq_len=128,
+        batch_size=32,
+        val_fraction=0.1,
+        eval_batches=20,
+        task_kwargs=ConfigDict(),  # free-form extra task arguments
+    ))
+    c.model = ConfigDict(dict(
+        time_mixing="mingru",      # 'mingru'|'minlstm'|'glrnn'
+        n_layer=2,
+        d_model=128,
+        d_h=0,                     # 0 = expansion_factor * d_model
+        expansion_factor=1.0,
+        d_channel_mixing=0,        # 0 = 4 * d_model
+        glu=False,
+        norm="rmsnorm",            # 'rmsnorm'|'layernorm'
+        eps=1e-5,
+        conv_width=0,              # 0 = no convolution
+        dropout=0.0,
+        embedding_dropout=0.0,
+        tie_embeddings=False,
+        positional_encoding="none",
+        max_seq_length=2048,
+        use_true_recurrence=False,
+        use_tied_gates=True,       # glrnn only
+        scan_impl="auto",
+        dtype="float32",
+        param_dtype="float32",
+    ))
+    c.optim = ConfigDict(dict(
+        learning_rate=1e-3,
+        warmup_steps=100,
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        grad_clip=1.0,
+        no_decay_regex="(bias|scale|embedding)",
+    ))
+    c.train = ConfigDict(dict(
+        num_steps=1000,
+        eval_every=200,
+        log_every=20,
+        checkpoint_every=200,
+        max_to_keep=3,
+        sample_every=0,
+        sample_length=200,
+        sample_prompt="\n",
+        sample_temperature=0.8,
+        sample_top_k=0,
+        progress_bar=True,
+    ))
+    # Two-stage training: stage 2 initialises from the run in `workdir`.
+    c.init_from = ConfigDict(dict(workdir="", load_regex=".*",
+                                  freeze_regex=""))
+    return c
+
+
+def _is_map(value: Any) -> bool:
+    return isinstance(value, (Mapping, ConfigDict))
+
+
+def _dotted_keys(schema: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in schema.items():
+        keys.append(prefix + key)
+        if _is_map(value) and prefix + key not in FREE_FORM:
+            keys += _dotted_keys(value, prefix + key + ".")
+    return keys
+
+
+def _unknown(dotted: str) -> ConfigError:
+    """An 'unknown key' error, with the closest schema keys as suggestions."""
+    known = _dotted_keys(default_config())
+    leaf = dotted.rsplit(".", 1)[-1]
+    close = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    close += [k for k in difflib.get_close_matches(dotted, known, n=2,
+                                                   cutoff=0.8)
+              if k not in close]
+    hint = (f" Did you mean {' or '.join(repr(k) for k in close)}?"
+            if close else "")
+    return ConfigError(f"Unknown config key {dotted!r}.{hint}")
+
+
+def _check_value(dotted: str, value: Any, default: Any) -> Any:
+    """Returns ``value`` if it has the type of ``default`` (int -> float ok)."""
+    expected = type(default)
+    ok = isinstance(value, expected) and (expected is bool
+                                          or not isinstance(value, bool))
+    if expected is float and isinstance(value, int) \
+            and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"Config key {dotted!r} expects {expected.__name__}, "
+                          f"got {type(value).__name__} {value!r}.")
+    if dotted in CHOICES and value not in CHOICES[dotted]:
+        raise ConfigError(f"Config key {dotted!r} must be one of "
+                          f"{CHOICES[dotted]}, got {value!r}.")
+    return value
+
+
+def _merge(target: ConfigDict, values: Mapping[str, Any], prefix: str = ""):
+    """Validates ``values`` against ``target`` (the schema) and assigns them."""
+    for key, value in values.items():
+        dotted = prefix + str(key)
+        if key not in target:
+            raise _unknown(dotted)
+        default = target[key]
+        if isinstance(default, ConfigDict):
+            if not _is_map(value):
+                raise ConfigError(f"Config key {dotted!r} is a section; got "
+                                  f"{type(value).__name__} {value!r}.")
+            if dotted in FREE_FORM:
+                target[key] = ConfigDict(value.to_dict() if isinstance(
+                    value, ConfigDict) else dict(value))
+            else:
+                _merge(default, value, dotted + ".")
+        else:
+            target[key] = _check_value(dotted, value, default)
+
+
+def validate(config: Mapping[str, Any] | ConfigDict) -> ConfigDict:
+    """Validates ``config`` against the schema; returns a locked full copy.
+
+    Args:
+        config: A (partial) config, ``ConfigDict`` or nested dict.
+
+    Returns:
+        A locked ``ConfigDict`` with every schema key, defaults filled in.
+
+    Raises:
+        ConfigError: Unknown key, wrong type or disallowed value.
+    """
+    if isinstance(config, ConfigDict):
+        config = config.to_dict()
+    result = default_config()
+    _merge(result, config)
+    result.lock()
+    return result
+
+
+def _parse(dotted: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError("expected true/false/1/0")
+    if isinstance(default, (int, float)):
+        return type(default)(text.strip())
+    return text
+
+
+def apply_overrides(config: ConfigDict, overrides: Sequence[str]
+                    ) -> ConfigDict:
+    """Returns a validated, locked copy of ``config`` with ``overrides``.
+
+    Args:
+        config: A config (validated by this function).
+        overrides: ``"section.key=value"`` strings. The value is parsed by the
+            schema type of the key (bool: true/false/1/0; str: verbatim).
+            ``data.task_kwargs.<name>=<value>`` values go through
+            ``ast.literal_eval``, falling back to the raw string.
+
+    Raises:
+        ConfigError: Malformed override, unknown key or unparsable value.
+    """
+    result = validate(config)
+    result.unlock()
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        dotted = dotted.strip()
+        if not sep or not dotted:
+            raise ConfigError(f"Override {item!r} is not 'key=value'.")
+        free = next((f for f in FREE_FORM if dotted.startswith(f + ".")), None)
+        if free is not None:
+            node = result
+            for key in free.split("."):
+                node = node[key]
+            *parents, leaf = dotted[len(free) + 1:].split(".")
+            for key in parents:
+                if not isinstance(node.get(key), ConfigDict):
+                    node[key] = ConfigDict()
+                node = node[key]
+            try:
+                node[leaf] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                node[leaf] = text
+            continue
+        node, keys = result, dotted.split(".")
+        for i, key in enumerate(keys):
+            if not isinstance(node, ConfigDict) or key not in node:
+                raise _unknown(dotted)
+            if i < len(keys) - 1:
+                node = node[key]
+        default = node[keys[-1]]
+        if isinstance(default, ConfigDict):
+            raise ConfigError(f"Override {item!r}: {dotted!r} is a section.")
+        try:
+            value = _parse(dotted, text, default)
+        except ValueError as e:
+            raise ConfigError(
+                f"Override {item!r}: {dotted!r} expects "
+                f"{type(default).__name__}, cannot parse {text!r} ({e})."
+            ) from e
+        node[keys[-1]] = _check_value(dotted, value, default)
+    result.lock()
+    return result
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads a ``get_config()`` file, validates it and applies overrides.
+
+    Args:
+        path: Python file defining ``get_config``; an optional ``:arg`` suffix
+            calls ``get_config(arg)`` instead.
+        overrides: ``"key=value"`` strings; see :func:`apply_overrides`.
+
+    Returns:
+        The full, validated, locked config.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ConfigError: The file has no ``get_config`` or the config is invalid.
+    """
+    file, arg = path, None
+    if not os.path.exists(path) and ":" in path:
+        file, arg = path.rsplit(":", 1)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"Config file {file!r} not found.")
+    name = "_flax_minrnn_config_" + os.path.splitext(
+        os.path.basename(file))[0]
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    get_config: Callable[..., Any] | None = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"Config file {file!r} defines no get_config().")
+    config = get_config() if arg is None else get_config(arg)
+    if not _is_map(config):
+        raise ConfigError(f"get_config() in {file!r} returned "
+                          f"{type(config).__name__}, not a ConfigDict.")
+    return apply_overrides(config, overrides)
+
+
+# What `shrink` sets, in one place: dotted key -> value, or a function of
+# the current value.
+SHRINK: dict[str, Any] = {
+    "model.n_layer": lambda n: min(n, 1),
+    "model.d_model": 16,
+    "model.d_h": 0,
+    "model.d_channel_mixing": 0,
+    "model.max_seq_length": 64,
+    "data.seq_len": 16,
+    "data.batch_size": 2,
+    "data.eval_batches": 1,
+    "optim.warmup_steps": 1,
+    "train.num_steps": 2,
+    "train.eval_every": 1,
+    "train.log_every": 1,
+    "train.checkpoint_every": 1,
+    "train.sample_every": 0,
+    "train.sample_length": 8,
+    "train.progress_bar": False,
+}
+
+
+def shrink(config: ConfigDict) -> ConfigDict:
+    """Returns a validated, locked copy with tiny sizes (smoke tests).
+
+    ``data.task_kwargs`` is left alone.
+    """
+    result = validate(config)
+    for dotted, value in SHRINK.items():
+        *parents, leaf = dotted.split(".")
+        node = result
+        for key in parents:
+            node = node[key]
+        node[leaf] = value(node[leaf]) if callable(value) else value
+    return result
+
+
+def config_to_json(config: ConfigDict) -> str:
+    """Serialises a (validated) config as indented, key-sorted JSON."""
+    return json.dumps(validate(config).to_dict(), indent=2, sort_keys=True)
+
+
+def config_from_json(text: str) -> ConfigDict:
+    """Parses and validates a config serialised by :func:`config_to_json`."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"Config JSON is malformed: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError("Config JSON is not an object.")
+    return validate(values)
+
+
+def save_config(workdir: str, config: ConfigDict) -> str:
+    """Atomically writes ``workdir/config.json``; returns its path."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILENAME)
+    text = config_to_json(config)
+    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".config.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_saved_config(workdir: str) -> ConfigDict:
+    """Reads and validates ``workdir/config.json``."""
+    path = os.path.join(workdir, CONFIG_FILENAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No saved config {path!r}.")
+    with open(path) as f:
+        try:
+            return config_from_json(f.read())
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e

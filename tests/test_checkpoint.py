@@ -1,0 +1,294 @@
+"""Tests for flax_minrnn.checkpoint: bit-exact round trips, retention,
+atomicity under SIGKILL, corrupt and missing checkpoints."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flax_minrnn.checkpoint import (CheckpointCorruptError, Checkpointer,
+                                    load_params)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_state(seed: int = 0):
+    """A training-state-like pytree with every leaf kind the trainer saves."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    w[0, 0], w[0, 1] = np.nan, -0.0  # Bit patterns that == would hide.
+    params = {
+        "dense": {"kernel": jnp.asarray(w),
+                  "bias": jnp.asarray(rng.standard_normal(4), jnp.bfloat16)},
+        "embedding": jnp.asarray(rng.standard_normal((16, 8)), jnp.bfloat16),
+        "counts": jnp.asarray(rng.integers(-5, 5, size=3), jnp.int32),
+    }
+    opt_state = optax.adamw(1e-3).init(params)
+    # Fill the moments with distinct random values of the right dtypes.
+    opt_state = jax.tree.map(
+        lambda x: jnp.asarray(rng.standard_normal(x.shape) * 10, x.dtype),
+        opt_state)
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": 100 + seed,
+        "rng": jax.random.PRNGKey(seed),
+        "data_pos": np.int64(2**40 + seed),  # numpy, needs int64
+    }
+
+
+def assert_bit_exact(restored, expected):
+    """Same pytree structure, leaf types, dtypes, shapes and bytes."""
+    assert jax.tree.structure(restored) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
+        if isinstance(want, (int, float)):
+            assert type(got) is type(want) and got == want
+            continue
+        assert isinstance(got, jax.Array) == isinstance(want, jax.Array)
+        got, want = np.asarray(got), np.asarray(want)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tobytes() == want.tobytes()
+
+
+def abstract(state):
+    return jax.eval_shape(lambda: state)
+
+
+def test_round_trip_bit_exact(tmp_path):
+    state = make_state()
+    meta = {"config": {"model": {"d_model": 16}, "seed": 0}, "data": [3, 4]}
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(7, state, metadata=meta, metrics={"eval_loss": 1.5})
+    with Checkpointer(tmp_path / "ckpt") as ckpt:  # A fresh instance.
+        assert ckpt.latest_step() == 7 and ckpt.all_steps() == [7]
+        restored, got_meta = ckpt.restore(target=abstract(state))
+        assert_bit_exact(restored, state)
+        assert got_meta == meta
+        assert isinstance(restored["opt_state"][0], optax.ScaleByAdamState)
+        # Concrete arrays as the target work too.
+        restored, _ = ckpt.restore(7, target=make_state(seed=1))
+        assert_bit_exact(restored, state)
+        params, got_meta = ckpt.restore_params()  # Target-less.
+        assert_bit_exact(params, state["params"])
+        assert got_meta == meta
+    params, _ = load_params(str(tmp_path / "ckpt"),
+                            abstract(state["params"]))
+    assert_bit_exact(params, state["params"])
+
+
+def test_keep_last_k_and_best(tmp_path):
+    losses = {1: 5.0, 2: 2.0, 3: 4.0, 4: float("nan"), 5: 3.0, 6: 6.0}
+    with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        for step, loss in losses.items():
+            ckpt.save(step, make_state(step), metadata={"step": step},
+                      metrics={"eval_loss": loss, "acc": 0.5})
+        assert ckpt.all_steps() == [2, 5, 6]
+        assert ckpt.best_step() == 2
+    with Checkpointer(tmp_path, max_to_keep=2) as ckpt:  # Survives restarts.
+        assert ckpt.all_steps() == [2, 5, 6] and ckpt.best_step() == 2
+        restored, meta = ckpt.restore_best(abstract(make_state()))
+        assert_bit_exact(restored, make_state(2))
+        assert meta == {"step": 2}
+        ckpt.save(7, make_state(7), metadata={}, metrics={"eval_loss": 1.0})
+        ckpt.save(8, make_state(8), metadata={})  # No metric: never "best".
+        assert ckpt.all_steps() == [7, 8] and ckpt.best_step() == 7
+    params, meta = load_params(str(tmp_path), best=True)
+    assert_bit_exact(params, make_state(7)["params"])
+
+
+def test_best_mode_max_and_no_best(tmp_path):
+    with Checkpointer(tmp_path / "a", max_to_keep=1, best_metric="acc",
+                      best_mode="max") as ckpt:
+        for step, acc in [(1, 0.2), (2, 0.9), (3, 0.5), (4, 0.1)]:
+            ckpt.save(step, {"x": jnp.zeros(2)}, metadata={},
+                      metrics={"acc": acc})
+        assert ckpt.all_steps() == [2, 4] and ckpt.best_step() == 2
+    with Checkpointer(tmp_path / "b", max_to_keep=1, keep_best=False) as ckpt:
+        for step in range(1, 4):
+            ckpt.save(step, {"x": jnp.zeros(2)}, metadata={},
+                      metrics={"eval_loss": -step})
+        assert ckpt.all_steps() == [3] and ckpt.best_step() is None
+        with pytest.raises(FileNotFoundError, match="ranked"):
+            ckpt.restore_best({"x": jnp.zeros(2)})
+
+
+CHILD = """
+import os, signal, sys
+import jax.numpy as jnp
+import numpy as np
+from flax_minrnn.checkpoint import Checkpointer
+
+mode, directory = sys.argv[1], sys.argv[2]
+ckpt = Checkpointer(directory)
+ckpt.save(1, {"w": jnp.arange(1000, dtype=jnp.float32), "step": 1},
+          metadata={"step": 1})
+if mode == "before_commit":
+    # Die after every byte of step 2 is written, just before the rename of
+    # "2.orbax-checkpoint-tmp" to "2" (orbax-checkpoint 0.12 internals).
+    from orbax.checkpoint._src.path import atomicity
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    async def die_before_step_rename(self):
+        if self.get().name.startswith("2."):
+            os.kill(os.getpid(), signal.SIGKILL)
+        await finalize(self)
+    atomicity.AtomicRenameTemporaryPath.finalize = die_before_step_rename
+# Incompressible 128 MiB, so that writing step 2 takes a while.
+big = jnp.asarray(np.random.default_rng(0).random(2**25, np.float32))
+print("SAVED1", flush=True)
+ckpt.save(2, {"w": big, "step": 2}, metadata={"step": 2})
+print("SAVED2", flush=True)
+"""
+
+
+def _tmp_bytes(directory):
+    """Bytes written so far under the tmp dir of step 2."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        if "2.orbax-checkpoint-tmp" in root:
+            for name in files:
+                try:
+                    total += os.path.getsize(os.path.join(root, name))
+                except OSError:  # Renamed or removed meanwhile.
+                    pass
+    return total
+
+
+@pytest.mark.parametrize("mode", ["before_commit", "mid_write"])
+def test_sigkill_during_save_keeps_previous(tmp_path, mode):
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    directory = tmp_path / "ckpt"
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    child = subprocess.Popen([sys.executable, str(script), mode,
+                              str(directory)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
+    assert child.stdout.readline().strip() == "SAVED1"
+    if mode == "mid_write":  # Kill once 4 MiB of step 2 are on disk.
+        deadline = time.time() + 60
+        while _tmp_bytes(directory) < 4 * 2**20:
+            assert time.time() < deadline and child.poll() is None
+            time.sleep(0.001)
+        child.send_signal(signal.SIGKILL)
+        if child.wait(timeout=60) == 0:  # Only under extreme CPU starvation.
+            pytest.skip("step 2 was committed before the kill arrived")
+    assert child.wait(timeout=60) == -signal.SIGKILL
+    leftovers = [p.name for p in directory.iterdir() if p.name.startswith("2")]
+    assert leftovers and all("tmp" in name for name in leftovers), leftovers
+
+    expected = {"w": np.arange(1000, dtype=np.float32), "step": 1}
+    with Checkpointer(directory) as ckpt:
+        assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+        restored, meta = ckpt.restore(target=expected)
+        assert meta == {"step": 1}
+        assert_bit_exact(restored, {"w": jnp.asarray(expected["w"]),
+                                    "step": 1})
+        # Saving step 2 again replaces the stale tmp dir.
+        ckpt.save(2, {"w": jnp.zeros(3), "step": 2}, metadata={})
+        assert ckpt.all_steps() == [1, 2]
+    assert sorted(p.name for p in directory.iterdir()
+                  if p.name[0].isdigit()) == ["1", "2"]
+
+
+def _files(path: pathlib.Path):
+    return {str(p.relative_to(path)): p.stat().st_size
+            for p in path.rglob("*") if p.is_file()}
+
+
+def _truncate_data(step_dir):
+    for f in (step_dir / "state" / "d").iterdir():
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+
+
+def _delete_data(step_dir):
+    for f in (step_dir / "state" / "d").iterdir():
+        f.unlink()
+
+
+def _delete_tree_metadata(step_dir):
+    (step_dir / "state" / "_METADATA").unlink()
+
+
+# tensorstore callbacks of the failed reads hit a closed event loop.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("corrupt", [_truncate_data, _delete_data,
+                                     _delete_tree_metadata])
+def test_corrupt_latest_raises_and_keeps_good(tmp_path, corrupt):
+    state1, state2 = make_state(1), make_state(2)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state1, metadata={"step": 1}, metrics={"eval_loss": 1.0})
+        ckpt.save(2, state2, metadata={"step": 2}, metrics={"eval_loss": 2.0})
+    good_files = _files(tmp_path / "1")
+    corrupt(tmp_path / "2")
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 2
+        with pytest.raises(CheckpointCorruptError) as info:
+            ckpt.restore(target=abstract(state1))
+        assert info.value.step == 2 and info.value.older_steps == [1]
+        message = str(info.value)
+        assert str(tmp_path / "2") in message and "[1]" in message
+        with pytest.raises(CheckpointCorruptError):
+            ckpt.restore_params()
+        with pytest.raises(ValueError, match="already exists"):
+            ckpt.save(2, state2, metadata={})  # Never overwritten.
+        # Nothing was cleaned up; the older step restores bit-exactly.
+        assert _files(tmp_path / "1") == good_files
+        assert (tmp_path / "2").is_dir()
+        restored, meta = ckpt.restore(info.value.older_steps[-1],
+                                      target=abstract(state1))
+        assert_bit_exact(restored, state1)
+        assert meta == {"step": 1}
+    assert _files(tmp_path / "1") == good_files
+
+
+def test_target_mismatch_is_not_corruption(tmp_path):
+    state = make_state()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, metadata={})
+        with pytest.raises(ValueError, match="opt_state") as info:
+            ckpt.restore(target={"params": state["params"]})
+        assert not isinstance(info.value, CheckpointCorruptError)
+        bad = dict(state, rng=jnp.zeros((3,), jnp.uint32))
+        with pytest.raises(ValueError, match="rng"):
+            ckpt.restore(target=bad)
+
+
+def test_missing_or_empty_directory(tmp_path):
+    missing = tmp_path / "does_not_exist"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_params(str(missing))
+    with Checkpointer(missing, read_only=True) as ckpt:
+        assert ckpt.latest_step() is None and ckpt.all_steps() == []
+        with pytest.raises(FileNotFoundError, match=str(missing)):
+            ckpt.restore(target={})
+    assert not missing.exists()
+    with Checkpointer(tmp_path / "empty") as ckpt:
+        with pytest.raises(FileNotFoundError, match="empty"):
+            ckpt.restore(target={})
+        ckpt.save(3, {"x": jnp.zeros(2)}, metadata={})
+        with pytest.raises(FileNotFoundError, match=r"step 4.*\[3\]"):
+            ckpt.restore(4, target={"x": jnp.zeros(2)})
+
+
+def test_bad_arguments_and_read_only(tmp_path):
+    with pytest.raises(ValueError, match="max_to_keep"):
+        Checkpointer(tmp_path, max_to_keep=0)
+    with pytest.raises(ValueError, match="best_mode"):
+        Checkpointer(tmp_path, best_mode="lowest")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(TypeError, match="JSON"):
+            ckpt.save(1, {"x": jnp.zeros(2)}, metadata={"a": object()})
+        assert ckpt.all_steps() == []
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        with pytest.raises(PermissionError):
+            ckpt.save(1, {"x": jnp.zeros(2)}, metadata={})
