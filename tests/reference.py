@@ -1,0 +1,69 @@
+"""Independent float64 NumPy references, written for the tests only.
+
+Nothing here imports flax_minrnn: these loops are the ground truth the library
+is compared against.
+"""
+
+import numpy as np
+
+
+def linear_recurrence(a, b, h0=None, *, reset=None, mask=None, reverse=False):
+    """h_t = a_t h_{t-1} + b_t, one step at a time in float64.
+
+    reset[t]: the state restarts from zero at t (documents never mix, in either
+    direction). mask[t] False: the step is skipped (state unchanged, output 0).
+    Returns (h_last, h).
+    """
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    batch, seq_len = a.shape[:2]
+    h = np.zeros((batch,) + a.shape[2:]) if h0 is None else np.array(h0, np.float64)
+    out = np.zeros_like(a)
+    order = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
+    for t in order:
+        for i in range(batch):
+            if mask is not None and not mask[i, t]:
+                continue
+            # A boundary lies between t and the previous step in scan order.
+            boundary = reset is not None and (
+                reset[i, t] if not reverse else
+                (t + 1 < seq_len and reset[i, t + 1]))
+            if boundary:
+                h[i] = 0.0
+            h[i] = a[i, t] * h[i] + b[i, t]
+            out[i, t] = h[i]
+    return h, out
+
+
+def linear_recurrence_vjp(a, h0, h, g, g_last, *, reverse=False):
+    """Gradients (da, db, dh0) of sum(g * h) + sum(g_last * h_last), float64.
+
+    Plain (no reset/mask) recurrence; h are the forward states.
+    """
+    a = np.asarray(a, np.float64)
+    seq_len = a.shape[1]
+    lam = np.array(g_last, np.float64)
+    da = np.zeros_like(a)
+    db = np.zeros_like(a)
+    order = range(seq_len) if reverse else range(seq_len - 1, -1, -1)
+    nxt = None
+    for t in order:
+        if nxt is not None:
+            lam = lam * a[:, nxt]
+        lam = lam + g[:, t]
+        db[:, t] = lam
+        if reverse:
+            h_prev = h[:, t + 1] if t + 1 < seq_len else h0
+        else:
+            h_prev = h[:, t - 1] if t > 0 else h0
+        da[:, t] = lam * h_prev
+        nxt = t
+    dh0 = lam * a[:, nxt]
+    return da, db, dh0
+
+
+def rel_err(x, ref):
+    """Norm-wise relative error max|x - ref| / max|ref|."""
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))

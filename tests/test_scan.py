@@ -1,0 +1,263 @@
+"""flax_minrnn.scan against the float64 NumPy reference in tests/reference.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_minrnn import scan as scan_lib
+from flax_minrnn.scan import ScanImpl, linear_scan
+from reference import linear_recurrence, linear_recurrence_vjp, rel_err
+
+LINEAR_IMPLS = ["associative", "sequential", "chunked"]
+POSITIVE_IMPLS = ["log", "heinsen"]
+ALL_IMPLS = LINEAR_IMPLS + POSITIVE_IMPLS
+
+
+def make_inputs(rng, shape, *, positive=False, h0_sign="pos"):
+    """Gates in (0.5, 1) (a realistic forget-gate range), inputs, h0."""
+    a = rng.uniform(0.5, 1.0, shape)
+    b = rng.uniform(0.0, 1.0, shape) if positive else rng.normal(size=shape)
+    h0 = {"zero": np.zeros, "pos": lambda s: rng.uniform(0.1, 2.0, s),
+          "neg": lambda s: -rng.uniform(0.1, 2.0, s)}[h0_sign]((shape[0],) + shape[2:])
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    return f32(a), f32(b), f32(h0)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("seq_len", [1, 7, 64, 333, 4096])
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_matches_float64_reference(rng, impl, seq_len, reverse):
+    if impl == "heinsen" and seq_len > 1000:
+        pytest.skip("heinsen loses digits as T grows: test_heinsen_error_grows_with_length")
+    positive = impl in POSITIVE_IMPLS
+    for h0_sign in (("zero", "pos") if positive else ("zero", "pos", "neg")):
+        a, b, h0 = make_inputs(rng, (2, seq_len, 3), positive=positive, h0_sign=h0_sign)
+        ref_last, ref = linear_recurrence(a, b, h0, reverse=reverse)
+        h_last, h = linear_scan(a, b, h0, impl=impl, reverse=reverse)
+        assert h.dtype == jnp.float32 and h_last.dtype == jnp.float32
+        tol = 1e-4 if impl == "heinsen" else 1e-5  # heinsen: paper parity only
+        assert rel_err(h, ref) <= tol, (h0_sign, rel_err(h, ref))
+        assert rel_err(h_last, ref_last) <= tol
+
+
+@pytest.mark.parametrize("impl", ["associative", "sequential", "chunked", "log"])
+def test_no_error_growth_at_65536(rng, impl):
+    seq_len = 65_536
+    a = jnp.asarray(rng.uniform(0.9, 1.0, (1, seq_len, 2)), jnp.float32)
+    b = jnp.asarray(rng.uniform(0.0, 1.0, (1, seq_len, 2)), jnp.float32)
+    _, ref = linear_recurrence(a, b)
+    _, h = linear_scan(a, b, impl=impl)
+    assert rel_err(h, ref) <= 1e-5
+
+
+def test_heinsen_error_grows_with_length(rng):
+    """The paper-appendix form loses digits as T grows; the log scan does not."""
+    errs = {}
+    for seq_len in (256, 65_536):
+        # Slowly decaying gates: the cumulative sum of log a grows large.
+        a = jnp.asarray(rng.uniform(0.999, 1.0, (1, seq_len, 2)), jnp.float32)
+        b = jnp.asarray(rng.uniform(0.0, 1.0, (1, seq_len, 2)), jnp.float32)
+        _, ref = linear_recurrence(a, b)
+        errs[seq_len] = {impl: rel_err(linear_scan(a, b, impl=impl)[1], ref)
+                         for impl in ("heinsen", "log")}
+    assert errs[65_536]["log"] <= 1e-5
+    assert errs[65_536]["heinsen"] > 10 * errs[256]["heinsen"]
+    assert errs[65_536]["heinsen"] > 10 * errs[65_536]["log"]
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_bfloat16_inputs_accumulate_in_float32(rng, impl):
+    a, b, h0 = make_inputs(rng, (2, 512, 4), positive=True)
+    a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    h_last, h = linear_scan(a16, b16, h0, impl=impl)
+    assert h.dtype == jnp.float32 and h_last.dtype == jnp.float32
+    # Against the reference on the same (bf16-rounded) inputs, only float32
+    # accumulation error remains ...
+    _, ref16 = linear_recurrence(np.asarray(a16, np.float64),
+                                 np.asarray(b16, np.float64), h0)
+    assert rel_err(h, ref16) <= (1e-4 if impl == "heinsen" else 1e-5)
+    # ... and against the float32 inputs, the bf16 rounding of the inputs.
+    _, ref = linear_recurrence(a, b, h0)
+    np.testing.assert_allclose(h, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_gradients_match_reference(rng, impl, reverse):
+    positive = impl in POSITIVE_IMPLS
+    a, b, h0 = make_inputs(rng, (2, 50, 3), positive=positive,
+                           h0_sign="pos" if positive else "neg")
+    g = jnp.asarray(rng.normal(size=a.shape), jnp.float32)
+    g_last = jnp.asarray(rng.normal(size=h0.shape), jnp.float32)
+
+    def loss(a, b, h0):
+        h_last, h = linear_scan(a, b, h0, impl=impl, reverse=reverse)
+        return jnp.sum(h * g) + jnp.sum(h_last * g_last)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(a, b, h0)
+    _, h_ref = linear_recurrence(a, b, h0, reverse=reverse)
+    refs = linear_recurrence_vjp(a, h0, h_ref, np.asarray(g, np.float64),
+                                 np.asarray(g_last, np.float64), reverse=reverse)
+    for name, got, want in zip(("da", "db", "dh0"), grads, refs):
+        assert rel_err(got, want) <= 2e-5, (name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+def test_gradients_through_reset_and_mask_match_autodiff_of_reference(rng, impl):
+    """With resets and padding, compare against autodiff of a plain jnp loop."""
+    batch, seq_len, feat = 3, 20, 2
+    a, b, h0 = make_inputs(rng, (batch, seq_len, feat), h0_sign="neg")
+    reset = jnp.asarray(rng.uniform(size=(batch, seq_len)) < 0.2)
+    lengths = jnp.asarray([20, 13, 0], jnp.int32)
+    g = jnp.asarray(rng.normal(size=a.shape), jnp.float32)
+    g_last = jnp.asarray(rng.normal(size=h0.shape), jnp.float32)
+
+    def loop(a, b, h0):  # independent of the library: a Python loop in jnp
+        h, outs = h0, []
+        for t in range(seq_len):
+            valid = (t < lengths)[:, None]
+            a_t = jnp.where(reset[:, t, None], 0.0, a[:, t])
+            h_new = a_t * h + b[:, t]
+            h = jnp.where(valid, h_new, h)
+            outs.append(jnp.where(valid, h, 0.0))
+        return h, jnp.stack(outs, 1)
+
+    def loss(fn):
+        def f(a, b, h0):
+            h_last, h = fn(a, b, h0)
+            return jnp.sum(h * g) + jnp.sum(h_last * g_last)
+        return f
+
+    ours = jax.grad(loss(lambda *x: linear_scan(*x, impl=impl, reset=reset,
+                                                  seq_lengths=lengths)), (0, 1, 2))(a, b, h0)
+    want = jax.grad(loss(loop), (0, 1, 2))(a, b, h0)
+    for got, ref in zip(ours, want):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("impl", LINEAR_IMPLS + ["log"])
+def test_seq_lengths(rng, impl, reverse):
+    batch, seq_len = 4, 16
+    a, b, h0 = make_inputs(rng, (batch, seq_len, 3), positive=impl == "log")
+    lengths = np.array([16, 9, 1, 0])
+    h_last, h = linear_scan(a, b, h0, impl=impl, seq_lengths=jnp.asarray(lengths),
+                            reverse=reverse)
+    for i, n in enumerate(lengths):
+        if n == 0:
+            np.testing.assert_array_equal(h_last[i], h0[i])
+            np.testing.assert_array_equal(h[i], 0.0)
+            continue
+        ref_last, ref = linear_recurrence(a[i:i + 1, :n], b[i:i + 1, :n],
+                                          h0[i:i + 1], reverse=reverse)
+        np.testing.assert_allclose(h_last[i], ref_last[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(h[i, :n], ref[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(h[i, n:], 0.0)
+
+
+@pytest.mark.parametrize("impl", LINEAR_IMPLS + ["log"])
+def test_mask_skips_steps(rng, impl):
+    a, b, h0 = make_inputs(rng, (3, 25, 2), positive=impl == "log")
+    mask = rng.uniform(size=(3, 25)) < 0.6
+    ref_last, ref = linear_recurrence(a, b, h0, mask=mask)
+    h_last, h = linear_scan(a, b, h0, impl=impl, mask=jnp.asarray(mask))
+    np.testing.assert_allclose(h, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h_last, ref_last, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("impl", LINEAR_IMPLS + ["log"])
+def test_reset_equals_separate_documents(rng, impl, reverse):
+    seq_len = 30
+    a, b, _ = make_inputs(rng, (2, seq_len, 3), positive=impl == "log")
+    starts = [[0, 7, 8, 19], [0, 29]]  # documents start here (step 0 too)
+    reset = np.zeros((2, seq_len), bool)
+    for i, s in enumerate(starts):
+        reset[i, s] = True
+    _, h = linear_scan(a, b, impl=impl, reset=jnp.asarray(reset), reverse=reverse)
+    for i, s in enumerate(starts):
+        bounds = s + [seq_len]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            _, ref = linear_recurrence(a[i:i + 1, lo:hi], b[i:i + 1, lo:hi],
+                                       reverse=reverse)
+            np.testing.assert_allclose(h[i, lo:hi], ref[0], rtol=1e-5, atol=1e-6)
+
+
+def test_reset_drops_initial_state(rng):
+    a, b, h0 = make_inputs(rng, (1, 5, 2))
+    reset = jnp.zeros((1, 5), bool).at[0, 0].set(True)
+    _, with_h0 = linear_scan(a, b, h0, reset=reset)
+    _, without = linear_scan(a, b, None)
+    np.testing.assert_array_equal(with_h0, without)
+
+
+def test_jit_with_traced_lengths(rng):
+    a, b, h0 = make_inputs(rng, (2, 10, 2))
+    f = jax.jit(lambda a, b, h0, n: linear_scan(a, b, h0, seq_lengths=n))
+    h_last, _ = f(a, b, h0, jnp.asarray([10, 4]))
+    ref_last, _ = linear_recurrence(a[1:, :4], b[1:, :4], h0[1:])
+    np.testing.assert_allclose(h_last[1], ref_last[0], rtol=1e-5)
+
+
+def test_auto_resolves_per_backend():
+    assert scan_lib.default_impl(4096, "gpu") is ScanImpl.ASSOCIATIVE
+    assert scan_lib.default_impl(4096, "cpu") is ScanImpl.CHUNKED
+    assert scan_lib.default_impl(8, "cpu") is ScanImpl.SEQUENTIAL
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.a = jnp.full((2, 5, 3), 0.5, jnp.float32)
+        self.b = jnp.ones((2, 5, 3), jnp.float32)
+
+    def test_shape_mismatch(self):
+        with pytest.raises(ValueError, match=r"a and b must have the same shape"):
+            linear_scan(self.a, self.b[:, :, :1])
+
+    def test_integer_input(self):
+        with pytest.raises(TypeError, match=r"b must be a floating-point array"):
+            linear_scan(self.a, jnp.ones((2, 5, 3), jnp.int32))
+
+    def test_rank(self):
+        with pytest.raises(ValueError, match=r"a must have shape \(batch, time"):
+            linear_scan(self.a[0, 0], self.b[0, 0])
+
+    def test_h0_shape(self):
+        with pytest.raises(ValueError, match=r"h0 must have shape .*\(2, 3\)"):
+            linear_scan(self.a, self.b, jnp.zeros((2, 4)))
+
+    def test_h0_dtype(self):
+        with pytest.raises(TypeError, match=r"h0 must be a floating-point"):
+            linear_scan(self.a, self.b, jnp.zeros((2, 3), jnp.int32))
+
+    def test_unknown_impl(self):
+        with pytest.raises(ValueError, match=r"impl must be one of .*'fast'"):
+            linear_scan(self.a, self.b, impl="fast")
+
+    def test_seq_lengths_out_of_range(self):
+        with pytest.raises(ValueError, match=r"seq_lengths must lie in \[0, 5\]"):
+            linear_scan(self.a, self.b, seq_lengths=jnp.asarray([3, 6]))
+        with pytest.raises(ValueError, match=r"seq_lengths must lie"):
+            linear_scan(self.a, self.b, seq_lengths=jnp.asarray([-1, 2]))
+
+    def test_seq_lengths_shape_and_dtype(self):
+        with pytest.raises(ValueError, match=r"seq_lengths must have shape \(batch,\)"):
+            linear_scan(self.a, self.b, seq_lengths=jnp.asarray([3]))
+        with pytest.raises(TypeError, match=r"seq_lengths must be an integer"):
+            linear_scan(self.a, self.b, seq_lengths=jnp.asarray([3.0, 2.0]))
+
+    def test_mask_and_lengths_exclusive(self):
+        with pytest.raises(ValueError, match=r"either mask or seq_lengths"):
+            linear_scan(self.a, self.b, seq_lengths=jnp.asarray([3, 2]),
+                        mask=jnp.ones((2, 5), bool))
+
+    def test_reset_shape_and_dtype(self):
+        with pytest.raises(ValueError, match=r"reset must have shape \(batch, time\)"):
+            linear_scan(self.a, self.b, reset=jnp.zeros((2, 4), bool))
+        with pytest.raises(TypeError, match=r"reset must be a boolean"):
+            linear_scan(self.a, self.b, reset=jnp.zeros((2, 5), jnp.int32))
+
+    def test_heinsen_rejects_reset(self):
+        with pytest.raises(ValueError, match=r"heinsen"):
+            linear_scan(self.a, self.b, impl="heinsen", reset=jnp.zeros((2, 5), bool))
