@@ -110,15 +110,19 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
     return ScanImpl.ASSOCIATIVE
 
 
-def resolve_impl(impl: Union[str, ScanImpl], seq_len: int) -> ScanImpl:
-    """Validates ``impl`` and resolves ``"auto"``; raises ``ValueError``."""
+def resolve_impl(impl: Union[str, ScanImpl], seq_len: int, *,
+                 name: str = "impl") -> ScanImpl:
+    """Validates ``impl`` and resolves ``"auto"``; raises ``ValueError``.
+
+    ``name`` is the argument named in the error (``scan_impl`` in layers).
+    """
     if isinstance(impl, ScanImpl):
         value = impl
     elif isinstance(impl, str) and impl in _IMPL_NAMES:
         value = ScanImpl(impl)
     else:
         raise ValueError(
-            f"impl must be one of {list(_IMPL_NAMES)}, got {impl!r}")
+            f"{name} must be one of {list(_IMPL_NAMES)}, got {impl!r}")
     if value is ScanImpl.AUTO:
         value = default_impl(seq_len)
     return value
@@ -176,7 +180,19 @@ def check_seq_lengths(seq_lengths, batch: int, seq_len: int) -> Array:
     return jnp.asarray(seq_lengths)
 
 
-def _check_bool_bt(name: str, x, batch: int, seq_len: int) -> Array:
+def reset_boundaries(reset: Array, reverse: bool) -> Array:
+    """Where the state is zeroed before the step, in scan order.
+
+    Forward, a document starting at ``t`` zeroes the state before step ``t``.
+    Reversed, it is the document starting at ``t + 1`` that must not leak into
+    step ``t``, so the boundary moves one step earlier.
+    """
+    if not reverse:
+        return reset
+    return jnp.concatenate([reset[:, 1:], jnp.zeros_like(reset[:, :1])], axis=1)
+
+
+def check_bool_bt(name: str, x, batch: int, seq_len: int) -> Array:
     if not hasattr(x, "shape"):
         x = np.asarray(x)
     if tuple(x.shape) != (batch, seq_len):
@@ -442,17 +458,14 @@ def linear_scan(
             raise ValueError(
                 "impl='heinsen' cannot represent a state reset (log 0 in a "
                 "cumulative sum); use impl='log' or a linear-space impl")
-        reset = _check_bool_bt("reset", reset, batch, seq_len)
-        if reverse:
-            # A document starting at t + 1 must not leak into step t.
-            reset = jnp.concatenate(
-                [reset[:, 1:], jnp.zeros_like(reset[:, :1])], axis=1)
-        a = jnp.where(reset[expand], jnp.zeros((), dtype), a)
+        reset = check_bool_bt("reset", reset, batch, seq_len)
+        a = jnp.where(reset_boundaries(reset, reverse)[expand],
+                      jnp.zeros((), dtype), a)
     if seq_lengths is not None:
         seq_lengths = check_seq_lengths(seq_lengths, batch, seq_len)
         mask = lengths_to_mask(seq_lengths, seq_len)
     elif mask is not None:
-        mask = _check_bool_bt("mask", mask, batch, seq_len)
+        mask = check_bool_bt("mask", mask, batch, seq_len)
     if mask is not None:
         m = mask[expand]
         a = jnp.where(m, a, jnp.ones((), dtype))

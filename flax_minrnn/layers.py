@@ -1,0 +1,553 @@
+"""Single-recurrence layers: MinGRU, MinLSTM and GatedLinearRNN (Flax linen).
+
+Every layer maps ``x`` of shape ``(batch, time, features)`` to ``(carry, y)``:
+``carry`` is the final state ``(batch, d_h)`` (float32, whatever the compute
+dtype) and ``y`` the outputs ``(batch, time, d_out)``.
+
+How a layer runs (one code path for every ``T >= 1``):
+
+1. one fused projection ``in_proj`` of ``x`` gives every pre-activation;
+2. a pure gate function turns pre-activations into the recurrence
+   coefficients ``a_t`` (decay) and ``b_t`` (input) in float32;
+3. :func:`flax_minrnn.scan.linear_scan` runs ``h_t = a_t * h_{t-1} + b_t``.
+
+In true-recurrence mode (``use_true_recurrence=True``) the pre-activations
+also see the previous state, ``pre_t = in_proj(x_t) + h_{t-1} @ U`` with a
+recurrent kernel ``U`` initialised to zero, so the layer runs one step at a
+time; each step calls the same gate function and the same ``linear_scan``
+(with ``T = 1``).  With ``U = 0`` both modes compute the same function, which
+is what two-stage training relies on (see :mod:`flax_minrnn.migrate`).
+
+Options shared by all layers (call arguments): ``carry`` (``None`` = zeros),
+``seq_lengths`` or ``mask`` (padded steps keep the state; their outputs are
+zero), ``reset`` (a new document starts: the state restarts from zero).  The
+``reverse`` field runs the recurrence from the last step to the first.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_minrnn import scan as scan_lib
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+__all__ = ["MinGRU", "MinLSTM", "GatedLinearRNN", "g_activation"]
+
+
+def g_activation(x: Array) -> Array:
+    """The minGRU paper's positive candidate activation (appendix).
+
+    ``g(x) = x + 0.5`` for ``x >= 0`` and ``sigmoid(x)`` otherwise: continuous,
+    strictly positive, so states started from ``h0 >= 0`` stay positive (the
+    domain of ``scan_impl="log"``).
+    """
+    return jnp.where(x >= 0, x + 0.5, jax.nn.sigmoid(x))
+
+
+class Gates(NamedTuple):
+    """What a layer's gate function returns (float32, ``(..., d_h)``)."""
+
+    a: Array  # decay coefficient of h_{t-1}
+    b: Array  # input added to the state
+    aux: Optional[Array] = None  # anything the output needs (an output gate)
+
+
+# ----------------------------------------------------------------------------
+# Input checks shared by the layers.
+
+
+def check_input(x: Array, name: str = "x") -> None:
+    """x must be a floating ``(batch, time, features)`` array."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(
+            f"{name} must have shape (batch, time, features), got {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array, got dtype {x.dtype} "
+            "(token ids need an embedding first)")
+
+
+def state_dtype(*dtypes) -> jnp.dtype:
+    """The carry dtype: float32, or float64 when the computation is float64."""
+    return scan_lib._accum_dtype(*dtypes)
+
+
+def check_carry(carry, batch: int, d_h: int, dtype) -> Array:
+    """Returns a zero state for ``None``; validates shape and dtype otherwise."""
+    if carry is None:
+        return jnp.zeros((batch, d_h), dtype)
+    if not hasattr(carry, "shape") or not hasattr(carry, "dtype"):
+        raise TypeError(f"carry must be an array, got {type(carry).__name__}")
+    if tuple(carry.shape) != (batch, d_h):
+        raise ValueError(
+            f"carry must have shape (batch, d_h) = ({batch}, {d_h}), "
+            f"got {tuple(carry.shape)}")
+    if carry.dtype != dtype:
+        raise TypeError(
+            f"carry must have dtype {jnp.dtype(dtype).name} (the state dtype), "
+            f"got {carry.dtype}")
+    return carry
+
+
+def valid_mask(batch: int, seq_len: int, seq_lengths, mask) -> Optional[Array]:
+    """The ``(batch, time)`` mask of valid steps (``None`` = all valid)."""
+    if mask is not None and seq_lengths is not None:
+        raise ValueError("pass either mask or seq_lengths, not both")
+    if seq_lengths is not None:
+        lengths = scan_lib.check_seq_lengths(seq_lengths, batch, seq_len)
+        return scan_lib.lengths_to_mask(lengths, seq_len)
+    if mask is not None:
+        return scan_lib.check_bool_bt("mask", mask, batch, seq_len)
+    return None
+
+
+def _check_positive(name: str, value) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _bias_init_with(base: Initializer, d_h: int, offsets: dict) -> Initializer:
+    """``base`` with the segments ``{index: value}`` of a fused bias set."""
+    if not offsets:
+        return base
+
+    def init(key, shape, dtype=jnp.float32):
+        bias = base(key, shape, dtype)
+        for index, value in offsets.items():
+            bias = bias.at[index * d_h:(index + 1) * d_h].set(value)
+        return bias
+
+    return init
+
+
+# ----------------------------------------------------------------------------
+# The one code path of every layer.
+
+
+def _project(module: nn.Module, x: Array, features: int, *, name: str,
+             use_bias: bool, bias_init: Initializer, dtype) -> Array:
+    """A Dense layer with a clear error when x's width does not match params."""
+    params = module.variables.get("params", {})
+    if name in params:
+        expected = params[name]["kernel"].shape[0]
+        if x.shape[-1] != expected:
+            raise ValueError(
+                f"x has {x.shape[-1]} features but this layer's parameters "
+                f"({name}) expect {expected}")
+    dense = nn.Dense(features, use_bias=use_bias, dtype=dtype,
+                     param_dtype=module.param_dtype, kernel_init=module.kernel_init,
+                     bias_init=bias_init, name=name)
+    return dense(x)
+
+
+def run_recurrence(
+    module: nn.Module,
+    x: Array,
+    carry: Optional[Array],
+    *,
+    d_h: int,
+    n_proj: int,
+    gate_fn: Callable[[Array], Gates],
+    bias_offsets: dict,
+    seq_lengths=None,
+    mask=None,
+    reset=None,
+) -> Tuple[Array, Array, Optional[Array], Optional[Array]]:
+    """Projection + gates + scan.  Returns ``(h_last, h, aux, valid)``.
+
+    ``h`` are float32 states ``(batch, time, d_h)`` (zero at invalid steps),
+    ``aux`` the gate function's extra output, ``valid`` the mask or ``None``.
+    Reads the fields ``dtype``, ``param_dtype``, ``kernel_init``,
+    ``bias_init``, ``use_bias``, ``use_true_recurrence``, ``scan_impl`` and
+    ``reverse`` of ``module``.
+    """
+    check_input(x)
+    batch, seq_len, _ = x.shape
+    impl = scan_lib.resolve_impl(module.scan_impl, seq_len, name="scan_impl")
+    dtype = module.dtype or x.dtype
+    s_dtype = state_dtype(dtype, module.param_dtype)
+    h0 = check_carry(carry, batch, d_h, s_dtype)
+    valid = valid_mask(batch, seq_len, seq_lengths, mask)
+    if reset is not None:
+        reset = scan_lib.check_bool_bt("reset", reset, batch, seq_len)
+
+    pre = _project(module, x, n_proj * d_h, name="in_proj", use_bias=module.use_bias,
+                   bias_init=_bias_init_with(module.bias_init, d_h, bias_offsets),
+                   dtype=dtype).astype(s_dtype)
+
+    if not module.use_true_recurrence:
+        gates = gate_fn(pre)
+        h_last, h = scan_lib.linear_scan(gates.a, gates.b, h0, impl=impl, reset=reset,
+                                         mask=valid, reverse=module.reverse)
+        return h_last, h, gates.aux, valid
+
+    # True recurrence: the gates see h_{t-1}; one step at a time.
+    kernel = module.param("recurrent_kernel", nn.initializers.zeros,
+                          (d_h, n_proj * d_h), module.param_dtype)
+    kernel = kernel.astype(dtype)
+    ones = jnp.ones((batch, seq_len), bool)
+    valid_ = ones if valid is None else valid
+    boundary = (jnp.zeros_like(ones) if reset is None
+                else scan_lib.reset_boundaries(reset, module.reverse))
+
+    def step(h, inputs):
+        pre_t, valid_t, boundary_t = inputs
+        # A document boundary at a valid step: the state (and so the gates'
+        # view of it) restarts from zero, as in linear_scan.
+        h_in = jnp.where((boundary_t & valid_t)[:, None], jnp.zeros((), h.dtype), h)
+        pre_t = pre_t + jnp.dot(h_in.astype(dtype), kernel).astype(s_dtype)
+        gates = gate_fn(pre_t[:, None])
+        h_next, h_out = scan_lib.linear_scan(gates.a, gates.b, h_in, impl="sequential",
+                                             mask=valid_t[:, None])
+        return h_next, (h_out[:, 0], None if gates.aux is None else gates.aux[:, 0])
+
+    time_major = lambda t: jnp.swapaxes(t, 0, 1)
+    h_last, (h, aux) = jax.lax.scan(
+        step, h0, (time_major(pre), time_major(valid_), time_major(boundary)),
+        reverse=module.reverse)
+    return h_last, time_major(h), None if aux is None else time_major(aux), valid
+
+
+def _zero_invalid(y: Array, valid: Optional[Array]) -> Array:
+    if valid is None:
+        return y
+    return jnp.where(valid[:, :, None], y, jnp.zeros((), y.dtype))
+
+
+# ----------------------------------------------------------------------------
+# Gate functions: float32 pre-activations (..., n_proj * d_h) -> Gates.
+
+
+def _split(pre: Array, n: int) -> Sequence[Array]:
+    return jnp.split(pre, n, axis=-1)
+
+
+def _mingru_gates(pre: Array, candidate_activation) -> Gates:
+    k, h_pre = _split(pre, 2)
+    cand = h_pre if candidate_activation is None else candidate_activation(h_pre)
+    # a = 1 - z computed as sigmoid(-k): exact near a = 1, where memory lives.
+    return Gates(a=jax.nn.sigmoid(-k), b=jax.nn.sigmoid(k) * cand)
+
+
+def _minlstm_gates(pre: Array, candidate_activation, normalize: bool) -> Gates:
+    k_f, k_i, h_pre = _split(pre, 3)
+    cand = h_pre if candidate_activation is None else candidate_activation(h_pre)
+    if normalize:
+        # f / (f + i) = sigmoid(log f - log i), evaluated in log space.
+        log_f, log_i = jax.nn.log_sigmoid(k_f), jax.nn.log_sigmoid(k_i)
+        return Gates(a=jax.nn.sigmoid(log_f - log_i), b=jax.nn.sigmoid(log_i - log_f) * cand)
+    return Gates(a=jax.nn.sigmoid(k_f), b=jax.nn.sigmoid(k_i) * cand)
+
+
+def _glrnn_gates(pre: Array, d_h: int, input_activation, gate_activation,
+                 tied: bool) -> Gates:
+    cand = input_activation(pre[..., :d_h])
+    gates = gate_activation(pre[..., d_h:])
+    if tied:
+        i, o = _split(gates, 2)
+        f = 1.0 - i
+    else:
+        i, f, o = _split(gates, 3)
+    return Gates(a=f, b=i * cand, aux=o)
+
+
+# ----------------------------------------------------------------------------
+# Layers.
+
+_COMMON_ATTRIBUTES = """
+      use_true_recurrence: gates and candidate also see ``h_{t-1}`` through
+        a recurrent kernel ``recurrent_kernel`` (initialised to zero); runs
+        sequentially.
+      reverse: run from the last step to the first (the carry is then the
+        state at step 0).
+      scan_impl: a :class:`flax_minrnn.scan.ScanImpl` name; never changes the
+        parameters, only speed (ignored in true-recurrence mode).
+      use_bias: whether ``in_proj`` (and ``out_proj``) have a bias.
+      dtype: compute dtype of the projections (``None``: the input's). Gates
+        and the state are float32 regardless.
+      param_dtype: parameter dtype.
+      kernel_init, bias_init: initialisers of the projections."""
+
+
+class MinGRU(nn.Module):
+    """minGRU (Feng et al. 2024, "Were RNNs All We Needed?", arXiv 2410.01201).
+
+    Gates depend on ``x_t`` only, so the recurrence is linear in ``h``::
+
+        z_t  = sigmoid(W_z x_t + b_z)
+        h~_t = W_h x_t + b_h              (or g(W_h x_t + b_h), g > 0)
+        h_t  = (1 - z_t) * h_{t-1} + z_t * h~_t
+        y_t  = out_proj(h_t)              (only when d_h != d_model)
+
+    ``h_{-1}`` is ``carry`` (zeros when ``None``).  Usage::
+
+        layer = MinGRU(d_h=256)
+        params = layer.init(key, x)                  # x: (batch, time, d_in)
+        carry, y = layer.apply(params, x)            # carry: (batch, 256)
+        carry, y2 = layer.apply(params, x2, carry)   # continue the sequence
+
+    Attributes:
+      d_h: state width; ``None`` means ``round(expansion_factor * d_in)``.
+      d_model: output width; ``None`` means the input width.
+      expansion_factor: ``d_h / d_in`` when ``d_h`` is ``None``.
+      use_out_proj: add ``out_proj`` (``None``: exactly when ``d_h`` differs
+        from the output width).
+      candidate_activation: applied to the candidate ``h~`` (``None``: the
+        identity, as in the paper's main text; :func:`g_activation` for the
+        appendix's positive states).
+      forget_bias: initial bias of the retention logit: ``1 - z`` starts at
+        ``sigmoid(forget_bias)`` (0: 0.5).""" + _COMMON_ATTRIBUTES
+
+    d_h: Optional[int] = None
+    d_model: Optional[int] = None
+    expansion_factor: float = 1.0
+    use_out_proj: Optional[bool] = None
+    candidate_activation: Optional[Callable[[Array], Array]] = None
+    forget_bias: float = 0.0
+    use_true_recurrence: bool = False
+    reverse: bool = False
+    scan_impl: str = "auto"
+    use_bias: bool = True
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+
+    n_proj = 2  # [z logit, candidate]
+
+    def state_size(self, d_in: int) -> int:
+        """The state width ``d_h`` for inputs of width ``d_in``."""
+        return _expanded_width(self, d_in)
+
+    def initialize_carry(self, input_shape: Sequence[int]) -> Array:
+        """Zero state ``(batch, d_h)`` for inputs of shape ``(batch, ..., d_in)``.
+
+        Needs no parameters and no RNG.
+        """
+        return _zero_carry(self, input_shape)
+
+    @nn.compact
+    def __call__(self, x: Array, carry: Optional[Array] = None, *,
+                 seq_lengths: Optional[Array] = None, mask: Optional[Array] = None,
+                 reset: Optional[Array] = None) -> Tuple[Array, Array]:
+        """Runs the layer; returns ``(carry, y)``.
+
+        Args:
+          x: float ``(batch, time, d_in)``.
+          carry: float32 ``(batch, d_h)`` or ``None`` (zeros).
+          seq_lengths: int ``(batch,)`` valid lengths, or
+          mask: bool ``(batch, time)`` valid steps.
+          reset: bool ``(batch, time)``, True where a new document starts.
+        """
+        check_input(x)
+        d_h = self.state_size(x.shape[-1])
+        h_last, h, _, valid = run_recurrence(
+            self, x, carry, d_h=d_h, n_proj=self.n_proj,
+            gate_fn=functools.partial(_mingru_gates,
+                                      candidate_activation=self.candidate_activation),
+            bias_offsets={0: -self.forget_bias} if self.forget_bias else {},
+            seq_lengths=seq_lengths, mask=mask, reset=reset)
+        return h_last, _output(self, h, x, d_h, valid)
+
+
+class MinLSTM(nn.Module):
+    """minLSTM (Feng et al. 2024, "Were RNNs All We Needed?", arXiv 2410.01201).
+
+    Forget and input gates depend on ``x_t`` only::
+
+        f_t  = sigmoid(W_f x_t + b_f),   i_t = sigmoid(W_i x_t + b_i)
+        f'_t = f_t / (f_t + i_t),        i'_t = i_t / (f_t + i_t)   (normalised)
+        h~_t = W_h x_t + b_h              (or g(...) for positive states)
+        h_t  = f'_t * h_{t-1} + i'_t * h~_t
+        y_t  = out_proj(h_t)              (only when d_h != d_model)
+
+    With ``normalize_gates=False`` the raw ``f_t``, ``i_t`` are used.
+    ``h_{-1}`` is ``carry`` (zeros when ``None``).  Usage::
+
+        layer = MinLSTM(d_h=256)
+        params = layer.init(key, x)
+        carry, y = layer.apply(params, x)
+
+    Attributes:
+      d_h: state width; ``None`` means ``round(expansion_factor * d_in)``.
+      d_model: output width; ``None`` means the input width.
+      expansion_factor: ``d_h / d_in`` when ``d_h`` is ``None``.
+      use_out_proj: add ``out_proj`` (``None``: exactly when ``d_h`` differs
+        from the output width).
+      normalize_gates: use ``f / (f + i)`` and ``i / (f + i)`` (the paper's
+        time-independent scale).
+      candidate_activation: applied to ``h~`` (``None``: identity;
+        :func:`g_activation` for positive states).
+      forget_bias: initial bias of the forget-gate logit.""" + _COMMON_ATTRIBUTES
+
+    d_h: Optional[int] = None
+    d_model: Optional[int] = None
+    expansion_factor: float = 1.0
+    use_out_proj: Optional[bool] = None
+    normalize_gates: bool = True
+    candidate_activation: Optional[Callable[[Array], Array]] = None
+    forget_bias: float = 0.0
+    use_true_recurrence: bool = False
+    reverse: bool = False
+    scan_impl: str = "auto"
+    use_bias: bool = True
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+
+    n_proj = 3  # [forget logit, input logit, candidate]
+
+    def state_size(self, d_in: int) -> int:
+        """The state width ``d_h`` for inputs of width ``d_in``."""
+        return _expanded_width(self, d_in)
+
+    def initialize_carry(self, input_shape: Sequence[int]) -> Array:
+        """Zero state ``(batch, d_h)``; needs no parameters and no RNG."""
+        return _zero_carry(self, input_shape)
+
+    @nn.compact
+    def __call__(self, x: Array, carry: Optional[Array] = None, *,
+                 seq_lengths: Optional[Array] = None, mask: Optional[Array] = None,
+                 reset: Optional[Array] = None) -> Tuple[Array, Array]:
+        """Runs the layer; returns ``(carry, y)`` (arguments as :class:`MinGRU`)."""
+        check_input(x)
+        d_h = self.state_size(x.shape[-1])
+        h_last, h, _, valid = run_recurrence(
+            self, x, carry, d_h=d_h, n_proj=self.n_proj,
+            gate_fn=functools.partial(_minlstm_gates,
+                                      candidate_activation=self.candidate_activation,
+                                      normalize=self.normalize_gates),
+            bias_offsets={0: self.forget_bias} if self.forget_bias else {},
+            seq_lengths=seq_lengths, mask=mask, reset=reset)
+        return h_last, _output(self, h, x, d_h, valid)
+
+
+def _expanded_width(layer, d_in: int) -> int:
+    _check_positive("d_h", layer.d_h)
+    _check_positive("d_model", layer.d_model)
+    _check_positive("expansion_factor", layer.expansion_factor)
+    if layer.d_h is not None:
+        return layer.d_h
+    return max(1, int(round(layer.expansion_factor * d_in)))
+
+
+def _zero_carry(layer, input_shape: Sequence[int]) -> Array:
+    return jnp.zeros((input_shape[0], layer.state_size(input_shape[-1])),
+                     state_dtype(layer.dtype or jnp.float32, layer.param_dtype))
+
+
+def _output(layer, h: Array, x: Array, d_h: int, valid) -> Array:
+    """MinGRU/MinLSTM output: the state, or ``out_proj`` of it."""
+    d_out = layer.d_model or x.shape[-1]
+    use_out_proj = layer.use_out_proj
+    if use_out_proj is None:
+        use_out_proj = d_h != d_out
+    if not use_out_proj and d_h != d_out:
+        raise ValueError(
+            f"use_out_proj=False needs d_h == d_model, got d_h={d_h}, d_model={d_out}")
+    dtype = layer.dtype or x.dtype
+    y = h.astype(dtype)
+    if use_out_proj:
+        y = _project(layer, y, d_out, name="out_proj", use_bias=layer.use_bias,
+                     bias_init=layer.bias_init, dtype=dtype)
+        y = _zero_invalid(y, valid)
+    return y
+
+
+class GatedLinearRNN(nn.Module):
+    """Gated linear RNN (Katsch 2023, "GateLoop", arXiv 2311.01927).
+
+    The fields and parameter layout follow the flax-gated-linear-rnn package
+    (convert its params with :func:`flax_minrnn.migrate.from_flax_gated_linear_rnn`)::
+
+        i~_t = input_activation(W x_t + b)           candidate
+        i_t  = gate_activation(W_i x_t + b_i)        input gate
+        f_t  = 1 - i_t  (tied)  or  gate_activation(W_f x_t + b_f)  (untied)
+        o_t  = gate_activation(W_o x_t + b_o)        output gate
+        h_t  = f_t * h_{t-1} + i_t * i~_t
+        y_t  = out_proj(hidden_activation(h_t) * o_t)      width d_model
+
+    ``h_{-1}`` is ``carry`` (zeros when ``None``).  Usage::
+
+        layer = GatedLinearRNN(d_h=256, d_model=128)
+        params = layer.init(key, x)
+        carry, y = layer.apply(params, x)   # carry (batch, 256), y (batch, T, 128)
+
+    Attributes:
+      d_h: state width (required).
+      d_model: output width; ``None`` means ``d_h`` (as the package's README
+        example assumes).
+      input_activation, hidden_activation, gate_activation: as above.
+      use_tied_gates: ``f = 1 - i`` (``in_proj`` has 3 blocks of ``d_h``:
+        candidate, input gate, output gate) or a separate forget gate (4
+        blocks: candidate, input, forget, output).
+      forget_bias: initial bias of the retention: tied, the input-gate bias is
+        ``-forget_bias``; untied, the forget-gate bias is ``forget_bias``.""" + _COMMON_ATTRIBUTES
+
+    d_h: Optional[int] = None
+    d_model: Optional[int] = None
+    input_activation: Callable[[Array], Array] = nn.tanh
+    hidden_activation: Callable[[Array], Array] = nn.tanh
+    gate_activation: Callable[[Array], Array] = nn.sigmoid
+    use_true_recurrence: bool = False
+    use_tied_gates: bool = True
+    forget_bias: float = 0.0
+    reverse: bool = False
+    scan_impl: str = "auto"
+    use_bias: bool = True
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+
+    @property
+    def n_proj(self) -> int:
+        return 3 if self.use_tied_gates else 4
+
+    def state_size(self, d_in: int) -> int:
+        """The state width ``d_h`` (independent of ``d_in``)."""
+        del d_in
+        if self.d_h is None:
+            raise ValueError("GatedLinearRNN needs d_h (the state width)")
+        _check_positive("d_h", self.d_h)
+        _check_positive("d_model", self.d_model)
+        return self.d_h
+
+    def initialize_carry(self, input_shape: Sequence[int]) -> Array:
+        """Zero state ``(batch, d_h)``; needs no parameters and no RNG."""
+        return _zero_carry(self, input_shape)
+
+    @nn.compact
+    def __call__(self, x: Array, carry: Optional[Array] = None, *,
+                 seq_lengths: Optional[Array] = None, mask: Optional[Array] = None,
+                 reset: Optional[Array] = None) -> Tuple[Array, Array]:
+        """Runs the layer; returns ``(carry, y)`` (arguments as :class:`MinGRU`)."""
+        check_input(x)
+        d_h = self.state_size(x.shape[-1])
+        if self.use_tied_gates:
+            offsets = {1: -self.forget_bias} if self.forget_bias else {}
+        else:
+            offsets = {2: self.forget_bias} if self.forget_bias else {}
+        h_last, h, o, valid = run_recurrence(
+            self, x, carry, d_h=d_h, n_proj=self.n_proj,
+            gate_fn=functools.partial(_glrnn_gates, d_h=d_h,
+                                      input_activation=self.input_activation,
+                                      gate_activation=self.gate_activation,
+                                      tied=self.use_tied_gates),
+            bias_offsets=offsets, seq_lengths=seq_lengths, mask=mask, reset=reset)
+        dtype = self.dtype or x.dtype
+        y = (self.hidden_activation(h) * o).astype(dtype)
+        y = _project(self, y, self.d_model or d_h, name="out_proj", use_bias=self.use_bias,
+                     bias_init=self.bias_init, dtype=dtype)
+        return h_last, _zero_invalid(y, valid)
