@@ -67,3 +67,61 @@ def rel_err(x, ref):
     x = np.asarray(x, np.float64)
     ref = np.asarray(ref, np.float64)
     return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+# ----------------------------------------------------------------------------
+# Layers, from the papers' equations, one step at a time in float64.
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _dense(x, p):
+    y = x @ np.asarray(p["kernel"], np.float64)
+    if "bias" in p:
+        y = y + np.asarray(p["bias"], np.float64)
+    return y
+
+
+def layer_step_coeffs(kind, pre, d_h, *, tied=True, normalize=True, g=False):
+    """(a, b, o) of one step from the pre-activations, per the papers."""
+    cand_act = (lambda v: np.where(v >= 0, v + 0.5, _sigmoid(v))) if g else (lambda v: v)
+    if kind == "mingru":
+        z = _sigmoid(pre[..., :d_h])
+        return 1.0 - z, z * cand_act(pre[..., d_h:]), None
+    if kind == "minlstm":
+        f = _sigmoid(pre[..., :d_h])
+        i = _sigmoid(pre[..., d_h:2 * d_h])
+        if normalize:
+            f, i = f / (f + i), i / (f + i)
+        return f, i * cand_act(pre[..., 2 * d_h:]), None
+    cand = np.tanh(pre[..., :d_h])
+    gates = _sigmoid(pre[..., d_h:])
+    if tied:
+        i, o = gates[..., :d_h], gates[..., d_h:]
+        f = 1.0 - i
+    else:
+        i, f, o = gates[..., :d_h], gates[..., d_h:2 * d_h], gates[..., 2 * d_h:]
+    return f, i * cand, o
+
+
+def layer_forward(kind, params, x, h0=None, *, true_recurrence=False, **kw):
+    """A recurrent layer in float64: returns (h_last, y)."""
+    x = np.asarray(x, np.float64)
+    batch, seq_len, _ = x.shape
+    pre_all = _dense(x, params["in_proj"])
+    n_proj = {"mingru": 2, "minlstm": 3}.get(kind, 3 if kw.get("tied", True) else 4)
+    d_h = pre_all.shape[-1] // n_proj
+    h = np.zeros((batch, d_h)) if h0 is None else np.asarray(h0, np.float64)
+    ys = []
+    for t in range(seq_len):
+        pre = pre_all[:, t]
+        if true_recurrence:
+            pre = pre + h @ np.asarray(params["recurrent_kernel"], np.float64)
+        a, b, o = layer_step_coeffs(kind, pre, d_h, **kw)
+        h = a * h + b
+        ys.append(np.tanh(h) * o if kind == "glrnn" else h)
+    y = np.stack(ys, 1)
+    if "out_proj" in params:
+        y = _dense(y, params["out_proj"])
+    return h, y

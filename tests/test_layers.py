@@ -1,0 +1,306 @@
+"""MinGRU, MinLSTM and GatedLinearRNN: references, modes, carries, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM, g_activation
+from reference import layer_forward
+
+B, T, D_IN = 2, 13, 5
+
+LAYERS = {
+    "mingru": lambda **kw: MinGRU(d_h=6, **kw),
+    "mingru_g_proj": lambda **kw: MinGRU(d_h=6, d_model=4, candidate_activation=g_activation, **kw),
+    "minlstm": lambda **kw: MinLSTM(**kw),
+    "minlstm_unnorm": lambda **kw: MinLSTM(d_h=7, normalize_gates=False, **kw),
+    "glrnn_tied": lambda **kw: GatedLinearRNN(d_h=6, d_model=3, **kw),
+    "glrnn_untied": lambda **kw: GatedLinearRNN(d_h=6, use_tied_gates=False, **kw),
+}
+REF_KW = {
+    "mingru": ("mingru", {}),
+    "mingru_g_proj": ("mingru", {"g": True}),
+    "minlstm": ("minlstm", {}),
+    "minlstm_unnorm": ("minlstm", {"normalize": False}),
+    "glrnn_tied": ("glrnn", {"tied": True}),
+    "glrnn_untied": ("glrnn", {"tied": False}),
+}
+IMPLS = ["associative", "sequential", "chunked"]
+
+
+def _x(seed=0, shape=(B, T, D_IN)):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+
+
+def _init(layer, x):
+    return layer.init(jax.random.PRNGKey(1), x)
+
+
+def _h0(layer, x, sign):
+    h = layer.initialize_carry(x.shape)
+    if sign == "zero":
+        return h
+    v = jax.random.uniform(jax.random.PRNGKey(7), h.shape, jnp.float32, 0.1, 1.0)
+    return v if sign == "pos" else -v
+
+
+def _true_params(layer, params, x):
+    """Associative params + a random (non-zero) recurrent kernel."""
+    shape = jax.eval_shape(layer.clone(use_true_recurrence=True).init,
+                           jax.random.PRNGKey(0), x)["params"]["recurrent_kernel"].shape
+    kernel = 0.3 * jax.random.normal(jax.random.PRNGKey(3), shape, jnp.float32)
+    return {"params": dict(params["params"], recurrent_kernel=kernel)}
+
+
+@pytest.mark.parametrize("true_rec", [False, True], ids=["assoc", "true"])
+@pytest.mark.parametrize("h0_sign", ["zero", "pos", "neg"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_matches_float64_reference(name, h0_sign, true_rec):
+    layer = LAYERS[name]()
+    x = _x()
+    params = _init(layer, x)
+    if true_rec:
+        params = _true_params(layer, params, x)
+        layer = layer.clone(use_true_recurrence=True)
+    if name == "mingru_g_proj" and h0_sign == "neg":
+        h0_sign = "pos"
+    h0 = _h0(layer, x, h0_sign)
+    carry, y = layer.apply(params, x, h0)
+    kind, kw = REF_KW[name]
+    ref_h, ref_y = layer_forward(kind, params["params"], x, h0, true_recurrence=true_rec, **kw)
+    assert carry.dtype == jnp.float32
+    np.testing.assert_allclose(carry, ref_h, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_all_impls_and_modes_agree(name):
+    """parallel (every impl) == true recurrence with U = 0 == token-by-token == chunked."""
+    layer = LAYERS[name]()
+    x = _x(1)
+    params = _init(layer, x)
+    h0 = _h0(layer, x, "neg" if name != "mingru_g_proj" else "pos")
+    ref_c, ref_y = layer.apply(params, x, h0)
+    outs = {impl: layer.clone(scan_impl=impl).apply(params, x, h0) for impl in IMPLS + ["auto"]}
+    tl = layer.clone(use_true_recurrence=True)
+    tp = _true_params(layer, params, x)
+    tp["params"]["recurrent_kernel"] = jnp.zeros_like(tp["params"]["recurrent_kernel"])
+    outs["true_recurrence_U0"] = tl.apply(tp, x, h0)
+    # Token by token with the carry.
+    c, ys = h0, []
+    for t in range(T):
+        c, y = layer.apply(params, x[:, t:t + 1], c)
+        ys.append(y)
+    outs["token_by_token"] = (c, jnp.concatenate(ys, 1))
+    # Chunked at arbitrary split points.
+    c, ys = h0, []
+    for lo, hi in [(0, 4), (4, 5), (5, 11), (11, T)]:
+        c, y = layer.apply(params, x[:, lo:hi], c)
+        ys.append(y)
+    outs["chunked_carry"] = (c, jnp.concatenate(ys, 1))
+    for key, (c, y) in outs.items():
+        np.testing.assert_allclose(c, ref_c, rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm", "glrnn_untied"])
+def test_true_recurrence_chunked_and_token_by_token(name):
+    layer = LAYERS[name](use_true_recurrence=True)
+    x = _x(2)
+    params = _true_params(LAYERS[name](), _init(LAYERS[name](), x), x)
+    h0 = _h0(layer, x, "pos")
+    ref_c, ref_y = layer.apply(params, x, h0)
+    c, ys = h0, []
+    for lo, hi in [(0, 1), (1, 7), (7, T)]:
+        c, y = layer.apply(params, x[:, lo:hi], c)
+        ys.append(y)
+    np.testing.assert_allclose(c, ref_c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jnp.concatenate(ys, 1), ref_y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("true_rec", [False, True], ids=["assoc", "true"])
+@pytest.mark.parametrize("name", ["mingru_g_proj", "minlstm", "glrnn_tied"])
+def test_seq_lengths_and_reverse(name, true_rec):
+    x = _x(3, (3, T, D_IN))
+    base = LAYERS[name]()
+    params = _init(base, x)
+    if true_rec:
+        params = _true_params(base, params, x)
+    lengths = np.array([T, 6, 0])
+    for reverse in (False, True):
+        layer = base.clone(use_true_recurrence=true_rec, reverse=reverse)
+        h0 = _h0(layer, x, "pos")
+        carry, y = layer.apply(params, x, h0, seq_lengths=jnp.asarray(lengths))
+        for i, n in enumerate(lengths):
+            if n == 0:
+                np.testing.assert_array_equal(carry[i], h0[i])
+            else:
+                ci, yi = layer.apply(params, x[i:i + 1, :n], h0[i:i + 1])
+                np.testing.assert_allclose(carry[i], ci[0], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(y[i, :n], yi[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(y[i, n:], 0.0)
+
+
+def test_reverse_matches_flipped_forward():
+    layer = MinGRU(d_h=6)
+    x = _x(4)
+    params = _init(layer, x)
+    c_rev, y_rev = layer.clone(reverse=True).apply(params, x)
+    c_fwd, y_fwd = layer.apply(params, jnp.flip(x, 1))
+    np.testing.assert_allclose(c_rev, c_fwd, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y_rev, jnp.flip(y_fwd, 1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("true_rec", [False, True], ids=["assoc", "true"])
+@pytest.mark.parametrize("name", ["mingru", "glrnn_untied"])
+def test_reset_equals_separate_documents(name, true_rec):
+    x = _x(5, (1, T, D_IN))
+    base = LAYERS[name]()
+    params = _init(base, x)
+    if true_rec:
+        params = _true_params(base, params, x)
+    layer = base.clone(use_true_recurrence=true_rec)
+    starts = [0, 4, 9]
+    reset = np.zeros((1, T), bool)
+    reset[0, starts] = True
+    h0 = _h0(layer, x, "neg")
+    _, y = layer.apply(params, x, h0, reset=jnp.asarray(reset))
+    for lo, hi in zip(starts, starts[1:] + [T]):
+        _, yd = layer.apply(params, x[:, lo:hi])  # each document from zeros
+        np.testing.assert_allclose(y[:, lo:hi], yd, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm", "glrnn_tied"])
+def test_gradients_match_float64_reference(name):
+    """Gradients w.r.t. x, h0 and in_proj kernel, with random cotangents on the
+    outputs and the final carry, against central differences of the float64
+    NumPy reference."""
+    layer = LAYERS[name]()
+    x = _x(6, (1, 6, D_IN))
+    params = _init(layer, x)
+    h0 = _h0(layer, x, "neg")
+    rng = np.random.default_rng(0)
+    c_shape, y_shape = jax.eval_shape(layer.apply, params, x, h0)
+    g_c = rng.normal(size=c_shape.shape)
+    g_y = rng.normal(size=y_shape.shape)
+    kind, kw = REF_KW[name]
+
+    def loss(p, xx, hh):
+        c, y = layer.apply({"params": p}, xx, hh)
+        return jnp.sum(y * g_y.astype(np.float32)) + jnp.sum(c * g_c.astype(np.float32))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(params["params"], x, h0)
+    p64 = jax.tree_util.tree_map(lambda v: np.array(v, np.float64), params["params"])
+    inputs = {"x": np.array(x, np.float64), "h0": np.array(h0, np.float64),
+              "kernel": p64["in_proj"]["kernel"]}
+
+    def ref_loss():
+        h, y = layer_forward(kind, p64, inputs["x"], inputs["h0"], **kw)
+        return np.sum(y * g_y) + np.sum(h * g_c)
+
+    def central_difference(arr, eps=1e-6):
+        out = np.zeros(arr.shape)
+        for idx in np.ndindex(arr.shape):
+            orig = arr[idx]
+            arr[idx] = orig + eps
+            up = ref_loss()
+            arr[idx] = orig - eps
+            down = ref_loss()
+            arr[idx] = orig
+            out[idx] = (up - down) / (2 * eps)
+        return out
+
+    for got, key in [(grads[1], "x"), (grads[2], "h0"),
+                     (grads[0]["in_proj"]["kernel"], "kernel")]:
+        np.testing.assert_allclose(got, central_difference(inputs[key]),
+                                   rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+def test_bfloat16_compute_float32_state():
+    layer = MinGRU(d_h=8, dtype=jnp.bfloat16)
+    x = _x(8, (2, 64, 8))
+    params = _init(layer, x)
+    carry, y = layer.apply(params, x)
+    assert carry.dtype == jnp.float32 and y.dtype == jnp.bfloat16
+    ref_c, ref_y = MinGRU(d_h=8).apply(params, x)
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref_y, rtol=3e-2, atol=3e-2)
+    np.testing.assert_allclose(carry, ref_c, rtol=3e-2, atol=3e-2)
+
+
+def test_forget_bias_sets_initial_retention():
+    x = _x(9, (1, 3, 4))
+    for layer, (seg, value) in [(MinGRU(d_h=4, forget_bias=3.0), (0, -3.0)),
+                                (MinLSTM(d_h=4, forget_bias=2.0), (0, 2.0)),
+                                (GatedLinearRNN(d_h=4, forget_bias=1.5), (1, -1.5)),
+                                (GatedLinearRNN(d_h=4, use_tied_gates=False, forget_bias=1.5), (2, 1.5))]:
+        bias = _init(layer, x)["params"]["in_proj"]["bias"]
+        np.testing.assert_array_equal(bias[seg * 4:(seg + 1) * 4], value)
+        others = np.delete(np.asarray(bias), np.arange(seg * 4, (seg + 1) * 4))
+        np.testing.assert_array_equal(others, 0.0)
+
+
+def test_output_widths_and_projection():
+    x = _x(10, (1, 3, 6))
+    assert "out_proj" not in _init(MinGRU(), x)["params"]
+    assert _init(MinGRU(expansion_factor=2.0), x)["params"]["out_proj"]["kernel"].shape == (12, 6)
+    assert GatedLinearRNN(d_h=5).apply(_init(GatedLinearRNN(d_h=5), x), x)[1].shape == (1, 3, 5)
+    with pytest.raises(ValueError, match="use_out_proj=False needs d_h == d_model"):
+        _init(MinGRU(d_h=4, use_out_proj=False), x)
+
+
+def test_jit_and_no_bias():
+    layer = MinLSTM(d_h=4, use_bias=False)
+    x = _x(11, (2, 5, 3))
+    params = _init(layer, x)
+    assert "bias" not in params["params"]["in_proj"]
+    c1, y1 = jax.jit(layer.apply)(params, x, None)
+    c2, y2 = layer.apply(params, x)
+    np.testing.assert_allclose(y1, y2, rtol=1e-6, atol=1e-7)
+
+
+class TestBadInput:
+    layer = MinGRU(d_h=4)
+    x = jnp.ones((2, 5, 3), jnp.float32)
+
+    @property
+    def params(self):
+        return _init(self.layer, self.x)
+
+    def test_rank(self):
+        with pytest.raises(ValueError, match=r"x must have shape \(batch, time, features\)"):
+            self.layer.apply(self.params, self.x[0])
+
+    def test_feature_size(self):
+        with pytest.raises(ValueError, match="x has 4 features but .* expect 3"):
+            self.layer.apply(self.params, jnp.ones((2, 5, 4), jnp.float32))
+
+    def test_integer_input(self):
+        with pytest.raises(TypeError, match="x must be a floating-point array"):
+            self.layer.apply(self.params, jnp.ones((2, 5, 3), jnp.int32))
+
+    def test_carry_shape(self):
+        with pytest.raises(ValueError, match=r"carry must have shape \(batch, d_h\) = \(2, 4\)"):
+            self.layer.apply(self.params, self.x, jnp.zeros((2, 5), jnp.float32))
+
+    def test_carry_dtype(self):
+        with pytest.raises(TypeError, match="carry must have dtype float32"):
+            self.layer.apply(self.params, self.x, jnp.zeros((2, 4), jnp.bfloat16))
+
+    def test_seq_lengths_range(self):
+        with pytest.raises(ValueError, match=r"seq_lengths must lie in \[0, 5\]"):
+            self.layer.apply(self.params, self.x, seq_lengths=jnp.asarray([5, 6]))
+
+    def test_unknown_scan_impl(self):
+        with pytest.raises(ValueError, match="scan_impl must be one of"):
+            self.layer.clone(scan_impl="cuda").apply(self.params, self.x)
+
+    def test_unknown_keyword(self):
+        with pytest.raises(TypeError, match="lengths"):
+            self.layer.apply(self.params, self.x, lengths=jnp.asarray([5, 5]))
+
+    def test_bad_sizes(self):
+        with pytest.raises(ValueError, match="d_h must be positive"):
+            _init(MinGRU(d_h=0), self.x)
+        with pytest.raises(ValueError, match="GatedLinearRNN needs d_h"):
+            _init(GatedLinearRNN(), self.x)
