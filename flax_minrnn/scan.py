@@ -254,11 +254,9 @@ def _chunked(a, b, h0, reverse):
     c = _chunk_size(seq_len)
     n = -(-seq_len // c)
     pad = n * c - seq_len
-    if reverse:
-        # Reverse scan == forward scan of the time-flipped sequence.
-        a, b = jnp.flip(a, 1), jnp.flip(b, 1)
     if pad:
-        # Identity steps at the end: a = 1, b = 0 leave the state unchanged.
+        # Identity steps at the end (a = 1, b = 0) leave the state unchanged in
+        # either direction.
         widths = [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
         a = jnp.pad(a, widths, constant_values=1)
         b = jnp.pad(b, widths, constant_values=0)
@@ -267,8 +265,13 @@ def _chunked(a, b, h0, reverse):
     a_c = jnp.moveaxis(a.reshape(a.shape[0], n, c, *feat), 2, 0)
     b_c = jnp.moveaxis(b.reshape(b.shape[0], n, c, *feat), 2, 0)
 
-    # Pass 1: every chunk from a zero state, keeping only its last state and
-    # the product of its a's.
+    def step(h, ab):
+        a_t, b_t = ab
+        h = a_t * h + b_t
+        return h, h
+
+    # Pass 1: every chunk from a zero state, keeping only its final state and
+    # the product of its a's (c sequential steps over B * n * F lanes).
     def local(carry, ab):
         h, p = carry
         a_t, b_t = ab
@@ -276,27 +279,22 @@ def _chunked(a, b, h0, reverse):
 
     zeros = jnp.zeros(a_c.shape[1:], a.dtype)
     (h_end, a_prod), _ = jax.lax.scan(local, (zeros, jnp.ones_like(zeros)),
-                                      (a_c, b_c))
+                                      (a_c, b_c), reverse=reverse)
     # Pass 2: the true initial state of every chunk (n sequential steps).
-
-    def across(h, pe):
-        p, e = pe
-        return p * h + e, h
-
-    _, h_init = jax.lax.scan(across, h0,
-                             (jnp.moveaxis(a_prod, 1, 0), jnp.moveaxis(h_end, 1, 0)))
-    h_init = jnp.moveaxis(h_init, 0, 1)  # (B, n, *F)
-
-    # Pass 3: rescan every chunk from its true initial state.
-    def rescan(h, ab):
-        a_t, b_t = ab
-        h = a_t * h + b_t
-        return h, h
-
-    _, h = jax.lax.scan(rescan, h_init, (a_c, b_c))
-    h = jnp.moveaxis(h, 0, 2).reshape(a.shape)[:, :seq_len]
+    _, h_after = jax.lax.scan(
+        step, h0, (jnp.moveaxis(a_prod, 1, 0), jnp.moveaxis(h_end, 1, 0)),
+        reverse=reverse)
+    # h_after[k] is the state after chunk k; chunk k starts from the state
+    # after its predecessor in scan order.
+    h_after = jnp.moveaxis(h_after, 0, 1)  # (B, n, *F)
+    h0_chunk = h0[:, None]
     if reverse:
-        h = jnp.flip(h, 1)
+        h_init = jnp.concatenate([h_after[:, 1:], h0_chunk], axis=1)
+    else:
+        h_init = jnp.concatenate([h0_chunk, h_after[:, :-1]], axis=1)
+    # Pass 3: rescan every chunk from its true initial state.
+    _, h = jax.lax.scan(step, h_init, (a_c, b_c), reverse=reverse)
+    h = jnp.moveaxis(h, 0, 2).reshape(a.shape)[:, :seq_len]
     return _last(h, reverse), h
 
 
