@@ -1,0 +1,664 @@
+"""Training, evaluation and sampling of language models (flax lm1b style).
+
+The one entry point is :func:`train_and_evaluate`::
+
+    from flax_minrnn import config as config_lib, train
+    config = config_lib.load_config("configs/shakespeare.py")
+    metrics = train.train_and_evaluate(config, "/tmp/run")
+
+A workdir holds::
+
+    config.json      the resolved config (written at start)
+    checkpoints/     Checkpointer steps: params, opt_state, step, rng, data
+                     position; metadata = config JSON, vocab JSON, vocab size
+    metrics.jsonl    one JSON object per train-log / eval line
+    tb/              TensorBoard event files (tensorboardX)
+    samples.txt      generated text (char tasks)
+
+Determinism: batches are a pure function of ``(seed, step)`` and the dropout
+key of step ``s`` is ``fold_in(fold_in(key(seed), 1), s)``, so a run that is
+interrupted and resumed from its latest checkpoint ends with bit-identical
+parameters to an uninterrupted one (on the same machine).
+
+Helpers for the CLI: :func:`evaluate`, :func:`load_run`, :func:`generate_text`.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+from flax.core import unfreeze
+
+from flax_minrnn import checkpoint as ckpt_lib
+from flax_minrnn import config as config_lib
+from flax_minrnn.config import ConfigError
+from flax_minrnn.data import CharDataset, CharVocab, load_text, make_task
+from flax_minrnn.lm import LM, LMConfig
+
+try:  # The shared loss; a local copy keeps train.py usable on its own.
+    from flax_minrnn.heads import weighted_cross_entropy
+except ImportError:  # pragma: no cover - depends on the checkout.
+    def weighted_cross_entropy(logits, targets, weights):
+        """Weighted mean next-token cross-entropy and the weight total."""
+        nll = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), targets)
+        weights = weights.astype(jnp.float32)
+        total = jnp.sum(weights)
+        return jnp.sum(nll * weights) / jnp.maximum(total, 1.0), total
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.txt"
+TB_DIR = "tb"
+# Config keys that may differ between a workdir's run and its resumption.
+RESUMABLE_KEYS = ("train.num_steps", "train.progress_bar")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16, "float64": jnp.float64}
+# Independent PRNG streams derived from key(seed).
+_INIT_STREAM, _DROPOUT_STREAM, _SAMPLE_STREAM = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------
+# Config translation, data, model, optimizer.
+# ----------------------------------------------------------------------------
+
+def lm_config(config: ml_collections.ConfigDict, vocab_size: int
+              ) -> LMConfig:
+    """Translates ``config.model`` into an :class:`LMConfig`, strictly.
+
+    ``d_h=0`` and ``d_channel_mixing=0`` mean None (the model's default);
+    dtype strings become jnp dtypes. Every ``config.model`` key must be an
+    ``LMConfig`` field.
+
+    Raises:
+        ConfigError: A key without an ``LMConfig`` field, an unknown dtype, or
+            a value ``LMConfig`` rejects.
+    """
+    values = config.model.to_dict()
+    fields = {f.name for f in dataclasses.fields(LMConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"config.model keys without an LMConfig field: "
+                          f"{', '.join('model.' + k for k in unknown)}")
+    for key in ("d_h", "d_channel_mixing"):
+        values[key] = values[key] or None
+    for key in ("dtype", "param_dtype"):
+        if values[key] not in _DTYPES:
+            raise ConfigError(f"Config key 'model.{key}' must be one of "
+                              f"{sorted(_DTYPES)}, got {values[key]!r}.")
+        values[key] = _DTYPES[values[key]]
+    try:
+        return LMConfig(vocab_size=int(vocab_size), **values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Invalid model config: {e}") from e
+
+
+def build_dataset(config: ml_collections.ConfigDict,
+                  vocab: CharVocab | None = None):
+    """Builds the task of ``config.data`` (seeded by ``config.seed``).
+
+    Args:
+        config: A validated config.
+        vocab: For the char task, encode with this vocabulary (a saved
+            run's) instead of the corpus's own.
+
+    Returns:
+        A ``CharDataset`` or synthetic task (``train_batch``,
+        ``eval_batches``, ``vocab_size``).
+
+    Raises:
+        ConfigError: Task arguments the task does not take.
+    """
+    data = config.data
+    kwargs = data.task_kwargs.to_dict()
+    if data.name == "char":
+        if kwargs:
+            raise ConfigError("data.task_kwargs is not used by the char task; "
+                              f"got {sorted(kwargs)}.")
+        return CharDataset(load_text(data.path or None), data.seq_len,
+                           data.batch_size, seed=config.seed,
+                           val_fraction=data.val_fraction, vocab=vocab)
+    try:
+        return make_task(data.name, batch_size=data.batch_size,
+                         seed=config.seed, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"data.task_kwargs: {e}") from e
+
+
+def _path_str(path) -> str:
+    """'/'-joined names of a pytree key path ('block_0/mixer/kernel')."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k)))
+                    for k in path)
+
+
+def _regex(config_key: str, pattern: str) -> re.Pattern | None:
+    """Compiles a config regex ('' = None, matches nothing)."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"Config key {config_key!r}: bad regex "
+                          f"{pattern!r} ({e}).") from e
+
+
+def _labels(params, fn: Callable[[str, Any], Any]):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: fn(_path_str(p), x), params)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to ``lr * min_lr_ratio``."""
+    o, n = config.optim, config.train.num_steps
+    warmup = min(o.warmup_steps, max(n - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.learning_rate, warmup_steps=warmup,
+        decay_steps=max(n, warmup + 1),
+        end_value=o.learning_rate * o.min_lr_ratio)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params
+                   ) -> optax.GradientTransformation:
+    """AdamW + global-norm clipping, decay mask and optional freezing.
+
+    Weight decay skips 1-D params and params whose '/'-joined path matches
+    ``optim.no_decay_regex``; params matching ``init_from.freeze_regex`` get
+    zero updates (``optax.set_to_zero``).
+    """
+    o = config.optim
+    no_decay = _regex("optim.no_decay_regex", o.no_decay_regex)
+    decay_mask = _labels(params, lambda path, x: bool(
+        np.ndim(x) > 1 and not (no_decay and no_decay.search(path))))
+    tx = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2,
+                    weight_decay=o.weight_decay, mask=decay_mask))
+    freeze = _regex("init_from.freeze_regex", config.init_from.freeze_regex)
+    if freeze is None:
+        return tx
+    labels = _labels(params, lambda path, x: "frozen" if freeze.search(path)
+                     else "trainable")
+    return optax.multi_transform(
+        {"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _accuracy_terms(logits, targets, weights):
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(correct * weights.astype(jnp.float32))
+
+
+def _optax_promotion():
+    """optax mixes Python floats with int32 counts (``b1 ** count``): allow
+    standard promotion there even under ``jax_numpy_dtype_promotion=strict``."""
+    return jax.numpy_dtype_promotion("standard")
+
+
+def _lr(schedule: optax.Schedule, step: int) -> float:
+    """The learning rate of update number ``step`` (0-based)."""
+    with _optax_promotion():
+        return float(schedule(max(int(step), 0)))
+
+
+def make_train_step(model: LM, tx: optax.GradientTransformation,
+                    dropout_base: jax.Array) -> Callable:
+    """Returns ``train_step(params, opt_state, batch, step) -> (p, s, m)``.
+
+    The dropout key of step ``step`` is ``fold_in(dropout_base, step)``.
+    Metrics: loss, accuracy, grad_norm and ``finite`` (loss, gradients and
+    new params all finite).
+    """
+
+    def train_step(params, opt_state, batch, step):
+        key = jax.random.fold_in(dropout_base, step)
+
+        def loss_fn(p):
+            _, logits = model.apply({"params": p}, batch["inputs"],
+                                    training=True, rngs={"dropout": key})
+            loss, total = weighted_cross_entropy(logits, batch["targets"],
+                                                 batch["weights"])
+            return loss, (logits, total)
+
+        (loss, (logits, total)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(params)
+        with _optax_promotion():
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        for leaf in jax.tree.leaves(new_params):
+            finite = finite & jnp.all(jnp.isfinite(leaf))
+        accuracy = _accuracy_terms(logits, batch["targets"],
+                                   batch["weights"]) / jnp.maximum(total, 1.0)
+        return new_params, new_opt_state, dict(
+            loss=loss, accuracy=accuracy, grad_norm=grad_norm, finite=finite)
+
+    return jax.jit(train_step)
+
+
+def make_eval_step(model: LM) -> Callable:
+    """Returns ``eval_step(params, batch) -> (loss_sum, correct, weight)``."""
+
+    def eval_step(params, batch):
+        _, logits = model.apply({"params": params}, batch["inputs"],
+                                training=False)
+        loss, total = weighted_cross_entropy(logits, batch["targets"],
+                                             batch["weights"])
+        return (loss * total,
+                _accuracy_terms(logits, batch["targets"], batch["weights"]),
+                total)
+
+    return jax.jit(eval_step)
+
+
+def evaluate_batches(eval_step: Callable, params, batches
+                     ) -> dict[str, float]:
+    """Weighted loss and accuracy over ``batches`` (sums in float64)."""
+    loss_sum = correct = total = 0.0
+    for batch in batches:
+        l, c, n = jax.device_get(eval_step(params, batch))
+        loss_sum, correct, total = (loss_sum + float(l), correct + float(c),
+                                    total + float(n))
+    total = max(total, 1.0)
+    return {"eval_loss": loss_sum / total, "eval_accuracy": correct / total}
+
+
+# ----------------------------------------------------------------------------
+# Initialisation (fresh or from another run).
+# ----------------------------------------------------------------------------
+
+def _example_tokens(dataset) -> np.ndarray:
+    return np.zeros((1, int(dataset.seq_len)), np.int32)
+
+
+def _checkpoint_dir(workdir: str) -> str:
+    """The checkpoint directory of a run workdir (or the dir itself)."""
+    sub = os.path.join(workdir, CHECKPOINT_DIR)
+    return sub if os.path.isdir(sub) or not os.path.isdir(workdir) else workdir
+
+
+def initial_params(config: ml_collections.ConfigDict, model: LM,
+                   example_tokens: np.ndarray,
+                   vocab: CharVocab | None = None):
+    """Fresh params, or (two-stage) params migrated from ``init_from``.
+
+    With ``config.init_from.workdir`` set, loads that run's latest params,
+    migrates them onto ``model`` (``flax_minrnn.migrate.migrate_params``:
+    new ``recurrent_kernel``s start at zero) and keeps, for every param whose
+    '/'-joined path matches ``init_from.load_regex``, the migrated value; the
+    others keep their fresh initialisation.
+
+    Raises:
+        ConfigError: The source run has another vocabulary or nothing
+            matches ``load_regex``.
+    """
+    key = jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM)
+    params = unfreeze(model.init({"params": key}, example_tokens,
+                                 training=False)["params"])
+    source = config.init_from.workdir
+    if not source:
+        return params
+    loaded, meta = ckpt_lib.load_params(_checkpoint_dir(source))
+    if vocab is not None and meta.get("vocab"):
+        if CharVocab.from_json(meta["vocab"]) != vocab:
+            raise ConfigError(f"init_from.workdir {source!r} was trained with "
+                              "another vocabulary.")
+    from flax_minrnn.migrate import migrate_params  # pylint: disable=g-import-not-at-top
+    migrated = unfreeze(migrate_params(unfreeze(loaded), model,
+                                       example_tokens))
+    load = _regex("init_from.load_regex", config.init_from.load_regex)
+    flat_new = traverse_util.flatten_dict(params, sep="/")
+    flat_mig = traverse_util.flatten_dict(migrated, sep="/")
+    chosen = {k: k in flat_mig and load is not None and bool(load.search(k))
+              for k in flat_new}
+    if not any(chosen.values()):
+        raise ConfigError(f"init_from.load_regex "
+                          f"{config.init_from.load_regex!r} matches no param.")
+    out = {k: jnp.asarray(flat_mig[k], dtype=flat_new[k].dtype)
+           if chosen[k] else v for k, v in flat_new.items()}
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+# ----------------------------------------------------------------------------
+# Logging.
+# ----------------------------------------------------------------------------
+
+class _Logger:
+    """metrics.jsonl + TensorBoard + console."""
+
+    def __init__(self, workdir: str, resume_step: int | None):
+        self.path = os.path.join(workdir, METRICS_FILE)
+        lines = []
+        if resume_step is not None and os.path.exists(self.path):
+            # Drop lines logged after the checkpoint we resume from.
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= resume_step:
+                            lines.append(line if line.endswith("\n")
+                                         else line + "\n")
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        with open(self.path, "w") as f:
+            f.writelines(lines)
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self.writer = SummaryWriter(os.path.join(workdir, TB_DIR))
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(record)) + "\n")
+        split, step = record["split"], record["step"]
+        for key in ("loss", "accuracy", "lr", "tokens_per_sec", "grad_norm"):
+            if record.get(key) is not None:
+                self.writer.add_scalar(f"{split}/{key}", record[key], step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _write(message: str) -> None:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    tqdm.tqdm.write(message, file=sys.stdout)
+
+
+def _check_resumable(config, workdir: str) -> None:
+    """Raises unless ``config`` equals the workdir's (but RESUMABLE_KEYS)."""
+    try:
+        saved = config_lib.load_saved_config(workdir)
+    except FileNotFoundError:
+        return
+    flat = lambda c: traverse_util.flatten_dict(c.to_dict(), sep=".")
+    old, new = flat(saved), flat(config)
+    diffs = [f"{k}: saved {old.get(k)!r}, new {new.get(k)!r}"
+             for k in sorted(set(old) | set(new))
+             if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+    if diffs:
+        raise ConfigError(
+            f"Workdir {workdir!r} holds checkpoints of a run with a different "
+            f"config ({'; '.join(diffs[:10])}). Only "
+            f"{', '.join(RESUMABLE_KEYS)} may change when resuming; use a new "
+            "workdir.")
+
+
+def _sample_text(model, params, vocab: CharVocab, prompt: str,
+                 max_new_tokens: int, key, *, temperature: float,
+                 top_k: int = 0, top_p: float = 1.0) -> str:
+    """Prompt + ``max_new_tokens`` generated characters."""
+    from flax_minrnn.generate import generate  # pylint: disable=g-import-not-at-top
+    if not prompt:
+        raise ValueError("the prompt must contain at least one character")
+    ids = vocab.encode(prompt)[None, :]
+    out = generate(model, params, jnp.asarray(ids, jnp.int32),
+                   int(max_new_tokens), rng=key, temperature=float(temperature),
+                   top_k=int(top_k), top_p=float(top_p))
+    return prompt + vocab.decode(np.asarray(jax.device_get(out.tokens))[0])
+
+
+# ----------------------------------------------------------------------------
+# The training loop.
+# ----------------------------------------------------------------------------
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None) -> dict[str, Any]:
+    """Trains (or resumes) the run in ``workdir`` and evaluates it.
+
+    Args:
+        config: The experiment config (validated here).
+        workdir: Run directory. If it holds checkpoints, the latest one is
+            restored and training continues; its saved config must equal
+            ``config`` except for ``RESUMABLE_KEYS``.
+        stop_at_step: Stop once this step is reached, after checkpointing it,
+            as if preempted (the schedule still targets ``num_steps``).
+
+    Returns:
+        Final metrics: step, train_loss, train_accuracy, eval_loss,
+        eval_accuracy, wall_time (and sample for char tasks).
+
+    Raises:
+        ConfigError: Bad config or a mismatched workdir.
+        FloatingPointError: A non-finite loss, gradient or param; nothing
+            from that step is saved (the last checkpoint stays the last).
+        CheckpointCorruptError: The latest checkpoint cannot be read.
+    """
+    import tqdm  # pylint: disable=g-import-not-at-top
+    config = config_lib.validate(config)
+    t = config.train
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = ckpt_lib.Checkpointer(
+        os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=t.max_to_keep,
+        keep_best=True, best_metric="eval_loss", best_mode="min")
+    try:
+        latest = ckpt.latest_step()
+        if latest is not None:
+            _check_resumable(config, workdir)
+        dataset = build_dataset(config)
+        vocab = getattr(dataset, "vocab", None)
+        if vocab is not None:
+            try:
+                vocab.encode(t.sample_prompt)
+            except ValueError as e:
+                raise ConfigError(f"train.sample_prompt: {e}") from e
+        model = LM(lm_config(config, dataset.vocab_size))
+        base = jax.random.key(config.seed)
+        example = _example_tokens(dataset)
+        if latest is None:
+            params = initial_params(config, model, example, vocab)
+        else:  # Only the structure matters: restored below.
+            params = unfreeze(jax.eval_shape(
+                lambda: model.init(jax.random.key(0), example,
+                                   training=False))["params"])
+            params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                  params)
+        tx = make_optimizer(config, params)
+        state = {"params": params, "opt_state": tx.init(params), "step": 0,
+                 "rng": jax.random.key_data(base), "data_position": 0}
+        elapsed0 = 0.0
+        if latest is not None:
+            state, meta = ckpt.restore(latest, target=state)
+            elapsed0 = float(meta.get("elapsed", 0.0))
+            _write(f"Resuming {workdir} from step {latest}.")
+        config_lib.save_config(workdir, config)
+        metadata = {"config": config_lib.config_to_json(config),
+                    "vocab": vocab.to_json() if vocab is not None else None,
+                    "vocab_size": int(dataset.vocab_size)}
+        return _loop(config, workdir, ckpt, model, tx, dataset, vocab, state,
+                     metadata, elapsed0, resumed=latest is not None,
+                     stop_at_step=stop_at_step, tqdm_cls=tqdm.tqdm)
+    finally:
+        ckpt.close()
+
+
+def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
+          elapsed0, *, resumed, stop_at_step, tqdm_cls) -> dict[str, Any]:
+    """The training loop proper (see :func:`train_and_evaluate`)."""
+    t, d = config.train, config.data
+    base = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
+    train_step = make_train_step(model, tx,
+                                 jax.random.fold_in(base, _DROPOUT_STREAM))
+    eval_step = make_eval_step(model)
+    sample_base = jax.random.fold_in(base, _SAMPLE_STREAM)
+    schedule = learning_rate_schedule(config)
+    params, opt_state = state["params"], state["opt_state"]
+    step = int(state["step"])
+    eval_data = dataset.eval_batches(d.eval_batches)
+    logger = _Logger(workdir, step if resumed else None)
+    t_start = time.time()
+    wall = lambda: elapsed0 + time.time() - t_start
+    final: dict[str, Any] = {}
+    last_saved = step if resumed else None
+
+    def run_eval():
+        m = evaluate_batches(eval_step, params, eval_data)
+        logger.log(dict(step=step, split="eval", loss=m["eval_loss"],
+                        accuracy=m["eval_accuracy"],
+                        lr=_lr(schedule, step - 1),
+                        tokens_per_sec=None, wall_time=wall(),
+                        time=time.time()))
+        _write(f"step {step}: eval loss {m['eval_loss']:.4f} "
+               f"accuracy {m['eval_accuracy']:.4f}")
+        final.update(m)
+        return m
+
+    def sample():
+        key = jax.random.fold_in(sample_base, step)
+        text = _sample_text(model, params, vocab, t.sample_prompt,
+                            t.sample_length, key,
+                            temperature=t.sample_temperature,
+                            top_k=t.sample_top_k)
+        with open(os.path.join(workdir, SAMPLES_FILE), "a") as f:
+            f.write(f"=== step {step} ===\n{text}\n\n")
+        _write(f"--- sample at step {step} ---\n{text}\n---")
+        final["sample"] = text
+
+    def save(eval_metrics):
+        nonlocal last_saved
+        meta = dict(metadata, step=step, data_position=step,
+                    elapsed=wall())
+        ckpt.save(step, {"params": params, "opt_state": opt_state,
+                         "step": step, "rng": jax.random.key_data(base),
+                         "data_position": step},
+                  metadata=meta,
+                  metrics={"eval_loss": eval_metrics["eval_loss"]}
+                  if eval_metrics else None)
+        last_saved = step
+
+    bar = tqdm_cls(total=t.num_steps, initial=step, disable=not t.progress_bar,
+                   dynamic_ncols=True, desc="train")
+    try:
+        if not resumed or step >= t.num_steps:
+            run_eval()
+        window_loss, window_acc, window_n, window_time = [], [], 0, 0.0
+        while step < t.num_steps and (stop_at_step is None
+                                      or step < stop_at_step):
+            tic = time.perf_counter()
+            batch = dataset.train_batch(step)
+            new_params, new_opt_state, m = train_step(
+                params, opt_state, batch, np.int32(step))
+            m = jax.device_get(m)
+            window_time += time.perf_counter() - tic
+            if not bool(m["finite"]):
+                raise FloatingPointError(
+                    f"Non-finite training loss/gradients/params at step "
+                    f"{step + 1} (loss={float(m['loss'])}, "
+                    f"grad_norm={float(m['grad_norm'])}); training stopped "
+                    f"without saving this state. The last good checkpoint is "
+                    f"step {last_saved} in {ckpt.directory}.")
+            params, opt_state = new_params, new_opt_state
+            step += 1
+            window_loss.append(float(m["loss"]))
+            window_acc.append(float(m["accuracy"]))
+            window_n += int(np.size(batch["inputs"]))
+            tokens_per_sec = window_n / max(window_time, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{window_loss[-1]:.3f}",
+                            tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+            if step % t.log_every == 0 or step == t.num_steps:
+                final["train_loss"] = float(np.mean(window_loss))
+                final["train_accuracy"] = float(np.mean(window_acc))
+                logger.log(dict(step=step, split="train",
+                                loss=final["train_loss"],
+                                accuracy=final["train_accuracy"],
+                                lr=_lr(schedule, step - 1),
+                                tokens_per_sec=tokens_per_sec,
+                                grad_norm=float(m["grad_norm"]),
+                                wall_time=wall(), time=time.time()))
+                if not t.progress_bar:
+                    _write(f"step {step}: train loss {final['train_loss']:.4f}"
+                           f" ({tokens_per_sec:,.0f} tokens/s)")
+                window_loss, window_acc, window_n, window_time = [], [], 0, 0.
+            eval_metrics = None
+            if step % t.eval_every == 0 or step == t.num_steps:
+                eval_metrics = run_eval()
+            if (vocab is not None and t.sample_every > 0
+                    and step % t.sample_every == 0 and step != t.num_steps):
+                sample()
+            if (step % t.checkpoint_every == 0 or step == t.num_steps
+                    or step == stop_at_step):
+                save(eval_metrics)
+        if step >= t.num_steps and vocab is not None:
+            sample()
+    finally:
+        bar.close()
+        logger.close()
+    final.update(step=step, wall_time=wall())
+    return final
+
+
+# ----------------------------------------------------------------------------
+# Using a finished run.
+# ----------------------------------------------------------------------------
+
+def load_run(workdir: str):
+    """Rebuilds a saved run: ``(model, params, vocab, config)``.
+
+    Uses the latest checkpoint of ``workdir`` and its metadata (config and
+    vocabulary), so it works in a fresh process. ``vocab`` is None for
+    synthetic tasks.
+
+    Raises:
+        FileNotFoundError: No checkpoints in ``workdir``.
+    """
+    params, meta = ckpt_lib.load_params(_checkpoint_dir(workdir))
+    if "config" not in meta:
+        raise ValueError(f"Checkpoint in {workdir!r} has no config metadata.")
+    config = config_lib.config_from_json(meta["config"])
+    vocab = CharVocab.from_json(meta["vocab"]) if meta.get("vocab") else None
+    if "vocab_size" in meta:
+        vocab_size = int(meta["vocab_size"])
+    else:
+        vocab_size = build_dataset(config, vocab).vocab_size
+    return LM(lm_config(config, vocab_size)), params, vocab, config
+
+
+def evaluate(workdir: str, config_overrides: Sequence[str] = ()
+             ) -> dict[str, float]:
+    """Evaluates a saved run's latest params on its held-out split.
+
+    Args:
+        workdir: The run directory.
+        config_overrides: ``key=value`` overrides (e.g.
+            ``data.eval_batches=50``); ``model.*`` may not change.
+
+    Returns:
+        ``{"step", "eval_loss", "eval_accuracy"}``.
+    """
+    model, params, vocab, config = load_run(workdir)
+    new = config_lib.apply_overrides(config, list(config_overrides))
+    if new.model.to_dict() != config.model.to_dict():
+        raise ConfigError("evaluate: overrides may not change model.* keys.")
+    dataset = build_dataset(new, vocab)
+    metrics = evaluate_batches(make_eval_step(model), params,
+                               dataset.eval_batches(new.data.eval_batches))
+    step = ckpt_lib.Checkpointer(_checkpoint_dir(workdir),
+                                 read_only=True).latest_step()
+    return dict(step=step, **metrics)
+
+
+def generate_text(workdir: str, prompt: str, max_new_tokens: int = 200,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  seed: int = 0) -> str:
+    """Samples from a saved char run: returns ``prompt`` + new characters.
+
+    Raises:
+        ValueError: The run has no text vocabulary, or the prompt is empty or
+            has characters outside the run's vocabulary.
+    """
+    model, params, vocab, _ = load_run(workdir)
+    if vocab is None:
+        raise ValueError(f"Run {workdir!r} is a synthetic task without a "
+                         "text vocabulary; cannot generate text.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return _sample_text(model, params, vocab, prompt, max_new_tokens,
+                        jax.random.key(seed), temperature=temperature,
+                        top_k=top_k, top_p=top_p)

@@ -1,0 +1,325 @@
+"""Tests of the training loop: configs, resume, corruption, NaN, two-stage."""
+
+import glob
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from flax_minrnn import checkpoint as ckpt_lib
+from flax_minrnn import config as config_lib
+from flax_minrnn import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.py")))
+# Shrunk task sizes (``shrink`` leaves ``data.task_kwargs`` alone).
+SMALL_TASKS = {
+    "selective_copying": ["data.task_kwargs.noise_length=8",
+                          "data.task_kwargs.num_tokens_to_memorize=4"],
+    "parity": ["data.task_kwargs.max_len=6"],
+    "mqar": ["data.task_kwargs.num_kv_pairs=4",
+             "data.task_kwargs.num_queries=4"],
+}
+
+
+def small_config(path: str, *overrides: str) -> config_lib.ConfigDict:
+    """Loads ``path``, shrinks it and applies ``overrides``."""
+    config = config_lib.shrink(config_lib.load_config(path))
+    task = SMALL_TASKS.get(config.data.name, [])
+    return config_lib.apply_overrides(config, [*task, *overrides])
+
+
+SHAKESPEARE = str(REPO / "configs" / "shakespeare.py")
+STAGE2 = str(REPO / "configs" / "shakespeare_stage2.py")
+
+
+def flat_params(params) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def final_params(workdir) -> dict:
+    params, _ = ckpt_lib.load_params(os.path.join(workdir, "checkpoints"))
+    return flat_params(params)
+
+
+def assert_params_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def read_metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    """A tiny finished char run: 4 steps, checkpoints at 2 and 4."""
+    workdir = str(tmp_path_factory.mktemp("char_run"))
+    config = small_config(SHAKESPEARE, "train.num_steps=4",
+                          "train.checkpoint_every=2", "train.eval_every=2")
+    metrics = train.train_and_evaluate(config, workdir)
+    return workdir, config, metrics
+
+
+def test_char_run_artifacts(char_run):
+    workdir, _, metrics = char_run
+    assert metrics["step"] == 4 and np.isfinite(metrics["eval_loss"])
+    assert isinstance(metrics["sample"], str) and metrics["sample"]
+    names = set(os.listdir(workdir))
+    assert {"config.json", "checkpoints", "metrics.jsonl", "tb",
+            "samples.txt"} <= names
+    assert os.listdir(os.path.join(workdir, "tb"))
+    records = read_metrics(workdir)
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    trains = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in trains] == [1, 2, 3, 4]
+    for key in ("loss", "accuracy", "lr", "tokens_per_sec", "wall_time"):
+        assert key in trains[0]
+    with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               read_only=True) as ckpt:
+        assert ckpt.all_steps() == [2, 4]
+    _, meta = ckpt_lib.load_params(os.path.join(workdir, "checkpoints"))
+    assert config_lib.config_from_json(meta["config"]).to_dict() == \
+        char_run[1].to_dict()
+    assert meta["vocab"] and meta["data_position"] == 4
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
+def test_config_loads_and_trains_two_steps(path, tmp_path, char_run):
+    config = config_lib.load_config(path)
+    assert config.train.num_steps >= 100  # The real (unshrunk) job.
+    overrides = []
+    if config.init_from.workdir:  # Stage 2: start from the tiny stage-1 run.
+        overrides.append(f"init_from.workdir={char_run[0]}")
+    config = small_config(path, *overrides)
+    metrics = train.train_and_evaluate(config, str(tmp_path))
+    assert metrics["step"] == 2
+    assert np.isfinite(metrics["eval_loss"])
+    assert np.isfinite(metrics["train_loss"])
+
+
+def test_lm_config_translation():
+    config = config_lib.load_config(SHAKESPEARE, ["model.d_h=0",
+                                                  "model.param_dtype=bfloat16"])
+    lm = train.lm_config(config, 65)
+    assert lm.vocab_size == 65 and lm.d_h is None
+    assert lm.d_channel_mixing is None
+    assert np.dtype(lm.param_dtype) == np.dtype("bfloat16")
+    bad = config_lib.apply_overrides(config, ["model.dtype=float8"])
+    with pytest.raises(config_lib.ConfigError, match="model.dtype"):
+        train.lm_config(bad, 65)
+
+
+def test_weight_decay_mask_and_freeze():
+    config = config_lib.load_config(SHAKESPEARE, [
+        "optim.no_decay_regex=bias", "init_from.freeze_regex=^w$"])
+    params = {"w": np.ones((2, 2), np.float32),
+              "v": np.ones((2, 2), np.float32),
+              "bias": np.ones((2, 2), np.float32),
+              "scale": np.ones((2,), np.float32)}
+    tx = train.make_optimizer(config, params)
+    state = tx.init(params)
+    grads = jax.tree.map(np.zeros_like, params)
+    with jax.numpy_dtype_promotion("standard"):  # optax is not strict.
+        for _ in range(3):  # lr is 0 at step 0 (warmup).
+            updates, state = tx.update(grads, state, params)
+    updates = {k: np.asarray(v) for k, v in updates.items()}
+    assert np.all(updates["w"] == 0)          # Frozen.
+    assert np.all(updates["v"] < 0)           # Decayed (zero gradient).
+    assert np.all(updates["bias"] == 0)       # Matches no_decay_regex.
+    assert np.all(updates["scale"] == 0)      # 1-D.
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    import jax
+    # The same numerics flags as tests/conftest.py (bit-exact comparison).
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+    jax.config.update("jax_disable_most_optimizations", True)
+    from flax_minrnn import checkpoint, config as config_lib, train
+    config_path, workdir, flag, block_from, *overrides = sys.argv[1:]
+    original = checkpoint.Checkpointer.save
+    def save(self, step, *args, **kwargs):
+        if step >= int(block_from):  # Hang here until SIGKILLed.
+            open(flag, "w").close()
+            time.sleep(600)
+        return original(self, step, *args, **kwargs)
+    checkpoint.Checkpointer.save = save
+    config = config_lib.load_config(config_path, overrides)
+    train.train_and_evaluate(config, workdir)
+""")
+
+
+RESUME = ["train.num_steps=8", "train.checkpoint_every=3",
+          "train.eval_every=4", "model.dropout=0.1",
+          "model.embedding_dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    train.train_and_evaluate(small_config(SHAKESPEARE, *RESUME), workdir)
+    return workdir
+
+
+def test_sigkilled_then_resumed_is_bit_exact(uninterrupted, tmp_path):
+    """A subprocess is SIGKILLed after checkpoint 3, while it is about to
+    save step 6 (steps 4-6 computed, unsaved); resuming recomputes them."""
+    workdir, flag = str(tmp_path / "run"), str(tmp_path / "blocked")
+    config = small_config(SHAKESPEARE, *RESUME)
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from flax_minrnn.config import config_from_json\n"
+        f"def get_config():\n    return config_from_json({config_lib.config_to_json(config)!r})\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(config_file), workdir, flag,
+         "4"], cwd=str(REPO), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 100
+        while not os.path.exists(flag):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "subprocess never reached step 6"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               read_only=True) as ckpt:
+        assert ckpt.all_steps() == [3]
+    # Lines logged after step 3 by the killed process get dropped.
+    assert max(r["step"] for r in read_metrics(workdir)) > 3
+    metrics = train.train_and_evaluate(config, workdir)
+    assert metrics["step"] == 8
+    assert_params_equal(final_params(workdir), final_params(uninterrupted))
+    steps = [r["step"] for r in read_metrics(workdir) if r["split"] == "train"]
+    assert steps == list(range(1, 9))
+
+
+def test_stopped_then_resumed_is_bit_exact(uninterrupted, tmp_path):
+    config = small_config(SHAKESPEARE, *RESUME)
+    workdir = str(tmp_path)
+    assert train.train_and_evaluate(config, workdir,
+                                    stop_at_step=5)["step"] == 5
+    train.train_and_evaluate(config, workdir)
+    assert_params_equal(final_params(workdir), final_params(uninterrupted))
+    # Resuming a finished run only re-evaluates.
+    again = train.train_and_evaluate(config, workdir)
+    assert again["step"] == 8
+    assert_params_equal(final_params(workdir), final_params(uninterrupted))
+
+
+def test_resume_with_other_config_is_an_error(char_run):
+    workdir, config, _ = char_run
+    other = config_lib.apply_overrides(config, ["optim.learning_rate=0.5"])
+    with pytest.raises(config_lib.ConfigError, match="optim.learning_rate"):
+        train.train_and_evaluate(other, workdir)
+
+
+def _hashes(path: pathlib.Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_latest_checkpoint(char_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(char_run[0], workdir)
+    ckdir = workdir / "checkpoints"
+    good = _hashes(ckdir / "2")
+    for f in (ckdir / "4" / "state" / "d").iterdir():
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+    config = config_lib.apply_overrides(char_run[1], ["train.num_steps=6"])
+    with pytest.raises(ckpt_lib.CheckpointCorruptError) as info:
+        train.train_and_evaluate(config, str(workdir))
+    assert info.value.step == 4 and info.value.older_steps == [2]
+    assert "corrupt" in str(info.value)
+    assert _hashes(ckdir / "2") == good
+    assert (ckdir / "4").is_dir()
+    with ckpt_lib.Checkpointer(str(ckdir), read_only=True) as ckpt:
+        assert ckpt.all_steps() == [2, 4]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = small_config(SHAKESPEARE, "optim.learning_rate=1e30",
+                          "optim.weight_decay=0.0", "train.num_steps=20",
+                          "train.eval_every=100")
+    with pytest.raises(FloatingPointError, match=r"at step \d+") as info:
+        train.train_and_evaluate(config, str(tmp_path))
+    bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    assert 1 < bad_step <= 20
+    ckdir = str(tmp_path / "checkpoints")
+    with ckpt_lib.Checkpointer(ckdir, read_only=True) as ckpt:
+        steps = ckpt.all_steps()
+    assert steps and steps[-1] == bad_step - 1  # checkpoint_every=1
+    params, meta = ckpt_lib.load_params(ckdir)
+    assert meta["step"] == bad_step - 1
+    for leaf in jax.tree.leaves(params):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    assert f"step {bad_step - 1}" in str(info.value)
+
+
+def test_bad_config_is_named(tmp_path):
+    config = config_lib.load_config(SHAKESPEARE).to_dict()
+    config["model"]["d_modle"] = 3
+    with pytest.raises(config_lib.ConfigError, match="model.d_modle"):
+        train.train_and_evaluate(config, "/nonexistent/never/created")
+    bad = config_lib.load_config(
+        SHAKESPEARE, ["train.sample_prompt=\u00e9t\u00e9"])
+    with pytest.raises(config_lib.ConfigError, match="sample_prompt"):
+        train.train_and_evaluate(bad, str(tmp_path))
+
+
+def test_two_stage_starts_where_stage_one_ended(char_run, tmp_path):
+    stage1, _, stage1_metrics = char_run
+    # Freeze everything but the new recurrent kernels.
+    config = small_config(STAGE2, f"init_from.workdir={stage1}",
+                          "init_from.freeze_regex=^(?!.*recurrent_kernel)")
+    assert config.model.use_true_recurrence
+    dataset = train.build_dataset(config)
+    model = train.LM(train.lm_config(config, dataset.vocab_size))
+    params = train.initial_params(config, model,
+                                  np.zeros((1, 16), np.int32), dataset.vocab)
+    flat = flat_params(params)
+    recurrent = [k for k in flat if "recurrent_kernel" in k]
+    assert recurrent
+    for k in recurrent:
+        assert np.all(flat[k] == 0), k
+    loaded = final_params(stage1)
+    for k, v in loaded.items():
+        np.testing.assert_array_equal(flat[k], v, err_msg=k)
+
+    workdir = str(tmp_path / "stage2")
+    train.train_and_evaluate(config, workdir)
+    first_eval = [r for r in read_metrics(workdir) if r["split"] == "eval"][0]
+    assert first_eval["step"] == 0
+    last_stage1 = [r for r in read_metrics(stage1) if r["split"] == "eval"][-1]
+    np.testing.assert_allclose(first_eval["loss"], last_stage1["loss"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(first_eval["loss"],
+                               stage1_metrics["eval_loss"], rtol=1e-5)
+    trained = final_params(workdir)
+    for k, v in loaded.items():  # Frozen.
+        np.testing.assert_array_equal(trained[k], v, err_msg=k)
