@@ -313,7 +313,10 @@ def initial_params(config: ml_collections.ConfigDict, model: LM,
             raise ConfigError(f"init_from.workdir {source!r} was trained with "
                               "another vocabulary.")
     from flax_minrnn.migrate import migrate_params  # pylint: disable=g-import-not-at-top
-    migrated = unfreeze(migrate_params(unfreeze(loaded), model,
+    # Dropout-free twin: same params, and init needs no 'dropout' rng.
+    twin = LM(dataclasses.replace(model.config, dropout=0.0,
+                                  embedding_dropout=0.0))
+    migrated = unfreeze(migrate_params(unfreeze(loaded), twin,
                                        example_tokens))
     load = _regex("init_from.load_regex", config.init_from.load_regex)
     flat_new = traverse_util.flatten_dict(params, sep="/")
@@ -608,6 +611,11 @@ def load_run(workdir: str):
     Raises:
         FileNotFoundError: No checkpoints in ``workdir``.
     """
+    return _load_run(workdir)[:4]
+
+
+def _load_run(workdir: str):
+    """:func:`load_run` plus the checkpoint metadata."""
     params, meta = ckpt_lib.load_params(_checkpoint_dir(workdir))
     if "config" not in meta:
         raise ValueError(f"Checkpoint in {workdir!r} has no config metadata.")
@@ -617,7 +625,7 @@ def load_run(workdir: str):
         vocab_size = int(meta["vocab_size"])
     else:
         vocab_size = build_dataset(config, vocab).vocab_size
-    return LM(lm_config(config, vocab_size)), params, vocab, config
+    return LM(lm_config(config, vocab_size)), params, vocab, config, meta
 
 
 def evaluate(workdir: str, config_overrides: Sequence[str] = ()
@@ -632,15 +640,14 @@ def evaluate(workdir: str, config_overrides: Sequence[str] = ()
     Returns:
         ``{"step", "eval_loss", "eval_accuracy"}``.
     """
-    model, params, vocab, config = load_run(workdir)
+    model, params, vocab, config, meta = _load_run(workdir)
+    step = meta.get("step")
     new = config_lib.apply_overrides(config, list(config_overrides))
     if new.model.to_dict() != config.model.to_dict():
         raise ConfigError("evaluate: overrides may not change model.* keys.")
     dataset = build_dataset(new, vocab)
     metrics = evaluate_batches(make_eval_step(model), params,
                                dataset.eval_batches(new.data.eval_batches))
-    step = ckpt_lib.Checkpointer(_checkpoint_dir(workdir),
-                                 read_only=True).latest_step()
     return dict(step=step, **metrics)
 
 
