@@ -1,0 +1,254 @@
+"""Timing, machine-floor and reporting helpers shared by the benchmark scripts.
+
+Everything here is measured with ``jax.jit`` and ``block_until_ready``; a
+timing is the median of repeated calls after one warm-up call (the warm-up
+call is never counted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32_BYTES = 4
+
+
+# ----------------------------------------------------------------------------
+# Repeat policy and timing.
+
+
+@dataclasses.dataclass(frozen=True)
+class Repeats:
+    """How many timed calls to make after the warm-up call.
+
+    At least ``min_n`` and at most ``max_n`` calls; after ``min_n`` calls the
+    loop stops as soon as ``budget_s`` seconds of timed calls have been spent.
+    """
+
+    max_n: int = 10
+    min_n: int = 3
+    budget_s: float = 2.0
+
+
+def time_calls(fn: Callable, args: Sequence[Any], repeats: Repeats, *,
+               skip_if_warmup_over_s: Optional[float] = None) -> Dict[str, Any]:
+    """Median wall time (ms) of ``fn(*args)`` after one warm-up call.
+
+    If the warm-up call alone took more than ``skip_if_warmup_over_s`` the
+    timed calls are skipped and the warm-up time is reported (``n = 0``,
+    ``warmup_only = True``): the call is too slow to repeat.
+    """
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    warmup_s = time.perf_counter() - t0
+    if skip_if_warmup_over_s is not None and warmup_s > skip_if_warmup_over_s:
+        ms = warmup_s * 1e3
+        return dict(median_ms=ms, min_ms=ms, max_ms=ms, n=0, warmup_ms=ms,
+                    warmup_only=True)
+    times = []
+    spent = 0.0
+    while len(times) < repeats.max_n:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+        if len(times) >= repeats.min_n and spent >= repeats.budget_s:
+            break
+    ms = [t * 1e3 for t in times]
+    return dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms),
+                n=len(ms), warmup_ms=warmup_s * 1e3, warmup_only=False)
+
+
+def compile_timed(fn: Callable, *args) -> Tuple[Any, float]:
+    """``jax.jit(fn).lower(*args).compile()`` and its wall time in seconds.
+
+    ``fn`` should be a fresh Python function (a new closure) so that no jit
+    cache of an earlier call is hit.
+    """
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def memory_stats(compiled) -> Optional[Dict[str, int]]:
+    """``compiled.memory_analysis()`` as a dict (``None`` if unavailable).
+
+    ``peak_bytes`` = arguments + outputs + temporaries - aliased bytes: what
+    the executable holds at most, buffers included (XLA's own estimate).
+    """
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if ma is None:
+        return None
+    fields = ["temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+              "alias_size_in_bytes", "generated_code_size_in_bytes"]
+    out = {f: int(getattr(ma, f, 0) or 0) for f in fields}
+    out["peak_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                         + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Machine floor: memory bandwidth and matrix products timed alone.
+
+
+def measure_bandwidth(n_bytes: int, repeats: Repeats) -> Dict[str, float]:
+    """Streaming bandwidth of a jitted ``x + 1.0`` over a float32 array.
+
+    Bytes moved per call = ``2 * n_bytes`` (read x, write the result), in two
+    variants, both reported:
+
+    * ``fresh``: ``y = x + 1.0`` into a newly allocated output every call (the
+      plain jitted call).  On CPU this includes the first-touch page faults of
+      the freshly mapped output buffer, which large outputs pay on every call.
+    * ``inplace``: the same with ``donate_argnums=0`` (the output reuses the
+      input's buffer): pure streaming, no new pages.
+
+    ``bytes_per_s`` (what the floor uses) is the in-place bandwidth from the
+    fastest call (the machine's capability: a floor); medians are reported too.
+    """
+    n = max(1, n_bytes // F32_BYTES)
+    moved = 2 * n * F32_BYTES
+    x = jnp.arange(n, dtype=jnp.float32)
+    fresh = time_calls(jax.jit(lambda v: v + 1.0), (x,), repeats)
+    del x
+    step = jax.jit(lambda v: v + 1.0, donate_argnums=0)
+    y = step(jnp.zeros((n,), jnp.float32))  # warm-up (compile + first pages)
+    jax.block_until_ready(y)
+    times = []
+    spent = 0.0
+    while len(times) < repeats.max_n:
+        t0 = time.perf_counter()
+        y = step(y)
+        jax.block_until_ready(y)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+        if len(times) >= repeats.min_n and spent >= repeats.budget_s:
+            break
+    del y
+    inplace_min, inplace_med = min(times), statistics.median(times)
+    return dict(array_bytes=n * F32_BYTES, bytes_moved=moved,
+                bytes_per_s=moved / inplace_min,
+                inplace_min_ms=inplace_min * 1e3, inplace_median_ms=inplace_med * 1e3,
+                inplace_bytes_per_s_median=moved / inplace_med,
+                fresh_min_ms=fresh["min_ms"], fresh_median_ms=fresh["median_ms"],
+                fresh_bytes_per_s=moved / (fresh["min_ms"] / 1e3),
+                fresh_bytes_per_s_median=moved / (fresh["median_ms"] / 1e3),
+                n=len(times))
+
+
+_MATMUL_CACHE: Dict[Tuple[int, int, int, str], float] = {}
+
+
+def matmul_ms(m: int, k: int, n: int, which: str, repeats: Repeats,
+              dtype=jnp.float32) -> float:
+    """Fastest (min) ms of one jitted matrix product of a ``(m, k) x (k, n)`` layer.
+
+    The minimum over the repeats, not the median: this is a floor (what the
+    machine can do), and the minimum is the least disturbed by other load.
+
+    ``which``: ``"fwd"`` = ``x @ W`` (m,k)x(k,n); ``"dW"`` = ``x^T g``
+    (k,m)x(m,n); ``"dx"`` = ``g W^T`` (m,n)x(n,k).  Cached per shape.
+    """
+    key = (m, k, n, which)
+    if key in _MATMUL_CACHE:
+        return _MATMUL_CACHE[key]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32), dtype)
+    g = jnp.asarray(rng.standard_normal((m, n), dtype=np.float32), dtype)
+    if which == "fwd":
+        f, args = jax.jit(lambda a, b: a @ b), (x, w)
+    elif which == "dW":
+        f, args = jax.jit(lambda a, b: a.T @ b), (x, g)
+    elif which == "dx":
+        f, args = jax.jit(lambda a, b: a @ b.T), (g, w)
+    else:
+        raise ValueError(which)
+    ms = time_calls(f, args, repeats)["min_ms"]
+    _MATMUL_CACHE[key] = ms
+    return ms
+
+
+# ----------------------------------------------------------------------------
+# Machine description.
+
+
+def machine_info() -> Dict[str, Any]:
+    import flax
+
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {
+        "processor": platform.processor(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "n_devices": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "loadavg_at_start": load,
+    }
+
+
+def write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=False, default=_json_default)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def fmt_ms(ms: Optional[float]) -> str:
+    if ms is None:
+        return "–"
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    return f"{ms:.2f}"
+
+
+def fmt_ratio(r: Optional[float]) -> str:
+    if r is None:
+        return "–"
+    if r >= 10:
+        return f"{r:.0f}×"
+    return f"{r:.1f}×"
