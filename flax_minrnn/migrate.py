@@ -1,0 +1,298 @@
+"""Parameter migration: two-stage training and the flax-gated-linear-rnn package.
+
+Two-stage training
+------------------
+Train a model fast in the parallel (associative) mode, then switch its layers
+to the true-recurrence mode (``use_true_recurrence=True``) and fine-tune.  In
+that mode every layer gains one parameter, ``recurrent_kernel`` ``U`` of shape
+``(d_h, n_proj * d_h)``, and its pre-activations become::
+
+    pre_t = in_proj(x_t) + h_{t-1} @ U
+
+With ``U = 0`` both modes compute the same function, so :func:`migrate_params`
+fills the missing ``recurrent_kernel`` leaves with zeros: the migrated model's
+outputs equal the old ones right after the switch.  Going back is only
+lossless while ``U`` is still zero; a non-zero ``U`` is refused unless
+``allow_drop_nonzero=True``.
+
+Parameter dicts
+---------------
+Pass the *inner* parameter dict (``variables['params']``); that is what these
+functions are designed for, and what they return.  A wrapped dict
+``{'params': inner}`` (exactly one key, ``'params'``) is accepted too and is
+returned wrapped the same way.  A variables dict with other collections
+(``{'params': ..., 'batch_stats': ...}``) is refused: migrate its
+``'params'`` and keep the other collections yourself.  (A model whose only
+top-level submodule is literally named ``params`` would be mistaken for a
+wrapped dict; name it otherwise.)
+
+The flax-gated-linear-rnn package
+---------------------------------
+:func:`from_flax_gated_linear_rnn` renames the parameters of that package's
+``GatedLinearRNN`` to those of :class:`flax_minrnn.GatedLinearRNN`, which uses
+the same fused block order (candidate, input gate, [forget gate], output gate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Mapping, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
+
+Params = Any
+Path = Tuple[str, ...]
+
+__all__ = [
+    "migrate_params",
+    "to_true_recurrence",
+    "to_associative",
+    "from_flax_gated_linear_rnn",
+]
+
+RECURRENT_KERNEL = "recurrent_kernel"
+
+
+def _unwrap(params, name: str = "params") -> Tuple[Dict, bool]:
+    """Returns ``(inner_dict, was_wrapped)``; validates the container."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{name} must be a dict of parameters, got {type(params).__name__}")
+    params = unfreeze(params) if not isinstance(params, dict) else params
+    if "params" in params:
+        if len(params) != 1:
+            others = sorted(k for k in params if k != "params")
+            raise ValueError(
+                f"{name} looks like a variables dict with collections {others} "
+                "besides 'params'; pass variables['params'] (the inner dict) and "
+                "keep the other collections yourself")
+        inner = params["params"]
+        if not isinstance(inner, Mapping):
+            raise TypeError(f"{name}['params'] must be a dict, got {type(inner).__name__}")
+        return unfreeze(inner) if not isinstance(inner, dict) else inner, True
+    return params, False
+
+
+def _path_str(path: Path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _is_all_zero(leaf, path: Path) -> bool:
+    try:
+        value = np.asarray(leaf)
+    except (jax.errors.TracerArrayConversionError,
+            jax.errors.ConcretizationTypeError) as err:
+        raise ValueError(
+            f"cannot inspect params leaf {_path_str(path)} under a JAX transformation "
+            "(jit/vmap); call migrate_params eagerly") from err
+    return not np.any(value)
+
+
+def migrate_params(params: Params, target: nn.Module, *init_args,
+                   allow_drop_nonzero: bool = False, **init_kwargs) -> Params:
+    """Maps ``params`` onto the parameter structure of ``target``.
+
+    The target structure is built abstractly (no FLOPs, no memory)::
+
+        want = jax.eval_shape(target.init, PRNGKey(0), *init_args, **init_kwargs)['params']
+
+    Then, leaf by leaf (paths are tuples of dict keys, at any nesting depth, so
+    this works for a single layer, a :class:`~flax_minrnn.wrappers.Stack` or a
+    whole model):
+
+    * a path in both: the leaf of ``params`` is copied; its shape and dtype
+      must equal the target's;
+    * only in the target: a leaf named ``recurrent_kernel`` is filled with
+      zeros (``U = 0`` leaves the function unchanged); any other missing leaf
+      is an error;
+    * only in ``params``: a leaf named ``recurrent_kernel`` is dropped if it is
+      all zeros (or with ``allow_drop_nonzero=True``, which changes the
+      function); any other extra leaf is an error.
+
+    Args:
+      params: the source parameters: the inner dict (recommended) or
+        ``{'params': inner}``; the result has the same form.
+      target: the module whose structure the result must have (e.g.
+        ``layer.clone(use_true_recurrence=True)``).
+      *init_args: example arguments of ``target.init`` after the rng (an input
+        ``x``; only shapes and dtypes matter: ``jax.ShapeDtypeStruct`` works).
+      allow_drop_nonzero: drop non-zero ``recurrent_kernel`` leaves instead of
+        raising.
+      **init_kwargs: keyword arguments of ``target.init``.
+
+    Returns:
+      The migrated parameters, same wrapping as ``params``.
+
+    Raises:
+      ValueError: naming every offending path: shape/dtype mismatches, missing
+        leaves other than ``recurrent_kernel``, extra leaves, non-zero
+        ``recurrent_kernel`` to drop (unless allowed).  Also when ``target``
+        creates no ``'params'`` at all.
+      TypeError: ``params`` is not a dict or ``target`` is not a Module.
+    """
+    if not isinstance(target, nn.Module):
+        raise TypeError(f"target must be a flax.linen Module, got {type(target).__name__}")
+    source, wrapped = _unwrap(params)
+    variables = jax.eval_shape(target.init, jax.random.PRNGKey(0), *init_args, **init_kwargs)
+    if "params" not in variables:
+        raise ValueError(
+            f"target {type(target).__name__} creates no 'params' collection for these inputs")
+    want = traverse_util.flatten_dict(unfreeze(variables["params"]))
+    have = traverse_util.flatten_dict(source)
+
+    errors: List[str] = []
+    out = {}
+    for path, spec in want.items():
+        if path in have:
+            leaf = have[path]
+            shape = tuple(np.shape(leaf))
+            dtype = jnp.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype
+            if shape != tuple(spec.shape) or jnp.dtype(dtype) != jnp.dtype(spec.dtype):
+                errors.append(
+                    f"{_path_str(path)}: params has shape {shape} dtype {jnp.dtype(dtype).name}, "
+                    f"target expects shape {tuple(spec.shape)} dtype {jnp.dtype(spec.dtype).name}")
+            out[path] = leaf
+        elif path[-1] == RECURRENT_KERNEL:
+            out[path] = jnp.zeros(spec.shape, spec.dtype)
+        else:
+            errors.append(f"{_path_str(path)}: missing from params (target expects shape "
+                          f"{tuple(spec.shape)} dtype {jnp.dtype(spec.dtype).name})")
+    for path, leaf in have.items():
+        if path in want:
+            continue
+        if path[-1] == RECURRENT_KERNEL:
+            if not allow_drop_nonzero and not _is_all_zero(leaf, path):
+                errors.append(
+                    f"{_path_str(path)}: non-zero recurrent_kernel has no place in the "
+                    "target; dropping it changes the model's function (pass "
+                    "allow_drop_nonzero=True to drop it anyway)")
+        else:
+            errors.append(f"{_path_str(path)}: in params but not in the target")
+    if errors:
+        raise ValueError(
+            f"params do not fit target {type(target).__name__}:\n  " + "\n  ".join(errors))
+    result = traverse_util.unflatten_dict(out)
+    return {"params": result} if wrapped else result
+
+
+def _clone_mode(model: nn.Module, use_true_recurrence: bool, fn: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a flax.linen Module, got {type(model).__name__}")
+    if not any(f.name == "use_true_recurrence" for f in dataclasses.fields(model)):
+        raise TypeError(
+            f"{fn} needs a model with a use_true_recurrence field; "
+            f"{type(model).__name__} has none.  Build the target yourself (e.g. a "
+            "Stack of layers with use_true_recurrence set) and call migrate_params")
+    return model.clone(use_true_recurrence=use_true_recurrence)
+
+
+def to_true_recurrence(params: Params, model: nn.Module, *init_args, **init_kwargs) -> Params:
+    """Associative-mode params -> true-recurrence params (zero ``recurrent_kernel``).
+
+    ``migrate_params(params, model.clone(use_true_recurrence=True), ...)``.
+    Only for modules with a ``use_true_recurrence`` field (the layers); for a
+    :class:`~flax_minrnn.wrappers.Stack` or your own model, construct the
+    true-recurrence target and call :func:`migrate_params`.
+
+    Args:
+      params: the model's parameters (inner dict recommended).
+      model: the associative-mode module.
+      *init_args, **init_kwargs: example arguments of ``model.init``.
+
+    Returns:
+      Parameters of ``model.clone(use_true_recurrence=True)``, computing the
+      same function as ``params`` did.
+    """
+    target = _clone_mode(model, True, "to_true_recurrence")
+    return migrate_params(params, target, *init_args, **init_kwargs)
+
+
+def to_associative(params: Params, model: nn.Module, *init_args,
+                   allow_drop_nonzero: bool = False, **init_kwargs) -> Params:
+    """True-recurrence params -> associative-mode params (drops ``recurrent_kernel``).
+
+    Raises ``ValueError`` if a ``recurrent_kernel`` is non-zero (the
+    associative mode cannot represent it) unless ``allow_drop_nonzero=True``.
+    Same restrictions as :func:`to_true_recurrence`.
+    """
+    target = _clone_mode(model, False, "to_associative")
+    return migrate_params(params, target, *init_args,
+                          allow_drop_nonzero=allow_drop_nonzero, **init_kwargs)
+
+
+def _dense_leaves(d, name: str, *, bias: bool) -> Dict[str, Any]:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{name} must be a dict with a kernel, got {type(d).__name__}")
+    expected = {"kernel", "bias"} if bias else {"kernel"}
+    if set(d) != expected:
+        raise ValueError(f"{name} must have exactly the keys {sorted(expected)}, got {sorted(d)}")
+    if np.ndim(d["kernel"]) != 2:
+        raise ValueError(f"{name}/kernel must be 2-D, got shape {tuple(np.shape(d['kernel']))}")
+    return dict(d)
+
+
+def from_flax_gated_linear_rnn(params: Params) -> Params:
+    """Converts ``flax_gated_linear_rnn.GatedLinearRNN`` params to ours.
+
+    The package's layer (version 1.0.3) computes, with ``W`` its ``proj`` and
+    ``U`` its ``model/recurrent_proj`` (true-recurrence mode only)::
+
+        [i~, i, (f,) o]_pre = x_t @ W + b (+ h_{t-1} @ U)
+        h_t = f_t * h_{t-1} + i_t * tanh(i~_pre),   f = 1 - i when tied
+        y_t = out_proj(tanh(h_t) * o_t)
+
+    :class:`flax_minrnn.GatedLinearRNN` uses the same fused block order, so the
+    conversion is a renaming::
+
+        proj                        -> in_proj
+        out_proj                    -> out_proj
+        model/recurrent_proj/kernel -> recurrent_kernel
+
+    Build the matching layer as ``GatedLinearRNN(d_h=d_h, d_model=d_model,
+    use_tied_gates=..., use_true_recurrence='model' in params)``.
+
+    Args:
+      params: the package layer's parameters, inner (``{'proj', 'out_proj',
+        ['model']}``) or wrapped (``{'params': ...}``); the result has the same
+        form.  (For the package's language models, convert each nested
+        ``GatedLinearRNN`` subtree.)
+
+    Returns:
+      ``{'in_proj': ..., 'out_proj': ..., ['recurrent_kernel': ...]}``.
+
+    Raises:
+      ValueError: unexpected keys or shapes that do not form a 3- or 4-block
+        gated linear RNN.
+    """
+    inner, wrapped = _unwrap(params)
+    keys = set(inner)
+    if not {"proj", "out_proj"} <= keys or not keys <= {"proj", "out_proj", "model"}:
+        raise ValueError(
+            "params must be a flax_gated_linear_rnn.GatedLinearRNN tree with keys "
+            f"'proj', 'out_proj' and optionally 'model', got {sorted(keys)}")
+    proj = _dense_leaves(inner["proj"], "proj", bias=True)
+    out_proj = _dense_leaves(inner["out_proj"], "out_proj", bias=True)
+    d_h = np.shape(out_proj["kernel"])[0]
+    width = np.shape(proj["kernel"])[1]
+    if width not in (3 * d_h, 4 * d_h):
+        raise ValueError(
+            f"proj/kernel has {width} outputs; with d_h={d_h} (out_proj/kernel rows) a "
+            f"GatedLinearRNN has {3 * d_h} (tied gates) or {4 * d_h} (untied)")
+    result = {"in_proj": proj, "out_proj": out_proj}
+    if "model" in inner:
+        model = inner["model"]
+        if not isinstance(model, Mapping) or set(model) != {"recurrent_proj"}:
+            raise ValueError(
+                "params['model'] must be {'recurrent_proj': {'kernel': ...}} (the "
+                f"true-recurrence mode), got {sorted(model) if isinstance(model, Mapping) else model!r}")
+        rec = _dense_leaves(model["recurrent_proj"], "model/recurrent_proj", bias=False)
+        if tuple(np.shape(rec["kernel"])) != (d_h, width):
+            raise ValueError(
+                f"model/recurrent_proj/kernel must have shape ({d_h}, {width}), "
+                f"got {tuple(np.shape(rec['kernel']))}")
+        result[RECURRENT_KERNEL] = rec["kernel"]
+    return {"params": result} if wrapped else result
