@@ -43,18 +43,8 @@ from flax_minrnn import checkpoint as ckpt_lib
 from flax_minrnn import config as config_lib
 from flax_minrnn.config import ConfigError
 from flax_minrnn.data import CharDataset, CharVocab, load_text, make_task
+from flax_minrnn.heads import weighted_cross_entropy
 from flax_minrnn.lm import LM, LMConfig
-
-try:  # The shared loss; a local copy keeps train.py usable on its own.
-    from flax_minrnn.heads import weighted_cross_entropy
-except ImportError:  # pragma: no cover - depends on the checkout.
-    def weighted_cross_entropy(logits, targets, weights):
-        """Weighted mean next-token cross-entropy and the weight total."""
-        nll = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), targets)
-        weights = weights.astype(jnp.float32)
-        total = jnp.sum(weights)
-        return jnp.sum(nll * weights) / jnp.maximum(total, 1.0), total
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
