@@ -272,7 +272,8 @@ def _norm(kind: str, eps: float, dtype, param_dtype, name: str) -> nn.Module:
 def _last_valid(buf: Array, end: Array, width: int) -> Array:
     """``buf[b, end_b - width : end_b]`` for every row (``end_b >= width``)."""
     idx = end[:, None] - width + jnp.arange(width, dtype=end.dtype)[None, :]
-    return jnp.take_along_axis(buf, idx[:, :, None], axis=1)
+    idx = idx.reshape(idx.shape + (1,) * (buf.ndim - 2))
+    return jnp.take_along_axis(buf, idx, axis=1)
 
 
 class CausalConv(nn.Module):
