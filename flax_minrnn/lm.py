@@ -264,9 +264,43 @@ class PositionalEncoding(nn.Module):
 # Building blocks.
 
 
+class _Norm(nn.Module):
+    """RMSNorm or LayerNorm in float32, returned in the compute dtype ``dtype``.
+
+    ``rmsnorm``:   ``y = x / sqrt(mean(x^2) + eps) * scale``
+    ``layernorm``: ``y = (x - mean(x)) / sqrt(var(x) + eps) * scale + bias``
+
+    Parameters ``scale`` (ones) and ``bias`` (zeros, layernorm), the layout of
+    ``flax.linen.RMSNorm`` / ``LayerNorm``.  Written out (instead of using
+    those) so that bfloat16 parameters work under strict dtype promotion.
+    """
+
+    kind: str
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        x = x.astype(jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+        eps = jnp.float32(self.eps)
+        if self.kind == "rmsnorm":
+            y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+        else:
+            centred = x - jnp.mean(x, axis=-1, keepdims=True)
+            y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+                                        + eps)
+        y = y * scale.astype(jnp.float32)[(None,) * (x.ndim - 1)]
+        if self.kind == "layernorm":
+            bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+            y = y + bias.astype(jnp.float32)[(None,) * (x.ndim - 1)]
+        return y.astype(self.dtype)
+
+
 def _norm(kind: str, eps: float, dtype, param_dtype, name: str) -> nn.Module:
-    cls = nn.RMSNorm if kind == "rmsnorm" else nn.LayerNorm
-    return cls(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    return _Norm(kind, eps, dtype, param_dtype, name=name)
 
 
 def _last_valid(buf: Array, end: Array, width: int) -> Array:
@@ -564,8 +598,8 @@ class _PackageTimeMixing(nn.Module):
 
     @nn.compact
     def __call__(self, x, training: bool, carry=None, mask=None):
-        u = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="layer_norm_function")(x)
+        u = _Norm("layernorm", self.eps, self.dtype, self.param_dtype,
+                  name="layer_norm_function")(x)
         h, y = layers_lib.GatedLinearRNN(
             d_h=self.d_h, d_model=self.d_model, input_activation=self.input_activation,
             hidden_activation=self.hidden_activation, gate_activation=self.gate_activation,
@@ -587,8 +621,7 @@ class _PackageChannelMixing(nn.Module):
 
     @nn.compact
     def __call__(self, x, training: bool):
-        u = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="layer_norm")(x)
+        u = _Norm("layernorm", self.eps, self.dtype, self.param_dtype, name="layer_norm")(x)
         u = nn.gelu(nn.Dense(self.d_hidden, dtype=self.dtype, param_dtype=self.param_dtype,
                              name="dense_layers_0")(u))
         u = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,

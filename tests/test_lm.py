@@ -1,6 +1,5 @@
 """LM, GatedLinearRNNLM and the heads: streaming, padding, causality, errors."""
 
-import functools
 import itertools
 
 import jax
@@ -14,12 +13,6 @@ from flax_minrnn.lm import LM, GatedLinearRNNLM, LMCarry, LMConfig
 
 V = 13
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-@functools.lru_cache(maxsize=None)
-def _jit(model):
-    """Jitted ``model.apply`` (one compile per shape: cheaper than eager here)."""
-    return jax.jit(model.apply, static_argnames=("training",))
 
 
 def _cfg(**kw):
@@ -36,10 +29,6 @@ def _tokens(b, t, seed=0):
 def _init(cfg, tokens):
     model = LM(cfg)
     return model, jax.jit(model.init)(jax.random.key(0), tokens)
-
-
-def _cat(*xs):
-    return np.concatenate([np.asarray(x) for x in xs], axis=1)
 
 
 def _assert_carry_close(a, b):
@@ -401,3 +390,12 @@ def test_glrnn_lm_features_input_and_errors():
     params = learned.init(jax.random.key(0), _tokens(1, 2))
     with pytest.raises(ValueError, match="max_seq_length"):
         learned.apply(params, _tokens(1, 3), offset=2)
+
+
+def test_bfloat16_compute_keeps_float32_states_and_logits():
+    cfg = _cfg(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, conv_width=2, norm="layernorm",
+               positional_encoding="sinusoidal")
+    tokens = _tokens(2, 4)
+    (carry, logits), _ = _streamed(cfg, tokens, (2,))
+    assert logits.dtype == jnp.float32 and carry.layers[0].dtype == jnp.float32
+    assert carry.conv[0].dtype == jnp.bfloat16 and np.all(np.isfinite(logits))
