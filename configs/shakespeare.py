@@ -9,8 +9,9 @@ Command::
 
 Expected result (measured with this commit's code, 3-layer MinGRU, d_model
 128, seq_len 128, batch 32, 1000 steps): eval loss about 1.51 nats/char
-(accuracy about 0.54) at step 1000, train loss about 1.35; about 6 minutes
-wall on a busy 2-core CPU (10-20k tokens/s; less when the machine is quiet),
+(accuracy about 0.54) at step 1000, train loss about 1.35; 4 min 53 s wall
+end to end on a 2-core CPU shared with other jobs (load average ~3;
+10-20k tokens/s),
 and a sample in ``samples.txt`` with Shakespeare-like speaker names, line
 breaks and mostly real words, e.g.::
 
