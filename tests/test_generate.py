@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_minrnn import generate as generate_lib
+import importlib
+
+# The module (flax_minrnn.generate is also the name of the exported function).
+generate_lib = importlib.import_module("flax_minrnn.generate")
 from flax_minrnn.generate import GenerateOutput, generate, sample_logits
 from flax_minrnn.lm import LM, LMConfig
 

@@ -55,8 +55,9 @@ def test_heinsen_error_grows_with_length(rng):
     """The paper-appendix form loses digits as T grows; the log scan does not."""
     errs = {}
     for seq_len in (256, 65_536):
-        # Slowly decaying gates: the cumulative sum of log a grows large.
-        a = jnp.asarray(rng.uniform(0.999, 1.0, (1, seq_len, 2)), jnp.float32)
+        # The cumulative sum of log a reaches about -3400 at T = 65,536, where
+        # float32 keeps only ~1e-4 absolute precision of it.
+        a = jnp.asarray(rng.uniform(0.9, 1.0, (1, seq_len, 2)), jnp.float32)
         b = jnp.asarray(rng.uniform(0.0, 1.0, (1, seq_len, 2)), jnp.float32)
         _, ref = linear_recurrence(a, b)
         errs[seq_len] = {impl: rel_err(linear_scan(a, b, impl=impl)[1], ref)
