@@ -12,6 +12,7 @@ from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM
 from flax_minrnn.migrate import (from_flax_gated_linear_rnn, migrate_params,
                                  to_associative, to_true_recurrence)
 from flax_minrnn.wrappers import Stack
+from jit_helpers import jit_apply as _apply, jit_init as _init
 
 B, T, D = 2, 7, 4
 
@@ -21,15 +22,6 @@ LAYERS = {
     "glrnn_tied": lambda **kw: GatedLinearRNN(d_h=5, d_model=3, **kw),
     "glrnn_untied": lambda **kw: GatedLinearRNN(d_h=5, use_tied_gates=False, **kw),
 }
-
-
-def _apply(module, *args, **kwargs):
-    """module.apply under jit (compiles faster than eager op-by-op dispatch)."""
-    return jax.jit(module.apply, static_argnames=("deterministic",))(*args, **kwargs)
-
-
-def _init(module, *args, **kwargs):
-    return jax.jit(module.init)(*args, **kwargs)
 
 
 def _x(seed=0, shape=(B, T, D)):

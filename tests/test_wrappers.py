@@ -8,6 +8,7 @@ import pytest
 
 from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM
 from flax_minrnn.wrappers import Bidirectional, RNNCell, Stack
+from jit_helpers import jit_apply as _apply, jit_init as _init
 
 B, T, D = 3, 6, 4
 LENGTHS = np.array([6, 3, 1], np.int32)
@@ -18,15 +19,6 @@ LAYERS = {
     "minlstm_true": lambda **kw: MinLSTM(d_h=5, d_model=3, use_true_recurrence=True, **kw),
     "glrnn_untied": lambda **kw: GatedLinearRNN(d_h=5, use_tied_gates=False, **kw),
 }
-
-
-def _apply(module, *args, **kwargs):
-    """module.apply under jit (compiles faster than eager op-by-op dispatch)."""
-    return jax.jit(module.apply, static_argnames=("deterministic",))(*args, **kwargs)
-
-
-def _init(module, *args, **kwargs):
-    return jax.jit(module.init)(*args, **kwargs)
 
 
 def _x(seed=0, shape=(B, T, D)):
