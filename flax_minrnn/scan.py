@@ -45,6 +45,9 @@ Implementations (:class:`ScanImpl`), all with this signature:
   form, kept for paper parity only.  Domain: ``a > 0`` (no resets),
   ``b >= 0``, ``h0 >= 0``.  Its float32 error grows with ``T`` (the cumulative
   sum of ``log a`` loses digits); prefer ``"log"``.
+* ``"pallas"``: a Pallas (Triton) GPU kernel, chunked over time
+  (:mod:`flax_minrnn.kernels.linear_scan_pallas`); on other backends it runs
+  in Pallas's interpreter (correct, slow: for tests).
 * ``"auto"``: chosen from the backend and ``T`` by :func:`default_impl`.
 
 Gradients: all implementations share one hand-written backward
@@ -60,7 +63,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +71,7 @@ import numpy as np
 
 Array = jax.Array
 
-__all__ = ["ScanImpl", "linear_scan", "default_impl"]
+__all__ = ["ScanImpl", "linear_scan", "gated_scan", "default_impl"]
 
 
 class ScanImpl(str, enum.Enum):
@@ -80,14 +83,11 @@ class ScanImpl(str, enum.Enum):
     CHUNKED = "chunked"
     LOG = "log"
     HEINSEN = "heinsen"
+    PALLAS = "pallas"
 
 
 _IMPL_NAMES = tuple(i.value for i in ScanImpl)
 
-# On CPU the chunked form beats both the sequential and the associative scan
-# from this length on (measured with benchmarks/; below it the sequential scan
-# has fewer passes over memory and wins).
-_CPU_CHUNKED_MIN_T = 64
 
 
 def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
@@ -98,14 +98,15 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
       backend: a JAX backend name; defaults to ``jax.default_backend()``.
 
     Returns:
-      ``ASSOCIATIVE`` on GPU/TPU; on CPU ``CHUNKED`` for ``seq_len >= 64``
-      and ``SEQUENTIAL`` below.  The choice never changes parameters, only
+      ``SEQUENTIAL`` on CPU (the fused loop of :func:`gated_scan`: fewest
+      passes over memory, nothing stored but the states; it matched or beat
+      the chunked form at every measured length, see benchmarks/README.md);
+      ``ASSOCIATIVE`` on GPU/TPU.  The choice never changes parameters, only
       speed (all implementations agree to float32 rounding).
     """
+    del seq_len  # The measured crossovers do not depend on it (yet).
     backend = backend or jax.default_backend()
     if backend == "cpu":
-        if seq_len >= _CPU_CHUNKED_MIN_T:
-            return ScanImpl.CHUNKED
         return ScanImpl.SEQUENTIAL
     return ScanImpl.ASSOCIATIVE
 
@@ -232,15 +233,150 @@ def _associative(a, b, h0, reverse):
     return _last(h, reverse), h
 
 
-def _sequential(a, b, h0, reverse):
-    def step(h, ab):
-        a_t, b_t = ab
-        h = a_t * h + b_t
-        return h, h
+# Steps per iteration of the sequential loops: XLA:CPU pays a fixed cost per
+# while-loop iteration (several thunks), so a short unrolled block per
+# iteration amortises it (8 was fastest at T = 1024..4096 on the 2-core
+# development CPU, see benchmarks/README.md).
+_UNROLL = 8
 
-    a_t, b_t = jnp.swapaxes(a, 0, 1), jnp.swapaxes(b, 0, 1)
-    h_last, h = jax.lax.scan(step, h0, (a_t, b_t), reverse=reverse)
-    return h_last, jnp.swapaxes(h, 0, 1)
+
+def _blocks(n: int, size: int, reverse: bool):
+    """Static block layout of ``n`` steps visited in (reverse) time order.
+
+    Returns ``(num_full, rem, full_start, rem_start)``: ``num_full`` blocks of
+    ``size`` steps, the ``i``-th in visiting order starting at
+    ``full_start(i)``, then one block of ``rem < size`` steps at
+    ``rem_start``.  The remainder is visited last: it sits at the end of time
+    forwards and at the start of time in reverse.
+    """
+    num_full, rem = divmod(n, size)
+    if reverse:
+        return num_full, rem, (lambda i: rem + (num_full - 1 - i) * size), 0
+    return num_full, rem, (lambda i: i * size), num_full * size
+
+
+def _take(tree, start, size: int, axis: int):
+    return jax.tree.map(
+        lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis), tree)
+
+
+def _put(tree, block, start, axis: int):
+    return jax.tree.map(
+        lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, start, axis),
+        tree, block)
+
+
+def _index(x, i, axis: int):
+    return jax.lax.index_in_dim(x, i, axis, keepdims=False)
+
+
+def _loop(coeff_fn, xs, consts, h0, reverse: bool, axis: int, *, store: bool,
+          unroll: int = _UNROLL):
+    """The recurrence, a block of ``unroll`` steps per loop iteration.
+
+    ``(a_t, b_t) = coeff_fn(x_t, c_t)`` is evaluated on each block of steps
+    (slices of the pytrees ``xs`` and ``consts`` along ``axis``), then
+    ``h_t = a_t * h_{t-1} + b_t`` runs step by step through the block.  The
+    blocks are read and written in place (dynamic slices), so the layout is
+    never transposed.  Returns ``(h_last, h)`` (``h`` is ``None`` unless
+    ``store``).  This is the only place the recurrence is written for the
+    loop-based implementations.
+    """
+    n = jax.tree.leaves(xs)[0].shape[axis]
+    size = max(1, min(unroll, n))
+    num_full, rem, full_start, rem_start = _blocks(n, size, reverse)
+    if store:
+        out_shape = h0.shape[:axis] + (n,) + h0.shape[axis:]
+        out = jnp.zeros(out_shape, h0.dtype)
+    else:
+        out = None
+
+    def run_block(h, out, start, length):
+        a, b = coeff_fn(_take(xs, start, length, axis),
+                        _take(consts, start, length, axis))
+        states = [None] * length
+        for u in (reversed(range(length)) if reverse else range(length)):
+            h = _index(a, u, axis) * h + _index(b, u, axis)
+            states[u] = h
+        if out is not None:
+            out = _put(out, jnp.stack(states, axis), start, axis)
+        return h, out
+
+    def body(i, carry):
+        return run_block(*carry, full_start(i), size)
+
+    h, out = jax.lax.fori_loop(0, num_full, body, (h0, out))
+    if rem:
+        h, out = run_block(h, out, rem_start, rem)
+    return h, out
+
+
+def _loop_bwd(coeff_fn, xs, consts, h, h0, g, g_last, reverse: bool,
+              unroll: int = _UNROLL):
+    """Adjoint of :func:`_loop` along axis 1, recomputing the coefficients.
+
+    With ``next(t)`` the step after ``t`` in scan order, the adjoint state is
+    ``lam_t = g_t + a_next(t) * lam_next(t)`` (``lam`` past the last step is
+    ``g_last`` with coefficient 1), and ``d a_t = lam_t * h_prev(t)``,
+    ``d b_t = lam_t``, ``d h0 = a_first * lam_first``.  Each block recomputes
+    its ``(a, b)`` and pulls ``(d a, d b)`` back through ``coeff_fn`` to
+    ``d xs``.  The block of ``d xs`` overwrites the block of ``xs`` it was
+    computed from, in the same buffer, so the backward pass allocates no
+    second copy of the inputs.
+    """
+    n = h.shape[1]
+    size = max(1, min(unroll, n))
+    # The backward pass visits time in the opposite order.
+    num_full, rem, full_start, rem_start = _blocks(n, size, not reverse)
+
+    def h_prev_block(start, length):
+        # States before each step of the block, in scan order.
+        if not reverse:
+            first = jnp.where(start > 0, _index_dyn(h, start - 1), h0)
+            rest = jax.lax.dynamic_slice_in_dim(h, start, length - 1, 1)
+            return jnp.concatenate([first[:, None], rest], axis=1)
+        last = jnp.where(start + length < n, _index_dyn(h, start + length), h0)
+        rest = jax.lax.dynamic_slice_in_dim(h, start + 1, length - 1, 1)
+        return jnp.concatenate([rest, last[:, None]], axis=1)
+
+    def run_block(lam, a_next, buf, start, length):
+        x_blk = _take(buf, start, length, 1)
+        c_blk = _take(consts, start, length, 1)
+        (a, _), pullback = jax.vjp(lambda x: coeff_fn(x, c_blk), x_blk)
+        g_blk = jax.lax.dynamic_slice_in_dim(g, start, length, 1)
+        lams = [None] * length
+        for u in (range(length) if reverse else reversed(range(length))):
+            lam = _index(g_blk, u, 1) + a_next * lam
+            lams[u] = lam
+            a_next = _index(a, u, 1)
+        lam_blk = jnp.stack(lams, axis=1)
+        (dx_blk,) = pullback((lam_blk * h_prev_block(start, length), lam_blk))
+        return lam, a_next, _put(buf, dx_blk, start, 1)
+
+    def body(i, carry):
+        return run_block(*carry, full_start(i), size)
+
+    carry = (g_last, jnp.ones_like(h0), xs)
+    carry = jax.lax.fori_loop(0, num_full, body, carry)
+    if rem:
+        carry = run_block(*carry, rem_start, rem)
+    lam, a_first, dxs = carry
+    return dxs, a_first * lam
+
+
+def _index_dyn(x, i):
+    """``x[:, i]`` for a traced ``i`` (clamped into range)."""
+    i = jnp.clip(i, 0, x.shape[1] - 1)
+    return jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False)
+
+
+def _identity_coeffs(ab, consts):
+    del consts
+    return ab
+
+
+def _sequential(a, b, h0, reverse):
+    return _loop(_identity_coeffs, (a, b), (), h0, reverse, 1, store=True)
 
 
 def _chunk_size(seq_len: int) -> int:
@@ -250,51 +386,44 @@ def _chunk_size(seq_len: int) -> int:
 
 
 def _chunked(a, b, h0, reverse):
-    seq_len = a.shape[1]
+    """Two-level scan in the native ``(B, T, *F)`` layout.
+
+    The time axis is viewed as ``(n chunks, c steps)`` (a free reshape).
+    Pass 1 runs the ``c`` in-chunk steps of all chunks at once from a zero
+    state (wide vectors, no stored states) and takes the product of each
+    chunk's ``a``; pass 2 scans the ``n`` chunk summaries from ``h0`` to get
+    every chunk's true initial state; pass 3 rescans the chunks from those
+    states, writing ``h``.  Every pass is :func:`_loop`.
+    """
+    batch, seq_len = a.shape[:2]
+    feat = a.shape[2:]
     c = _chunk_size(seq_len)
     n = -(-seq_len // c)
     pad = n * c - seq_len
     if pad:
-        # Identity steps at the end (a = 1, b = 0) leave the state unchanged in
-        # either direction.
-        widths = [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
+        # Identity steps (a = 1, b = 0) leave the state unchanged; they go at
+        # the end in scan order so no real step follows them.
+        widths = [(0, 0), (pad, 0) if reverse else (0, pad)] + [(0, 0)] * len(feat)
         a = jnp.pad(a, widths, constant_values=1)
         b = jnp.pad(b, widths, constant_values=0)
-    feat = a.shape[2:]
-    # Time-major inside chunks: (c, B, n, *F).
-    a_c = jnp.moveaxis(a.reshape(a.shape[0], n, c, *feat), 2, 0)
-    b_c = jnp.moveaxis(b.reshape(b.shape[0], n, c, *feat), 2, 0)
-
-    def step(h, ab):
-        a_t, b_t = ab
-        h = a_t * h + b_t
-        return h, h
-
-    # Pass 1: every chunk from a zero state, keeping only its final state and
-    # the product of its a's (c sequential steps over B * n * F lanes).
-    def local(carry, ab):
-        h, p = carry
-        a_t, b_t = ab
-        return (a_t * h + b_t, a_t * p), None
-
-    zeros = jnp.zeros(a_c.shape[1:], a.dtype)
-    (h_end, a_prod), _ = jax.lax.scan(local, (zeros, jnp.ones_like(zeros)),
-                                      (a_c, b_c), reverse=reverse)
-    # Pass 2: the true initial state of every chunk (n sequential steps).
-    _, h_after = jax.lax.scan(
-        step, h0, (jnp.moveaxis(a_prod, 1, 0), jnp.moveaxis(h_end, 1, 0)),
-        reverse=reverse)
-    # h_after[k] is the state after chunk k; chunk k starts from the state
-    # after its predecessor in scan order.
-    h_after = jnp.moveaxis(h_after, 0, 1)  # (B, n, *F)
-    h0_chunk = h0[:, None]
+    a4 = a.reshape(batch, n, c, *feat)
+    b4 = b.reshape(batch, n, c, *feat)
+    zeros = jnp.zeros((batch, n) + feat, a.dtype)
+    h_end, _ = _loop(_identity_coeffs, (a4, b4), (), zeros, reverse, 2,   # pass 1
+                     store=False)
+    a_prod = jnp.prod(a4, axis=2)
+    _, h_after = _loop(_identity_coeffs, (a_prod, h_end), (), h0, reverse, 1,
+                       store=True)                                        # pass 2
+    # Chunk k starts from the state after its predecessor in scan order.
     if reverse:
-        h_init = jnp.concatenate([h_after[:, 1:], h0_chunk], axis=1)
+        h_init = jnp.concatenate([h_after[:, 1:], h0[:, None]], axis=1)
     else:
-        h_init = jnp.concatenate([h0_chunk, h_after[:, :-1]], axis=1)
-    # Pass 3: rescan every chunk from its true initial state.
-    _, h = jax.lax.scan(step, h_init, (a_c, b_c), reverse=reverse)
-    h = jnp.moveaxis(h, 0, 2).reshape(a.shape)[:, :seq_len]
+        h_init = jnp.concatenate([h0[:, None], h_after[:, :-1]], axis=1)
+    _, h = _loop(_identity_coeffs, (a4, b4), (), h_init, reverse, 2,
+                 store=True)                                              # pass 3
+    h = h.reshape(batch, n * c, *feat)
+    if pad:
+        h = h[:, pad:] if reverse else h[:, :seq_len]
     return _last(h, reverse), h
 
 
@@ -331,12 +460,23 @@ def _heinsen(a, b, h0, reverse):
     return _last(h, reverse), h
 
 
+def _pallas(a, b, h0, reverse):
+    from flax_minrnn.kernels import linear_scan_pallas as kernel  # pylint: disable=g-import-not-at-top
+    batch, seq_len = a.shape[:2]
+    flat = lambda x: x.reshape(batch, seq_len, -1)
+    h_last, h = kernel.linear_scan_pallas(
+        flat(a), flat(b), h0.reshape(batch, -1), reverse=reverse,
+        interpret=not kernel.pallas_available())
+    return h_last.reshape(h0.shape), h.reshape(a.shape)
+
+
 _FORWARD = {
     ScanImpl.ASSOCIATIVE: _associative,
     ScanImpl.SEQUENTIAL: _sequential,
     ScanImpl.CHUNKED: _chunked,
     ScanImpl.LOG: _log_space,
     ScanImpl.HEINSEN: _heinsen,
+    ScanImpl.PALLAS: _pallas,
 }
 
 # The backward pass runs a linear-space scan (cotangents can be negative).
@@ -346,6 +486,7 @@ _BACKWARD = {
     ScanImpl.CHUNKED: _chunked,
     ScanImpl.LOG: _associative,
     ScanImpl.HEINSEN: _associative,
+    ScanImpl.PALLAS: _pallas,
 }
 
 
@@ -381,6 +522,33 @@ def _scan_bwd(impl, reverse, residuals, cotangents):
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+# The sequential implementation fuses the coefficient function into the loop:
+# the forward pass stores only the states, and the backward pass recomputes
+# each block's coefficients from the inputs (see _loop_bwd), so neither the
+# coefficients nor their cotangents are ever materialised for the whole
+# sequence.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _fused(coeff_fn, xs, consts, h0, reverse: bool):
+    return _loop(coeff_fn, xs, consts, h0, reverse, 1, store=True)
+
+
+def _fused_fwd(coeff_fn, xs, consts, h0, reverse):
+    h_last, h = _loop(coeff_fn, xs, consts, h0, reverse, 1, store=True)
+    return (h_last, h), (xs, consts, h, h0)
+
+
+def _fused_bwd(coeff_fn, reverse, residuals, cotangents):
+    xs, consts, h, h0 = residuals
+    g_last, g = cotangents
+    dxs, dh0 = _loop_bwd(coeff_fn, xs, consts, h, h0, g, g_last, reverse)
+    zero_consts = jax.tree.map(
+        lambda c: np.zeros(c.shape, jax.dtypes.float0), consts)
+    return dxs, zero_consts, dh0
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def linear_scan(
@@ -442,34 +610,127 @@ def linear_scan(
                 f"h0 must have shape (batch, *features) = {state_shape}, "
                 f"got {tuple(h0.shape)}")
     impl = resolve_impl(impl, seq_len)
+    dtype = _accum_dtype(a.dtype, b.dtype, *(() if h0 is None else (h0.dtype,)))
+    return _run(_identity_coeffs, (a, b), h0, state_shape, dtype, impl,
+                reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse)
+
+
+def gated_scan(
+    coeff_fn: Callable[[Any], Tuple[Array, Array]],
+    x: Any,
+    h0: Optional[Array] = None,
+    *,
+    impl: Union[str, ScanImpl] = ScanImpl.AUTO,
+    reset: Optional[Array] = None,
+    seq_lengths: Optional[Array] = None,
+    mask: Optional[Array] = None,
+    reverse: bool = False,
+) -> Tuple[Array, Array]:
+    """:func:`linear_scan` with coefficients computed from ``x``, step by step.
+
+    Runs ``h_t = a_t * h_{t-1} + b_t`` with ``(a_t, b_t) = coeff_fn(x_t)``.
+    ``coeff_fn`` must act on every time step independently (gates computed
+    from pre-activations, say): it receives slices ``x[:, t0:t1]`` of any
+    length (a pytree like ``x``, time on axis 1) and returns ``(a, b)`` for
+    those steps, shape ``(batch, t1 - t0, *features)``.  It must be a pure
+    function of its argument (close over no traced values).
+
+    The result equals ``linear_scan(*coeff_fn(x), h0, ...)``.  What fusing
+    buys: with ``impl="sequential"`` the coefficients are computed block by
+    block inside the loop and recomputed in the backward pass, so they are
+    never stored for the whole sequence (the layers of this library run on
+    it); the other implementations evaluate ``coeff_fn`` on all of ``x`` and
+    call the same scan as :func:`linear_scan`.
+
+    Args:
+      coeff_fn: ``x_slice -> (a, b)``; outputs are cast to the accumulation
+        dtype (float32, or float64 when they are float64).
+      x: a pytree of floating arrays ``(batch, time, ...)``.
+      h0, impl, reset, seq_lengths, mask, reverse: as :func:`linear_scan`.
+
+    Returns:
+      ``(h_last, h)`` as :func:`linear_scan`.
+
+    Raises:
+      TypeError / ValueError: as :func:`linear_scan`, and for ``x`` leaves
+        that disagree on ``(batch, time)`` or ``coeff_fn`` outputs of
+        different shapes.
+    """
+    leaves = jax.tree.leaves(x)
+    if not leaves:
+        raise ValueError("x must hold at least one array")
+    for i, leaf in enumerate(leaves):
+        _check_float(f"x (leaf {i})", leaf)
+        if leaf.ndim < 2 or tuple(leaf.shape[:2]) != tuple(leaves[0].shape[:2]):
+            raise ValueError(
+                "every leaf of x must have shape (batch, time, ...) with the same "
+                f"batch and time, got {[tuple(l.shape) for l in leaves]}")
+    batch, seq_len = leaves[0].shape[:2]
+    if seq_len < 1:
+        raise ValueError("the time axis (axis 1) of x must be non-empty")
+    one_step = jax.tree.map(lambda l: jax.ShapeDtypeStruct(
+        (batch, 1) + tuple(l.shape[2:]), l.dtype), x)
+    a_s, b_s = jax.eval_shape(lambda xs: coeff_fn(xs), one_step)
+    if a_s.shape != b_s.shape or tuple(a_s.shape[:2]) != (batch, 1):
+        raise ValueError(
+            "coeff_fn must return (a, b) of the same shape (batch, steps, "
+            f"*features); on a one-step slice it gave {tuple(a_s.shape)} and "
+            f"{tuple(b_s.shape)}")
+    state_shape = (batch,) + tuple(a_s.shape[2:])
+    if h0 is not None:
+        _check_float("h0", h0)
+        if tuple(h0.shape) != state_shape:
+            raise ValueError(
+                f"h0 must have shape (batch, *features) = {state_shape}, "
+                f"got {tuple(h0.shape)}")
+    impl = resolve_impl(impl, seq_len)
+    dtype = _accum_dtype(a_s.dtype, b_s.dtype,
+                         *(() if h0 is None else (h0.dtype,)))
+    return _run(lambda xs, consts: coeff_fn(xs), x, h0, state_shape, dtype, impl,
+                reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse)
+
+
+def _run(coeff_fn, x, h0, state_shape, dtype, impl: ScanImpl, *, reset,
+         seq_lengths, mask, reverse) -> Tuple[Array, Array]:
+    """Validated inputs -> ``(h_last, h)``; ``coeff_fn(x_slice, consts)``."""
+    batch, seq_len = state_shape[0], jax.tree.leaves(x)[0].shape[1]
     if mask is not None and seq_lengths is not None:
         raise ValueError("pass either mask or seq_lengths, not both")
-
-    dtype = _accum_dtype(a.dtype, b.dtype, *(() if h0 is None else (h0.dtype,)))
-    a = a.astype(dtype)
-    b = b.astype(dtype)
     h0 = jnp.zeros(state_shape, dtype) if h0 is None else h0.astype(dtype)
-
-    expand = (slice(None), slice(None)) + (None,) * (a.ndim - 2)
+    boundary = None
     if reset is not None:
         if impl is ScanImpl.HEINSEN:
             raise ValueError(
                 "impl='heinsen' cannot represent a state reset (log 0 in a "
                 "cumulative sum); use impl='log' or a linear-space impl")
         reset = check_bool_bt("reset", reset, batch, seq_len)
-        a = jnp.where(reset_boundaries(reset, reverse)[expand],
-                      jnp.zeros((), dtype), a)
+        boundary = reset_boundaries(reset, reverse)
     if seq_lengths is not None:
         seq_lengths = check_seq_lengths(seq_lengths, batch, seq_len)
         mask = lengths_to_mask(seq_lengths, seq_len)
     elif mask is not None:
         mask = check_bool_bt("mask", mask, batch, seq_len)
-    if mask is not None:
-        m = mask[expand]
-        a = jnp.where(m, a, jnp.ones((), dtype))
-        b = jnp.where(m, b, jnp.zeros((), dtype))
+    expand = (slice(None), slice(None)) + (None,) * (len(state_shape) - 1)
 
-    h_last, h = _scan(a, b, h0, impl, bool(reverse))
+    def coeffs(xs, consts):
+        # Resets zero the decay (the state restarts); invalid steps are
+        # identities (a = 1, b = 0).
+        a, b = coeff_fn(xs, None)
+        a, b = a.astype(dtype), b.astype(dtype)
+        boundary_t, valid_t = consts
+        if boundary_t is not None:
+            a = jnp.where(boundary_t[expand], jnp.zeros((), dtype), a)
+        if valid_t is not None:
+            a = jnp.where(valid_t[expand], a, jnp.ones((), dtype))
+            b = jnp.where(valid_t[expand], b, jnp.zeros((), dtype))
+        return a, b
+
+    consts = (boundary, mask)
+    if impl is ScanImpl.SEQUENTIAL:
+        h_last, h = _fused(coeffs, x, consts, h0, bool(reverse))
+    else:
+        a, b = coeffs(x, consts)
+        h_last, h = _scan(a, b, h0, impl, bool(reverse))
     if mask is not None:
         h = jnp.where(mask[expand], h, jnp.zeros((), dtype))
     return h_last, h

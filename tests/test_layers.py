@@ -304,3 +304,47 @@ class TestBadInput:
             _init(MinGRU(d_h=0), self.x)
         with pytest.raises(ValueError, match="GatedLinearRNN needs d_h"):
             _init(GatedLinearRNN(), self.x)
+
+
+# ----------------------------------------------------------------------------
+# Building blocks with hand-written derivatives.
+
+
+def test_sigmoid_pair_values_and_derivatives():
+    from flax_minrnn.layers import sigmoid_pair
+    # |k| <= 80: sigmoid(-80) ~ 1.8e-35 is still a normal float32 (XLA flushes
+    # denormals to zero).
+    k = jnp.asarray([-80.0, -30.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 30.0, 80.0], jnp.float32)
+    ref = 1.0 / (1.0 + np.exp(-np.asarray(k, np.float64)))
+    z, one_minus_z = sigmoid_pair(k)
+    # Both halves are exact to rounding, including the tiny tails.
+    np.testing.assert_allclose(z, ref, rtol=2e-7, atol=0)
+    np.testing.assert_allclose(one_minus_z, 1.0 / (1.0 + np.exp(np.asarray(k, np.float64))),
+                               rtol=2e-7, atol=0)
+    dz = jax.vmap(jax.grad(lambda v: sigmoid_pair(v)[0]))(k)
+    dzc = jax.vmap(jax.grad(lambda v: sigmoid_pair(v)[1]))(k)
+    e = np.exp(-np.abs(np.asarray(k, np.float64)))
+    slope = e / (1 + e) ** 2  # sigma'(k), without the 1 - sigma cancellation
+    np.testing.assert_allclose(dz, slope, rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(dzc, -slope, rtol=1e-6, atol=1e-30)
+    assert float(dz[4]) == 0.25  # k = 0 exactly: not the zero slope of |k|
+
+
+def test_dense_equals_flax_dense_params_outputs_and_gradients():
+    """Same param tree and values as nn.Dense; only the backward is ours."""
+    import flax.linen as nn
+    from flax_minrnn.layers import Dense
+    x = _x(3, (2, 7, 5))
+    ours, theirs = Dense(4), nn.Dense(4)
+    p = ours.init(jax.random.PRNGKey(0), x)
+    p_ref = theirs.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(p) == jax.tree.structure(p_ref)
+    for got, want in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)):
+        np.testing.assert_array_equal(got, want)
+    g = jax.random.normal(jax.random.PRNGKey(4), (2, 7, 4))
+    f = lambda m: lambda p, x: jnp.sum(m.apply(p, x) * g)
+    np.testing.assert_allclose(ours.apply(p, x), theirs.apply(p, x), rtol=1e-6, atol=1e-6)
+    got = jax.grad(f(ours), argnums=(0, 1))(p, x)
+    want = jax.grad(f(theirs), argnums=(0, 1))(p, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
