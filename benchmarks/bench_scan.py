@@ -9,9 +9,8 @@ float32, T in {16, 32, 64, 128, 256, 1024, 4096}; ``fwd`` = ``linear_scan``,
 ``fwdbwd`` = gradient of ``sum(h)`` w.r.t. ``a`` and ``b`` (the shared custom
 VJP).  Inputs are positive (``a`` in (0, 1), ``b > 0``) so the log-space
 impls are in their domain too; ``auto`` can only pick among the linear-space
-impls (associative, sequential, chunked), so the winner and the suggested
-CPU threshold are computed among those.  This is what justifies
-``flax_minrnn.scan.default_impl``.
+impls (associative, sequential, chunked), so the winner per T is computed
+among those.  This is what justifies ``flax_minrnn.scan.default_impl``.
 """
 
 from __future__ import annotations
@@ -62,15 +61,6 @@ def default_repeats(t: int, quick: bool) -> Repeats:
     return Repeats(max_n=30, min_n=3, budget_s=0.5)
 
 
-def suggested_threshold(winners: Dict[int, str]) -> Optional[int]:
-    """Smallest T from which ``chunked`` wins at every measured T >= it."""
-    ts = sorted(winners)
-    for i, t in enumerate(ts):
-        if all(winners[u] == "chunked" for u in ts[i:]):
-            return t
-    return None
-
-
 def run(ts: Sequence[int] = TS, *, b: int = 8, d: int = 256, quick: bool = False,
         impls: Sequence[str] = ALL_IMPLS,
         repeats_for: Optional[Callable[[int], Repeats]] = None,
@@ -98,11 +88,9 @@ def run(ts: Sequence[int] = TS, *, b: int = 8, d: int = 256, quick: bool = False
             w_all[t] = min(cand, key=lambda r: r["median_ms"])["impl"]
         winners[mode] = dict(
             linear=w_lin, overall=w_all,
-            auto_choice={t: scan_lib.default_impl(t).value for t in ts},
-            suggested_chunked_min_T=suggested_threshold(w_lin) if w_lin else None)
+            auto_choice={t: scan_lib.default_impl(t).value for t in ts})
     return dict(machine=harness.machine_info(),
-                settings=dict(B=b, D=d, Ts=list(ts), impls=list(impls), quick=quick,
-                              current_cpu_chunked_min_T=scan_lib._CPU_CHUNKED_MIN_T),
+                settings=dict(B=b, D=d, Ts=list(ts), impls=list(impls), quick=quick),
                 rows=rows, winners=winners, total_wall_s=time.perf_counter() - t_start)
 
 
@@ -133,12 +121,7 @@ def markdown_report(res: Dict[str, Any]) -> str:
             if ('chunked', t, mode) in by and ('sequential', t, mode) in by else "–"
             for t in ts) + " |")
         lines.append("| auto picks | " + " | ".join(w["auto_choice"][t] for t in ts) + " |")
-        thr = w["suggested_chunked_min_T"]
-        lines += ["", (f"Chunked wins at every measured T from T = {thr} on ({mode}); "
-                       if thr is not None else
-                       f"Chunked does not win at every large T ({mode}); ")
-                  + f"scan.py's current CPU threshold is "
-                      f"{res['settings']['current_cpu_chunked_min_T']}.", ""]
+        lines.append("")
     return "\n".join(lines)
 
 
