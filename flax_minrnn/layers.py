@@ -160,6 +160,21 @@ def _matmul_bwd(residuals, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def _dense_params(module: nn.Module, in_features: int):
+    """Declares ``kernel`` (and ``bias``) on ``module`` exactly as nn.Dense does."""
+    kernel = module.param("kernel", module.kernel_init, (in_features, module.features),
+                          module.param_dtype)
+    bias = (module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+            if module.use_bias else None)
+    return kernel, bias
+
+
+def _add_bias(y: Array, bias: Optional[Array]) -> Array:
+    if bias is None:
+        return y
+    return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
 class Dense(nn.Module):
     """``y = x @ kernel + bias``: the parameters and result of ``nn.Dense``.
 
@@ -184,20 +199,32 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
+        kernel, bias = _dense_params(self, x.shape[-1])
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = _matmul(x, kernel)
-        if bias is not None:
-            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
+        return _add_bias(_matmul(x, kernel), bias)
 
 
-def _project(module: nn.Module, x: Array, features: int, *, name: str,
-             use_bias: bool, bias_init: Initializer, dtype) -> Array:
-    """A :class:`Dense` layer with a clear error when x's width does not match."""
+class DenseParams(nn.Module):
+    """The parameters of a :class:`Dense` layer, without applying it.
+
+    For layers that fuse the bias into a later step (the recurrent layers add
+    ``in_proj``'s bias inside the scan loop, so the biased pre-activations are
+    never stored).  ``__call__(in_features)`` returns ``(kernel, bias)``
+    (``bias`` is ``None`` without ``use_bias``).
+    """
+
+    features: int
+    use_bias: bool = True
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        return _dense_params(self, in_features)
+
+
+def _check_width(module: nn.Module, x: Array, name: str) -> None:
     params = module.variables.get("params", {})
     if name in params:
         expected = params[name]["kernel"].shape[0]
@@ -205,6 +232,12 @@ def _project(module: nn.Module, x: Array, features: int, *, name: str,
             raise ValueError(
                 f"x has {x.shape[-1]} features but this layer's parameters "
                 f"({name}) expect {expected}")
+
+
+def _project(module: nn.Module, x: Array, features: int, *, name: str,
+             use_bias: bool, bias_init: Initializer, dtype) -> Array:
+    """A :class:`Dense` layer with a clear error when x's width does not match."""
+    _check_width(module, x, name)
     dense = Dense(features, use_bias=use_bias, dtype=dtype,
                   param_dtype=module.param_dtype, kernel_init=module.kernel_init,
                   bias_init=bias_init, name=name)
@@ -242,27 +275,33 @@ def run_recurrence(
     if reset is not None:
         reset = scan_lib.check_bool_bt("reset", reset, batch, seq_len)
 
-    # Pre-activations stay in the compute dtype; the gate function casts each
-    # block to the state dtype as the scan consumes it.
-    pre = _project(module, x, n_proj * d_h, name="in_proj", use_bias=module.use_bias,
-                   bias_init=_bias_init_with(module.bias_init, d_h, bias_offsets),
-                   dtype=dtype)
+    # in_proj without its bias: the bias is added inside the scan loop (one
+    # pass less over the pre-activations, and they are stored unbiased, in
+    # the compute dtype); the gate function casts each block to float32.
+    _check_width(module, x, "in_proj")
+    kernel, bias = DenseParams(
+        n_proj * d_h, use_bias=module.use_bias, param_dtype=module.param_dtype,
+        kernel_init=module.kernel_init,
+        bias_init=_bias_init_with(module.bias_init, d_h, bias_offsets),
+        name="in_proj")(x.shape[-1])
+    x_c, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+    pre = _matmul(x_c, kernel)
 
-    def gates_of(p: Array) -> Gates:
-        return gate_fn(p.astype(s_dtype))
+    def gates_of(p: Array, bias: Optional[Array]) -> Gates:
+        return gate_fn(_add_bias(p.astype(s_dtype), None if bias is None
+                                 else bias.astype(s_dtype)))
 
     if not module.use_true_recurrence:
         h_last, h = scan_lib.gated_scan(
-            lambda p: tuple(gates_of(p)[:2]), pre, h0, impl=impl, reset=reset,
-            mask=valid, reverse=module.reverse)
+            lambda p, bias: tuple(gates_of(p, bias)[:2]), pre, h0, params=bias,
+            impl=impl, reset=reset, mask=valid, reverse=module.reverse)
         # Only GatedLinearRNN has an output gate; XLA drops the unused a, b.
-        aux = gates_of(pre).aux
+        aux = gates_of(pre, bias).aux
         return h_last, h, aux, valid
 
     # True recurrence: the gates see h_{t-1}; one step at a time.
-    kernel = module.param("recurrent_kernel", nn.initializers.zeros,
-                          (d_h, n_proj * d_h), module.param_dtype)
-    kernel = kernel.astype(dtype)
+    recurrent = module.param("recurrent_kernel", nn.initializers.zeros,
+                             (d_h, n_proj * d_h), module.param_dtype).astype(dtype)
     ones = jnp.ones((batch, seq_len), bool)
     valid_ = ones if valid is None else valid
     boundary = (jnp.zeros_like(ones) if reset is None
@@ -273,8 +312,8 @@ def run_recurrence(
         # A document boundary at a valid step: the state (and so the gates'
         # view of it) restarts from zero, as in linear_scan.
         h_in = jnp.where((boundary_t & valid_t)[:, None], jnp.zeros((), h.dtype), h)
-        pre_t = pre_t.astype(s_dtype) + jnp.dot(h_in.astype(dtype), kernel).astype(s_dtype)
-        gates = gate_fn(pre_t[:, None])
+        pre_t = pre_t.astype(s_dtype) + jnp.dot(h_in.astype(dtype), recurrent).astype(s_dtype)
+        gates = gates_of(pre_t[:, None], bias)
         h_next, h_out = scan_lib.linear_scan(gates.a, gates.b, h_in, impl="sequential",
                                              mask=valid_t[:, None])
         return h_next, (h_out[:, 0], None if gates.aux is None else gates.aux[:, 0])

@@ -270,12 +270,12 @@ def _index(x, i, axis: int):
     return jax.lax.index_in_dim(x, i, axis, keepdims=False)
 
 
-def _loop(coeff_fn, xs, consts, h0, reverse: bool, axis: int, *, store: bool,
+def _loop(coeff_fn, xs, consts, params, h0, reverse: bool, axis: int, *, store: bool,
           unroll: int = _UNROLL):
     """The recurrence, a block of ``unroll`` steps per loop iteration.
 
-    ``(a_t, b_t) = coeff_fn(x_t, c_t)`` is evaluated on each block of steps
-    (slices of the pytrees ``xs`` and ``consts`` along ``axis``), then
+    ``(a_t, b_t) = coeff_fn(x_t, c_t, params)`` is evaluated on each block of
+    steps (slices of the pytrees ``xs`` and ``consts`` along ``axis``), then
     ``h_t = a_t * h_{t-1} + b_t`` runs step by step through the block.  The
     blocks are read and written in place (dynamic slices), so the layout is
     never transposed.  Returns ``(h_last, h)`` (``h`` is ``None`` unless
@@ -293,7 +293,7 @@ def _loop(coeff_fn, xs, consts, h0, reverse: bool, axis: int, *, store: bool,
 
     def run_block(h, out, start, length):
         a, b = coeff_fn(_take(xs, start, length, axis),
-                        _take(consts, start, length, axis))
+                        _take(consts, start, length, axis), params)
         states = [None] * length
         for u in (reversed(range(length)) if reverse else range(length)):
             h = _index(a, u, axis) * h + _index(b, u, axis)
@@ -311,7 +311,7 @@ def _loop(coeff_fn, xs, consts, h0, reverse: bool, axis: int, *, store: bool,
     return h, out
 
 
-def _loop_bwd(coeff_fn, xs, consts, h, h0, g, g_last, reverse: bool,
+def _loop_bwd(coeff_fn, xs, consts, params, h, h0, g, g_last, reverse: bool,
               unroll: int = _UNROLL):
     """Adjoint of :func:`_loop` along axis 1, recomputing the coefficients.
 
@@ -320,9 +320,8 @@ def _loop_bwd(coeff_fn, xs, consts, h, h0, g, g_last, reverse: bool,
     ``g_last`` with coefficient 1), and ``d a_t = lam_t * h_prev(t)``,
     ``d b_t = lam_t``, ``d h0 = a_first * lam_first``.  Each block recomputes
     its ``(a, b)`` and pulls ``(d a, d b)`` back through ``coeff_fn`` to
-    ``d xs``.  The block of ``d xs`` overwrites the block of ``xs`` it was
-    computed from, in the same buffer, so the backward pass allocates no
-    second copy of the inputs.
+    ``d xs`` (written block by block) and ``d params`` (summed).  (Writing ``d xs`` over ``xs`` in one loop-carried buffer would
+    save memory, but XLA then copies the whole buffer every iteration.)
     """
     n = h.shape[1]
     size = max(1, min(unroll, n))
@@ -339,10 +338,10 @@ def _loop_bwd(coeff_fn, xs, consts, h, h0, g, g_last, reverse: bool,
         rest = jax.lax.dynamic_slice_in_dim(h, start + 1, length - 1, 1)
         return jnp.concatenate([rest, last[:, None]], axis=1)
 
-    def run_block(lam, a_next, buf, start, length):
-        x_blk = _take(buf, start, length, 1)
+    def run_block(lam, a_next, dxs, dparams, start, length):
+        x_blk = _take(xs, start, length, 1)
         c_blk = _take(consts, start, length, 1)
-        (a, _), pullback = jax.vjp(lambda x: coeff_fn(x, c_blk), x_blk)
+        (a, _), pullback = jax.vjp(lambda x, p: coeff_fn(x, c_blk, p), x_blk, params)
         g_blk = jax.lax.dynamic_slice_in_dim(g, start, length, 1)
         lams = [None] * length
         for u in (range(length) if reverse else reversed(range(length))):
@@ -350,18 +349,20 @@ def _loop_bwd(coeff_fn, xs, consts, h, h0, g, g_last, reverse: bool,
             lams[u] = lam
             a_next = _index(a, u, 1)
         lam_blk = jnp.stack(lams, axis=1)
-        (dx_blk,) = pullback((lam_blk * h_prev_block(start, length), lam_blk))
-        return lam, a_next, _put(buf, dx_blk, start, 1)
+        dx_blk, dp_blk = pullback((lam_blk * h_prev_block(start, length), lam_blk))
+        dparams = jax.tree.map(jnp.add, dparams, dp_blk)
+        return lam, a_next, _put(dxs, dx_blk, start, 1), dparams
 
     def body(i, carry):
         return run_block(*carry, full_start(i), size)
 
-    carry = (g_last, jnp.ones_like(h0), xs)
+    carry = (g_last, jnp.ones_like(h0), jax.tree.map(jnp.zeros_like, xs),
+             jax.tree.map(jnp.zeros_like, params))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
         carry = run_block(*carry, rem_start, rem)
-    lam, a_first, dxs = carry
-    return dxs, a_first * lam
+    lam, a_first, dxs, dparams = carry
+    return dxs, dparams, a_first * lam
 
 
 def _index_dyn(x, i):
@@ -370,13 +371,13 @@ def _index_dyn(x, i):
     return jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False)
 
 
-def _identity_coeffs(ab, consts):
-    del consts
+def _identity_coeffs(ab, consts, params):
+    del consts, params
     return ab
 
 
 def _sequential(a, b, h0, reverse):
-    return _loop(_identity_coeffs, (a, b), (), h0, reverse, 1, store=True)
+    return _loop(_identity_coeffs, (a, b), (), (), h0, reverse, 1, store=True)
 
 
 def _chunk_size(seq_len: int) -> int:
@@ -409,17 +410,17 @@ def _chunked(a, b, h0, reverse):
     a4 = a.reshape(batch, n, c, *feat)
     b4 = b.reshape(batch, n, c, *feat)
     zeros = jnp.zeros((batch, n) + feat, a.dtype)
-    h_end, _ = _loop(_identity_coeffs, (a4, b4), (), zeros, reverse, 2,   # pass 1
+    h_end, _ = _loop(_identity_coeffs, (a4, b4), (), (), zeros, reverse, 2,   # pass 1
                      store=False)
     a_prod = jnp.prod(a4, axis=2)
-    _, h_after = _loop(_identity_coeffs, (a_prod, h_end), (), h0, reverse, 1,
+    _, h_after = _loop(_identity_coeffs, (a_prod, h_end), (), (), h0, reverse, 1,
                        store=True)                                        # pass 2
     # Chunk k starts from the state after its predecessor in scan order.
     if reverse:
         h_init = jnp.concatenate([h_after[:, 1:], h0[:, None]], axis=1)
     else:
         h_init = jnp.concatenate([h0[:, None], h_after[:, :-1]], axis=1)
-    _, h = _loop(_identity_coeffs, (a4, b4), (), h_init, reverse, 2,
+    _, h = _loop(_identity_coeffs, (a4, b4), (), (), h_init, reverse, 2,
                  store=True)                                              # pass 3
     h = h.reshape(batch, n * c, *feat)
     if pad:
@@ -529,23 +530,24 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 # each block's coefficients from the inputs (see _loop_bwd), so neither the
 # coefficients nor their cotangents are ever materialised for the whole
 # sequence.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
-def _fused(coeff_fn, xs, consts, h0, reverse: bool):
-    return _loop(coeff_fn, xs, consts, h0, reverse, 1, store=True)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def _fused(coeff_fn, xs, consts, params, h0, reverse: bool):
+    return _loop(coeff_fn, xs, consts, params, h0, reverse, 1, store=True)
 
 
-def _fused_fwd(coeff_fn, xs, consts, h0, reverse):
-    h_last, h = _loop(coeff_fn, xs, consts, h0, reverse, 1, store=True)
-    return (h_last, h), (xs, consts, h, h0)
+def _fused_fwd(coeff_fn, xs, consts, params, h0, reverse):
+    h_last, h = _loop(coeff_fn, xs, consts, params, h0, reverse, 1, store=True)
+    return (h_last, h), (xs, consts, params, h, h0)
 
 
 def _fused_bwd(coeff_fn, reverse, residuals, cotangents):
-    xs, consts, h, h0 = residuals
+    xs, consts, params, h, h0 = residuals
     g_last, g = cotangents
-    dxs, dh0 = _loop_bwd(coeff_fn, xs, consts, h, h0, g, g_last, reverse)
+    dxs, dparams, dh0 = _loop_bwd(coeff_fn, xs, consts, params, h, h0, g, g_last,
+                                  reverse)
     zero_consts = jax.tree.map(
         lambda c: np.zeros(c.shape, jax.dtypes.float0), consts)
-    return dxs, zero_consts, dh0
+    return dxs, zero_consts, dparams, dh0
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -611,15 +613,16 @@ def linear_scan(
                 f"got {tuple(h0.shape)}")
     impl = resolve_impl(impl, seq_len)
     dtype = _accum_dtype(a.dtype, b.dtype, *(() if h0 is None else (h0.dtype,)))
-    return _run(_identity_coeffs, (a, b), h0, state_shape, dtype, impl,
+    return _run(_identity_coeffs, (a, b), (), h0, state_shape, dtype, impl,
                 reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse)
 
 
 def gated_scan(
-    coeff_fn: Callable[[Any], Tuple[Array, Array]],
+    coeff_fn: Callable[[Any, Any], Tuple[Array, Array]],
     x: Any,
     h0: Optional[Array] = None,
     *,
+    params: Any = None,
     impl: Union[str, ScanImpl] = ScanImpl.AUTO,
     reset: Optional[Array] = None,
     seq_lengths: Optional[Array] = None,
@@ -628,14 +631,16 @@ def gated_scan(
 ) -> Tuple[Array, Array]:
     """:func:`linear_scan` with coefficients computed from ``x``, step by step.
 
-    Runs ``h_t = a_t * h_{t-1} + b_t`` with ``(a_t, b_t) = coeff_fn(x_t)``.
-    ``coeff_fn`` must act on every time step independently (gates computed
-    from pre-activations, say): it receives slices ``x[:, t0:t1]`` of any
-    length (a pytree like ``x``, time on axis 1) and returns ``(a, b)`` for
-    those steps, shape ``(batch, t1 - t0, *features)``.  It must be a pure
-    function of its argument (close over no traced values).
+    Runs ``h_t = a_t * h_{t-1} + b_t`` with
+    ``(a_t, b_t) = coeff_fn(x_t, params)``.  ``coeff_fn`` must act on every
+    time step independently (gates computed from pre-activations, say): it
+    receives slices ``x[:, t0:t1]`` of any length (a pytree like ``x``, time on
+    axis 1) and ``params``, and returns ``(a, b)`` for those steps, shape
+    ``(batch, t1 - t0, *features)``.  Everything it depends on that is traced
+    (weights, biases) must come in through ``params``, not a closure;
+    gradients flow to ``x``, ``params`` and ``h0``.
 
-    The result equals ``linear_scan(*coeff_fn(x), h0, ...)``.  What fusing
+    The result equals ``linear_scan(*coeff_fn(x, params), h0, ...)``.  What fusing
     buys: with ``impl="sequential"`` the coefficients are computed block by
     block inside the loop and recomputed in the backward pass, so they are
     never stored for the whole sequence (the layers of this library run on
@@ -643,9 +648,12 @@ def gated_scan(
     call the same scan as :func:`linear_scan`.
 
     Args:
-      coeff_fn: ``x_slice -> (a, b)``; outputs are cast to the accumulation
-        dtype (float32, or float64 when they are float64).
+      coeff_fn: ``(x_slice, params) -> (a, b)``; outputs are cast to the
+        accumulation dtype (float32, or float64 when they are float64).
       x: a pytree of floating arrays ``(batch, time, ...)``.
+      params: a pytree of arrays (no time axis) passed to every call of
+        ``coeff_fn``, e.g. a bias added to the pre-activations inside the loop
+        rather than to the whole sequence beforehand.
       h0, impl, reset, seq_lengths, mask, reverse: as :func:`linear_scan`.
 
     Returns:
@@ -670,7 +678,7 @@ def gated_scan(
         raise ValueError("the time axis (axis 1) of x must be non-empty")
     one_step = jax.tree.map(lambda l: jax.ShapeDtypeStruct(
         (batch, 1) + tuple(l.shape[2:]), l.dtype), x)
-    a_s, b_s = jax.eval_shape(lambda xs: coeff_fn(xs), one_step)
+    a_s, b_s = jax.eval_shape(coeff_fn, one_step, params)
     if a_s.shape != b_s.shape or tuple(a_s.shape[:2]) != (batch, 1):
         raise ValueError(
             "coeff_fn must return (a, b) of the same shape (batch, steps, "
@@ -686,13 +694,14 @@ def gated_scan(
     impl = resolve_impl(impl, seq_len)
     dtype = _accum_dtype(a_s.dtype, b_s.dtype,
                          *(() if h0 is None else (h0.dtype,)))
-    return _run(lambda xs, consts: coeff_fn(xs), x, h0, state_shape, dtype, impl,
+    return _run(lambda xs, consts, p: coeff_fn(xs, p), x, params, h0, state_shape,
+                dtype, impl,
                 reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse)
 
 
-def _run(coeff_fn, x, h0, state_shape, dtype, impl: ScanImpl, *, reset,
+def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
          seq_lengths, mask, reverse) -> Tuple[Array, Array]:
-    """Validated inputs -> ``(h_last, h)``; ``coeff_fn(x_slice, consts)``."""
+    """Validated inputs -> ``(h_last, h)``; ``coeff_fn(x_slice, None, params)``."""
     batch, seq_len = state_shape[0], jax.tree.leaves(x)[0].shape[1]
     if mask is not None and seq_lengths is not None:
         raise ValueError("pass either mask or seq_lengths, not both")
@@ -712,10 +721,10 @@ def _run(coeff_fn, x, h0, state_shape, dtype, impl: ScanImpl, *, reset,
         mask = check_bool_bt("mask", mask, batch, seq_len)
     expand = (slice(None), slice(None)) + (None,) * (len(state_shape) - 1)
 
-    def coeffs(xs, consts):
+    def coeffs(xs, consts, params):
         # Resets zero the decay (the state restarts); invalid steps are
         # identities (a = 1, b = 0).
-        a, b = coeff_fn(xs, None)
+        a, b = coeff_fn(xs, None, params)
         a, b = a.astype(dtype), b.astype(dtype)
         boundary_t, valid_t = consts
         if boundary_t is not None:
@@ -727,9 +736,9 @@ def _run(coeff_fn, x, h0, state_shape, dtype, impl: ScanImpl, *, reset,
 
     consts = (boundary, mask)
     if impl is ScanImpl.SEQUENTIAL:
-        h_last, h = _fused(coeffs, x, consts, h0, bool(reverse))
+        h_last, h = _fused(coeffs, x, consts, params, h0, bool(reverse))
     else:
-        a, b = coeffs(x, consts)
+        a, b = coeffs(x, consts, params)
         h_last, h = _scan(a, b, h0, impl, bool(reverse))
     if mask is not None:
         h = jnp.where(mask[expand], h, jnp.zeros((), dtype))

@@ -275,7 +275,10 @@ def _np_gates(x):
     return 1.0 - z, z * np.tanh(x[..., 1])
 
 
-def _jnp_gates(x):
+def _jnp_gates(x, bias=None):
+    """Test coefficient function; ``bias`` (shape (features, 2)) is optional."""
+    if bias is not None:
+        x = x + bias[None, None]
     z = jax.nn.sigmoid(x[..., 0])
     return 1.0 - z, z * jnp.tanh(x[..., 1])
 
@@ -296,27 +299,27 @@ def test_gated_scan_matches_reference_outputs_and_gradients(rng, impl, seq_len, 
     g = jnp.asarray(rng.normal(size=(batch, seq_len, feat)), jnp.float32)
     g_last = jnp.asarray(rng.normal(size=(batch, feat)), jnp.float32)
 
-    a_ref, b_ref = _np_gates(np.asarray(x, np.float64))
+    bias = jnp.asarray(rng.normal(size=(feat, 2)), jnp.float32)
+    a_ref, b_ref = _np_gates(np.asarray(x, np.float64) + np.asarray(bias, np.float64))
     ref_last, ref = linear_recurrence(a_ref, b_ref, h0, reset=reset, mask=mask,
                                       reverse=reverse)
-    h_last, h = gated_scan(_jnp_gates, x, h0, impl=impl, reset=jnp.asarray(reset),
-                           seq_lengths=jnp.asarray(lengths), reverse=reverse)
+    h_last, h = gated_scan(_jnp_gates, x, h0, params=bias, impl=impl,
+                           reset=jnp.asarray(reset), seq_lengths=jnp.asarray(lengths),
+                           reverse=reverse)
     assert rel_err(h, ref) <= 1e-5 and rel_err(h_last, ref_last) <= 1e-5
 
-    def loss(scan_fn):
-        def f(x, h0):
-            h_last, h = scan_fn(x, h0)
-            return jnp.sum(h * g) + jnp.sum(h_last * g_last)
-        return f
+    def loss(x, h0, bias):
+        h_last, h = gated_scan(_jnp_gates, x, h0, params=bias, impl=impl,
+                               reset=jnp.asarray(reset),
+                               seq_lengths=jnp.asarray(lengths), reverse=reverse)
+        return jnp.sum(h * g) + jnp.sum(h_last * g_last)
 
-    ours = jax.grad(loss(lambda x, h0: gated_scan(
-        _jnp_gates, x, h0, impl=impl, reset=jnp.asarray(reset),
-        seq_lengths=jnp.asarray(lengths), reverse=reverse)), (0, 1))(x, h0)
+    ours = jax.grad(loss, (0, 1, 2))(x, h0, bias)
     # Reference gradient: float64 autodiff of a plain jnp loop (no library code).
     x64, h064 = np.asarray(x, np.float64), np.asarray(h0, np.float64)
     with jax.enable_x64(True):
-        def loop(x, h0):
-            a, b = _jnp_gates(x)
+        def loop(x, h0, bias):
+            a, b = _jnp_gates(x, bias)
             h, outs = h0, [None] * seq_len
             order = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
             for t in order:
@@ -327,10 +330,12 @@ def test_gated_scan_matches_reference_outputs_and_gradients(rng, impl, seq_len, 
                 outs[t] = jnp.where(mask[:, t, None], h, 0.0)
             return h, jnp.stack(outs, 1)
         g64, gl64 = np.asarray(g, np.float64), np.asarray(g_last, np.float64)
-        want = jax.jit(jax.grad(lambda x, h0: jnp.sum(loop(x, h0)[1] * g64)
-                                + jnp.sum(loop(x, h0)[0] * gl64), (0, 1)))(
-                            jnp.asarray(x64), jnp.asarray(h064))
-    for name, got, ref_g in zip(("dx", "dh0"), ours, want):
+        def ref_loss(x, h0, bias):
+            h_last, h = loop(x, h0, bias)
+            return jnp.sum(h * g64) + jnp.sum(h_last * gl64)
+        want = jax.jit(jax.grad(ref_loss, (0, 1, 2)))(
+            jnp.asarray(x64), jnp.asarray(h064), jnp.asarray(np.asarray(bias, np.float64)))
+    for name, got, ref_g in zip(("dx", "dh0", "dbias"), ours, want):
         assert rel_err(got, ref_g) <= 2e-5, (name, rel_err(got, ref_g))
 
 
@@ -339,7 +344,7 @@ def test_gated_scan_equals_linear_scan_of_its_coefficients(rng):
     a, b = _jnp_gates(x)
     for impl in LINEAR_IMPLS:
         want = linear_scan(a, b, impl=impl)
-        got = gated_scan(_jnp_gates, x, impl=impl)
+        got = gated_scan(lambda x, p: _jnp_gates(x), x, impl=impl)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
 
@@ -348,11 +353,11 @@ def test_gated_scan_pytree_input_and_bfloat16(rng):
     """x may be a pytree; bfloat16 inputs give float32 states and bf16 grads."""
     k = jnp.asarray(rng.normal(size=(2, 12, 4)), jnp.bfloat16)
     c = jnp.asarray(rng.normal(size=(2, 12, 4)), jnp.bfloat16)
-    fn = lambda kc: (jax.nn.sigmoid(-kc[0].astype(jnp.float32)),
-                     jax.nn.sigmoid(kc[1].astype(jnp.float32)))
+    fn = lambda kc, p: (jax.nn.sigmoid(-kc[0].astype(jnp.float32)),
+                        jax.nn.sigmoid(kc[1].astype(jnp.float32)))
     h_last, h = gated_scan(fn, (k, c), impl="sequential")
     assert h.dtype == jnp.float32 and h_last.dtype == jnp.float32
-    a_ref, b_ref = fn((k, c))
+    a_ref, b_ref = fn((k, c), None)
     _, ref = linear_recurrence(a_ref, b_ref)
     assert rel_err(h, ref) <= 1e-5
     dk, dc = jax.grad(lambda kc: jnp.sum(gated_scan(fn, kc, impl="sequential")[1]))((k, c))
@@ -363,16 +368,16 @@ def test_gated_scan_pytree_input_and_bfloat16(rng):
 class TestGatedScanErrors:
     def test_mismatched_leaves(self):
         with pytest.raises(ValueError, match="same batch and time"):
-            gated_scan(lambda x: (x[0], x[0]), (jnp.ones((2, 5, 3)), jnp.ones((2, 4, 3))))
+            gated_scan(lambda x, p: (x[0], x[0]), (jnp.ones((2, 5, 3)), jnp.ones((2, 4, 3))))
 
     def test_coefficients_of_different_shapes(self):
         with pytest.raises(ValueError, match="coeff_fn must return"):
-            gated_scan(lambda x: (x, x[..., :1]), jnp.ones((2, 5, 3)))
+            gated_scan(lambda x, p: (x, x[..., :1]), jnp.ones((2, 5, 3)))
 
     def test_integer_input(self):
         with pytest.raises(TypeError, match="floating"):
-            gated_scan(lambda x: (x, x), jnp.ones((2, 5, 3), jnp.int32))
+            gated_scan(lambda x, p: (x, x), jnp.ones((2, 5, 3), jnp.int32))
 
     def test_h0_shape(self):
         with pytest.raises(ValueError, match="h0 must have shape"):
-            gated_scan(lambda x: (x, x), jnp.ones((2, 5, 3)), jnp.ones((2, 4)))
+            gated_scan(lambda x, p: (x, x), jnp.ones((2, 5, 3)), jnp.ones((2, 4)))
