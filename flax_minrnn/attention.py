@@ -38,7 +38,7 @@ exactly what the ``W``-slot buffer holds.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -49,7 +49,6 @@ from flax_minrnn import lm as lm_lib
 from flax_minrnn import scan as scan_lib
 
 Array = jax.Array
-Initializer = Callable[..., Array]
 
 __all__ = ["AttentionState", "LocalAttention", "apply_rope", "rotary_dim", "empty_state"]
 
