@@ -9,20 +9,39 @@ Command::
     python -m flax_minrnn train --config configs/griffin_shakespeare.py \
         --workdir /tmp/griffin_shakespeare
 
-Expected result: not measured yet.
+Expected result (measured once with this branch's code, 1000 steps of 32x128
+characters, on a 2-core CPU shared with other jobs and test runs, load average
+3-5, 1.4k-4.6k tokens/s): eval loss 1.4769 nats/char (accuracy 0.554) at step
+1000, train loss 1.29; 30 min 44 s wall end to end. Eval loss 1.81 / 1.62 /
+1.56 / 1.50 at steps 200 / 400 / 600 / 800. (Throughput under this load says
+little; Griffin's speed against the MinGRU baseline was not compared under
+equal load.) The final sample starts::
+
+    ROMEO:
+    Nay,
+    And sinking my trade is will corn.
+
+    QUEEN MARGARET:
+    I like hence that must not repose
 """
 
-from flax_minrnn.config import default_config
+import os
+
+import ml_collections
+
+from flax_minrnn.config import default_config, load_config
 
 
 def get_config(arg=None):
-    """Returns the config; ``arg`` (optional) overrides ``block_types``."""
-    config = default_config()
-    config.seed = 0
-    config.data.name = "char"
-    config.data.seq_len = 128
-    config.data.batch_size = 32
-    config.data.eval_batches = 10
+    """Returns the config; ``arg`` (optional) overrides ``block_types``.
+
+    Data, optimiser and schedule are those of ``configs/shakespeare.py`` (the
+    MinGRU baseline), so the two runs compare directly; only the model differs.
+    """
+    baseline = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                        "shakespeare.py"))
+    config = ml_collections.ConfigDict(baseline.to_dict())
+    config.model = default_config().model
     config.model.architecture = "griffin"
     g = config.model.griffin
     g.num_hidden_layers = 3
@@ -35,15 +54,4 @@ def get_config(arg=None):
     g.conv1d_width = 4
     g.logits_soft_cap = 30.0
     g.block_types = arg or "recurrent,recurrent,attention"
-    config.optim.learning_rate = 3e-3
-    config.optim.warmup_steps = 100
-    config.optim.weight_decay = 0.1
-    config.train.num_steps = 1000
-    config.train.eval_every = 200
-    config.train.log_every = 50
-    config.train.checkpoint_every = 250
-    config.train.max_to_keep = 2
-    config.train.sample_length = 500
-    config.train.sample_prompt = "ROMEO:\n"
-    config.train.sample_temperature = 0.8
     return config

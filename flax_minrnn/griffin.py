@@ -503,7 +503,15 @@ class GriffinConfig:
         return self.final_w_init_variance_scale or 2.0 / self.num_hidden_layers
 
 
-_GRIFFIN_PATTERN = ("recurrent", "recurrent", "attention")
+def _recurrent_gemma(overrides: dict, **shape) -> GriffinConfig:
+    """What the published RecurrentGemma configs share, with their ``shape``."""
+    values = dict(vocab_size=256_000, num_key_value_heads=1, attention_window_size=2048,
+                  conv1d_width=4, logits_soft_cap=30.0, rms_norm_eps=1e-6,
+                  block_types=("recurrent", "recurrent", "attention"),
+                  partial_rotary_factor=0.5, rope_theta=10000.0, w_init_variance_scale=0.01,
+                  embeddings_scale_by_sqrt_dim=True, **shape)
+    values.update(overrides)
+    return GriffinConfig(**values)
 
 
 def griffin_2b_config(**overrides) -> GriffinConfig:
@@ -515,14 +523,8 @@ def griffin_2b_config(**overrides) -> GriffinConfig:
     :func:`count_params` gives 2,682,862,080 parameters (655,360,000 of them
     the tied embedding).  ``overrides`` replace fields (e.g. ``dtype``).
     """
-    values = dict(vocab_size=256_000, num_hidden_layers=26, hidden_size=2560,
-                  intermediate_size=15_360, num_attention_heads=10, num_key_value_heads=1,
-                  lru_width=2560, attention_window_size=2048, conv1d_width=4,
-                  logits_soft_cap=30.0, rms_norm_eps=1e-6, block_types=_GRIFFIN_PATTERN,
-                  partial_rotary_factor=0.5, rope_theta=10000.0, w_init_variance_scale=0.01,
-                  embeddings_scale_by_sqrt_dim=True)
-    values.update(overrides)
-    return GriffinConfig(**values)
+    return _recurrent_gemma(overrides, num_hidden_layers=26, hidden_size=2560,
+                            intermediate_size=15_360, num_attention_heads=10, lru_width=2560)
 
 
 def griffin_9b_config(**overrides) -> GriffinConfig:
@@ -533,14 +535,8 @@ def griffin_9b_config(**overrides) -> GriffinConfig:
     :func:`count_params` gives 8,579,977,216 parameters (1,048,576,000 of them
     the tied embedding).  ``overrides`` replace fields.
     """
-    values = dict(vocab_size=256_000, num_hidden_layers=38, hidden_size=4096,
-                  intermediate_size=24_576, num_attention_heads=16, num_key_value_heads=1,
-                  lru_width=4096, attention_window_size=2048, conv1d_width=4,
-                  logits_soft_cap=30.0, rms_norm_eps=1e-6, block_types=_GRIFFIN_PATTERN,
-                  partial_rotary_factor=0.5, rope_theta=10000.0, w_init_variance_scale=0.01,
-                  embeddings_scale_by_sqrt_dim=True)
-    values.update(overrides)
-    return GriffinConfig(**values)
+    return _recurrent_gemma(overrides, num_hidden_layers=38, hidden_size=4096,
+                            intermediate_size=24_576, num_attention_heads=16, lru_width=4096)
 
 
 def count_params(config: GriffinConfig) -> int:
@@ -677,13 +673,8 @@ class Griffin(nn.Module):
             raise ValueError(
                 f"carry must hold one state per layer for block types {self.config.layer_types} "
                 f"(see initialize_carry), got {jax.tree.structure(carry)}")
-        leaves = []
-        for got, want in zip(jax.tree.leaves(carry), jax.tree.leaves(ref)):
-            if tuple(got.shape) != tuple(want.shape):
-                raise ValueError(f"carry leaf has shape {tuple(got.shape)}, expected "
-                                 f"{tuple(want.shape)} (batch {batch})")
-            leaves.append(got.astype(want.dtype))
-        return jax.tree.unflatten(structure, leaves)
+        lm_lib.check_leaf_shapes(carry, ref, batch)
+        return jax.tree.map(lambda got, want: got.astype(want.dtype), carry, ref)
 
     @nn.compact
     def __call__(self, tokens: Array, carry: Optional[GriffinCarry] = None, *,

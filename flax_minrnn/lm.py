@@ -244,6 +244,14 @@ def next_position(positions: Array, seq_lengths: Optional[Array], current: Array
     return jnp.where(n > 0, last + 1, current)
 
 
+def check_leaf_shapes(carry, ref, batch: int) -> None:
+    """Raises ``ValueError`` unless every leaf of ``carry`` has the shape of ``ref``'s."""
+    for got, want in zip(jax.tree.leaves(carry), jax.tree.leaves(ref)):
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"carry leaf has shape {tuple(got.shape)}, expected "
+                             f"{tuple(want.shape)} (batch {batch})")
+
+
 def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
     """Integer ``(batch, time)`` ids; values checked against ``vocab_size`` when concrete."""
     if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
@@ -540,10 +548,7 @@ class LM(nn.Module):
         if len(carry.layers) != len(ref.layers) or len(carry.conv) != len(ref.conv):
             raise ValueError(f"carry must hold n_layer={self.config.n_layer} layer and conv "
                              f"states, got {len(carry.layers)} and {len(carry.conv)}")
-        for got, want in zip(jax.tree.leaves(carry), jax.tree.leaves(ref)):
-            if tuple(got.shape) != tuple(want.shape):
-                raise ValueError(f"carry leaf has shape {tuple(got.shape)}, expected "
-                                 f"{tuple(want.shape)} (batch {batch})")
+        check_leaf_shapes(carry, ref, batch)
         return LMCarry(tuple(carry.layers), tuple(c.astype(self.config.dtype) for c in carry.conv),
                        carry.position.astype(jnp.int32))
 

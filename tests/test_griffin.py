@@ -23,6 +23,7 @@ from flax_minrnn.griffin import (RGLRU, Griffin, GriffinCarry, GriffinConfig, Re
                                  RecurrentState, count_params, griffin_2b_config,
                                  griffin_9b_config, sqrt_bounded_derivative)
 from flax_minrnn.lm import LM, LMConfig
+from reference import central_difference
 
 generate_lib = importlib.import_module("flax_minrnn.generate")
 F32 = TOL["float32"]
@@ -174,6 +175,17 @@ def griffin_ref(params, tokens, cfg, reset=None):
 B, T, D, HEADS = 2, 13, 8, 2
 
 
+def _stream(apply, variables, x, bounds, reset=None):
+    """Feeds ``x[:, lo:hi]`` for consecutive ``bounds``, carrying the state;
+    returns ``(carry, outputs concatenated)``."""
+    carry, ys = None, []
+    for lo, hi in zip(bounds, bounds[1:]):
+        kw = {} if reset is None else {"reset": reset[:, lo:hi]}
+        carry, y = apply(variables, x[:, lo:hi], carry, **kw)
+        ys.append(y)
+    return carry, jnp.concatenate(ys, axis=1)
+
+
 def _x(shape, seed=0, scale=1.0):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
 
@@ -220,16 +232,9 @@ def test_rglru_token_by_token_and_chunks_equal_full(rglru):
 
     @jax.jit
     def run(x):
-        full = layer.apply(params, x)
-        outs = {}
-        for name, splits in (("tokens", list(range(1, T))), ("chunks", [1, 5, 6, 11])):
-            carry, ys, start = None, [], 0
-            for end in splits + [T]:
-                carry, y = layer.apply(params, x[:, start:end], carry)
-                ys.append(y)
-                start = end
-            outs[name] = (carry, jnp.concatenate(ys, axis=1))
-        return full, outs
+        return layer.apply(params, x), {
+            "tokens": _stream(layer.apply, params, x, range(T + 1)),
+            "chunks": _stream(layer.apply, params, x, (0, 1, 5, 6, 11, T))}
 
     (carry, y), outs = run(x)
     for name, (c, ys) in outs.items():
@@ -301,22 +306,12 @@ def test_rglru_gradients_match_central_differences_of_the_reference():
         h, y = rglru_ref(p64, inputs["x"], inputs["h0"])
         return np.sum(y * g_y) + np.sum(h * g_c)
 
-    def central_difference(arr, eps=1e-6):
-        out = np.zeros(arr.shape)
-        for idx in np.ndindex(arr.shape):
-            orig = arr[idx]
-            arr[idx] = orig + eps
-            up = ref_loss()
-            arr[idx] = orig - eps
-            out[idx] = (up - ref_loss()) / (2 * eps)
-            arr[idx] = orig
-        return out
-
     got = {"x": grads[1], "h0": grads[2], "a_param": grads[0]["a_param"],
            "a_gate": grads[0]["a_gate"]["kernel"],
            "input_gate": grads[0]["input_gate"]["kernel"]}
     for key, value in got.items():
-        np.testing.assert_allclose(value, central_difference(inputs[key]), **F32, err_msg=key)
+        np.testing.assert_allclose(value, central_difference(ref_loss, inputs[key]), **F32,
+                                   err_msg=key)
 
 
 def test_rglru_bfloat16_gradients_finite_near_and_at_a_equal_one(monkeypatch):
@@ -363,12 +358,8 @@ def test_recurrent_block_matches_reference_and_streams():
     @jax.jit
     def run(x, reset):
         params = block.init(jax.random.key(0), x)
-        full = block.apply(params, x, reset=reset)
-        state, ys = None, []
-        for lo, hi in ((0, 2), (2, 3), (3, 7), (7, 9)):
-            state, y = block.apply(params, x[:, lo:hi], state, reset=reset[:, lo:hi])
-            ys.append(y)
-        return params, full, (state, jnp.concatenate(ys, axis=1))
+        return (params, block.apply(params, x, reset=reset),
+                _stream(block.apply, params, x, (0, 2, 3, 7, 9), reset))
 
     params, (state, y), (state2, y2) = run(x, jnp.asarray(reset))
     assert isinstance(state, RecurrentState) and state.conv.shape == (2, 2, 8)
@@ -396,12 +387,8 @@ def test_local_attention_matches_naive_reference_chunked_and_with_resets():
     @jax.jit
     def run(x, reset):
         params = attn.init(jax.random.key(0), x)
-        full = attn.apply(params, x, reset=reset)
-        cache, ys = None, []
-        for lo, hi in ((0, 4), (4, 5), (5, 9), (9, 10)):
-            cache, y = attn.apply(params, x[:, lo:hi], cache, reset=reset[:, lo:hi])
-            ys.append(y)
-        return params, full, (cache, jnp.concatenate(ys, axis=1))
+        return (params, attn.apply(params, x, reset=reset),
+                _stream(attn.apply, params, x, (0, 4, 5, 9, 10), reset))
 
     params, (cache, y), (cache2, y2) = run(x, jnp.asarray(reset))
     positions = np.tile(np.arange(10.0), (2, 1))
@@ -537,14 +524,8 @@ def test_chunked_and_token_by_token_with_resets_equal_separate_documents(lm):
     def run(tokens, reset, docs):
         variables = {"params": params}
         full = model.apply(variables, tokens, reset=reset)
-        streams = {"tokens": _decode(model, variables, None, tokens, reset)}
-        carry, outs, start = None, [], 0
-        for end in (2, 8, 13):
-            carry, o = model.apply(variables, tokens[:, start:end], carry,
-                                   reset=reset[:, start:end])
-            outs.append(o)
-            start = end
-        streams["chunks"] = (carry, jnp.concatenate(outs, axis=1))
+        streams = {"tokens": _decode(model, variables, None, tokens, reset),
+                   "chunks": _stream(model.apply, variables, tokens, (0, 2, 8, 13), reset)}
         lengths = jnp.asarray([hi - lo for _, lo, hi in pieces], jnp.int32)
         return full, streams, model.apply(variables, docs, seq_lengths=lengths)
 
@@ -702,12 +683,8 @@ def test_lm_rglru_prefill_then_decode_equals_full_forward():
     @jax.jit
     def run(tokens):
         variables = model.init(jax.random.key(0), tokens)
-        full = model.apply(variables, tokens)
-        carry, outs = None, []
-        for lo, hi in ((0, 3), (3, 4), (4, 5), (5, 6), (6, 7)):
-            carry, o = model.apply(variables, tokens[:, lo:hi], carry)
-            outs.append(o)
-        return full, (carry, jnp.concatenate(outs, axis=1))
+        return model.apply(variables, tokens), _stream(model.apply, variables, tokens,
+                                                       (0, 3, 4, 5, 6, 7))
 
     (full_carry, full), (carry, streamed) = run(tokens)
     np.testing.assert_allclose(streamed, full, **F32)
