@@ -182,7 +182,8 @@ class LocalAttention(nn.Module):
         Args:
           x: float ``(batch, T, width)``.
           carry: an :class:`AttentionState` (``None``: empty).
-          positions: int ``(batch, T)`` absolute positions of ``x``'s tokens;
+          positions: int ``(batch, T)`` absolute positions of ``x``'s tokens,
+            consecutive within a document (the ring buffer relies on it);
             ``None``: continue after the newest cached position (0 when empty),
             restarting at 0 after each ``reset``.
           seq_lengths: int ``(batch,)`` valid lengths (right padding): padded

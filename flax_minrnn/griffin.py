@@ -57,7 +57,8 @@ Dtype = Any
 
 __all__ = ["RGLRU", "RecurrentBlock", "RecurrentState", "GriffinConfig", "GriffinCarry",
            "Griffin", "ResidualBlock", "griffin_2b_config", "griffin_9b_config",
-           "count_params", "sqrt_bounded_derivative", "BLOCK_TYPES"]
+           "count_params", "sqrt_bounded_derivative", "rglru_lambda_init",
+           "BlockDiagonalLinear", "BLOCK_TYPES"]
 
 BLOCK_TYPES = ("recurrent", "attention")
 
