@@ -6,6 +6,8 @@ trainer lives in :mod:`flax_minrnn.train` (and the ``flax-minrnn`` CLI).
 """
 
 from flax_minrnn.generate import GenerateOutput, generate, sample_logits
+from flax_minrnn.griffin import (RGLRU, Griffin, GriffinCarry, GriffinConfig, count_params,
+                                 griffin_2b_config, griffin_9b_config)
 from flax_minrnn.heads import (SequenceClassifier, TokenClassifier, causal_lm_loss,
                                weighted_cross_entropy)
 from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM, g_activation
@@ -21,13 +23,16 @@ __all__ = [
     # scan
     "linear_scan", "ScanImpl", "default_impl",
     # layers
-    "MinGRU", "MinLSTM", "GatedLinearRNN", "g_activation",
+    "MinGRU", "MinLSTM", "GatedLinearRNN", "RGLRU", "g_activation",
     "RNNCell", "Bidirectional", "Stack",
     # two-stage training and migration
     "migrate_params", "to_true_recurrence", "to_associative",
     "from_flax_gated_linear_rnn",
     # language models and heads
     "LM", "LMConfig", "LMCarry", "GatedLinearRNNLM",
+    # Griffin / RecurrentGemma
+    "Griffin", "GriffinConfig", "GriffinCarry", "griffin_2b_config", "griffin_9b_config",
+    "count_params",
     "SequenceClassifier", "TokenClassifier", "causal_lm_loss", "weighted_cross_entropy",
     # generation
     "generate", "sample_logits", "GenerateOutput",

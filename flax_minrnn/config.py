@@ -36,7 +36,8 @@ FREE_FORM = ("data.task_kwargs",)
 # Allowed values of enumerated string fields.
 CHOICES = {
     "data.name": ("char", "selective_copying", "parity", "mqar"),
-    "model.time_mixing": ("mingru", "minlstm", "glrnn"),
+    "model.architecture": ("lm", "griffin"),
+    "model.time_mixing": ("mingru", "minlstm", "glrnn", "rglru"),
     "model.norm": ("rmsnorm", "layernorm"),
 }
 CONFIG_FILENAME = "config.json"
@@ -60,7 +61,8 @@ def default_config() -> ConfigDict:
         task_kwargs=ConfigDict(),  # free-form extra task arguments
     ))
     c.model = ConfigDict(dict(
-        time_mixing="mingru",      # 'mingru'|'minlstm'|'glrnn'
+        architecture="lm",         # 'lm' (LMConfig keys below) | 'griffin' (model.griffin)
+        time_mixing="mingru",      # 'mingru'|'minlstm'|'glrnn'|'rglru'
         n_layer=2,
         d_model=128,
         d_h=0,                     # 0 = expansion_factor * d_model
@@ -77,9 +79,30 @@ def default_config() -> ConfigDict:
         max_seq_length=2048,
         use_true_recurrence=False,
         use_tied_gates=True,       # glrnn only
-        scan_impl="auto",
-        dtype="float32",
-        param_dtype="float32",
+        rglru_num_heads=1,         # rglru only
+        scan_impl="auto",          # both architectures
+        dtype="float32",           # both architectures
+        param_dtype="float32",     # both architectures
+        # architecture='griffin': GriffinConfig fields (flax_minrnn.griffin);
+        # vocab_size comes from the data, dtypes and scan_impl from above.
+        griffin=ConfigDict(dict(
+            num_hidden_layers=3,
+            hidden_size=128,
+            intermediate_size=768,         # 2 x the MLP width (HF convention)
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            lru_width=0,                   # 0 = hidden_size
+            attention_window_size=64,
+            conv1d_width=4,
+            logits_soft_cap=30.0,          # 0 = off
+            rms_norm_eps=1e-6,
+            block_types="recurrent,recurrent,attention",  # comma-separated, cycled
+            partial_rotary_factor=0.5,
+            rope_theta=10000.0,
+            w_init_variance_scale=0.01,
+            final_w_init_variance_scale=0.0,  # 0 = 2 / num_hidden_layers
+            embeddings_scale_by_sqrt_dim=True,
+        )),
     ))
     c.optim = ConfigDict(dict(
         learning_rate=1e-3,
@@ -306,6 +329,13 @@ SHRINK: dict[str, Any] = {
     "model.d_h": 0,
     "model.d_channel_mixing": 0,
     "model.max_seq_length": 64,
+    "model.griffin.num_hidden_layers": lambda n: min(n, 3),
+    "model.griffin.hidden_size": 16,
+    "model.griffin.lru_width": 0,
+    "model.griffin.intermediate_size": 32,
+    "model.griffin.num_attention_heads": 2,
+    "model.griffin.num_key_value_heads": 1,
+    "model.griffin.attention_window_size": 8,
     "data.seq_len": 16,
     "data.batch_size": 2,
     "data.eval_batches": 1,

@@ -43,7 +43,9 @@ Array = jax.Array
 __all__ = ["LMConfig", "LMCarry", "LM", "GatedLinearRNNLM", "CausalConv",
            "ChannelMixing", "Block", "sinusoidal_encoding"]
 
-TIME_MIXINGS = ("mingru", "minlstm", "glrnn")
+TIME_MIXINGS = ("mingru", "minlstm", "glrnn", "rglru")
+# Scan implementations for time mixings whose inputs can be negative (RG-LRU).
+LINEAR_SCAN_IMPLS = ("auto", "associative", "sequential", "chunked")
 NORMS = ("rmsnorm", "layernorm")
 POSITIONAL_ENCODINGS = ("none", "learned", "sinusoidal")
 
@@ -70,8 +72,11 @@ class LMConfig:
     Attributes:
       vocab_size: number of token ids; ids lie in ``[0, vocab_size)``.
       time_mixing: recurrent layer: ``'mingru'`` (:class:`~flax_minrnn.MinGRU`),
-        ``'minlstm'`` (:class:`~flax_minrnn.MinLSTM`) or ``'glrnn'``
-        (:class:`~flax_minrnn.GatedLinearRNN`).
+        ``'minlstm'`` (:class:`~flax_minrnn.MinLSTM`), ``'glrnn'``
+        (:class:`~flax_minrnn.GatedLinearRNN`) or ``'rglru'``
+        (:class:`~flax_minrnn.RGLRU`, Griffin's recurrence; its state has the
+        input width, so it needs ``d_h == d_model``, and it has no
+        true-recurrence mode nor log-space scan).
       n_layer: number of blocks.
       d_model: residual stream width.
       d_h: recurrence state width; ``None`` means
@@ -92,6 +97,8 @@ class LMConfig:
       max_seq_length: number of learned positions (unused otherwise).
       use_true_recurrence: layers' gates also see ``h_{t-1}`` (sequential).
       use_tied_gates: ``glrnn`` only: ``f = 1 - i``.
+      rglru_num_heads: ``rglru`` only: number of diagonal blocks of the
+        RG-LRU's gate weights (must divide ``d_model``).
       scan_impl: :class:`flax_minrnn.scan.ScanImpl` name of every layer.
       dtype: compute dtype (states are float32 regardless; logits are float32).
       param_dtype: parameter dtype.
@@ -115,6 +122,7 @@ class LMConfig:
     max_seq_length: int = 2048
     use_true_recurrence: bool = False
     use_tied_gates: bool = True
+    rglru_num_heads: int = 1
     scan_impl: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -140,6 +148,18 @@ class LMConfig:
         _choice("positional_encoding", self.positional_encoding, POSITIONAL_ENCODINGS)
         _at_least("max_seq_length", self.max_seq_length, 1)
         scan_lib.resolve_impl(self.scan_impl, 1, name="scan_impl")
+        _at_least("rglru_num_heads", self.rglru_num_heads, 1)
+        if self.time_mixing == "rglru":
+            if self.state_size != self.d_model:
+                raise ValueError(
+                    f"time_mixing='rglru' needs d_h == d_model (the RG-LRU state has the "
+                    f"input width); got d_h={self.state_size}, d_model={self.d_model}")
+            if self.d_model % self.rglru_num_heads:
+                raise ValueError(f"rglru_num_heads={self.rglru_num_heads} must divide "
+                                 f"d_model={self.d_model}")
+            if self.use_true_recurrence:
+                raise ValueError("use_true_recurrence must be False with time_mixing='rglru'")
+            _choice("scan_impl (time_mixing='rglru')", self.scan_impl, LINEAR_SCAN_IMPLS)
 
     @property
     def state_size(self) -> int:
@@ -210,6 +230,26 @@ def token_positions(start: Array, seq_len: int, reset: Optional[Array]) -> Array
         return pos
     last = jax.lax.cummax(jnp.where(reset, t, jnp.int32(-1)), axis=1)
     return jnp.where(last >= 0, t - last, pos)
+
+
+def next_position(positions: Array, seq_lengths: Optional[Array], current: Array) -> Array:
+    """Position of the next token after a call: one past the last valid token's.
+
+    Rows without a valid token keep ``current``.
+    """
+    batch, seq_len = positions.shape
+    n = jnp.full((batch,), seq_len, jnp.int32) if seq_lengths is None \
+        else seq_lengths.astype(jnp.int32)
+    last = jnp.take_along_axis(positions, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+    return jnp.where(n > 0, last + 1, current)
+
+
+def check_leaf_shapes(carry, ref, batch: int) -> None:
+    """Raises ``ValueError`` unless every leaf of ``carry`` has the shape of ``ref``'s."""
+    for got, want in zip(jax.tree.leaves(carry), jax.tree.leaves(ref)):
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"carry leaf has shape {tuple(got.shape)}, expected "
+                             f"{tuple(want.shape)} (batch {batch})")
 
 
 def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
@@ -325,19 +365,22 @@ class CausalConv(nn.Module):
     Attributes:
       width: ``K >= 1``.
       dtype, param_dtype: compute and parameter dtypes.
+      kernel_init: initialiser of the ``(K, d)`` kernel (``None``:
+        ``normal(1 / sqrt(K))``).
     """
 
     width: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    kernel_init: Optional[Callable[..., Array]] = None
 
     @nn.compact
     def __call__(self, u: Array, state: Array, *, seq_lengths: Optional[Array] = None,
                  reset: Optional[Array] = None) -> Tuple[Array, Array]:
         batch, seq_len, d = u.shape
         k = self.width
-        kernel = self.param("kernel", nn.initializers.normal(stddev=1.0 / math.sqrt(k)),
-                            (k, d), self.param_dtype).astype(self.dtype)
+        init = self.kernel_init or nn.initializers.normal(stddev=1.0 / math.sqrt(k))
+        kernel = self.param("kernel", init, (k, d), self.param_dtype).astype(self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype).astype(self.dtype)
         u = u.astype(self.dtype)
         buf = jnp.concatenate([state.astype(self.dtype), u], axis=1)  # (B, K-1+T, d)
@@ -374,6 +417,8 @@ class ChannelMixing(nn.Module):
       d_hidden: hidden width.
       glu: gated variant (``up`` projects to ``2 * d_hidden``: gate, value).
       dtype, param_dtype: compute and parameter dtypes.
+      down_kernel_init: initialiser of ``down``'s kernel (``None``: the
+        ``nn.Dense`` default).
     """
 
     d_model: int
@@ -381,21 +426,30 @@ class ChannelMixing(nn.Module):
     glu: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    down_kernel_init: Optional[Callable[..., Array]] = None
 
     @nn.compact
     def __call__(self, u: Array) -> Array:
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
-                                         name=name)
+        dense = lambda n, name, **kw: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
+                                               name=name, **kw)
         if self.glu:
             gate, value = jnp.split(dense(2 * self.d_hidden, "up")(u), 2, axis=-1)
             hidden = nn.gelu(gate) * value
         else:
             hidden = nn.gelu(dense(self.d_hidden, "up")(u))
-        return dense(self.d_model, "down")(hidden)
+        down_init = {} if self.down_kernel_init is None else {"kernel_init": self.down_kernel_init}
+        return dense(self.d_model, "down", **down_init)(hidden)
 
 
 def make_time_mixing(config: LMConfig, *, name: str, reverse: bool = False) -> nn.Module:
     """The recurrent layer ``config.time_mixing`` with output width ``d_model``."""
+    if config.time_mixing == "rglru":
+        if reverse:
+            raise ValueError("time_mixing='rglru' has no reverse mode")
+        # Imported here: flax_minrnn.griffin builds on this module.
+        from flax_minrnn.griffin import RGLRU  # pylint: disable=import-outside-toplevel
+        return RGLRU(num_heads=config.rglru_num_heads, scan_impl=config.scan_impl,
+                     dtype=config.dtype, param_dtype=config.param_dtype, name=name)
     common = dict(d_h=config.state_size, d_model=config.d_model,
                   use_true_recurrence=config.use_true_recurrence, reverse=reverse,
                   scan_impl=config.scan_impl, dtype=config.dtype,
@@ -494,10 +548,7 @@ class LM(nn.Module):
         if len(carry.layers) != len(ref.layers) or len(carry.conv) != len(ref.conv):
             raise ValueError(f"carry must hold n_layer={self.config.n_layer} layer and conv "
                              f"states, got {len(carry.layers)} and {len(carry.conv)}")
-        for got, want in zip(jax.tree.leaves(carry), jax.tree.leaves(ref)):
-            if tuple(got.shape) != tuple(want.shape):
-                raise ValueError(f"carry leaf has shape {tuple(got.shape)}, expected "
-                                 f"{tuple(want.shape)} (batch {batch})")
+        check_leaf_shapes(carry, ref, batch)
         return LMCarry(tuple(carry.layers), tuple(c.astype(self.config.dtype) for c in carry.conv),
                        carry.position.astype(jnp.int32))
 
@@ -560,12 +611,8 @@ class LM(nn.Module):
             convs.append(conv)
         x = _norm(cfg.norm, cfg.eps, cfg.dtype, cfg.param_dtype, "final_norm")(x)
 
-        # Position of the next token: one past the last valid token's.
-        n = jnp.full((batch,), seq_len, jnp.int32) if seq_lengths is None \
-            else seq_lengths.astype(jnp.int32)
-        last = jnp.take_along_axis(positions, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
-        position = jnp.where(n > 0, last + 1, carry.position)
-        new_carry = LMCarry(tuple(states), tuple(convs), position)
+        new_carry = LMCarry(tuple(states), tuple(convs),
+                            next_position(positions, seq_lengths, carry.position))
 
         if not self.use_head:
             return new_carry, x.astype(jnp.float32)

@@ -43,6 +43,7 @@ from flax_minrnn import checkpoint as ckpt_lib
 from flax_minrnn import config as config_lib
 from flax_minrnn.config import ConfigError
 from flax_minrnn.data import CharDataset, CharVocab, load_text, make_task
+from flax_minrnn.griffin import Griffin, GriffinConfig
 from flax_minrnn.heads import weighted_cross_entropy
 from flax_minrnn.lm import LM, LMConfig
 
@@ -75,22 +76,69 @@ def lm_config(config: ml_collections.ConfigDict, vocab_size: int
             a value ``LMConfig`` rejects.
     """
     values = config.model.to_dict()
-    fields = {f.name for f in dataclasses.fields(LMConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(f"config.model keys without an LMConfig field: "
-                          f"{', '.join('model.' + k for k in unknown)}")
+    for key in ("architecture", "griffin"):  # Not LMConfig fields.
+        values.pop(key, None)
+    _check_fields(values, LMConfig, "model.")
     for key in ("d_h", "d_channel_mixing"):
         values[key] = values[key] or None
-    for key in ("dtype", "param_dtype"):
-        if values[key] not in _DTYPES:
-            raise ConfigError(f"Config key 'model.{key}' must be one of "
-                              f"{sorted(_DTYPES)}, got {values[key]!r}.")
-        values[key] = _DTYPES[values[key]]
+    values.update(_model_dtypes(config))
     try:
         return LMConfig(vocab_size=int(vocab_size), **values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"Invalid model config: {e}") from e
+
+
+def _check_fields(values: Mapping[str, Any], cls, prefix: str) -> None:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"config.{prefix[:-1]} keys without a field of {cls.__name__}: "
+                          f"{', '.join(prefix + k for k in unknown)}")
+
+
+def _model_dtypes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``model.dtype`` and ``model.param_dtype`` as jnp dtypes."""
+    out = {}
+    for key in ("dtype", "param_dtype"):
+        value = config.model[key]
+        if value not in _DTYPES:
+            raise ConfigError(f"Config key 'model.{key}' must be one of "
+                              f"{sorted(_DTYPES)}, got {value!r}.")
+        out[key] = _DTYPES[value]
+    return out
+
+
+def griffin_config(config: ml_collections.ConfigDict, vocab_size: int
+                   ) -> GriffinConfig:
+    """Translates ``config.model.griffin`` into a :class:`GriffinConfig`, strictly.
+
+    ``lru_width=0`` and ``final_w_init_variance_scale=0`` mean None,
+    ``block_types`` is comma-separated; ``dtype``, ``param_dtype`` and
+    ``scan_impl`` come from ``config.model``.
+
+    Raises:
+        ConfigError: A key without a ``GriffinConfig`` field, an unknown
+            dtype, or a value ``GriffinConfig`` rejects (naming the field).
+    """
+    values = config.model.griffin.to_dict()
+    _check_fields(values, GriffinConfig, "model.griffin.")
+    for key in ("lru_width", "final_w_init_variance_scale"):
+        values[key] = values[key] or None
+    values["block_types"] = tuple(
+        name.strip() for name in str(values["block_types"]).split(","))
+    values.update(_model_dtypes(config), scan_impl=config.model.scan_impl)
+    try:
+        return GriffinConfig(vocab_size=int(vocab_size), **values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Invalid model.griffin config: {e}") from e
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int):
+    """The model of ``config.model``: :class:`LM` or (``architecture='griffin'``)
+    :class:`~flax_minrnn.griffin.Griffin`."""
+    if config.model.architecture == "griffin":
+        return Griffin(griffin_config(config, vocab_size))
+    return LM(lm_config(config, vocab_size))
 
 
 def build_dataset(config: ml_collections.ConfigDict,
@@ -305,7 +353,8 @@ def initial_params(config: ml_collections.ConfigDict, model: LM,
     from flax_minrnn.migrate import migrate_params  # pylint: disable=g-import-not-at-top
     # Dropout-free twin: same params, and init needs no 'dropout' rng.
     twin = LM(dataclasses.replace(model.config, dropout=0.0,
-                                  embedding_dropout=0.0))
+                                  embedding_dropout=0.0)) \
+        if isinstance(model, LM) else model
     migrated = unfreeze(migrate_params(unfreeze(loaded), twin,
                                        example_tokens))
     load = _regex("init_from.load_regex", config.init_from.load_regex)
@@ -441,7 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 vocab.encode(t.sample_prompt)
             except ValueError as e:
                 raise ConfigError(f"train.sample_prompt: {e}") from e
-        model = LM(lm_config(config, dataset.vocab_size))
+        model = build_model(config, dataset.vocab_size)
         base = jax.random.key(config.seed)
         example = _example_tokens(dataset)
         if latest is None:
@@ -615,7 +664,7 @@ def _load_run(workdir: str):
         vocab_size = int(meta["vocab_size"])
     else:
         vocab_size = build_dataset(config, vocab).vocab_size
-    return LM(lm_config(config, vocab_size)), params, vocab, config, meta
+    return build_model(config, vocab_size), params, vocab, config, meta
 
 
 def evaluate(workdir: str, config_overrides: Sequence[str] = ()

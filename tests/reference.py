@@ -62,6 +62,23 @@ def linear_recurrence_vjp(a, h0, h, g, g_last, *, reverse=False):
     return da, db, dh0
 
 
+def central_difference(loss, arr, eps=1e-6):
+    """d loss() / d arr by central differences, float64.
+
+    ``loss`` takes no argument and reads ``arr``, which is perturbed in place
+    (and restored).
+    """
+    out = np.zeros(arr.shape)
+    for idx in np.ndindex(arr.shape):
+        orig = arr[idx]
+        arr[idx] = orig + eps
+        up = loss()
+        arr[idx] = orig - eps
+        out[idx] = (up - loss()) / (2 * eps)
+        arr[idx] = orig
+    return out
+
+
 def rel_err(x, ref):
     """Norm-wise relative error max|x - ref| / max|ref|."""
     x = np.asarray(x, np.float64)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM, g_activation
-from reference import layer_forward
+from reference import central_difference, layer_forward
 
 B, T, D_IN = 2, 13, 5
 
@@ -199,21 +199,9 @@ def test_gradients_match_float64_reference(name):
         h, y = layer_forward(kind, p64, inputs["x"], inputs["h0"], **kw)
         return np.sum(y * g_y) + np.sum(h * g_c)
 
-    def central_difference(arr, eps=1e-6):
-        out = np.zeros(arr.shape)
-        for idx in np.ndindex(arr.shape):
-            orig = arr[idx]
-            arr[idx] = orig + eps
-            up = ref_loss()
-            arr[idx] = orig - eps
-            down = ref_loss()
-            arr[idx] = orig
-            out[idx] = (up - down) / (2 * eps)
-        return out
-
     for got, key in [(grads[1], "x"), (grads[2], "h0"),
                      (grads[0]["in_proj"]["kernel"], "kernel")]:
-        np.testing.assert_allclose(got, central_difference(inputs[key]),
+        np.testing.assert_allclose(got, central_difference(ref_loss, inputs[key]),
                                    rtol=1e-4, atol=1e-4, err_msg=key)
 
 

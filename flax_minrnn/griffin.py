@@ -1,0 +1,741 @@
+"""Griffin / RecurrentGemma: the RG-LRU, its recurrent block and the hybrid LM.
+
+Griffin (De et al. 2024, "Griffin: Mixing Gated Linear Recurrences with Local
+Attention for Efficient Language Models", arXiv 2402.19427) is the
+architecture of RecurrentGemma (Botev et al. 2024, arXiv 2404.07839; Hugging
+Face ``RecurrentGemmaForCausalLM``).  Everything here is built on this
+library's parts: the RG-LRU calls :func:`flax_minrnn.scan.linear_scan`, the
+temporal convolution is :class:`flax_minrnn.lm.CausalConv`, the norms and the
+gated MLP are those of :mod:`flax_minrnn.lm`, local attention is
+:class:`flax_minrnn.attention.LocalAttention`.
+
+The model (:class:`Griffin`, configured by :class:`GriffinConfig`)::
+
+    x^0  = embed(tokens) * sqrt(hidden_size)            (embeddings_scale_by_sqrt_dim)
+    x'   = x^l + temporal^l(rmsnorm(x^l))                recurrent or local attention
+    x^{l+1} = x' + W_down (gelu(W_gate u) * (W_up u)),   u = rmsnorm(x')
+    logits  = cap * tanh(rmsnorm(x^L) E^T / cap)         tied embeddings, soft cap
+
+with ``temporal^l`` chosen by ``block_types`` (cycled over the layers).  The
+recurrent temporal block::
+
+    y = gelu(W_y x)
+    u = RGLRU(conv1d(W_x x))
+    out = W_out (u * y)
+
+Decoding state (:class:`GriffinCarry`): per block the RG-LRU state and the
+convolution's last ``conv1d_width - 1`` inputs (recurrent blocks) or a ring
+buffer of ``attention_window_size`` keys, values and positions (attention
+blocks), plus the position of the next token.  Its size does not grow with
+the sequence, so :func:`flax_minrnn.generate.generate` runs the model
+unchanged, arbitrarily far past the attention window.
+
+Document starts: a token whose position is 0 (the first token of a fresh
+sequence, or after a ``reset``) starts a document in every block: the RG-LRU
+restarts (``a = 0``, multiplier 1), the convolution reads no earlier input,
+attention sees no earlier key, and RoPE positions restart at 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_minrnn import attention as attention_lib
+from flax_minrnn import layers as layers_lib
+from flax_minrnn import lm as lm_lib
+from flax_minrnn import scan as scan_lib
+
+Array = jax.Array
+Dtype = Any
+
+__all__ = ["RGLRU", "RecurrentBlock", "RecurrentState", "GriffinConfig", "GriffinCarry",
+           "Griffin", "ResidualBlock", "griffin_2b_config", "griffin_9b_config",
+           "count_params", "sqrt_bounded_derivative", "rglru_lambda_init",
+           "BlockDiagonalLinear", "BLOCK_TYPES"]
+
+BLOCK_TYPES = ("recurrent", "attention")
+
+# The derivative of sqrt is clipped at this value (as in both reference
+# implementations): d sqrt(x)/dx = 1 / (2 sqrt(max(x, 1 / (4 * 1000^2)))).
+MAX_SQRT_GRADIENT = 1000.0
+
+
+# ----------------------------------------------------------------------------
+# The RG-LRU.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def sqrt_bounded_derivative(x: Array, max_gradient: float = MAX_SQRT_GRADIENT) -> Array:
+    """``sqrt(x)`` whose derivative is clipped at ``max_gradient``.
+
+    Forward: ``sqrt(x)``.  Derivative: ``1 / (2 sqrt(max(x, 1 / (4
+    max_gradient^2))))``, i.e. exact for ``x >= 1 / (4 max_gradient^2)``
+    (``2.5e-7`` for the default 1000) and ``max_gradient`` below, so
+    ``sqrt(1 - a^2)`` keeps finite gradients when ``a`` rounds to 1.
+    """
+    del max_gradient
+    return jnp.sqrt(x)
+
+
+@sqrt_bounded_derivative.defjvp
+def _sqrt_bounded_jvp(max_gradient, primals, tangents):
+    (x,), (t,) = primals, tangents
+    floor = 1.0 / (4.0 * float(max_gradient) ** 2)
+    return jnp.sqrt(x), t * (0.5 * jax.lax.rsqrt(jnp.maximum(x, floor)))
+
+
+def rglru_lambda_init(min_rad: float = 0.9, max_rad: float = 0.999, eps: float = 1e-8):
+    """Initialiser of ``Lambda`` with ``a = exp(-softplus(Lambda))`` in ``[min_rad, max_rad]``.
+
+    ``a^2`` is drawn uniformly from ``[min_rad^2, max_rad^2]`` (uniform on the
+    ring's area, as in the Griffin paper), then
+    ``Lambda = softplus^{-1}(-log a) = log(expm1(-log a))``.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        u = jax.random.uniform(key, shape, jnp.float32)
+        log_a = 0.5 * jnp.log(u * (max_rad ** 2 - min_rad ** 2) + min_rad ** 2 + eps)
+        return jnp.log(jnp.expm1(-log_a)).astype(dtype)
+
+    return init
+
+
+class BlockDiagonalLinear(nn.Module):
+    """``y = x W + b`` with ``W`` block-diagonal: ``num_blocks`` blocks of ``width / num_blocks``.
+
+    Parameters ``kernel`` ``(num_blocks, k, k)`` (normal, variance
+    ``w_init_variance_scale / k``) and ``bias`` ``(num_blocks, k)`` (zeros).
+    """
+
+    num_blocks: int
+    w_init_variance_scale: float = 1.0
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        width = x.shape[-1]
+        k = width // self.num_blocks
+        kernel = self.param("kernel", nn.initializers.normal(
+            stddev=math.sqrt(self.w_init_variance_scale / k)),
+            (self.num_blocks, k, k), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.num_blocks, k), self.param_dtype)
+        dtype = self.dtype or x.dtype
+        xb = x.astype(dtype).reshape(x.shape[:-1] + (self.num_blocks, k))
+        y = jnp.einsum("...hi,hij->...hj", xb, kernel.astype(dtype))
+        y = y + bias.astype(dtype).reshape((1,) * (y.ndim - 2) + bias.shape)
+        return y.reshape(x.shape)
+
+
+def _check_linear_impl(scan_impl: str) -> None:
+    lm_lib._choice("scan_impl", scan_impl, lm_lib.LINEAR_SCAN_IMPLS)  # pylint: disable=protected-access
+
+
+class RGLRU(nn.Module):
+    """Real-Gated Linear Recurrent Unit (De et al. 2024, "Griffin", arXiv 2402.19427).
+
+    For an input ``x_t`` of width ``D`` (the state has the same width)::
+
+        r_t   = sigmoid(W_a x_t + b_a)                 recurrence gate
+        i_t   = sigmoid(W_x x_t + b_x)                 input gate
+        log a_t = -c * softplus(Lambda) * r_t          c = 8, so a_t = a^(c r_t)
+        h_t   = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x_t)
+        y_t   = h_t
+
+    ``W_a``, ``W_x`` are block-diagonal with ``num_heads`` blocks of
+    ``D / num_heads``.  ``Lambda`` (a ``D``-vector) starts with
+    ``a = exp(-softplus(Lambda))`` in ``[0.9, 0.999]`` (:func:`rglru_lambda_init`).
+    ``1 - a_t^2`` is computed as ``-expm1(2 log a_t)`` (exact near ``a = 1``)
+    and its square root has a derivative bounded by ``max_sqrt_gradient``
+    (:func:`sqrt_bounded_derivative`), so bfloat16 training stays finite.
+
+    Documents: at a step with ``reset`` the state restarts: ``a_t = 0`` and the
+    multiplier ``sqrt(1 - a_t^2)`` is replaced by 1 (``h_t = i_t * x_t``).  The
+    first step of a call without ``reset`` continues from ``carry`` (zeros when
+    ``None``) with the usual multiplier; :class:`Griffin` marks the token at
+    position 0 as a reset, as the reference implementations do.
+
+    Gates and the state are float32 (float64 for float64 inputs) whatever
+    ``dtype``; every sequence length, including ``T = 1`` decoding, goes
+    through the same single call of :func:`flax_minrnn.scan.linear_scan`.
+
+    Usage::
+
+        layer = RGLRU(num_heads=4)
+        params = layer.init(key, x)                  # x: (batch, T, 256)
+        carry, y = layer.apply(params, x)            # carry (batch, 256) float32
+        carry, y2 = layer.apply(params, x2, carry)   # continue the sequence
+
+    Parameters: ``a_param`` (``Lambda``, ``(D,)``), ``input_gate`` and
+    ``a_gate`` (:class:`BlockDiagonalLinear`, ``kernel (H, D/H, D/H)``, ``bias
+    (H, D/H)``).
+
+    Attributes:
+      num_heads: number of diagonal blocks of the gate weights; divides ``D``.
+      c: the constant ``c`` (8 in the paper).
+      min_rad, max_rad: initial range of ``a = exp(-softplus(Lambda))``.
+      max_sqrt_gradient: bound of the derivative of the square root.
+      w_init_variance_scale: variance scale of the gate weights (fan-in).
+      scan_impl: ``'auto'``, ``'associative'``, ``'sequential'`` or
+        ``'chunked'`` (the log-space scans need positive inputs).
+      dtype: compute dtype of the gate projections (``None``: the input's);
+        ``y`` is returned in it.
+      param_dtype: parameter dtype.
+    """
+
+    num_heads: int = 1
+    c: float = 8.0
+    min_rad: float = 0.9
+    max_rad: float = 0.999
+    max_sqrt_gradient: float = MAX_SQRT_GRADIENT
+    w_init_variance_scale: float = 1.0
+    scan_impl: str = "auto"
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    def initialize_carry(self, input_shape: Sequence[int]) -> Array:
+        """Zero state ``(batch, D)`` for inputs ``(batch, ..., D)``; no params, no RNG."""
+        return jnp.zeros((input_shape[0], input_shape[-1]),
+                         layers_lib.state_dtype(self.dtype or jnp.float32, self.param_dtype))
+
+    @nn.compact
+    def __call__(self, x: Array, carry: Optional[Array] = None, *,
+                 seq_lengths: Optional[Array] = None, mask: Optional[Array] = None,
+                 reset: Optional[Array] = None) -> Tuple[Array, Array]:
+        """Runs the RG-LRU; returns ``(carry, y)``.
+
+        Args:
+          x: float ``(batch, T, D)``.
+          carry: float32 ``(batch, D)`` or ``None`` (zeros).
+          seq_lengths: int ``(batch,)`` valid lengths, or
+          mask: bool ``(batch, T)`` valid steps (invalid steps keep the state;
+            their outputs are zero).
+          reset: bool ``(batch, T)``, True where a new document starts.
+
+        Returns:
+          ``(carry, y)``: the state after the last valid step (float32) and
+          ``y = h`` ``(batch, T, D)`` in the compute dtype.
+        """
+        layers_lib.check_input(x)
+        batch, seq_len, width = x.shape
+        lm_lib._at_least("num_heads", self.num_heads, 1)  # pylint: disable=protected-access
+        if width % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide the input width {width}")
+        _check_linear_impl(self.scan_impl)
+        dtype = self.dtype or x.dtype
+        s_dtype = layers_lib.state_dtype(dtype, self.param_dtype)
+        h0 = layers_lib.check_carry(carry, batch, width, s_dtype)
+        valid = layers_lib.valid_mask(batch, seq_len, seq_lengths, mask)
+        if reset is not None:
+            reset = scan_lib.check_bool_bt("reset", reset, batch, seq_len)
+
+        lam = self.param("a_param", rglru_lambda_init(self.min_rad, self.max_rad), (width,),
+                         self.param_dtype)
+        gate = lambda name: BlockDiagonalLinear(
+            self.num_heads, self.w_init_variance_scale, dtype=dtype,
+            param_dtype=self.param_dtype, name=name)
+        x = x.astype(dtype)
+        gate_x = jax.nn.sigmoid(gate("input_gate")(x).astype(s_dtype))
+        gate_a = jax.nn.sigmoid(gate("a_gate")(x).astype(s_dtype))
+        log_a = -self.c * jax.nn.softplus(lam.astype(s_dtype))[None, None, :] * gate_a
+        a = jnp.exp(log_a)
+        multiplier = sqrt_bounded_derivative(-jnp.expm1(2.0 * log_a), self.max_sqrt_gradient)
+        if reset is not None:
+            multiplier = jnp.where(reset[:, :, None], jnp.ones((), s_dtype), multiplier)
+        b = gate_x * x.astype(s_dtype) * multiplier
+        h_last, h = scan_lib.linear_scan(a, b, h0, impl=self.scan_impl, reset=reset, mask=valid)
+        return h_last, h.astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# The recurrent temporal block.
+
+
+class RecurrentState(NamedTuple):
+    """The decoding state of one recurrent block (a pytree).
+
+    Attributes:
+      rg_lru: float32 ``(batch, lru_width)``: the RG-LRU state.
+      conv: ``(batch, conv1d_width - 1, lru_width)`` in the compute dtype: the
+        convolution's last valid inputs.
+    """
+
+    rg_lru: Array
+    conv: Array
+
+
+def _empty_recurrent_state(batch: int, lru_width: int, conv1d_width: int, dtype,
+                           param_dtype) -> RecurrentState:
+    return RecurrentState(
+        jnp.zeros((batch, lru_width), layers_lib.state_dtype(dtype, param_dtype)),
+        jnp.zeros((batch, conv1d_width - 1, lru_width), dtype))
+
+
+def _fan_in(scale: float) -> nn.initializers.Initializer:
+    return nn.initializers.variance_scaling(scale, "fan_in", "normal")
+
+
+class RecurrentBlock(nn.Module):
+    """Griffin's recurrent temporal block::
+
+        y   = gelu(W_y x + b_y)
+        u   = RGLRU(conv1d(W_x x + b_x))
+        out = W_out (u * y) + b_out
+
+    ``conv1d`` is :class:`flax_minrnn.lm.CausalConv` (depthwise, causal, width
+    ``conv1d_width``, its state in the carry).  Usage::
+
+        block = RecurrentBlock(lru_width=256, num_heads=4)
+        params = block.init(key, x)                   # x: (batch, T, width)
+        state, y = block.apply(params, x)             # state: RecurrentState
+        state, y2 = block.apply(params, x2, state)
+
+    Attributes:
+      lru_width: RG-LRU width (``None``: the input width).
+      num_heads: RG-LRU gate blocks (divides ``lru_width``).
+      conv1d_width: temporal width of the convolution (``>= 1``).
+      w_init_variance_scale: variance scale (fan-in) of the convolution kernel.
+      final_w_init_variance_scale: variance scale (fan-in) of ``linear_out``.
+      scan_impl: the RG-LRU's scan implementation.
+      dtype: compute dtype (``None``: the input's).
+      param_dtype: parameter dtype.
+    """
+
+    lru_width: Optional[int] = None
+    num_heads: int = 1
+    conv1d_width: int = 4
+    w_init_variance_scale: float = 0.01
+    final_w_init_variance_scale: float = 1.0
+    scan_impl: str = "auto"
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    def initialize_carry(self, batch_size: int, width: int) -> RecurrentState:
+        """Zero state for inputs of width ``width`` (no params, no RNG)."""
+        return _empty_recurrent_state(batch_size, self.lru_width or width, self.conv1d_width,
+                                      self.dtype or jnp.float32, self.param_dtype)
+
+    @nn.compact
+    def __call__(self, x: Array, carry: Optional[RecurrentState] = None, *,
+                 seq_lengths: Optional[Array] = None,
+                 reset: Optional[Array] = None) -> Tuple[RecurrentState, Array]:
+        """Returns ``(carry, out)``; arguments as :class:`RGLRU` (no ``mask``)."""
+        layers_lib.check_input(x)
+        batch, seq_len, width = x.shape
+        lm_lib._at_least("conv1d_width", self.conv1d_width, 1)  # pylint: disable=protected-access
+        dtype = self.dtype or x.dtype
+        lru_width = self.lru_width or width
+        if carry is None:
+            carry = self.initialize_carry(batch, width)
+        if not isinstance(carry, RecurrentState):
+            raise TypeError(f"carry must be a RecurrentState, got {type(carry).__name__}")
+        conv_shape = (batch, self.conv1d_width - 1, lru_width)
+        if tuple(carry.conv.shape) != conv_shape:
+            raise ValueError(f"carry.conv must have shape (batch, conv1d_width - 1, lru_width) "
+                             f"= {conv_shape}, got {tuple(carry.conv.shape)}")
+        if seq_lengths is not None:
+            seq_lengths = scan_lib.check_seq_lengths(seq_lengths, batch, seq_len)
+        dense = lambda n, name, init: nn.Dense(n, dtype=dtype, param_dtype=self.param_dtype,
+                                               kernel_init=init, name=name)
+        x = x.astype(dtype)
+        y = nn.gelu(dense(lru_width, "linear_y", _fan_in(1.0))(x))
+        u = dense(lru_width, "linear_x", _fan_in(1.0))(x)
+        u, conv = lm_lib.CausalConv(self.conv1d_width, dtype=dtype, param_dtype=self.param_dtype,
+                                    kernel_init=_fan_in(self.w_init_variance_scale),
+                                    name="conv_1d")(u, carry.conv, seq_lengths=seq_lengths,
+                                                    reset=reset)
+        h, u = RGLRU(num_heads=self.num_heads, scan_impl=self.scan_impl, dtype=dtype,
+                     param_dtype=self.param_dtype, name="rg_lru")(
+            u, carry.rg_lru, seq_lengths=seq_lengths, reset=reset)
+        out = dense(width, "linear_out", _fan_in(self.final_w_init_variance_scale))(u * y)
+        return RecurrentState(h, conv), out
+
+
+# ----------------------------------------------------------------------------
+# Configuration.
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GriffinConfig:
+    """Hyper-parameters of :class:`Griffin`, named like Hugging Face's ``RecurrentGemmaConfig``.
+
+    Validated on construction: a bad value raises ``ValueError`` naming the
+    field and the allowed values.  The defaults are a small model; the
+    published shapes are :func:`griffin_2b_config` and :func:`griffin_9b_config`.
+
+    Attributes:
+      vocab_size: number of token ids.
+      num_hidden_layers: number of residual blocks.
+      hidden_size: residual stream width.
+      intermediate_size: **twice** the gated MLP's hidden width, as in
+        ``RecurrentGemmaConfig`` (whose MLP projects to ``intermediate_size //
+        2`` for the gate and the same for the value): the MLP hidden width is
+        :attr:`mlp_width` ``= intermediate_size // 2`` (``3 * hidden_size`` in
+        the published models).  Must be even.
+      num_attention_heads: query heads of the attention blocks and diagonal
+        blocks of the RG-LRU gates; divides ``hidden_size`` and ``lru_width``.
+      num_key_value_heads: key/value heads (1: multi-query attention); divides
+        ``num_attention_heads``.
+      lru_width: RG-LRU width (``None``: ``hidden_size``).
+      attention_window_size: local attention window ``W >= 1`` (a query sees
+        itself and the ``W - 1`` previous tokens); also the cache size.
+      conv1d_width: temporal width of the recurrent blocks' convolution (``>= 1``).
+      logits_soft_cap: ``logits = cap * tanh(logits / cap)``; ``None`` or 0: off.
+      rms_norm_eps: epsilon of the RMSNorms.
+      block_types: temporal block of each layer, cycled over the layers:
+        names in ``('recurrent', 'attention')``.
+      partial_rotary_factor: fraction of each head's dimensions with RoPE
+        (``head_dim * partial_rotary_factor`` must be an even integer).
+      rope_theta: RoPE base.
+      w_init_variance_scale: variance scale (fan-in) of the convolution kernels.
+      final_w_init_variance_scale: variance scale (fan-in) of the last
+        projection of every temporal block and MLP (``None``: ``2 /
+        num_hidden_layers``, as in the published configs).
+      embeddings_scale_by_sqrt_dim: multiply the embeddings by
+        ``sqrt(hidden_size)`` (computed in the compute dtype; the reference
+        implementations round it to bfloat16).
+      scan_impl: RG-LRU scan: ``'auto'``, ``'associative'``, ``'sequential'``
+        or ``'chunked'``.
+      dtype: compute dtype (states and logits are float32 regardless).
+      param_dtype: parameter dtype.
+    """
+
+    vocab_size: int
+    num_hidden_layers: int = 3
+    hidden_size: int = 128
+    intermediate_size: int = 768
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 1
+    lru_width: Optional[int] = None
+    attention_window_size: int = 64
+    conv1d_width: int = 4
+    logits_soft_cap: Optional[float] = 30.0
+    rms_norm_eps: float = 1e-6
+    block_types: Tuple[str, ...] = ("recurrent", "recurrent", "attention")
+    partial_rotary_factor: float = 0.5
+    rope_theta: float = 10000.0
+    w_init_variance_scale: float = 0.01
+    final_w_init_variance_scale: Optional[float] = None
+    embeddings_scale_by_sqrt_dim: bool = True
+    scan_impl: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        at_least = lm_lib._at_least  # pylint: disable=protected-access
+        for name in ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads",
+                     "num_key_value_heads", "attention_window_size", "conv1d_width"):
+            at_least(name, getattr(self, name), 1)
+        at_least("intermediate_size", self.intermediate_size, 2)
+        if self.intermediate_size % 2:
+            raise ValueError(f"intermediate_size must be even (the MLP width is "
+                             f"intermediate_size // 2), got {self.intermediate_size}")
+        if self.lru_width is not None:
+            at_least("lru_width", self.lru_width, 1)
+        heads = self.num_attention_heads
+        if self.hidden_size % heads:
+            raise ValueError(f"num_attention_heads={heads} must divide "
+                             f"hidden_size={self.hidden_size}")
+        if self.state_width % heads:
+            raise ValueError(f"num_attention_heads={heads} must divide lru_width="
+                             f"{self.state_width} (the RG-LRU gates have one block per head)")
+        if heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
+                             f"num_attention_heads={heads}")
+        types = self.block_types
+        if isinstance(types, str) or not isinstance(types, Sequence) or not types:
+            raise ValueError(f"block_types must be a non-empty sequence of names in "
+                             f"{list(BLOCK_TYPES)}, got {types!r}")
+        for i, kind in enumerate(types):
+            if kind not in BLOCK_TYPES:
+                raise ValueError(f"block_types[{i}] must be one of {list(BLOCK_TYPES)}, "
+                                 f"got {kind!r}")
+        object.__setattr__(self, "block_types", tuple(types))  # hashable
+        if self.logits_soft_cap is not None and (
+                isinstance(self.logits_soft_cap, bool) or not self.logits_soft_cap >= 0):
+            raise ValueError(f"logits_soft_cap must be >= 0 (0 or None: off), "
+                             f"got {self.logits_soft_cap!r}")
+        for name in ("rms_norm_eps", "rope_theta", "w_init_variance_scale"):
+            _positive(name, getattr(self, name))
+        if self.final_w_init_variance_scale is not None:
+            _positive("final_w_init_variance_scale", self.final_w_init_variance_scale)
+        attention_lib.rotary_dim(self.head_dim, self.partial_rotary_factor)
+        if not isinstance(self.embeddings_scale_by_sqrt_dim, bool):
+            raise ValueError(f"embeddings_scale_by_sqrt_dim must be a bool, "
+                             f"got {self.embeddings_scale_by_sqrt_dim!r}")
+        _check_linear_impl(self.scan_impl)
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden width of the gated MLP: ``intermediate_size // 2``."""
+        return self.intermediate_size // 2
+
+    @property
+    def state_width(self) -> int:
+        """The RG-LRU width (``lru_width`` resolved)."""
+        return self.lru_width or self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        """``hidden_size // num_attention_heads``."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def layer_types(self) -> Tuple[str, ...]:
+        """The temporal block of every layer (``block_types`` cycled)."""
+        n = len(self.block_types)
+        return tuple(self.block_types[i % n] for i in range(self.num_hidden_layers))
+
+    @property
+    def final_init_scale(self) -> float:
+        """``final_w_init_variance_scale`` resolved."""
+        return self.final_w_init_variance_scale or 2.0 / self.num_hidden_layers
+
+
+def _recurrent_gemma(overrides: dict, **shape) -> GriffinConfig:
+    """What the published RecurrentGemma configs share, with their ``shape``."""
+    values = dict(vocab_size=256_000, num_key_value_heads=1, attention_window_size=2048,
+                  conv1d_width=4, logits_soft_cap=30.0, rms_norm_eps=1e-6,
+                  block_types=("recurrent", "recurrent", "attention"),
+                  partial_rotary_factor=0.5, rope_theta=10000.0, w_init_variance_scale=0.01,
+                  embeddings_scale_by_sqrt_dim=True, **shape)
+    values.update(overrides)
+    return GriffinConfig(**values)
+
+
+def griffin_2b_config(**overrides) -> GriffinConfig:
+    """RecurrentGemma-2B's shapes (the config.json of google/recurrentgemma-2b).
+
+    26 layers (recurrent, recurrent, attention, ...), width 2560, 10 heads of
+    256 with one key/value head, MLP width 7680 (``intermediate_size`` 15360,
+    see :class:`GriffinConfig`), window 2048, vocabulary 256000.
+    :func:`count_params` gives 2,682,862,080 parameters (655,360,000 of them
+    the tied embedding).  ``overrides`` replace fields (e.g. ``dtype``).
+    """
+    return _recurrent_gemma(overrides, num_hidden_layers=26, hidden_size=2560,
+                            intermediate_size=15_360, num_attention_heads=10, lru_width=2560)
+
+
+def griffin_9b_config(**overrides) -> GriffinConfig:
+    """RecurrentGemma-9B's shapes (the config.json of google/recurrentgemma-9b).
+
+    38 layers, width 4096, 16 heads of 256 with one key/value head, MLP width
+    12288 (``intermediate_size`` 24576), window 2048, vocabulary 256000.
+    :func:`count_params` gives 8,579,977,216 parameters (1,048,576,000 of them
+    the tied embedding).  ``overrides`` replace fields.
+    """
+    return _recurrent_gemma(overrides, num_hidden_layers=38, hidden_size=4096,
+                            intermediate_size=24_576, num_attention_heads=16, lru_width=4096)
+
+
+def count_params(config: GriffinConfig) -> int:
+    """The number of parameters of ``Griffin(config)``, in closed form.
+
+    With ``H = hidden_size``, ``L = lru_width``, ``E = mlp_width``, ``n`` heads
+    of ``d = H / n``, ``g`` key/value heads, ``K = conv1d_width``, ``V =
+    vocab_size``::
+
+        embedding (tied)   V H
+        every layer        2 H (norms) + 3 H E + 2 E + H (gated MLP)
+        recurrent block    3 H L + 2 L + H (W_y, W_x, W_out) + K L + L (conv)
+                           + L (Lambda) + 2 (L^2 / n + L) (block-diagonal gates)
+        attention block    H n d + 2 H g d (q, k, v) + n d H + H (output)
+        final norm         H
+    """
+    h, l, e = config.hidden_size, config.state_width, config.mlp_width
+    n, d, g, k = (config.num_attention_heads, config.head_dim, config.num_key_value_heads,
+                  config.conv1d_width)
+    per_layer = 2 * h + 3 * h * e + 2 * e + h
+    temporal = {
+        "recurrent": 3 * h * l + 2 * l + h + k * l + l + l + 2 * (l * l // n + l),
+        "attention": h * n * d + 2 * h * g * d + n * d * h + h,
+    }
+    layers = sum(per_layer + temporal[kind] for kind in config.layer_types)
+    return config.vocab_size * h + layers + h
+
+
+# ----------------------------------------------------------------------------
+# The language model.
+
+
+class GriffinCarry(NamedTuple):
+    """Everything :class:`Griffin` carries between calls (a pytree).
+
+    Attributes:
+      blocks: per layer, a :class:`RecurrentState` (RG-LRU state, conv state)
+        or a :class:`flax_minrnn.attention.AttentionState` (ring buffer of
+        keys, values and their positions).
+      position: int32 ``(batch,)``: the absolute position of the next token.
+    """
+
+    blocks: tuple
+    position: Array
+
+
+class ResidualBlock(nn.Module):
+    """One Griffin residual block::
+
+        x' = x + temporal(rmsnorm(x))
+        y  = x' + W_down (gelu(W_gate u) * W_up u),   u = rmsnorm(x')
+
+    Submodules: ``temporal_pre_norm``, ``recurrent_block`` or
+    ``attention_block``, ``channel_pre_norm``, ``mlp_block``
+    (:class:`flax_minrnn.lm.ChannelMixing` with ``glu=True``).
+    """
+
+    config: GriffinConfig
+    block_type: str
+
+    @nn.compact
+    def __call__(self, x: Array, state, *, positions: Array, starts: Array,
+                 seq_lengths: Optional[Array]) -> Tuple[Any, Array]:
+        cfg = self.config
+        norm = lambda name: lm_lib._Norm(  # pylint: disable=protected-access
+            "rmsnorm", cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        u = norm("temporal_pre_norm")(x)
+        if self.block_type == "recurrent":
+            state, y = RecurrentBlock(
+                lru_width=cfg.state_width, num_heads=cfg.num_attention_heads,
+                conv1d_width=cfg.conv1d_width, w_init_variance_scale=cfg.w_init_variance_scale,
+                final_w_init_variance_scale=cfg.final_init_scale, scan_impl=cfg.scan_impl,
+                dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="recurrent_block")(
+                u, state, seq_lengths=seq_lengths, reset=starts)
+        else:
+            state, y = attention_lib.LocalAttention(
+                num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+                window=cfg.attention_window_size,
+                partial_rotary_factor=cfg.partial_rotary_factor, rope_theta=cfg.rope_theta,
+                final_w_init_variance_scale=cfg.final_init_scale, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype, name="attention_block")(
+                u, state, positions=positions, seq_lengths=seq_lengths, reset=starts)
+        x = x + y.astype(x.dtype)
+        y = lm_lib.ChannelMixing(cfg.hidden_size, cfg.mlp_width, glu=True, dtype=cfg.dtype,
+                                 param_dtype=cfg.param_dtype,
+                                 down_kernel_init=_fan_in(cfg.final_init_scale),
+                                 name="mlp_block")(norm("channel_pre_norm")(x))
+        return state, x + y.astype(x.dtype)
+
+
+class Griffin(nn.Module):
+    """The Griffin / RecurrentGemma language model (module docstring for the equations).
+
+    Usage::
+
+        model = Griffin(GriffinConfig(vocab_size=256))
+        variables = model.init(key, tokens)                  # tokens (B, T) int
+        carry, logits = model.apply(variables, tokens)       # logits (B, T, V) float32
+        carry, logits = model.apply(variables, more, carry)  # continue
+        out = flax_minrnn.generate(model, variables, prompt, 100, rng=key)
+
+    Submodules: ``embedder`` (tied with the output), ``blocks_{i}``
+    (:class:`ResidualBlock`), ``final_norm``.  Token ids are checked against
+    ``vocab_size`` when concrete (see :class:`flax_minrnn.lm.LM`).
+
+    Attributes:
+      config: a :class:`GriffinConfig`.
+    """
+
+    config: GriffinConfig
+
+    def initialize_carry(self, batch_size: int) -> GriffinCarry:
+        """The carry of a fresh sequence (no parameters, no RNG)."""
+        cfg = self.config
+        blocks = []
+        for kind in cfg.layer_types:
+            if kind == "recurrent":
+                blocks.append(_empty_recurrent_state(batch_size, cfg.state_width,
+                                                     cfg.conv1d_width, cfg.dtype,
+                                                     cfg.param_dtype))
+            else:
+                blocks.append(attention_lib.empty_state(
+                    batch_size, cfg.attention_window_size, cfg.num_key_value_heads,
+                    cfg.head_dim, cfg.dtype))
+        return GriffinCarry(tuple(blocks), jnp.zeros((batch_size,), jnp.int32))
+
+    def _check_carry(self, carry, batch: int) -> GriffinCarry:
+        ref = self.initialize_carry(batch)
+        if not isinstance(carry, GriffinCarry):
+            raise TypeError(f"carry must be a GriffinCarry (see initialize_carry), "
+                            f"got {type(carry).__name__}")
+        structure = jax.tree.structure(ref)
+        if jax.tree.structure(carry) != structure:
+            raise ValueError(
+                f"carry must hold one state per layer for block types {self.config.layer_types} "
+                f"(see initialize_carry), got {jax.tree.structure(carry)}")
+        lm_lib.check_leaf_shapes(carry, ref, batch)
+        return jax.tree.map(lambda got, want: got.astype(want.dtype), carry, ref)
+
+    @nn.compact
+    def __call__(self, tokens: Array, carry: Optional[GriffinCarry] = None, *,
+                 training: bool = False, seq_lengths: Optional[Array] = None,
+                 reset: Optional[Array] = None) -> Tuple[GriffinCarry, Array]:
+        """Runs the model on ``tokens``; returns ``(carry, logits)``.
+
+        Args:
+          tokens: int ``(batch, T)`` ids in ``[0, vocab_size)``.
+          carry: a :class:`GriffinCarry` from a previous call, or ``None`` (a
+            fresh sequence at position 0).
+          training: accepted for the trainer's interface; Griffin has no
+            dropout, so it changes nothing.
+          seq_lengths: int ``(batch,)`` valid lengths (right padding): padded
+            steps change no state (the returned carry is the one after the
+            last valid token); logits at padded steps are meaningless.
+          reset: bool ``(batch, T)``: a new document starts there (every state
+            restarts and positions restart at 0).
+
+        Returns:
+          ``(carry, logits)``: the new carry and float32 logits ``(batch, T,
+          vocab_size)``.
+
+        Raises:
+          ValueError / TypeError: bad ``tokens`` (ids checked when concrete),
+            ``carry``, ``seq_lengths`` or ``reset``.
+        """
+        del training  # no dropout in Griffin
+        cfg = self.config
+        lm_lib.check_tokens(tokens, cfg.vocab_size)
+        batch, seq_len = tokens.shape
+        carry = (self.initialize_carry(batch) if carry is None
+                 else self._check_carry(carry, batch))
+        if seq_lengths is not None:
+            seq_lengths = scan_lib.check_seq_lengths(seq_lengths, batch, seq_len)
+        if reset is not None:
+            reset = scan_lib.check_bool_bt("reset", reset, batch, seq_len)
+
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype,
+                         embedding_init=nn.initializers.variance_scaling(
+                             1.0, "fan_in", "normal", in_axis=1, out_axis=0),
+                         name="embedder")
+        x = embed(tokens)
+        if cfg.embeddings_scale_by_sqrt_dim:
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
+        positions = lm_lib.token_positions(carry.position, seq_len, reset)
+        # Position 0 starts a document (a fresh sequence or a reset).
+        starts = positions == 0
+        states = []
+        for i, kind in enumerate(cfg.layer_types):
+            state, x = ResidualBlock(cfg, kind, name=f"blocks_{i}")(
+                x, carry.blocks[i], positions=positions, starts=starts, seq_lengths=seq_lengths)
+            states.append(state)
+        x = lm_lib._Norm("rmsnorm", cfg.rms_norm_eps, cfg.dtype,  # pylint: disable=protected-access
+                         cfg.param_dtype, name="final_norm")(x)
+        logits = embed.attend(x).astype(jnp.float32)
+        if cfg.logits_soft_cap:
+            cap = jnp.float32(cfg.logits_soft_cap)
+            logits = cap * jnp.tanh(logits / cap)
+        return (GriffinCarry(tuple(states),
+                             lm_lib.next_position(positions, seq_lengths, carry.position)),
+                logits)
