@@ -215,7 +215,7 @@ class LocalAttention(nn.Module):
                              f"got {tuple(positions.shape)}")
         positions = positions.astype(jnp.int32)
 
-        dense = lambda n, name, bias, init: nn.Dense(
+        dense = lambda n, name, bias, init: layers_lib.Dense(
             n, use_bias=bias, dtype=dtype, param_dtype=self.param_dtype, kernel_init=init,
             name=name)
         fan_in = nn.initializers.variance_scaling(1.0, "fan_in", "normal")

@@ -342,7 +342,7 @@ class RecurrentBlock(nn.Module):
                              f"= {conv_shape}, got {tuple(carry.conv.shape)}")
         if seq_lengths is not None:
             seq_lengths = scan_lib.check_seq_lengths(seq_lengths, batch, seq_len)
-        dense = lambda n, name, init: nn.Dense(n, dtype=dtype, param_dtype=self.param_dtype,
+        dense = lambda n, name, init: layers_lib.Dense(n, dtype=dtype, param_dtype=self.param_dtype,
                                                kernel_init=init, name=name)
         x = x.astype(dtype)
         y = nn.gelu(dense(lru_width, "linear_y", _fan_in(1.0))(x))

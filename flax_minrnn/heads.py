@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flax_minrnn import layers as layers_lib
 from flax_minrnn import scan as scan_lib
 from flax_minrnn.lm import LM, LMConfig
 
@@ -138,7 +139,7 @@ class SequenceClassifier(nn.Module):
                 # The backward direction's summary is its state at step 0.
                 last = jnp.concatenate([last[:, :d], z[:, 0, d:]], axis=-1)
             pooled = jnp.where((lengths > 0)[:, None], last, jnp.zeros((), z.dtype))
-        return nn.Dense(self.num_classes, name="classifier")(pooled).astype(jnp.float32)
+        return layers_lib.Dense(self.num_classes, name="classifier")(pooled).astype(jnp.float32)
 
 
 class TokenClassifier(nn.Module):
@@ -165,7 +166,7 @@ class TokenClassifier(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         z, _ = _Features(self.config, self.bidirectional, name="features")(
             tokens, attention_mask=attention_mask, seq_lengths=seq_lengths, training=training)
-        return nn.Dense(self.num_classes, name="classifier")(z).astype(jnp.float32)
+        return layers_lib.Dense(self.num_classes, name="classifier")(z).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------

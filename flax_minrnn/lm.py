@@ -418,7 +418,7 @@ class ChannelMixing(nn.Module):
       glu: gated variant (``up`` projects to ``2 * d_hidden``: gate, value).
       dtype, param_dtype: compute and parameter dtypes.
       down_kernel_init: initialiser of ``down``'s kernel (``None``: the
-        ``nn.Dense`` default).
+        ``Dense`` default).
     """
 
     d_model: int
@@ -430,7 +430,7 @@ class ChannelMixing(nn.Module):
 
     @nn.compact
     def __call__(self, u: Array) -> Array:
-        dense = lambda n, name, **kw: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
+        dense = lambda n, name, **kw: layers_lib.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
                                                name=name, **kw)
         if self.glu:
             gate, value = jnp.split(dense(2 * self.d_hidden, "up")(u), 2, axis=-1)
@@ -619,7 +619,7 @@ class LM(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            logits = layers_lib.Dense(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               name="head")(x)
         return new_carry, logits.astype(jnp.float32)
 
@@ -669,9 +669,9 @@ class _PackageChannelMixing(nn.Module):
     @nn.compact
     def __call__(self, x, training: bool):
         u = _Norm("layernorm", self.eps, self.dtype, self.param_dtype, name="layer_norm")(x)
-        u = nn.gelu(nn.Dense(self.d_hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+        u = nn.gelu(layers_lib.Dense(self.d_hidden, dtype=self.dtype, param_dtype=self.param_dtype,
                              name="dense_layers_0")(u))
-        u = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
+        u = layers_lib.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="dense_layers_1")(u)
         return nn.Dropout(rate=self.dropout, deterministic=not training)(x + u)
 
@@ -753,7 +753,7 @@ class GatedLinearRNNLM(nn.Module):
                          param_dtype=self.param_dtype, name="input_function")(x)
         else:
             layers_lib.check_input(x)
-            h = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
+            h = layers_lib.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="input_function")(x)
         batch, seq_len = x.shape[:2]
         if mask is not None:
@@ -782,6 +782,6 @@ class GatedLinearRNNLM(nn.Module):
                 h, training)
             states.append(state)
         if self.use_head:
-            h = nn.Dense(self.output_vocab_size, dtype=self.dtype,
+            h = layers_lib.Dense(self.output_vocab_size, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="head")(h)
         return jnp.stack(states, axis=1), h

@@ -1,0 +1,115 @@
+"""LM training throughput: tokens per second of the trainer's jitted step.
+
+Run::
+
+    python -m benchmarks.bench_train [--quick] [--out FILE.json]
+
+For each time mixing (MinGRU, MinLSTM, GatedLinearRNN, RG-LRU) and each scan
+implementation that runs on the backend, the model of
+``configs/shakespeare.py`` (3 layers, d_model 128, batch 32 x 128
+characters) is trained with the trainer's own step
+(:func:`flax_minrnn.train.make_train_step`: forward, backward, AdamW update);
+the figure is ``batch * seq_len / median step time`` after a warm-up step,
+with ``block_until_ready``.  The data is the embedded corpus's first batch,
+reused, so input handling is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+
+from benchmarks import harness
+from flax_minrnn import config as config_lib
+from flax_minrnn import train as train_lib
+
+MIXINGS = ("mingru", "minlstm", "glrnn", "rglru")
+IMPLS = ("sequential", "chunked", "associative")
+CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "shakespeare.py")
+
+
+def step_time(mixing: str, impl: str, steps: int, overrides: Sequence[str] = ()
+              ) -> Dict[str, Any]:
+    config = config_lib.load_config(CONFIG, [f"model.time_mixing={mixing}",
+                                             f"model.scan_impl={impl}", *overrides])
+    dataset = train_lib.build_dataset(config)
+    model = train_lib.build_model(config, dataset.vocab_size)
+    params = train_lib.initial_params(config, model, np.zeros((1, config.data.seq_len),
+                                                              np.int32))
+    tx = train_lib.make_optimizer(config, params)
+    opt_state = tx.init(params)
+    step_fn = train_lib.make_train_step(model, tx, jax.random.key(0))
+    batch = dataset.train_batch(0)
+    t0 = time.perf_counter()
+    params, opt_state, _ = jax.block_until_ready(step_fn(params, opt_state, batch,
+                                                         np.int32(0)))
+    first = time.perf_counter() - t0
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        params, opt_state, _ = jax.block_until_ready(
+            step_fn(params, opt_state, batch, np.int32(i + 1)))
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    tokens = int(np.size(batch["inputs"]))
+    n_params = sum(int(np.size(p)) for p in jax.tree.leaves(params))
+    return dict(time_mixing=mixing, impl=impl, params=n_params, tokens_per_step=tokens,
+                first_step_s=first, median_step_ms=med * 1e3, min_step_ms=min(times) * 1e3,
+                tokens_per_s=tokens / med, steps=steps)
+
+
+def run(quick: bool = False, log=print) -> Dict[str, Any]:
+    rows: List[Dict[str, Any]] = []
+    overrides = ["data.batch_size=4", "data.seq_len=16", "model.d_model=16",
+                 "model.n_layer=1"] if quick else []
+    for mixing in MIXINGS:
+        for impl in IMPLS:
+            r = step_time(mixing, impl, 3 if quick else 20, overrides)
+            rows.append(r)
+            log(f"{mixing:8s} {impl:12s} {r['median_step_ms']:8.2f} ms/step "
+                f"{r['tokens_per_s']:10,.0f} tokens/s  (first step {r['first_step_s']:.1f} s, "
+                f"{r['params']:,} params)")
+    return dict(machine=harness.machine_info(), rows=rows,
+                settings=dict(quick=quick, config="configs/shakespeare.py",
+                              overrides=overrides))
+
+
+def markdown(res: Dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [f"LM training step ({res['settings']['config']}), {m['cpu_model'] or m['processor']}"
+             f" ({m['cpu_count']} CPUs), backend {m['backend']}, jax {m['jax_version']}:", "",
+             "| time mixing | params | " + " | ".join(f"{i} tokens/s" for i in IMPLS) + " |",
+             "|---|---:|" + "---:|" * len(IMPLS)]
+    by = {(r["time_mixing"], r["impl"]): r for r in res["rows"]}
+    for mixing in MIXINGS:
+        lines.append(f"| {mixing} | {by[(mixing, IMPLS[0])]['params']:,} | " + " | ".join(
+            f"{by[(mixing, i)]['tokens_per_s']:,.0f}" for i in IMPLS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model (harness check)")
+    p.add_argument("--out", default=None, help="write the JSON results here")
+    args = p.parse_args(argv)
+    res = run(quick=args.quick)
+    text = markdown(res)
+    print()
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump(dict(res, markdown=text), fh, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
