@@ -93,6 +93,9 @@ class LMConfig:
       use_true_recurrence: layers' gates also see ``h_{t-1}`` (sequential).
       use_tied_gates: ``glrnn`` only: ``f = 1 - i``.
       scan_impl: :class:`flax_minrnn.scan.ScanImpl` name of every layer.
+      sequence_axis: mesh axis the time axis is split over in every layer's
+        scan (:func:`flax_minrnn.parallel.sequence_parallel_scan`, the mesh of
+        ``jax.set_mesh``); ``None``: one device.  Never changes parameters.
       dtype: compute dtype (states are float32 regardless; logits are float32).
       param_dtype: parameter dtype.
     """
@@ -116,6 +119,7 @@ class LMConfig:
     use_true_recurrence: bool = False
     use_tied_gates: bool = True
     scan_impl: str = "auto"
+    sequence_axis: Optional[str] = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -140,6 +144,13 @@ class LMConfig:
         _choice("positional_encoding", self.positional_encoding, POSITIONAL_ENCODINGS)
         _at_least("max_seq_length", self.max_seq_length, 1)
         scan_lib.resolve_impl(self.scan_impl, 1, name="scan_impl")
+        if self.sequence_axis is not None and (
+                not isinstance(self.sequence_axis, str) or not self.sequence_axis
+                or self.use_true_recurrence):
+            raise ValueError(
+                f"sequence_axis must be None or a mesh axis name and needs "
+                f"use_true_recurrence=False; got sequence_axis={self.sequence_axis!r}, "
+                f"use_true_recurrence={self.use_true_recurrence}")
 
     @property
     def state_size(self) -> int:
@@ -398,7 +409,8 @@ def make_time_mixing(config: LMConfig, *, name: str, reverse: bool = False) -> n
     """The recurrent layer ``config.time_mixing`` with output width ``d_model``."""
     common = dict(d_h=config.state_size, d_model=config.d_model,
                   use_true_recurrence=config.use_true_recurrence, reverse=reverse,
-                  scan_impl=config.scan_impl, dtype=config.dtype,
+                  scan_impl=config.scan_impl, sequence_axis=config.sequence_axis,
+                  dtype=config.dtype,
                   param_dtype=config.param_dtype, name=name)
     if config.time_mixing == "mingru":
         return layers_lib.MinGRU(**common)

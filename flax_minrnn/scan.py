@@ -277,7 +277,7 @@ def _chunked(a, b, h0, reverse):
         a_t, b_t = ab
         return (a_t * h + b_t, a_t * p), None
 
-    zeros = jnp.zeros(a_c.shape[1:], a.dtype)
+    zeros = jnp.zeros_like(a_c[0])  # like a: varying inside shard_map too
     (h_end, a_prod), _ = jax.lax.scan(local, (zeros, jnp.ones_like(zeros)),
                                       (a_c, b_c), reverse=reverse)
     # Pass 2: the true initial state of every chunk (n sequential steps).
