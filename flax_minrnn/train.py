@@ -519,7 +519,9 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
           ) -> dict[str, Any]:
     """The training loop proper (see :func:`train_and_evaluate`)."""
     t, d = config.train, config.data
-    base = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
+    # From host memory: a restored key is committed to one device, which
+    # would clash with params on a mesh where it is passed (sampling).
+    base = jax.random.wrap_key_data(jnp.asarray(np.asarray(state["rng"])))
     train_step = make_train_step(model, tx,
                                  jax.random.fold_in(base, _DROPOUT_STREAM),
                                  plan)
