@@ -397,6 +397,10 @@ class MeshPlan:
         return jax.make_array_from_callback(host.shape, self.sharding(spec),
                                             lambda index: host[index])
 
+    def replicate(self, x) -> Array:
+        """``x`` on every device of the mesh (a global, replicated array)."""
+        return self.put(x, P())
+
     def put_batch(self, batch: Mapping[str, Any]) -> dict:
         """Places a batch dict (``(batch, time, ...)`` arrays) on the mesh."""
         out = {}

@@ -485,7 +485,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  "rng": jax.random.key_data(base), "data_position": 0}
         if plan is not None:  # Restores below land in these shardings too.
             state.update(plan.put_state({k: state[k] for k in
-                                         ("params", "opt_state")}))
+                                         ("params", "opt_state")}),
+                         rng=plan.replicate(state["rng"]))
         elapsed0 = 0.0
         if latest is not None:
             state, meta = ckpt.restore(latest, target=state)
@@ -528,6 +529,10 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
     eval_step = make_eval_step(model, plan)
     place = (lambda batch: batch) if plan is None else plan.put_batch
     sample_base = jax.random.fold_in(base, _SAMPLE_STREAM)
+    # Saved as a global array on a mesh (several hosts cannot save one
+    # process's array).
+    rng_data = (jax.random.key_data(base) if plan is None
+                else plan.replicate(jax.random.key_data(base)))
     schedule = learning_rate_schedule(config)
     params, opt_state = state["params"], state["opt_state"]
     step = int(state["step"])
@@ -567,7 +572,7 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
         meta = dict(metadata, step=step, data_position=step,
                     elapsed=wall())
         ckpt.save(step, {"params": params, "opt_state": opt_state,
-                         "step": step, "rng": jax.random.key_data(base),
+                         "step": step, "rng": rng_data,
                          "data_position": step},
                   metadata=meta,
                   metrics={"eval_loss": eval_metrics["eval_loss"]}

@@ -250,3 +250,57 @@ def test_distributed_arguments_are_checked(tmp_path, capsys):
                      "--workdir", str(tmp_path), "--num-processes", "2"])
     assert code == 2 and "coordinator_address" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_parallel_tiny(tmp_path):
+    """The benchmark harness runs (T = 16, one repeat); it measures nothing."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import bench_parallel
+    from benchmarks.harness import Repeats
+    res = bench_parallel.run([16], b=2, d=8, repeats=Repeats(max_n=1, min_n=1, budget_s=0.0),
+                             log=lambda s: None)
+    paths = bench_parallel.write_outputs(res, str(tmp_path))
+    with open(paths["json"]) as fh:
+        rows = json.load(fh)["rows"]
+    assert {(r["name"], r["mode"]) for r in rows} == {
+        (name, mode) for name in ("linear_scan", "sequence_parallel[1]")
+        for mode in ("fwd", "fwdbwd")}
+    assert all(r["median_ms"] > 0 and r["vs_linear_scan"] > 0 for r in rows)
+    with open(paths["md"]) as fh:
+        assert "| sequence_parallel[1] |" in fh.read()
+    assert bench_parallel.shard_counts(8) == [1, 2, 4, 8]
+    assert bench_parallel.shard_counts(6) == [1, 2, 4, 6]
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed(tmp_path):
+    """The README's several-hosts command on one machine: 2 processes x 2 CPU
+    devices (gloo collectives), FSDP over 4 devices; equals one device."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    overrides = ["mesh.shape=4", "mesh.axis_names=data", "mesh.fsdp=true",
+                 "model.n_layer=1", "model.d_model=16", "data.seq_len=16",
+                 "data.batch_size=8", "data.eval_batches=1", "train.num_steps=2",
+                 "train.eval_every=1", "train.checkpoint_every=1", "train.sample_length=8",
+                 "train.progress_bar=false"]
+    workdir = tmp_path / "run"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "flax_minrnn", "train", "--config",
+         str(REPO / "configs" / "shakespeare.py"), "--workdir", str(workdir),
+         "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+         "--process-id", str(i), *overrides],
+        cwd=str(REPO), env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    config = config_lib.load_config(str(REPO / "configs" / "shakespeare.py"),
+                                    overrides + ["mesh.shape=", "mesh.axis_names=",
+                                                 "mesh.fsdp=false"])
+    train.train_and_evaluate(config, str(tmp_path / "single"))
+    got = _flat(ckpt_lib.load_params(str(workdir / "checkpoints"))[0])
+    want = _flat(ckpt_lib.load_params(str(tmp_path / "single" / "checkpoints"))[0])
+    assert got.keys() == want.keys()
+    for key in got:
+        np.testing.assert_allclose(got[key], want[key], **TOL["float32"], err_msg=key)
