@@ -138,12 +138,7 @@ def markdown_report(res: Dict[str, Any]) -> str:
 
 
 def write_outputs(res: Dict[str, Any], out_dir: str) -> Dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f"bench_parallel.{k}") for k in ("json", "md")}
-    harness.write_json(paths["json"], res)
-    with open(paths["md"], "w") as fh:
-        fh.write(markdown_report(res) + "\n")
-    return paths
+    return harness.write_report(res, out_dir, "bench_parallel", markdown_report(res))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -160,10 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b = args.B or (4 if args.quick else 8)
     d = args.D or (64 if args.quick else 256)
     res = run(ts, b=b, d=d, impl=args.impl, quick=args.quick)
-    paths = write_outputs(res, args.out)
-    print()
-    print(markdown_report(res))
-    print(f"\nwrote {', '.join(paths.values())}  ({res['total_wall_s']:.0f} s)")
+    harness.print_report(markdown_report(res), write_outputs(res, args.out),
+                         res["total_wall_s"])
     return 0
 
 
