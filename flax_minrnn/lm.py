@@ -95,7 +95,8 @@ class LMConfig:
       scan_impl: :class:`flax_minrnn.scan.ScanImpl` name of every layer.
       sequence_axis: mesh axis the time axis is split over in every layer's
         scan (:func:`flax_minrnn.parallel.sequence_parallel_scan`, the mesh of
-        ``jax.set_mesh``); ``None``: one device.  Never changes parameters.
+        ``jax.set_mesh``); ``None``: one device.  Never changes parameters;
+        decode (one step per call) with ``None``.
       dtype: compute dtype (states are float32 regardless; logits are float32).
       param_dtype: parameter dtype.
     """

@@ -417,9 +417,7 @@ class MeshPlan:
 
     def constrain_state(self, tree):
         """``with_sharding_constraint`` to :meth:`state_spec` (inside jit)."""
-        return jax.tree.map(
-            lambda x: jax.lax.with_sharding_constraint(
-                x, self.sharding(self.state_spec(x.shape))), tree)
+        return jax.lax.with_sharding_constraint(tree, self.state_shardings(tree))
 
     def wrap(self, fn: Callable) -> Callable:
         """``fn`` called under ``jax.set_mesh(self.mesh)`` (the layers' mesh)."""
