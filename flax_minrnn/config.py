@@ -39,7 +39,8 @@ CHOICES = {
     "model.time_mixing": ("mingru", "minlstm", "glrnn"),
     "model.norm": ("rmsnorm", "layernorm"),
 }
-# Tuple-valued keys and the type of their elements (overrides: "2,4").
+# List-valued keys and the type of their elements (overrides: "2,4"). Lists,
+# not tuples, so that the config JSON holds the same values.
 SEQUENCES = {"mesh.shape": int, "mesh.axis_names": str}
 CONFIG_FILENAME = "config.json"
 
@@ -109,12 +110,12 @@ def default_config() -> ConfigDict:
     # Two-stage training: stage 2 initialises from the run in `workdir`.
     c.init_from = ConfigDict(dict(workdir="", load_regex=".*",
                                   freeze_regex=""))
-    # Devices (flax_minrnn.parallel; README "Multi-device"). shape () = one
-    # device, no mesh; e.g. shape (8,) axis_names ("data",), or (2, 4) with
-    # ("data", "seq") and sequence_axis "seq". One size may be -1 (the rest).
+    # Devices (flax_minrnn.parallel; README "Multi-device"). shape [] = one
+    # device, no mesh; e.g. shape [8] axis_names ["data"], or [2, 4] with
+    # ["data", "seq"] and sequence_axis "seq". One size may be -1 (the rest).
     c.mesh = ConfigDict(dict(
-        shape=(),
-        axis_names=(),
+        shape=[],
+        axis_names=[],
         data_axis="data",          # mesh axis splitting the batch ('' = none)
         fsdp=False,                # also split params + optimizer state over it
         sequence_axis="",          # mesh axis splitting time ('' = none)
@@ -148,15 +149,15 @@ def _unknown(dotted: str) -> ConfigError:
     return ConfigError(f"Unknown config key {dotted!r}.{hint}")
 
 
-def _check_sequence(dotted: str, value: Any) -> tuple:
-    """A tuple of ``SEQUENCES[dotted]`` elements (lists, e.g. from JSON, ok)."""
+def _check_sequence(dotted: str, value: Any) -> list:
+    """A list of ``SEQUENCES[dotted]`` elements (a tuple is accepted)."""
     element = SEQUENCES[dotted]
     if not isinstance(value, (tuple, list)) or not all(
             isinstance(v, element) and not isinstance(v, bool) for v in value):
-        raise ConfigError(f"Config key {dotted!r} expects a tuple of "
+        raise ConfigError(f"Config key {dotted!r} expects a list of "
                           f"{element.__name__}, got {type(value).__name__} "
                           f"{value!r}.")
-    return tuple(value)
+    return list(value)
 
 
 def _check_value(dotted: str, value: Any, default: Any) -> Any:
@@ -222,7 +223,7 @@ def _parse(dotted: str, text: str, default: Any) -> Any:
     if dotted in SEQUENCES:  # "2,4", "(2, 4)", "[2, 4]", "data,seq", "".
         items = [t.strip().strip("'\"") for t in
                  text.strip().strip("()[]").split(",")]
-        return tuple(SEQUENCES[dotted](t) for t in items if t)
+        return [SEQUENCES[dotted](t) for t in items if t]
     if isinstance(default, bool):
         lowered = text.strip().lower()
         if lowered in ("true", "1", "yes"):

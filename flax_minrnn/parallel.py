@@ -103,8 +103,8 @@ def _local_scan(a, b, h0, mask, *, axis_name: str, impl, reverse: bool):
     k = jax.lax.axis_index(axis_name)
     slot = (jnp.arange(n) == k)[(None, slice(None)) + feat]
     zero_s = jnp.zeros((), a.dtype)
-    gather = lambda x: jax.lax.psum(jnp.where(slot, x[:, None], zero_s), axis_name)
-    s_prod, s_end = gather(a_prod), gather(h_end)
+    s_prod, s_end = jax.lax.psum(  # one all-reduce of both summaries
+        tuple(jnp.where(slot, x[:, None], zero_s) for x in (a_prod, h_end)), axis_name)
 
     # Cross-shard combine: s_k = A_k s_{k-1} + H_k (n steps, same recurrence).
     _, s = scan_lib.linear_scan(s_prod, s_end, h0, impl=scan_lib.ScanImpl.SEQUENTIAL,

@@ -162,19 +162,22 @@ def test_mesh_config_keys_overrides_and_json():
     config = config_lib.apply_overrides(config_lib.default_config(), [
         "mesh.shape=2,4", "mesh.axis_names=(data, seq)", "mesh.fsdp=true",
         "mesh.sequence_axis=seq"])
-    assert config.mesh.shape == (2, 4) and config.mesh.axis_names == ("data", "seq")
+    assert config.mesh.shape == [2, 4] and config.mesh.axis_names == ["data", "seq"]
     assert config.mesh.fsdp and config.mesh.sequence_axis == "seq"
     assert config.mesh.data_axis == "data"
-    again = config_lib.config_from_json(config_lib.config_to_json(config))
-    assert again.to_dict() == config.to_dict()  # lists in JSON, tuples back
-    assert config_lib.default_config().mesh.shape == ()  # one device by default
+    text = config_lib.config_to_json(config)
+    assert json.loads(text)["mesh"] == config.mesh.to_dict()  # the same values in JSON
+    assert config_lib.config_from_json(text).to_dict() == config.to_dict()
+    assert config_lib.default_config().mesh.shape == []  # one device by default
+    tuples = config_lib.validate({"mesh": {"shape": (2, 4), "axis_names": ("a", "b")}})
+    assert tuples.mesh.shape == [2, 4] and tuples.mesh.axis_names == ["a", "b"]
     empty = config_lib.apply_overrides(config, ["mesh.shape=", "mesh.axis_names=[]"])
-    assert empty.mesh.shape == () and empty.mesh.axis_names == ()
+    assert empty.mesh.shape == [] and empty.mesh.axis_names == []
     with pytest.raises(config_lib.ConfigError, match="mesh.shape"):
         config_lib.apply_overrides(config, ["mesh.shape=2,x"])
-    with pytest.raises(config_lib.ConfigError, match=r"mesh.shape.*tuple of int"):
+    with pytest.raises(config_lib.ConfigError, match=r"mesh.shape.*list of int"):
         config_lib.validate({"mesh": {"shape": 8}})
-    with pytest.raises(config_lib.ConfigError, match=r"mesh.axis_names.*tuple of str"):
+    with pytest.raises(config_lib.ConfigError, match=r"mesh.axis_names.*list of str"):
         config_lib.validate({"mesh": {"axis_names": ("data", 1)}})
     for key in ("mesh.shape", "mesh.axis_names", "mesh.fsdp", "mesh.sequence_axis",
                 "mesh.data_axis"):
