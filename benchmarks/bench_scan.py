@@ -126,12 +126,7 @@ def markdown_report(res: Dict[str, Any]) -> str:
 
 
 def write_outputs(res: Dict[str, Any], out_dir: str, stem: str = "bench_scan") -> Dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f"{stem}.{k}") for k in ("json", "md")}
-    harness.write_json(paths["json"], res)
-    with open(paths["md"], "w") as fh:
-        fh.write(markdown_report(res) + "\n")
-    return paths
+    return harness.write_report(res, out_dir, stem, markdown_report(res))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -226,6 +226,23 @@ def write_json(path: str, obj: Any) -> None:
         json.dump(obj, fh, indent=1, sort_keys=False, default=_json_default)
 
 
+def write_report(res: Any, out_dir: str, stem: str, markdown: str) -> Dict[str, str]:
+    """Writes ``{stem}.json`` (``res``) and ``{stem}.md`` into ``out_dir``; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"{stem}.{k}") for k in ("json", "md")}
+    write_json(paths["json"], res)
+    with open(paths["md"], "w") as fh:
+        fh.write(markdown + "\n")
+    return paths
+
+
+def print_report(markdown: str, paths: Dict[str, str], wall_s: float) -> None:
+    """Prints a report and where it was written."""
+    print()
+    print(markdown)
+    print(f"\nwrote {', '.join(paths.values())}  ({wall_s:.0f} s)")
+
+
 def _json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)

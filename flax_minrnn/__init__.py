@@ -14,6 +14,7 @@ from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM, g_activation
 from flax_minrnn.lm import LM, GatedLinearRNNLM, LMCarry, LMConfig
 from flax_minrnn.migrate import (from_flax_gated_linear_rnn, migrate_params,
                                  to_associative, to_true_recurrence)
+from flax_minrnn.parallel import sequence_parallel_scan
 from flax_minrnn.scan import ScanImpl, default_impl, linear_scan
 from flax_minrnn.wrappers import Bidirectional, RNNCell, Stack
 
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # scan
-    "linear_scan", "ScanImpl", "default_impl",
+    "linear_scan", "ScanImpl", "default_impl", "sequence_parallel_scan",
     # layers
     "MinGRU", "MinLSTM", "GatedLinearRNN", "RGLRU", "g_activation",
     "RNNCell", "Bidirectional", "Stack",

@@ -320,8 +320,12 @@ class Checkpointer:
             target: Pytree of arrays / ``jax.ShapeDtypeStruct`` with the saved
                 structure (e.g. ``jax.eval_shape`` of the initial state), so
                 optax NamedTuples come back as such. Leaves with a sharding
-                (concrete arrays included) restore with it. Dtypes and leaf
-                kinds (jax / numpy / Python scalar) are always the saved ones.
+                (concrete arrays included) restore with it, whatever the
+                sharding they were saved with: a state saved on 8 devices
+                restores on 1 or 4 when the target carries the new mesh's
+                shardings (``flax_minrnn.parallel.MeshPlan.put_state``).
+                Dtypes and leaf kinds (jax / numpy / Python scalar) are
+                always the saved ones.
 
         Returns:
             ``(state, metadata)``.

@@ -3,6 +3,8 @@
 Subcommands::
 
     train    --config PATH[:arg] --workdir DIR [key=value ...]
+             [--distributed | --coordinator-address HOST:PORT
+              --num-processes N --process-id I]
     eval     --workdir DIR [key=value ...]
     generate --workdir DIR --prompt TEXT [--max-new-tokens N]
              [--temperature T] [--top-k K] [--top-p P] [--seed S]
@@ -32,6 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="run directory")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.num_steps=100")
+    g = p.add_argument_group(
+        "several hosts", "one process per host, each calling "
+        "jax.distributed.initialize before anything else (README: Multi-device)")
+    g.add_argument("--distributed", action="store_true",
+                   help="initialize with auto-detection (Slurm, Open MPI, TPU)")
+    g.add_argument("--coordinator-address", default=None,
+                   help="HOST:PORT of process 0 (with --num-processes, --process-id)")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
 
     p = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
     p.add_argument("--workdir", required=True)
@@ -109,6 +120,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from flax_minrnn import config as config_lib  # pylint: disable=g-import-not-at-top
         config = config_lib.load_config(args.config, args.overrides)
+        explicit = (args.coordinator_address, args.num_processes, args.process_id)
+        if args.distributed or any(v is not None for v in explicit):
+            from flax_minrnn import parallel  # pylint: disable=g-import-not-at-top
+            parallel.initialize_distributed(*explicit)
         from flax_minrnn import train  # pylint: disable=g-import-not-at-top
         metrics = train.train_and_evaluate(config, args.workdir)
         metrics.pop("sample", None)

@@ -40,6 +40,9 @@ CHOICES = {
     "model.time_mixing": ("mingru", "minlstm", "glrnn", "rglru"),
     "model.norm": ("rmsnorm", "layernorm"),
 }
+# List-valued keys and the type of their elements (overrides: "2,4"). Lists,
+# not tuples, so that the config JSON holds the same values.
+SEQUENCES = {"mesh.shape": int, "mesh.axis_names": str}
 CONFIG_FILENAME = "config.json"
 
 
@@ -130,6 +133,16 @@ def default_config() -> ConfigDict:
     # Two-stage training: stage 2 initialises from the run in `workdir`.
     c.init_from = ConfigDict(dict(workdir="", load_regex=".*",
                                   freeze_regex=""))
+    # Devices (flax_minrnn.parallel; README "Multi-device"). shape [] = one
+    # device, no mesh; e.g. shape [8] axis_names ["data"], or [2, 4] with
+    # ["data", "seq"] and sequence_axis "seq". One size may be -1 (the rest).
+    c.mesh = ConfigDict(dict(
+        shape=[],
+        axis_names=[],
+        data_axis="data",          # mesh axis splitting the batch ('' = none)
+        fsdp=False,                # also split params + optimizer state over it
+        sequence_axis="",          # mesh axis splitting time ('' = none)
+    ))
     return c
 
 
@@ -159,8 +172,21 @@ def _unknown(dotted: str) -> ConfigError:
     return ConfigError(f"Unknown config key {dotted!r}.{hint}")
 
 
+def _check_sequence(dotted: str, value: Any) -> list:
+    """A list of ``SEQUENCES[dotted]`` elements (a tuple is accepted)."""
+    element = SEQUENCES[dotted]
+    if not isinstance(value, (tuple, list)) or not all(
+            isinstance(v, element) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"Config key {dotted!r} expects a list of "
+                          f"{element.__name__}, got {type(value).__name__} "
+                          f"{value!r}.")
+    return list(value)
+
+
 def _check_value(dotted: str, value: Any, default: Any) -> Any:
     """Returns ``value`` if it has the type of ``default`` (int -> float ok)."""
+    if dotted in SEQUENCES:
+        return _check_sequence(dotted, value)
     expected = type(default)
     ok = isinstance(value, expected) and (expected is bool
                                           or not isinstance(value, bool))
@@ -217,6 +243,10 @@ def validate(config: Mapping[str, Any] | ConfigDict) -> ConfigDict:
 
 
 def _parse(dotted: str, text: str, default: Any) -> Any:
+    if dotted in SEQUENCES:  # "2,4", "(2, 4)", "[2, 4]", "data,seq", "".
+        items = [t.strip().strip("'\"") for t in
+                 text.strip().strip("()[]").split(",")]
+        return [SEQUENCES[dotted](t) for t in items if t]
     if isinstance(default, bool):
         lowered = text.strip().lower()
         if lowered in ("true", "1", "yes"):

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_minrnn import parallel as parallel_lib
 from flax_minrnn import scan as scan_lib
 
 Array = jax.Array
@@ -262,12 +263,13 @@ def run_recurrence(
     ``h`` are float32 states ``(batch, time, d_h)`` (zero at invalid steps),
     ``aux`` the gate function's extra output, ``valid`` the mask or ``None``.
     Reads the fields ``dtype``, ``param_dtype``, ``kernel_init``,
-    ``bias_init``, ``use_bias``, ``use_true_recurrence``, ``scan_impl`` and
-    ``reverse`` of ``module``.
+    ``bias_init``, ``use_bias``, ``use_true_recurrence``, ``scan_impl``,
+    ``reverse`` and (if present) ``sequence_axis`` of ``module``.
     """
     check_input(x)
     batch, seq_len, _ = x.shape
     impl = scan_lib.resolve_impl(module.scan_impl, seq_len, name="scan_impl")
+    scan = parallel_lib.layer_scan(module)  # linear_scan, or over sequence_axis
     dtype = module.dtype or x.dtype
     s_dtype = state_dtype(dtype, module.param_dtype)
     h0 = check_carry(carry, batch, d_h, s_dtype)
@@ -292,9 +294,14 @@ def run_recurrence(
                                  else bias.astype(s_dtype)))
 
     if not module.use_true_recurrence:
-        h_last, h = scan_lib.gated_scan(
-            lambda p, bias: tuple(gates_of(p, bias)[:2]), pre, h0, params=bias,
-            impl=impl, reset=reset, mask=valid, reverse=module.reverse)
+        if module.sequence_axis is None:
+            h_last, h = scan_lib.gated_scan(
+                lambda p, bias: tuple(gates_of(p, bias)[:2]), pre, h0, params=bias,
+                impl=impl, reset=reset, mask=valid, reverse=module.reverse)
+        else:  # the time axis is split over a mesh axis
+            gates = gates_of(pre, bias)
+            h_last, h = scan(gates.a, gates.b, h0, impl=impl, reset=reset,
+                             mask=valid, reverse=module.reverse)
         # Only GatedLinearRNN has an output gate; XLA drops the unused a, b.
         aux = gates_of(pre, bias).aux
         return h_last, h, aux, valid
@@ -396,6 +403,9 @@ _COMMON_ATTRIBUTES = """
         state at step 0).
       scan_impl: a :class:`flax_minrnn.scan.ScanImpl` name; never changes the
         parameters, only speed (ignored in true-recurrence mode).
+      sequence_axis: a mesh axis name: the time axis is split over it
+        (:func:`flax_minrnn.parallel.sequence_parallel_scan`; the mesh is the
+        context's, ``jax.set_mesh``); ``None``: one device. Same parameters.
       use_bias: whether ``in_proj`` (and ``out_proj``) have a bias.
       dtype: compute dtype of the projections (``None``: the input's). Gates
         and the state are float32 regardless.
@@ -441,6 +451,7 @@ class MinGRU(nn.Module):
     use_true_recurrence: bool = False
     reverse: bool = False
     scan_impl: str = "auto"
+    sequence_axis: Optional[str] = None
     use_bias: bool = True
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
@@ -524,6 +535,7 @@ class MinLSTM(nn.Module):
     use_true_recurrence: bool = False
     reverse: bool = False
     scan_impl: str = "auto"
+    sequence_axis: Optional[str] = None
     use_bias: bool = True
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
@@ -629,6 +641,7 @@ class GatedLinearRNN(nn.Module):
     forget_bias: float = 0.0
     reverse: bool = False
     scan_impl: str = "auto"
+    sequence_axis: Optional[str] = None
     use_bias: bool = True
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32

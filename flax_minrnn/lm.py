@@ -100,6 +100,10 @@ class LMConfig:
       rglru_num_heads: ``rglru`` only: number of diagonal blocks of the
         RG-LRU's gate weights (must divide ``d_model``).
       scan_impl: :class:`flax_minrnn.scan.ScanImpl` name of every layer.
+      sequence_axis: mesh axis the time axis is split over in every layer's
+        scan (:func:`flax_minrnn.parallel.sequence_parallel_scan`, the mesh of
+        ``jax.set_mesh``); ``None``: one device.  Never changes parameters;
+        decode (one step per call) with ``None``.
       dtype: compute dtype (states are float32 regardless; logits are float32).
       param_dtype: parameter dtype.
     """
@@ -124,6 +128,7 @@ class LMConfig:
     use_tied_gates: bool = True
     rglru_num_heads: int = 1
     scan_impl: str = "auto"
+    sequence_axis: Optional[str] = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -159,7 +164,17 @@ class LMConfig:
                                  f"d_model={self.d_model}")
             if self.use_true_recurrence:
                 raise ValueError("use_true_recurrence must be False with time_mixing='rglru'")
+            if self.sequence_axis is not None:
+                raise ValueError("sequence_axis is not supported with time_mixing='rglru' "
+                                 f"(got {self.sequence_axis!r}); use mingru/minlstm/glrnn")
             _choice("scan_impl (time_mixing='rglru')", self.scan_impl, LINEAR_SCAN_IMPLS)
+        if self.sequence_axis is not None and (
+                not isinstance(self.sequence_axis, str) or not self.sequence_axis
+                or self.use_true_recurrence):
+            raise ValueError(
+                f"sequence_axis must be None or a mesh axis name and needs "
+                f"use_true_recurrence=False; got sequence_axis={self.sequence_axis!r}, "
+                f"use_true_recurrence={self.use_true_recurrence}")
 
     @property
     def state_size(self) -> int:
@@ -452,7 +467,8 @@ def make_time_mixing(config: LMConfig, *, name: str, reverse: bool = False) -> n
                      dtype=config.dtype, param_dtype=config.param_dtype, name=name)
     common = dict(d_h=config.state_size, d_model=config.d_model,
                   use_true_recurrence=config.use_true_recurrence, reverse=reverse,
-                  scan_impl=config.scan_impl, dtype=config.dtype,
+                  scan_impl=config.scan_impl, sequence_axis=config.sequence_axis,
+                  dtype=config.dtype,
                   param_dtype=config.param_dtype, name=name)
     if config.time_mixing == "mingru":
         return layers_lib.MinGRU(**common)

@@ -286,8 +286,9 @@ def _loop(coeff_fn, xs, consts, params, h0, reverse: bool, axis: int, *, store: 
     size = max(1, min(unroll, n))
     num_full, rem, full_start, rem_start = _blocks(n, size, reverse)
     if store:
+        # Built from h0 (not jnp.zeros) so it has h0's type inside shard_map.
         out_shape = h0.shape[:axis] + (n,) + h0.shape[axis:]
-        out = jnp.zeros(out_shape, h0.dtype)
+        out = jnp.broadcast_to(jnp.expand_dims(jnp.zeros_like(h0), axis), out_shape)
     else:
         out = None
 
@@ -409,7 +410,7 @@ def _chunked(a, b, h0, reverse):
         b = jnp.pad(b, widths, constant_values=0)
     a4 = a.reshape(batch, n, c, *feat)
     b4 = b.reshape(batch, n, c, *feat)
-    zeros = jnp.zeros((batch, n) + feat, a.dtype)
+    zeros = jnp.zeros_like(a4[:, :, 0])  # like a: varying inside shard_map too
     h_end, _ = _loop(_identity_coeffs, (a4, b4), (), (), zeros, reverse, 2,   # pass 1
                      store=False)
     a_prod = jnp.prod(a4, axis=2)

@@ -41,6 +41,7 @@ from flax.core import unfreeze
 
 from flax_minrnn import checkpoint as ckpt_lib
 from flax_minrnn import config as config_lib
+from flax_minrnn import parallel as parallel_lib
 from flax_minrnn.config import ConfigError
 from flax_minrnn.data import CharDataset, CharVocab, load_text, make_task
 from flax_minrnn.griffin import Griffin, GriffinConfig
@@ -51,8 +52,11 @@ CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.txt"
 TB_DIR = "tb"
-# Config keys that may differ between a workdir's run and its resumption.
-RESUMABLE_KEYS = ("train.num_steps", "train.progress_bar")
+# Config keys that may differ between a workdir's run and its resumption
+# (the mesh too: a run may resume on another number of devices).
+RESUMABLE_KEYS = ("train.num_steps", "train.progress_bar", "mesh.shape",
+                  "mesh.axis_names", "mesh.data_axis", "mesh.fsdp",
+                  "mesh.sequence_axis")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16, "float64": jnp.float64}
 # Independent PRNG streams derived from key(seed).
@@ -247,14 +251,29 @@ def _lr(schedule: optax.Schedule, step: int) -> float:
         return float(schedule(max(int(step), 0)))
 
 
+def on_mesh(model: LM, plan: "parallel_lib.MeshPlan | None") -> LM:
+    """``model`` with its layers' scans split over ``plan.sequence_axis``."""
+    if plan is None or plan.sequence_axis is None:
+        return model
+    if not isinstance(model, LM):
+        raise ConfigError("mesh.sequence_axis is supported for model.architecture='lm' "
+                          f"only, not for a {type(model).__name__}")
+    return model.clone(config=dataclasses.replace(
+        model.config, sequence_axis=plan.sequence_axis))
+
+
 def make_train_step(model: LM, tx: optax.GradientTransformation,
-                    dropout_base: jax.Array) -> Callable:
+                    dropout_base: jax.Array,
+                    plan: "parallel_lib.MeshPlan | None" = None) -> Callable:
     """Returns ``train_step(params, opt_state, batch, step) -> (p, s, m)``.
 
     The dropout key of step ``step`` is ``fold_in(dropout_base, step)``.
     Metrics: loss, accuracy, grad_norm and ``finite`` (loss, gradients and
-    new params all finite).
+    new params all finite).  With a ``plan`` (:mod:`flax_minrnn.parallel`)
+    the step runs on its mesh: params, optimizer state and batch as placed by
+    the plan (the new state keeps the plan's shardings).
     """
+    model = on_mesh(model, plan)
 
     def train_step(params, opt_state, batch, step):
         key = jax.random.fold_in(dropout_base, step)
@@ -271,6 +290,9 @@ def make_train_step(model: LM, tx: optax.GradientTransformation,
         with _optax_promotion():
             updates, new_opt_state = tx.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
+        if plan is not None:
+            new_params, new_opt_state = plan.constrain_state(
+                (new_params, new_opt_state))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         for leaf in jax.tree.leaves(new_params):
@@ -280,11 +302,13 @@ def make_train_step(model: LM, tx: optax.GradientTransformation,
         return new_params, new_opt_state, dict(
             loss=loss, accuracy=accuracy, grad_norm=grad_norm, finite=finite)
 
-    return jax.jit(train_step)
+    return jax.jit(train_step) if plan is None else plan.wrap(jax.jit(train_step))
 
 
-def make_eval_step(model: LM) -> Callable:
+def make_eval_step(model: LM, plan: "parallel_lib.MeshPlan | None" = None
+                   ) -> Callable:
     """Returns ``eval_step(params, batch) -> (loss_sum, correct, weight)``."""
+    model = on_mesh(model, plan)
 
     def eval_step(params, batch):
         _, logits = model.apply({"params": params}, batch["inputs"],
@@ -295,7 +319,7 @@ def make_eval_step(model: LM) -> Callable:
                 _accuracy_terms(logits, batch["targets"], batch["weights"]),
                 total)
 
-    return jax.jit(eval_step)
+    return jax.jit(eval_step) if plan is None else plan.wrap(jax.jit(eval_step))
 
 
 def evaluate_batches(eval_step: Callable, params, batches
@@ -375,10 +399,13 @@ def initial_params(config: ml_collections.ConfigDict, model: LM,
 # ----------------------------------------------------------------------------
 
 class _Logger:
-    """metrics.jsonl + TensorBoard + console."""
+    """metrics.jsonl + TensorBoard + console (files: process 0 only)."""
 
     def __init__(self, workdir: str, resume_step: int | None):
         self.path = os.path.join(workdir, METRICS_FILE)
+        self.writer = None
+        if jax.process_index() != 0:  # Several hosts: one writer.
+            return
         lines = []
         if resume_step is not None and os.path.exists(self.path):
             # Drop lines logged after the checkpoint we resume from.
@@ -396,6 +423,8 @@ class _Logger:
         self.writer = SummaryWriter(os.path.join(workdir, TB_DIR))
 
     def log(self, record: Mapping[str, Any]) -> None:
+        if self.writer is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(dict(record)) + "\n")
         split, step = record["split"], record["step"]
@@ -405,7 +434,8 @@ class _Logger:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _write(message: str) -> None:
@@ -491,6 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             except ValueError as e:
                 raise ConfigError(f"train.sample_prompt: {e}") from e
         model = build_model(config, dataset.vocab_size)
+        plan = _mesh_plan(config, dataset)
         base = jax.random.key(config.seed)
         example = _example_tokens(dataset)
         if latest is None:
@@ -504,35 +535,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         tx = make_optimizer(config, params)
         state = {"params": params, "opt_state": tx.init(params), "step": 0,
                  "rng": jax.random.key_data(base), "data_position": 0}
+        if plan is not None:  # Restores below land in these shardings too.
+            state.update(plan.put_state({k: state[k] for k in
+                                         ("params", "opt_state")}),
+                         rng=plan.replicate(state["rng"]))
         elapsed0 = 0.0
         if latest is not None:
             state, meta = ckpt.restore(latest, target=state)
             elapsed0 = float(meta.get("elapsed", 0.0))
             _write(f"Resuming {workdir} from step {latest}.")
-        config_lib.save_config(workdir, config)
+        if jax.process_index() == 0:
+            config_lib.save_config(workdir, config)
         metadata = {"config": config_lib.config_to_json(config),
                     "vocab": vocab.to_json() if vocab is not None else None,
                     "vocab_size": int(dataset.vocab_size)}
         return _loop(config, workdir, ckpt, model, tx, dataset, vocab, state,
                      metadata, elapsed0, resumed=latest is not None,
-                     stop_at_step=stop_at_step, tqdm_cls=tqdm.tqdm)
+                     stop_at_step=stop_at_step, tqdm_cls=tqdm.tqdm, plan=plan)
     finally:
         ckpt.close()
 
 
+def _mesh_plan(config, dataset) -> "parallel_lib.MeshPlan | None":
+    """``config.mesh`` as a checked plan (None: one device, no mesh)."""
+    try:
+        plan = parallel_lib.plan_from_config(config.mesh)
+        if plan is not None:
+            plan.check_batch(config.data.batch_size, int(dataset.seq_len))
+    except ValueError as e:
+        raise ConfigError(f"Invalid mesh config: {e}") from e
+    return plan
+
+
 def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
-          elapsed0, *, resumed, stop_at_step, tqdm_cls) -> dict[str, Any]:
+          elapsed0, *, resumed, stop_at_step, tqdm_cls, plan=None
+          ) -> dict[str, Any]:
     """The training loop proper (see :func:`train_and_evaluate`)."""
     t, d = config.train, config.data
-    base = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
+    # From host memory: a restored key is committed to one device, which
+    # would clash with params on a mesh where it is passed (sampling).
+    base = jax.random.wrap_key_data(jnp.asarray(np.asarray(state["rng"])))
     train_step = make_train_step(model, tx,
-                                 jax.random.fold_in(base, _DROPOUT_STREAM))
-    eval_step = make_eval_step(model)
+                                 jax.random.fold_in(base, _DROPOUT_STREAM),
+                                 plan)
+    eval_step = make_eval_step(model, plan)
+    place = (lambda batch: batch) if plan is None else plan.put_batch
     sample_base = jax.random.fold_in(base, _SAMPLE_STREAM)
+    # Saved as a global array on a mesh (several hosts cannot save one
+    # process's array).
+    rng_data = (jax.random.key_data(base) if plan is None
+                else plan.replicate(jax.random.key_data(base)))
     schedule = learning_rate_schedule(config)
     params, opt_state = state["params"], state["opt_state"]
     step = int(state["step"])
-    eval_data = dataset.eval_batches(d.eval_batches)
+    eval_data = [place(b) for b in dataset.eval_batches(d.eval_batches)]
     logger = _Logger(workdir, step if resumed else None)
     t_start = time.time()
     wall = lambda: elapsed0 + time.time() - t_start
@@ -557,8 +613,9 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
                             t.sample_length, key,
                             temperature=t.sample_temperature,
                             top_k=t.sample_top_k)
-        with open(os.path.join(workdir, SAMPLES_FILE), "a") as f:
-            f.write(f"=== step {step} ===\n{text}\n\n")
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, SAMPLES_FILE), "a") as f:
+                f.write(f"=== step {step} ===\n{text}\n\n")
         _write(f"--- sample at step {step} ---\n{text}\n---")
         final["sample"] = text
 
@@ -567,7 +624,7 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
         meta = dict(metadata, step=step, data_position=step,
                     elapsed=wall())
         ckpt.save(step, {"params": params, "opt_state": opt_state,
-                         "step": step, "rng": jax.random.key_data(base),
+                         "step": step, "rng": rng_data,
                          "data_position": step},
                   metadata=meta,
                   metrics={"eval_loss": eval_metrics["eval_loss"]}
@@ -585,7 +642,7 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
             tic = time.perf_counter()
             batch = dataset.train_batch(step)
             new_params, new_opt_state, m = train_step(
-                params, opt_state, batch, np.int32(step))
+                params, opt_state, place(batch), np.int32(step))
             m = jax.device_get(m)
             window_time += time.perf_counter() - tic
             if not bool(m["finite"]):

@@ -1,0 +1,481 @@
+"""Multi-device training and the sequence-parallel linear scan.
+
+Everything here is JAX's own SPMD machinery: a :class:`jax.sharding.Mesh` of
+devices with named axes, :class:`~jax.sharding.NamedSharding` to place
+arrays on it, :func:`jax.shard_map` for the one place where per-device code
+is written by hand (the sequence-parallel scan), and
+:func:`jax.distributed.initialize` for several hosts.  Nothing else.
+
+Three pieces:
+
+* **Meshes** (:func:`make_mesh`, :func:`plan_from_config`): a mesh built from
+  a shape and axis names, validated against the devices there are; errors
+  name the numbers.  Mesh axes are ``AxisType.Auto``: code outside
+  ``shard_map`` is written for the global arrays and XLA partitions it.
+* **Sharding rules** (:class:`MeshPlan`): the batch ``(batch, time)`` is
+  split over the data axis (and the time axis over the sequence axis, when
+  there is one); parameters and optimizer state are replicated, or, with
+  ``fsdp=True``, every leaf is split along one dimension over the data axis
+  (:func:`fsdp_spec`: its largest dimension divisible by the axis size; a
+  leaf without one is replicated).
+* **The sequence-parallel scan** (:func:`sequence_parallel_scan`): the time
+  axis of ``h_t = a_t * h_{t-1} + b_t`` split over a mesh axis, with the
+  same contract as :func:`flax_minrnn.scan.linear_scan`.  The layers use it
+  when their ``sequence_axis`` field names a mesh axis
+  (:func:`layer_scan`).
+
+How a layer finds the mesh: a layer with ``sequence_axis="seq"`` reads the
+mesh of the context, ``jax.sharding.get_abstract_mesh()``, i.e. the one set
+by ``with jax.set_mesh(mesh):`` around the (jitted) call; without such a
+context, or when the mesh has no axis ``"seq"``, it raises ``ValueError``.
+The trainer sets the context itself (:meth:`MeshPlan.wrap`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from flax_minrnn import scan as scan_lib
+
+Array = jax.Array
+
+__all__ = ["sequence_parallel_scan", "layer_scan", "make_mesh", "fsdp_spec",
+           "MeshPlan", "plan_from_config", "initialize_distributed"]
+
+
+# ----------------------------------------------------------------------------
+# The sequence-parallel scan.
+
+
+def _context_mesh(axis_name: str, mesh) -> Any:
+    """The mesh to shard over: ``mesh`` or the context's; checks the axis."""
+    if not isinstance(axis_name, str) or not axis_name:
+        raise ValueError(
+            f"axis_name must be a non-empty mesh axis name, got {axis_name!r}")
+    found = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    names = tuple(getattr(found, "axis_names", ()))
+    if axis_name not in names:
+        where = "the mesh passed" if mesh is not None else (
+            "the current mesh (set one with `with jax.set_mesh(mesh):`)")
+        raise ValueError(
+            f"sequence axis {axis_name!r} is not an axis of {where}; its axes "
+            f"are {names}")
+    types = dict(zip(names, getattr(found, "axis_types", ())))
+    if types.get(axis_name) == AxisType.Manual:
+        raise ValueError(
+            f"sequence_parallel_scan was called inside a shard_map that is "
+            f"already manual over {axis_name!r}; call it on the global arrays")
+    return found
+
+
+def _local_scan(a, b, h0, mask, *, axis_name: str, impl, reverse: bool):
+    """Per-shard body of :func:`sequence_parallel_scan` (inside shard_map).
+
+    ``a`` already carries the resets (``a = 0`` at document boundaries).
+    Returns the replicated final state and this shard's states.
+    """
+    batch = a.shape[0]
+    feat = (None,) * (a.ndim - 2)
+    # Local pass from a zero state and the cumulative product of a: one
+    # linear_scan over the two problems stacked on the batch axis.  The
+    # initial states derive from `a` so that they vary over the axis like it.
+    zero = jnp.zeros_like(a[:, 0])
+    one = jnp.ones_like(a[:, 0])
+    stacked_mask = None if mask is None else jnp.concatenate([mask, mask], 0)
+    ends, states = scan_lib.linear_scan(
+        jnp.concatenate([a, a], 0), jnp.concatenate([b, jnp.zeros_like(b)], 0),
+        jnp.concatenate([zero, one], 0), impl=impl, mask=stacked_mask,
+        reverse=reverse)
+    h_local, a_cum = states[:batch], states[batch:]
+    h_end, a_prod = ends[:batch], ends[batch:]
+
+    # Every shard's (A_k, H_k) on every shard: a psum of one-hot slots, so
+    # the summaries (and what is computed from them) are replicated.
+    n = jax.lax.axis_size(axis_name)
+    k = jax.lax.axis_index(axis_name)
+    slot = (jnp.arange(n) == k)[(None, slice(None)) + feat]
+    zero_s = jnp.zeros((), a.dtype)
+    s_prod, s_end = jax.lax.psum(  # one all-reduce of both summaries
+        tuple(jnp.where(slot, x[:, None], zero_s) for x in (a_prod, h_end)), axis_name)
+
+    # Cross-shard combine: s_k = A_k s_{k-1} + H_k (n steps, same recurrence).
+    _, s = scan_lib.linear_scan(s_prod, s_end, h0, impl=scan_lib.ScanImpl.SEQUENTIAL,
+                                reverse=reverse)
+    if reverse:
+        before = jnp.concatenate([s[:, 1:], h0[:, None]], axis=1)
+        h_last = s[:, 0]
+    else:
+        before = jnp.concatenate([h0[:, None], s[:, :-1]], axis=1)
+        h_last = s[:, -1]
+    h_init = jax.lax.dynamic_index_in_dim(before, k, axis=1, keepdims=False)
+    # Local correction; a_cum and h_local are zero at masked steps.
+    return h_last, h_local + a_cum * h_init[(slice(None), None) + (slice(None),) * len(feat)]
+
+
+def sequence_parallel_scan(
+    a: Array,
+    b: Array,
+    h0: Optional[Array] = None,
+    *,
+    axis_name: str,
+    impl: Union[str, scan_lib.ScanImpl] = scan_lib.ScanImpl.AUTO,
+    reset: Optional[Array] = None,
+    seq_lengths: Optional[Array] = None,
+    mask: Optional[Array] = None,
+    reverse: bool = False,
+    mesh: Optional[Mesh] = None,
+) -> Tuple[Array, Array]:
+    """:func:`~flax_minrnn.scan.linear_scan` with the time axis split over a mesh axis.
+
+    Same arguments, validation and return value ``(h_last, h)`` as
+    :func:`flax_minrnn.scan.linear_scan` (``h_last`` is the true final state,
+    replicated over ``axis_name``; ``h`` is split along time).  Call it on
+    the global arrays, under ``jax.set_mesh(mesh)`` or with ``mesh``; other
+    mesh axes (a data axis splitting the batch) stay automatic.
+
+    With ``n`` shards of ``L = T / n`` steps, shard ``k`` holding steps
+    ``kL .. kL + L - 1`` (forward direction):
+
+    1. Local pass, from a zero state, and the cumulative product of ``a``::
+
+           u_t = a_t u_{t-1} + b_t,   u_{kL-1} = 0      H_k = u_{kL+L-1}
+           p_t = a_t p_{t-1},         p_{kL-1} = 1      A_k = p_{kL+L-1}
+
+       both with :func:`~flax_minrnn.scan.linear_scan` (``p`` is the scan
+       with ``b = 0`` and ``h0 = 1``).  Products may underflow to 0: they are
+       only ever multiplied, never logged.
+    2. Cross-shard combine of the ``n`` summaries ``(A_k, H_k)``, the same
+       recurrence over shards::
+
+           s_{-1} = h0,   s_k = A_k s_{k-1} + H_k
+
+       so shard ``k`` starts from ``s_{k-1}`` and ``h_last = s_{n-1}``.
+       Every shard computes it from the psum of the summaries (``n`` tiny
+       ``(batch, *features)`` slots).
+    3. Local correction: ``h_t = u_t + p_t s_{k-1}``.
+
+    With ``reverse=True`` the shards are visited ``n-1 .. 0``:
+    ``s_n = h0``, ``s_k = A_k s_{k+1} + H_k``, shard ``k`` starts from
+    ``s_{k+1}`` and ``h_last = s_0``.  Resets set ``a = 0`` at document
+    boundaries before the split (in reverse mode the boundary of a document
+    starting at the first step of shard ``k+1`` lies at the last step of
+    shard ``k``), and invalid steps (``seq_lengths`` / ``mask``) get
+    ``a = 1, b = 0`` and zero outputs, so both cross shard boundaries
+    correctly.  Gradients are JAX autodiff of the shard_map around
+    ``linear_scan``'s own backward pass.
+
+    Args:
+      a, b, h0, impl, reset, seq_lengths, mask, reverse: as
+        :func:`flax_minrnn.scan.linear_scan` (``impl="auto"`` is resolved
+        for the per-shard length ``L``).
+      axis_name: the mesh axis the time axis is split over.
+      mesh: the mesh; ``None`` means the context mesh
+        (``jax.sharding.get_abstract_mesh()``).
+
+    Returns:
+      ``(h_last, h)`` as :func:`~flax_minrnn.scan.linear_scan`.
+
+    Raises:
+      ValueError: everything :func:`~flax_minrnn.scan.linear_scan` raises;
+        ``axis_name`` not in the mesh; a time length not divisible by the
+        axis size (the message names both).
+      TypeError: as :func:`~flax_minrnn.scan.linear_scan`.
+    """
+    found = _context_mesh(axis_name, mesh)
+    # Validation with linear_scan's own checks and messages (abstract: only
+    # traced, never run).
+    out = jax.eval_shape(lambda: scan_lib.linear_scan(
+        a, b, h0, impl=impl, reset=reset, seq_lengths=seq_lengths, mask=mask,
+        reverse=reverse))
+    dtype = out[0].dtype
+    batch, seq_len = a.shape[:2]
+    n = dict(zip(found.axis_names, found.axis_sizes))[axis_name]
+    if seq_len % n:
+        raise ValueError(
+            f"the time axis (length {seq_len}) must be divisible by the {n} "
+            f"devices of mesh axis {axis_name!r}")
+    local_impl = scan_lib.resolve_impl(impl, seq_len // n)
+
+    a = a.astype(dtype)
+    b = b.astype(dtype)
+    h0 = jnp.zeros(out[0].shape, dtype) if h0 is None else h0.astype(dtype)
+    expand = (slice(None), slice(None)) + (None,) * (a.ndim - 2)
+    if reset is not None:
+        boundary = scan_lib.reset_boundaries(jnp.asarray(reset), reverse)
+        a = jnp.where(boundary[expand], jnp.zeros((), dtype), a)
+    if seq_lengths is not None:
+        mask = scan_lib.lengths_to_mask(jnp.asarray(seq_lengths), seq_len)
+    args, specs = [a, b, h0], [P(None, axis_name), P(None, axis_name), P()]
+    if mask is not None:
+        args.append(jnp.asarray(mask))
+        specs.append(P(None, axis_name))
+
+    def body(a, b, h0, mask=None):
+        return _local_scan(a, b, h0, mask, axis_name=axis_name, impl=local_impl,
+                           reverse=bool(reverse))
+
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs),
+                         out_specs=(P(), P(None, axis_name)),
+                         axis_names={axis_name})(*args)
+
+
+def layer_scan(module) -> Callable[..., Tuple[Array, Array]]:
+    """The scan a layer runs: ``linear_scan``, or the sequence-parallel one.
+
+    A layer whose ``sequence_axis`` field is a mesh axis name gets
+    :func:`sequence_parallel_scan` over that axis (same call signature);
+    ``None`` (or no such field) gets :func:`flax_minrnn.scan.linear_scan`.
+
+    Raises:
+      ValueError: ``sequence_axis`` together with ``use_true_recurrence``
+        (a true recurrence runs one step at a time: there is nothing to
+        split).
+    """
+    axis = getattr(module, "sequence_axis", None)
+    if axis is None:
+        return scan_lib.linear_scan
+    if getattr(module, "use_true_recurrence", False):
+        raise ValueError(
+            f"sequence_axis={axis!r} needs use_true_recurrence=False (a true "
+            "recurrence runs one step at a time)")
+    return functools.partial(sequence_parallel_scan, axis_name=axis)
+
+
+# ----------------------------------------------------------------------------
+# Meshes.
+
+
+def make_mesh(shape: Sequence[int], axis_names: Sequence[str], *,
+              devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A mesh of ``prod(shape)`` devices with named ``AxisType.Auto`` axes.
+
+    Args:
+      shape: devices per axis; one entry may be ``-1``: the remaining
+        devices (``jax.device_count()`` divided by the others).
+      axis_names: one distinct non-empty name per axis.
+      devices: the devices to use (default ``jax.devices()``, all processes);
+        the mesh takes the first ``prod(shape)`` of them.
+
+    Raises:
+      ValueError: names and sizes that do not match, non-positive sizes,
+        more than one ``-1``, or a mesh larger than the device count (the
+        message names both numbers).
+    """
+    shape, names = tuple(shape), tuple(axis_names)
+    devices = list(jax.devices() if devices is None else devices)
+    if len(shape) != len(names) or not shape:
+        raise ValueError(
+            f"mesh.shape {shape} and mesh.axis_names {names} must be non-empty "
+            "and of the same length (one size per axis name)")
+    if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"mesh.axis_names must be distinct non-empty strings, got {names}")
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer))
+           or (s < 1 and s != -1) for s in shape) or shape.count(-1) > 1:
+        raise ValueError(
+            f"mesh.shape must hold positive sizes and at most one -1, got {shape}")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh.shape {shape}: the {len(devices)} devices are not "
+                f"divisible by the product {known} of the other axes")
+        shape = tuple(len(devices) // known if s == -1 else int(s) for s in shape)
+    needed = math.prod(shape)
+    if needed > len(devices):
+        raise ValueError(
+            f"mesh.shape {shape} needs {needed} devices but only {len(devices)} "
+            "are available (jax.device_count())")
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape),
+                         devices=devices[:needed])
+
+
+def fsdp_spec(shape: Sequence[int], axis_name: str, axis_size: int) -> P:
+    """FSDP rule: split the largest dimension divisible by ``axis_size``.
+
+    Ties go to the first such dimension; a leaf without one (a scalar, a
+    bias of odd width) is replicated, ``P()``.
+    """
+    best = None
+    for i, size in enumerate(shape):
+        if size >= axis_size and size % axis_size == 0 and (
+                best is None or size > shape[best]):
+            best = i
+    if best is None:
+        return P()
+    return P(*([None] * best + [axis_name]))
+
+
+def _axis_size(mesh: Mesh, name: Optional[str]) -> int:
+    return 1 if name is None else dict(zip(mesh.axis_names, mesh.axis_sizes))[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPlan:
+    """Where the trainer puts its arrays on a mesh.
+
+    Attributes:
+      mesh: the device mesh.
+      data_axis: mesh axis the batch is split over (``None``: replicated).
+      sequence_axis: mesh axis the time axis is split over; the model's
+        layers then run :func:`sequence_parallel_scan` over it.
+      fsdp: split parameters and optimizer state over ``data_axis``
+        (:func:`fsdp_spec`); otherwise they are replicated.
+    """
+
+    mesh: Mesh
+    data_axis: Optional[str] = None
+    sequence_axis: Optional[str] = None
+    fsdp: bool = False
+
+    def __post_init__(self):
+        names = tuple(self.mesh.axis_names)
+        for key, axis in (("mesh.data_axis", self.data_axis),
+                          ("mesh.sequence_axis", self.sequence_axis)):
+            if axis is not None and axis not in names:
+                raise ValueError(f"{key}={axis!r} is not one of mesh.axis_names {names}")
+        if self.data_axis is not None and self.data_axis == self.sequence_axis:
+            raise ValueError(
+                f"mesh.data_axis and mesh.sequence_axis must differ, both are "
+                f"{self.data_axis!r}")
+        if self.fsdp and self.data_axis is None:
+            raise ValueError("mesh.fsdp=True needs a mesh.data_axis to shard over")
+
+    # -- shardings ----------------------------------------------------------
+
+    def sharding(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    def batch_spec(self, ndim: int = 2) -> P:
+        """``(batch, time, ...)`` split over ``(data_axis, sequence_axis)``."""
+        spec = [self.data_axis, self.sequence_axis][:ndim]
+        return P(*(spec + [None] * (ndim - len(spec))))
+
+    def state_spec(self, shape: Sequence[int]) -> P:
+        """Parameters / optimizer state: :func:`fsdp_spec` or replicated."""
+        if not self.fsdp:
+            return P()
+        return fsdp_spec(shape, self.data_axis, _axis_size(self.mesh, self.data_axis))
+
+    def state_shardings(self, tree):
+        """A ``NamedSharding`` for every array leaf of ``tree`` (params, opt state)."""
+        return jax.tree.map(lambda x: self.sharding(self.state_spec(np.shape(x))), tree)
+
+    # -- placement ----------------------------------------------------------
+
+    def check_batch(self, batch_size: int, seq_len: int, *,
+                    what: str = "data.batch_size") -> None:
+        """Raises ``ValueError`` (naming the numbers) unless the mesh divides the batch."""
+        n_data = _axis_size(self.mesh, self.data_axis)
+        if batch_size % n_data:
+            raise ValueError(
+                f"{what}={batch_size} is not divisible by the {n_data} devices "
+                f"of mesh axis {self.data_axis!r} (mesh.data_axis)")
+        n_seq = _axis_size(self.mesh, self.sequence_axis)
+        if seq_len % n_seq:
+            raise ValueError(
+                f"the sequence length {seq_len} (data.seq_len) is not divisible "
+                f"by the {n_seq} devices of mesh axis {self.sequence_axis!r} "
+                "(mesh.sequence_axis)")
+
+    def put(self, x, spec: P) -> Array:
+        """A global array with sharding ``spec`` from a host value.
+
+        Every process holds the same full value (batches are a pure function
+        of ``(seed, step)``, parameters of the seed) and places the slices
+        its own devices hold, so this works on one host and on several.
+        """
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, self.sharding(spec),
+                                            lambda index: host[index])
+
+    def replicate(self, x) -> Array:
+        """``x`` on every device of the mesh (a global, replicated array)."""
+        return self.put(x, P())
+
+    def put_batch(self, batch: Mapping[str, Any]) -> dict:
+        """Places a batch dict (``(batch, time, ...)`` arrays) on the mesh."""
+        out = {}
+        for key, value in batch.items():
+            shape = np.shape(value)
+            if len(shape) >= 2:
+                self.check_batch(shape[0], shape[1], what=f"batch[{key!r}].shape[0]")
+            out[key] = self.put(value, self.batch_spec(len(shape)))
+        return out
+
+    def put_state(self, tree):
+        """Places params / optimizer state (by :meth:`state_spec`)."""
+        return jax.tree.map(lambda x: self.put(x, self.state_spec(np.shape(x))), tree)
+
+    def constrain_state(self, tree):
+        """``with_sharding_constraint`` to :meth:`state_spec` (inside jit)."""
+        return jax.lax.with_sharding_constraint(tree, self.state_shardings(tree))
+
+    def wrap(self, fn: Callable) -> Callable:
+        """``fn`` called under ``jax.set_mesh(self.mesh)`` (the layers' mesh)."""
+
+        @functools.wraps(fn)
+        def on_mesh(*args, **kwargs):
+            with jax.set_mesh(self.mesh):
+                return fn(*args, **kwargs)
+
+        return on_mesh
+
+
+def plan_from_config(mesh_config, *, devices: Optional[Sequence[Any]] = None
+                     ) -> Optional[MeshPlan]:
+    """The :class:`MeshPlan` of a config's ``mesh`` section (``None``: no mesh).
+
+    Keys: ``shape`` (``()``: one device, the default, no mesh at all),
+    ``axis_names``, ``data_axis``, ``sequence_axis`` (``''``: none) and
+    ``fsdp``; see the README's "Multi-device" section.
+
+    Raises:
+      ValueError: an invalid mesh (see :func:`make_mesh`, :class:`MeshPlan`).
+    """
+    if not tuple(mesh_config.shape):
+        if tuple(mesh_config.axis_names):
+            raise ValueError(
+                f"mesh.axis_names={tuple(mesh_config.axis_names)} without a "
+                "mesh.shape; set both (or neither, for one device)")
+        if mesh_config.fsdp or mesh_config.sequence_axis:
+            raise ValueError(
+                "mesh.fsdp and mesh.sequence_axis need a mesh (mesh.shape and "
+                "mesh.axis_names)")
+        return None
+    mesh = make_mesh(mesh_config.shape, mesh_config.axis_names, devices=devices)
+    return MeshPlan(mesh, data_axis=mesh_config.data_axis or None,
+                    sequence_axis=mesh_config.sequence_axis or None,
+                    fsdp=bool(mesh_config.fsdp))
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+    """:func:`jax.distributed.initialize` for a run on several hosts.
+
+    Call it once per process, before any other JAX call.  All three
+    arguments ``None`` lets JAX detect a Slurm / Open MPI / TPU cluster;
+    otherwise give all three (``process_id`` in ``[0, num_processes)``).
+
+    Raises:
+      ValueError: some but not all arguments, or a ``process_id`` out of range.
+    """
+    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError(
+            "give all of coordinator_address, num_processes and process_id, "
+            f"or none (auto-detection); got {coordinator_address!r}, "
+            f"{num_processes!r}, {process_id!r}")
+    if all(given) and not (num_processes >= 1 and 0 <= process_id < num_processes):
+        raise ValueError(
+            f"process_id={process_id} must lie in [0, num_processes={num_processes})")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
