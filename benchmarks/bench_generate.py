@@ -155,8 +155,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true",
                    help="tiny run (d_model 32, batches 1/8, lengths 32/128)")
     p.add_argument("--out", default=None, help="write the JSON results here")
-    p.add_argument("--max-recompute-len", type=int, default=1024)
-    p.add_argument("--recompute-steps", type=int, default=32)
+    p.add_argument("--max-recompute-len", type=int, default=4200)
+    p.add_argument("--recompute-steps", type=int, default=16)
     args = p.parse_args(argv)
     if args.quick:
         kw = dict(batches=[1, 8], lengths=[32, 128], d_model=32, vocab=64, n_layer=2,

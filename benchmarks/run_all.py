@@ -1,10 +1,11 @@
-"""The full benchmark in one command: scan crossover, then the layers.
+"""The full CPU benchmark in one command: scan, layers, LM training, generation.
 
     python -m benchmarks.run_all [--quick] [--out DIR]
 
-Run it on a quiet machine; it prints both markdown reports and writes
-``bench_scan.{md,json}`` and ``bench_layers.{md,json,png}`` into ``--out``
-(default ``benchmarks/results/``).
+Run it on a quiet machine; it prints the markdown reports and writes
+``bench_scan.{md,json}``, ``bench_layers.{md,json,png}``, ``bench_train.json``
+and ``bench_generate.json`` into ``--out`` (default ``benchmarks/results/``).
+On a GPU machine run ``benchmarks/bench_gpu.py`` as well.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from benchmarks import bench_layers, bench_scan
+from benchmarks import bench_generate, bench_layers, bench_scan, bench_train
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -27,6 +28,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extra = ["--quick"] if args.quick else []
     bench_scan.main(extra + ["--out", args.out])
     bench_layers.main(extra + ["--out", args.out])
+    bench_train.main(extra + ["--out", os.path.join(args.out, "bench_train.json")])
+    bench_generate.main(extra + ["--out", os.path.join(args.out, "bench_generate.json")])
     print(f"\nrun_all: {time.perf_counter() - t0:.0f} s in total")
     return 0
 

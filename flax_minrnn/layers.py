@@ -254,14 +254,19 @@ def run_recurrence(
     n_proj: int,
     gate_fn: Callable[[Array], Gates],
     bias_offsets: dict,
+    aux_fn: Optional[Callable[[Array], Array]] = None,
     seq_lengths=None,
     mask=None,
     reset=None,
 ) -> Tuple[Array, Array, Optional[Array], Optional[Array]]:
     """Projection + gates + scan.  Returns ``(h_last, h, aux, valid)``.
 
+    ``in_proj`` has ``n_proj`` blocks of ``d_h``; ``gate_fn`` maps the blocks
+    the recurrence uses to its coefficients.  With ``aux_fn`` the last block
+    feeds only the output: ``aux = aux_fn(last block)`` (GatedLinearRNN's
+    output gate), computed outside the scan so the scan never carries it.
     ``h`` are float32 states ``(batch, time, d_h)`` (zero at invalid steps),
-    ``aux`` the gate function's extra output, ``valid`` the mask or ``None``.
+    ``aux`` is ``None`` without ``aux_fn``, ``valid`` the mask or ``None``.
     Reads the fields ``dtype``, ``param_dtype``, ``kernel_init``,
     ``bias_init``, ``use_bias``, ``use_true_recurrence``, ``scan_impl``,
     ``reverse`` and (if present) ``sequence_axis`` of ``module``.
@@ -287,28 +292,38 @@ def run_recurrence(
         bias_init=_bias_init_with(module.bias_init, d_h, bias_offsets),
         name="in_proj")(x.shape[-1])
     x_c, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
-    pre = _matmul(x_c, kernel)
+    # Columns of in_proj seen by the recurrence, and the output-only ones.
+    split = (n_proj - (aux_fn is not None)) * d_h
+    cols = lambda w, rec: None if w is None else (w[..., :split] if rec else w[..., split:])
 
     def gates_of(p: Array, bias: Optional[Array]) -> Gates:
         return gate_fn(_add_bias(p.astype(s_dtype), None if bias is None
                                  else bias.astype(s_dtype)))
 
+    def aux_of(p: Array) -> Optional[Array]:
+        if aux_fn is None:
+            return None
+        return aux_fn(_add_bias(p.astype(s_dtype), None if bias is None
+                                else cols(bias, False).astype(s_dtype)))
+
     if not module.use_true_recurrence:
+        pre = _matmul(x_c, cols(kernel, True))
+        rec_bias = cols(bias, True)
         if module.sequence_axis is None:
             h_last, h = scan_lib.gated_scan(
-                lambda p, bias: tuple(gates_of(p, bias)[:2]), pre, h0, params=bias,
+                lambda p, b: tuple(gates_of(p, b)[:2]), pre, h0, params=rec_bias,
                 impl=impl, reset=reset, mask=valid, reverse=module.reverse)
         else:  # the time axis is split over a mesh axis
-            gates = gates_of(pre, bias)
+            gates = gates_of(pre, rec_bias)
             h_last, h = scan(gates.a, gates.b, h0, impl=impl, reset=reset,
                              mask=valid, reverse=module.reverse)
-        # Only GatedLinearRNN has an output gate; XLA drops the unused a, b.
-        aux = gates_of(pre, bias).aux
+        aux = None if aux_fn is None else aux_of(_matmul(x_c, cols(kernel, False)))
         return h_last, h, aux, valid
 
     # True recurrence: the gates see h_{t-1}; one step at a time.
     recurrent = module.param("recurrent_kernel", nn.initializers.zeros,
                              (d_h, n_proj * d_h), module.param_dtype).astype(dtype)
+    pre = _matmul(x_c, kernel)
     ones = jnp.ones((batch, seq_len), bool)
     valid_ = ones if valid is None else valid
     boundary = (jnp.zeros_like(ones) if reset is None
@@ -320,10 +335,10 @@ def run_recurrence(
         # view of it) restarts from zero, as in linear_scan.
         h_in = jnp.where((boundary_t & valid_t)[:, None], jnp.zeros((), h.dtype), h)
         pre_t = pre_t.astype(s_dtype) + jnp.dot(h_in.astype(dtype), recurrent).astype(s_dtype)
-        gates = gates_of(pre_t[:, None], bias)
+        gates = gates_of(cols(pre_t, True)[:, None], cols(bias, True))
         h_next, h_out = scan_lib.linear_scan(gates.a, gates.b, h_in, impl="sequential",
                                              mask=valid_t[:, None])
-        return h_next, (h_out[:, 0], None if gates.aux is None else gates.aux[:, 0])
+        return h_next, (h_out[:, 0], aux_of(cols(pre_t, False)))
 
     time_major = lambda t: jnp.swapaxes(t, 0, 1)
     h_last, (h, aux) = jax.lax.scan(
@@ -382,14 +397,15 @@ def _minlstm_gates(pre: Array, candidate_activation, normalize: bool) -> Gates:
 
 def _glrnn_gates(pre: Array, d_h: int, input_activation, gate_activation,
                  tied: bool) -> Gates:
+    """``pre`` = [candidate, input gate] (tied) or [candidate, input, forget]."""
     cand = input_activation(pre[..., :d_h])
     gates = gate_activation(pre[..., d_h:])
     if tied:
-        i, o = _split(gates, 2)
+        i = gates
         f = 1.0 - i
     else:
-        i, f, o = _split(gates, 3)
-    return Gates(a=f, b=i * cand, aux=o)
+        i, f = _split(gates, 2)
+    return Gates(a=f, b=i * cand)
 
 
 # ----------------------------------------------------------------------------
@@ -682,6 +698,7 @@ class GatedLinearRNN(nn.Module):
                                       input_activation=self.input_activation,
                                       gate_activation=self.gate_activation,
                                       tied=self.use_tied_gates),
+            aux_fn=self.gate_activation,
             bias_offsets=offsets, seq_lengths=seq_lengths, mask=mask, reset=reset)
         dtype = self.dtype or x.dtype
         y = (self.hidden_activation(h) * o).astype(dtype)
