@@ -377,6 +377,31 @@ def sigmoid_pair(k: Array) -> Tuple[Array, Array]:
     return jnp.where(pos, big, small), jnp.where(pos, small, big)
 
 
+# Logits are clipped to this magnitude before exponentiation: exp(80) ~ 5.5e34
+# stays finite in float32 (so do sums of two such terms), and sigmoid(-80) ~
+# 1.8e-35 is already zero to float32 precision relative to 1.
+_LOGIT_CLIP = 80.0
+
+
+def normalized_gates(k_f: Array, k_i: Array) -> Tuple[Array, Array]:
+    """minLSTM's ``(f / (f + i), i / (f + i))`` for ``f = sigmoid(k_f)``, ``i = sigmoid(k_i)``.
+
+    With ``u = exp(-k_f)`` and ``v = exp(-k_i)``, ``f = 1 / (1 + u)`` and
+    ``i = 1 / (1 + v)``, so exactly::
+
+        f / (f + i) = (1 + v) / (2 + u + v),    i / (f + i) = (1 + u) / (2 + u + v)
+
+    Two ``exp`` and one reciprocal (the log-space form ``sigmoid(log f -
+    log i)`` needs five transcendentals), no cancellation, and finite for
+    every input: the logits are clipped to ``[-80, 80]``, where the gates are
+    saturated to float32 precision.
+    """
+    u = jnp.exp(-jnp.clip(k_f, -_LOGIT_CLIP, _LOGIT_CLIP))
+    v = jnp.exp(-jnp.clip(k_i, -_LOGIT_CLIP, _LOGIT_CLIP))
+    r = 1.0 / (2.0 + u + v)
+    return (1.0 + v) * r, (1.0 + u) * r
+
+
 def _mingru_gates(pre: Array, candidate_activation) -> Gates:
     k, h_pre = _split(pre, 2)
     cand = h_pre if candidate_activation is None else candidate_activation(h_pre)
@@ -388,9 +413,7 @@ def _minlstm_gates(pre: Array, candidate_activation, normalize: bool) -> Gates:
     k_f, k_i, h_pre = _split(pre, 3)
     cand = h_pre if candidate_activation is None else candidate_activation(h_pre)
     if normalize:
-        # f / (f + i) = sigmoid(log f - log i) and i / (f + i) is its
-        # complement, evaluated in log space.
-        f_n, i_n = sigmoid_pair(jax.nn.log_sigmoid(k_f) - jax.nn.log_sigmoid(k_i))
+        f_n, i_n = normalized_gates(k_f, k_i)
         return Gates(a=f_n, b=i_n * cand)
     return Gates(a=jax.nn.sigmoid(k_f), b=jax.nn.sigmoid(k_i) * cand)
 

@@ -90,6 +90,12 @@ _IMPL_NAMES = tuple(i.value for i in ScanImpl)
 
 
 
+# From this length on the chunked scan is the fastest on CPU (measured with
+# benchmarks/bench_scan.py and bench_layers.py; below it the sequential loop,
+# which has fewer passes over memory, wins).
+_CPU_CHUNKED_MIN_T = 64
+
+
 def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
     """The implementation ``"auto"`` resolves to.
 
@@ -98,15 +104,19 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
       backend: a JAX backend name; defaults to ``jax.default_backend()``.
 
     Returns:
-      ``SEQUENTIAL`` on CPU (the fused loop of :func:`gated_scan`: fewest
-      passes over memory, nothing stored but the states; it matched or beat
-      the chunked form at every measured length, see benchmarks/README.md);
-      ``ASSOCIATIVE`` on GPU/TPU.  The choice never changes parameters, only
-      speed (all implementations agree to float32 rounding).
+      On CPU, ``CHUNKED`` from ``T = 64`` (fastest forward+backward of every
+      layer at T = 256..16384 on the 2-core development CPU: its gates are
+      evaluated by parallel, vectorised XLA fusions) and ``SEQUENTIAL`` below
+      (a short loop beats three passes).  ``SEQUENTIAL`` is the fused path
+      of :func:`gated_scan`, the one to pick for memory: it never stores the
+      coefficients (see benchmarks/README.md).  ``ASSOCIATIVE`` on GPU/TPU.
+      The choice never changes parameters, only speed and memory (all
+      implementations agree to float32 rounding).
     """
-    del seq_len  # The measured crossovers do not depend on it (yet).
     backend = backend or jax.default_backend()
     if backend == "cpu":
+        if seq_len >= _CPU_CHUNKED_MIN_T:
+            return ScanImpl.CHUNKED
         return ScanImpl.SEQUENTIAL
     return ScanImpl.ASSOCIATIVE
 

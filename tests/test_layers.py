@@ -336,3 +336,26 @@ def test_dense_equals_flax_dense_params_outputs_and_gradients():
     want = jax.grad(f(theirs), argnums=(0, 1))(p, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_normalized_gates_exact_and_finite():
+    """minLSTM's normalised gates against float64 f/(f+i), including saturation."""
+    from flax_minrnn.layers import normalized_gates
+    ks = np.array([-1e4, -200.0, -90.0, -30.0, -3.0, 0.0, 2.5, 30.0, 90.0, 1e4])
+    k_f, k_i = (jnp.asarray(v, jnp.float32) for v in np.meshgrid(ks, ks))
+    f_n, i_n = normalized_gates(k_f, k_i)
+    kf64, ki64 = np.asarray(k_f, np.float64), np.asarray(k_i, np.float64)
+    # log-space float64 reference: f/(f+i) = 1 / (1 + exp(log i - log f))
+    log_sig = lambda k: -np.logaddexp(0.0, -k)
+    with np.errstate(over="ignore"):  # exp(+large) = inf gives the right 0
+        ref_f = 1.0 / (1.0 + np.exp(log_sig(ki64) - log_sig(kf64)))
+        ref_i = 1.0 / (1.0 + np.exp(log_sig(kf64) - log_sig(ki64)))
+    assert bool(jnp.all(jnp.isfinite(f_n))) and bool(jnp.all(jnp.isfinite(i_n)))
+    # Within the clip (|k| <= 80) the gates are exact to rounding; beyond it
+    # they are those of the clipped logits (saturated to float32 precision).
+    inside = (np.abs(kf64) <= 80) & (np.abs(ki64) <= 80)
+    np.testing.assert_allclose(np.asarray(f_n)[inside], ref_f[inside], rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(np.asarray(i_n)[inside], ref_i[inside], rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(f_n + i_n, 1.0, rtol=1e-6)
+    g = jax.grad(lambda a, b: jnp.sum(normalized_gates(a, b)[0]), argnums=(0, 1))(k_f, k_i)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in g)

@@ -204,7 +204,7 @@ def test_jit_with_traced_lengths(rng):
 
 def test_auto_resolves_per_backend():
     assert scan_lib.default_impl(4096, "gpu") is ScanImpl.ASSOCIATIVE
-    assert scan_lib.default_impl(4096, "cpu") is ScanImpl.SEQUENTIAL
+    assert scan_lib.default_impl(4096, "cpu") is ScanImpl.CHUNKED
     assert scan_lib.default_impl(8, "cpu") is ScanImpl.SEQUENTIAL
 
 
