@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from typing import Any, Dict, List
@@ -33,9 +34,10 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import harness
-from flax_minrnn import generate as generate_lib
 from flax_minrnn.lm import LM, LMConfig
 
+# The package exports the function ``generate`` under the module's name.
+generate_lib = importlib.import_module("flax_minrnn.generate")
 PROMPT_LEN = 8
 
 

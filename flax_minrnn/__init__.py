@@ -15,14 +15,14 @@ from flax_minrnn.lm import LM, GatedLinearRNNLM, LMCarry, LMConfig
 from flax_minrnn.migrate import (from_flax_gated_linear_rnn, migrate_params,
                                  to_associative, to_true_recurrence)
 from flax_minrnn.parallel import sequence_parallel_scan
-from flax_minrnn.scan import ScanImpl, default_impl, linear_scan
+from flax_minrnn.scan import ScanImpl, default_impl, gated_scan, linear_scan
 from flax_minrnn.wrappers import Bidirectional, RNNCell, Stack
 
 __version__ = "0.1.0"
 
 __all__ = [
     # scan
-    "linear_scan", "ScanImpl", "default_impl", "sequence_parallel_scan",
+    "linear_scan", "gated_scan", "ScanImpl", "default_impl", "sequence_parallel_scan",
     # layers
     "MinGRU", "MinLSTM", "GatedLinearRNN", "RGLRU", "g_activation",
     "RNNCell", "Bidirectional", "Stack",
@@ -34,6 +34,7 @@ __all__ = [
     # Griffin / RecurrentGemma
     "Griffin", "GriffinConfig", "GriffinCarry", "griffin_2b_config", "griffin_9b_config",
     "count_params",
+    # heads
     "SequenceClassifier", "TokenClassifier", "causal_lm_loss", "weighted_cross_entropy",
     # generation
     "generate", "sample_logits", "GenerateOutput",

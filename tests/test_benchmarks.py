@@ -96,3 +96,19 @@ def test_bench_gpu_quick_runs_on_cpu(tmp_path):
     assert all(_positive(r["fwd_ms"]) for r in res["scan"])
     assert all(_positive(r["MinGRU[auto]"]) for r in res["layers"])
     assert "| MinGRU[auto] |" in bench_gpu.markdown(res) or "MinGRU[auto]" in bench_gpu.markdown(res)
+
+
+def test_bench_train_step_time_tiny():
+    from benchmarks import bench_train
+    r = bench_train.step_time("mingru", "sequential", 2, [
+        "data.batch_size=2", "data.seq_len=8", "model.d_model=8", "model.n_layer=1"])
+    assert r["tokens_per_step"] == 16 and _positive(r["tokens_per_s"])
+    assert r["params"] > 0
+
+
+def test_bench_generate_main_quick(tmp_path, capsys):
+    from benchmarks import bench_generate
+    out = tmp_path / "gen.json"
+    bench_generate.main(["--quick", "--out", str(out), "--recompute-steps", "2"])
+    data = json.loads(out.read_text())
+    assert data["rows"] and all(_positive(r["carry_tokens_per_s"]) for r in data["rows"])
