@@ -616,14 +616,7 @@ def linear_scan(
     if seq_len < 1:
         raise ValueError("the time axis (axis 1) of a and b must be non-empty")
     state_shape = (batch,) + tuple(a.shape[2:])
-    if h0 is not None:
-        _check_float("h0", h0)
-        if tuple(h0.shape) != state_shape:
-            raise ValueError(
-                f"h0 must have shape (batch, *features) = {state_shape}, "
-                f"got {tuple(h0.shape)}")
-    impl = resolve_impl(impl, seq_len)
-    dtype = _accum_dtype(a.dtype, b.dtype, *(() if h0 is None else (h0.dtype,)))
+    impl, dtype = _check_h0_impl_dtype(h0, state_shape, impl, seq_len, a.dtype, b.dtype)
     return _run(_identity_coeffs, (a, b), (), h0, state_shape, dtype, impl,
                 reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse)
 
@@ -696,18 +689,22 @@ def gated_scan(
             f"*features); on a one-step slice it gave {tuple(a_s.shape)} and "
             f"{tuple(b_s.shape)}")
     state_shape = (batch,) + tuple(a_s.shape[2:])
+    impl, dtype = _check_h0_impl_dtype(h0, state_shape, impl, seq_len, a_s.dtype, b_s.dtype)
+    return _run(lambda xs, consts, p: coeff_fn(xs, p), x, params, h0, state_shape,
+                dtype, impl,
+                reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse)
+
+
+def _check_h0_impl_dtype(h0, state_shape, impl, seq_len: int, a_dtype, b_dtype):
+    """Validates ``h0``; returns the resolved impl and the accumulation dtype."""
     if h0 is not None:
         _check_float("h0", h0)
         if tuple(h0.shape) != state_shape:
             raise ValueError(
                 f"h0 must have shape (batch, *features) = {state_shape}, "
                 f"got {tuple(h0.shape)}")
-    impl = resolve_impl(impl, seq_len)
-    dtype = _accum_dtype(a_s.dtype, b_s.dtype,
-                         *(() if h0 is None else (h0.dtype,)))
-    return _run(lambda xs, consts, p: coeff_fn(xs, p), x, params, h0, state_shape,
-                dtype, impl,
-                reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse)
+    dtype = _accum_dtype(a_dtype, b_dtype, *(() if h0 is None else (h0.dtype,)))
+    return resolve_impl(impl, seq_len), dtype
 
 
 def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
