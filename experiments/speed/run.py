@@ -1,0 +1,73 @@
+"""Speed experiment (issue #8, item 4): MinGRU vs GRU training step over T.
+
+The minGRU paper (Feng et al. 2024, arXiv 2410.01201) reports a 175x
+training speed-up of minGRU over a cuDNN GRU at T = 512 on a GPU.  This
+measures the same ratio on whatever machine it runs on: one layer, B = 8,
+d = 256, float32, forward + backward of ``sum(y)`` w.r.t. params and input,
+for T from 64 to 4096: our MinGRU (``scan_impl="auto"``) against
+``flax.linen.RNN(GRUCell)`` and, where PyTorch with CUDA is installed,
+``torch.nn.GRU`` (cuDNN).  Medians of repeated jitted calls after a warm-up
+(the harness of ``benchmarks/bench_gpu.py``).
+
+Run from the repository root::
+
+    python experiments/speed/run.py [--out experiments/speed]
+
+Writes ``results.json`` and ``speedup.png`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+
+from benchmarks import bench_gpu, harness  # noqa: E402  pylint: disable=g-import-not-at-top
+
+TS = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--T", type=int, nargs="+", default=list(TS))
+    args = p.parse_args(argv)
+    repeats = harness.Repeats(max_n=20, min_n=5, budget_s=1.0)
+    rows = bench_gpu.bench_layers(args.T, (), repeats, print)
+    res = dict(machine=harness.machine_info(), B=bench_gpu.B, D=bench_gpu.D, rows=rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(res, fh, indent=1, default=str)
+    lines = ["| T | MinGRU ms | nn.RNN(GRUCell) ms | speed-up | torch cuDNN GRU ms | speed-up |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ours, gru, cud = r["MinGRU[auto]"], r["nn.RNN(GRUCell)"], r["torch.nn.GRU (cuDNN)"]
+        lines.append(f"| {r['T']} | {ours:.2f} | {gru:.2f} | {gru / ours:.1f}x | "
+                     + (f"{cud:.2f} | {cud / ours:.1f}x |" if cud else "- | - |"))
+    print("\n".join(lines))
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ts = [r["T"] for r in rows]
+    ax.plot(ts, [r["nn.RNN(GRUCell)"] / r["MinGRU[auto]"] for r in rows], "o-",
+            label="nn.RNN(GRUCell) / MinGRU")
+    if all(r["torch.nn.GRU (cuDNN)"] for r in rows):
+        ax.plot(ts, [r["torch.nn.GRU (cuDNN)"] / r["MinGRU[auto]"] for r in rows], "s-",
+                label="cuDNN GRU / MinGRU")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("speed-up of MinGRU (fwd+bwd)")
+    ax.set_title(f"{res['machine'].get('cpu_model') or res['machine'].get('backend')}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "speedup.png"), dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
