@@ -1,7 +1,9 @@
 """The linear recurrence ``h_t = a_t * h_{t-1} + b_t``, pure ``jax.numpy``.
 
-Every recurrent layer of flax_minrnn computes its gates and then calls
-:func:`linear_scan`; this module holds the only copy of the recurrence math.
+Every recurrent layer of flax_minrnn hands its pre-activations and gate
+function to :func:`gated_scan` (:func:`linear_scan` when the coefficients
+are already computed); this module holds the only copy of the recurrence
+math.
 
 Conventions
 -----------
@@ -33,7 +35,10 @@ Implementations (:class:`ScanImpl`), all with this signature:
 
 * ``"associative"``: :func:`jax.lax.associative_scan` in linear space; parallel
   depth ``O(log T)``, the default on accelerators.
-* ``"sequential"``: :func:`jax.lax.scan`; the reference.
+* ``"sequential"``: a loop over time in the native ``(B, T, ...)`` layout,
+  8 steps per iteration; the reference.  In :func:`gated_scan` it is fused:
+  the loop computes the coefficients block by block, and the backward loop
+  recomputes them, so they are never stored (the least memory).
 * ``"chunked"``: a two-level form for CPUs: the time axis is cut into chunks,
   every chunk is scanned in parallel with the others (``O(chunk)`` sequential
   steps over wide vectors), then the chunk boundaries are combined
@@ -51,7 +56,8 @@ Implementations (:class:`ScanImpl`), all with this signature:
 * ``"auto"``: chosen from the backend and ``T`` by :func:`default_impl`.
 
 Gradients: all implementations share one hand-written backward
-(:func:`jax.custom_vjp`).  The adjoint of a linear recurrence is the reverse
+(:func:`jax.custom_vjp`; the fused sequential path runs the same adjoint in
+its own loop, :func:`_loop_bwd`).  The adjoint of a linear recurrence is the reverse
 linear recurrence ``lam_t = g_t + a_{t+1} lam_{t+1}``; then ``db_t = lam_t``,
 ``da_t = lam_t * h_{t-1}`` and ``dh0 = a_0 lam_0``.  It keeps only ``a`` and the
 states as residuals, so backward memory is linear in ``T`` (autodiff through
