@@ -6,10 +6,13 @@ dtype) and ``y`` the outputs ``(batch, time, d_out)``.
 
 How a layer runs (one code path for every ``T >= 1``):
 
-1. one fused projection ``in_proj`` of ``x`` gives every pre-activation;
+1. one fused projection ``in_proj`` of ``x`` gives every pre-activation
+   (its bias is added later, inside the scan);
 2. a pure gate function turns pre-activations into the recurrence
    coefficients ``a_t`` (decay) and ``b_t`` (input) in float32;
-3. :func:`flax_minrnn.scan.linear_scan` runs ``h_t = a_t * h_{t-1} + b_t``.
+3. :func:`flax_minrnn.scan.gated_scan` runs ``h_t = a_t * h_{t-1} + b_t``,
+   applying the gate function as it goes (with ``scan_impl="sequential"``
+   the coefficients are never stored for the whole sequence).
 
 In true-recurrence mode (``use_true_recurrence=True``) the pre-activations
 also see the previous state, ``pre_t = in_proj(x_t) + h_{t-1} @ U`` with a
