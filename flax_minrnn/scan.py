@@ -623,6 +623,9 @@ def linear_scan(
         raise ValueError("the time axis (axis 1) of a and b must be non-empty")
     state_shape = (batch,) + tuple(a.shape[2:])
     impl, dtype = _check_h0_impl_dtype(h0, state_shape, impl, seq_len, a.dtype, b.dtype)
+    if h0 is None:
+        # Built from a (not jnp.zeros) so it has a's type inside shard_map too.
+        h0 = jnp.zeros_like(a[:, 0], dtype=dtype)
     return _run(_identity_coeffs, (a, b), (), h0, state_shape, dtype, impl,
                 reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse)
 

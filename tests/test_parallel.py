@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from flax_minrnn import checkpoint as ckpt_lib
 from flax_minrnn import config as config_lib
 from flax_minrnn import layers, lm, parallel, train
+from flax_minrnn import scan as scan_lib
 
 from conftest import TOL
 
@@ -307,3 +308,17 @@ def test_two_processes_with_jax_distributed(tmp_path):
     assert got.keys() == want.keys()
     for key in got:
         np.testing.assert_allclose(got[key], want[key], **TOL["float32"], err_msg=key)
+
+
+def test_linear_scan_without_h0_inside_a_users_shard_map(rng):
+    """A zero initial state works inside shard_map (it is built like ``a``)."""
+    mesh = jax.make_mesh((1,), ("b",))
+    a = jnp.asarray(rng.uniform(0.5, 1.0, (2, 9, 3)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(2, 9, 3)), jnp.float32)
+    spec = jax.sharding.PartitionSpec("b")
+    put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+    for impl in ("sequential", "chunked", "associative"):
+        f = jax.jit(jax.shard_map(lambda a, b: scan_lib.linear_scan(a, b, impl=impl)[1],
+                                  mesh=mesh, in_specs=(spec, spec), out_specs=spec))
+        np.testing.assert_allclose(f(put(a), put(b)), scan_lib.linear_scan(a, b, impl=impl)[1],
+                                   rtol=1e-6, atol=1e-6)
