@@ -13,6 +13,10 @@ at the query token).
   the new recurrent kernels start at zero, so it starts as the stage-1
   function) and fine-tuned with a fresh optimizer.
 
+* Control (arg ``<time mixing>,scratch``): true recurrence trained from
+  scratch with the stage-1 recipe, to separate what the recurrence can learn
+  from what fine-tuning an associative solution reaches.
+
 Time mixing: ``mingru`` | ``minlstm`` | ``glrnn``.
 
 Commands::
@@ -22,6 +26,8 @@ Commands::
     python -m flax_minrnn train --config configs/parity_two_stage.py:mingru,stage2 \
         --workdir runs/parity_two_stage/mingru_stage2 \
         init_from.workdir=runs/parity_two_stage/mingru_stage1
+    python -m flax_minrnn train --config configs/parity_two_stage.py:mingru,scratch \
+        --workdir runs/parity_two_stage/mingru_scratch
     # accuracy on the training lengths (the trainer's eval uses 40..256):
     python -m flax_minrnn eval --workdir runs/parity_two_stage/mingru_stage2 \
         data.task_kwargs.eval_min_len=1 data.task_kwargs.eval_max_len=40
@@ -37,12 +43,12 @@ from flax_minrnn.config import default_config
 
 
 def get_config(arg=None):
-    """Returns the config for ``arg`` = ``<time mixing>[,stage2]``."""
+    """Returns the config for ``arg`` = ``<time mixing>[,stage2|,scratch]``."""
     time_mixing, *flags = (arg or "mingru").split(",")
     if time_mixing not in ("mingru", "minlstm", "glrnn") or \
-            set(flags) - {"stage2"}:
-        raise ValueError(f"arg must be <mingru|minlstm|glrnn>[,stage2], "
-                         f"got {arg!r}")
+            flags not in ([], ["stage2"], ["scratch"]):
+        raise ValueError(f"arg must be <mingru|minlstm|glrnn>[,stage2|,scratch]"
+                         f", got {arg!r}")
     stage2 = "stage2" in flags
     config = default_config()
     config.data.name = "parity"
@@ -60,6 +66,7 @@ def get_config(arg=None):
     config.train.log_every = 50
     config.train.max_to_keep = 1
     config.train.progress_bar = False
+    config.model.use_true_recurrence = bool(flags)
     if not stage2:
         config.optim.learning_rate = 3e-3
         config.optim.warmup_steps = 100
@@ -67,7 +74,6 @@ def get_config(arg=None):
         config.train.eval_every = 250
         config.train.checkpoint_every = 1000
     else:
-        config.model.use_true_recurrence = True
         config.init_from.workdir = f"runs/parity_two_stage/{time_mixing}_stage1"
         config.optim.learning_rate = 1e-3
         config.optim.warmup_steps = 50

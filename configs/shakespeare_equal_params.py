@@ -36,6 +36,23 @@ MLP_WIDTH = {
     "cpu": {"mingru": 512, "minlstm": 448, "glrnn": 384},
     "large": {"mingru": 1920, "minlstm": 1728, "glrnn": 1536},
 }
+# Per size: dotted config key -> value.
+SIZES = {
+    "cpu": {
+        "data.seq_len": 128, "data.batch_size": 32, "data.eval_batches": 10,
+        "model.n_layer": 3, "model.d_model": 128,
+        "optim.learning_rate": 3e-3,
+        "train.num_steps": 1000, "train.eval_every": 100,
+        "train.checkpoint_every": 500,
+    },
+    "large": {
+        "data.seq_len": 256, "data.batch_size": 64, "data.eval_batches": 40,
+        "model.n_layer": 6, "model.d_model": 384, "model.dropout": 0.2,
+        "optim.learning_rate": 1e-3, "optim.b2": 0.99,
+        "train.num_steps": 5000, "train.eval_every": 250,
+        "train.checkpoint_every": 1000,
+    },
+}
 
 
 def get_config(arg=None):
@@ -48,35 +65,12 @@ def get_config(arg=None):
     config.data.name = "char"
     config.model.time_mixing = time_mixing
     config.model.d_channel_mixing = MLP_WIDTH[size][time_mixing]
+    config.optim.warmup_steps = 100
+    config.optim.min_lr_ratio = 0.1
     config.optim.weight_decay = 0.1
+    config.train.log_every = 50
+    config.train.max_to_keep = 2
     config.train.sample_length = 500
     config.train.sample_prompt = "ROMEO:\n"
-    config.train.max_to_keep = 2
-    if size == "cpu":
-        config.data.seq_len = 128
-        config.data.batch_size = 32
-        config.data.eval_batches = 10
-        config.model.n_layer = 3
-        config.model.d_model = 128
-        config.optim.learning_rate = 3e-3
-        config.optim.warmup_steps = 100
-        config.train.num_steps = 1000
-        config.train.eval_every = 100
-        config.train.log_every = 50
-        config.train.checkpoint_every = 500
-    else:
-        config.data.seq_len = 256
-        config.data.batch_size = 64
-        config.data.eval_batches = 40
-        config.model.n_layer = 6
-        config.model.d_model = 384
-        config.model.dropout = 0.2
-        config.optim.learning_rate = 1e-3
-        config.optim.min_lr_ratio = 0.1
-        config.optim.b2 = 0.99
-        config.optim.warmup_steps = 100
-        config.train.num_steps = 5000
-        config.train.eval_every = 250
-        config.train.log_every = 50
-        config.train.checkpoint_every = 1000
+    config.update_from_flattened_dict(SIZES[size])
     return config

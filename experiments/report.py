@@ -138,8 +138,13 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def table(summaries: Sequence[dict[str, Any]]) -> str:
-    """A markdown table of ``summaries`` (extra evals as last columns)."""
+def table(summaries: Sequence[dict[str, Any]], eval_metric: str = "accuracy"
+          ) -> str:
+    """A markdown table of ``summaries``.
+
+    The extra evals (``evals/<name>.json``) come as last columns, showing
+    their ``eval_<eval_metric>`` (``accuracy`` or ``loss``).
+    """
     extra = sorted({name for s in summaries for name in s["evals"]})
     has_threshold = any("threshold" in s for s in summaries)
     header = ["run", "params", "steps", "tokens seen", "eval loss",
@@ -148,7 +153,8 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
         thr = next(s["threshold"] for s in summaries if "threshold" in s)
         header += [f"first step >= {100 * thr:g}%", "train wall then"]
     header += ["train wall", "end to end", "tokens/s"]
-    header += [f"{name} acc" for name in extra]
+    short = {"accuracy": "acc", "loss": "loss"}[eval_metric]
+    header += [f"{name} {short}" for name in extra]
     rows = [header, ["---"] * len(header)]
     for s in summaries:
         row = [s["label"], f"{s['params']:,}", str(s["steps"]),
@@ -162,14 +168,16 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
         row += [_duration(s["train_wall_s"]), _duration(s["end_to_end_s"]),
                 "-" if s["tokens_per_sec"] is None
                 else f"{s['tokens_per_sec']:,.0f}"]
-        row += [_pct((s["evals"].get(name) or {}).get("eval_accuracy"))
-                for name in extra]
+        for name in extra:
+            value = (s["evals"].get(name) or {}).get("eval_" + eval_metric)
+            row.append(_pct(value) if eval_metric == "accuracy" or value is None
+                       else f"{value:.4f}")
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
 
 
 def plot(runs: Sequence[tuple[str, str]], out: str, title: str = "",
-         logy: bool = False) -> str:
+         logy: bool = False, loss_max: float | None = None) -> str:
     """Loss and accuracy against steps and wall time, one line per run."""
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
@@ -198,6 +206,8 @@ def plot(runs: Sequence[tuple[str, str]], out: str, title: str = "",
         axes[1, col].set_ylabel("eval accuracy")
         if logy:
             axes[0, col].set_yscale("log")
+        if loss_max is not None:
+            axes[0, col].set_ylim(top=loss_max)
         for row in range(2):
             axes[row, col].set_xlabel(xlabel)
             axes[row, col].grid(alpha=0.3)
@@ -248,13 +258,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="README whose <!-- prefix:begin/end --> block "
                              "gets the table")
     parser.add_argument("--title", default="")
+    parser.add_argument("--eval-metric", default="accuracy",
+                        choices=("accuracy", "loss"),
+                        help="what the extra evals' columns show")
+    parser.add_argument("--loss-max", type=float, default=None,
+                        help="upper limit of the loss axes")
     parser.add_argument("--logy", action="store_true",
                         help="log-scale loss axes")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     summaries = [summarize(label, workdir, args.threshold)
                  for label, workdir in args.runs]
-    text = table(summaries)
+    text = table(summaries, args.eval_metric)
     results_path = os.path.join(args.out, "results.json")
     results = _read_json(results_path) or {}
     results[args.prefix] = {"title": args.title, "runs": summaries}
@@ -262,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dump(results, f, indent=2, sort_keys=True)
         f.write("\n")
     plot(args.runs, os.path.join(args.out, args.prefix + "_curves.png"),
-         args.title, args.logy)
+         args.title, args.logy, args.loss_max)
     if args.readme and not update_readme(args.readme, args.prefix, text):
         print(f"note: no <!-- {args.prefix}:begin --> block in "
               f"{args.readme}; table not inserted", file=sys.stderr)

@@ -84,9 +84,11 @@ shakespeare_runs() {  # shakespeare_runs ARG_SUFFIX PREFIX
   local suffix=$1 prefix=$2 runs=() tm
   for tm in mingru minlstm glrnn; do
     train "configs/shakespeare_equal_params.py:$tm$suffix" "$RUNS/shakespeare_$prefix/$tm"
+    # The whole validation split (the training-time eval may cover only its start).
+    evaluate "$RUNS/shakespeare_$prefix/$tm" val_full data.eval_batches=100000
     runs+=("$tm=$RUNS/shakespeare_$prefix/$tm")
   done
-  report experiments/shakespeare --prefix "$prefix" \
+  report experiments/shakespeare --prefix "$prefix" --eval-metric loss --loss-max 2.5 \
     --title "Tiny Shakespeare char LM ($prefix)" "${runs[@]}"
 }
 
@@ -99,8 +101,10 @@ parity_two_stage() {
     train "configs/parity_two_stage.py:$tm" "$RUNS/parity_two_stage/${tm}_stage1"
     train "configs/parity_two_stage.py:$tm,stage2" "$RUNS/parity_two_stage/${tm}_stage2" \
       "init_from.workdir=$RUNS/parity_two_stage/${tm}_stage1"
-    for stage in 1 2; do
-      wd="$RUNS/parity_two_stage/${tm}_stage$stage"
+    # Control: true recurrence from scratch with the stage-1 recipe.
+    train "configs/parity_two_stage.py:$tm,scratch" "$RUNS/parity_two_stage/${tm}_scratch"
+    for stage in stage1 stage2 scratch; do
+      wd="$RUNS/parity_two_stage/${tm}_$stage"
       # Train lengths 1..40 and test lengths 40..256; every running-parity
       # target ("all") or only the parity of the whole string ("final").
       evaluate "$wd" acc_1-40_all data.task_kwargs.eval_min_len=1 data.task_kwargs.eval_max_len=40
@@ -108,11 +112,11 @@ parity_two_stage() {
         data.task_kwargs.running=False
       evaluate "$wd" acc_40-256_all
       evaluate "$wd" acc_40-256_final data.task_kwargs.running=False
-      runs+=("$tm stage $stage=$wd")
+      runs+=("$tm $stage=$wd")
     done
   done
   report experiments/two_stage_parity \
-    --title "Parity: stage 1 (associative) vs stage 2 (true recurrence)" "${runs[@]}"
+    --title "Parity: associative (stage 1), fine-tuned with true recurrence (stage 2), true recurrence from scratch" "${runs[@]}"
 }
 
 if [[ $# -eq 0 ]]; then

@@ -119,8 +119,13 @@ def test_parity_task_lengths():
     batch = task.eval_batches(1)[0]
     lengths = (batch["inputs"] != 0).sum(axis=1) - 1  # bits, less the query
     assert lengths.min() >= 40 and lengths.max() <= 256
-    with pytest.raises(ValueError):
-        config_lib.load_config(f"{PARITY}:mingru,stage3")
+    scratch = config_lib.load_config(f"{PARITY}:mingru,scratch")
+    assert scratch.model.use_true_recurrence and not scratch.init_from.workdir
+    stage1 = config_lib.load_config(f"{PARITY}:mingru")
+    assert not stage1.model.use_true_recurrence
+    for bad in ("mingru,stage3", "mingru,stage2,scratch", "gru"):
+        with pytest.raises(ValueError):
+            config_lib.load_config(f"{PARITY}:{bad}")
 
 
 def _fake_run(workdir, config, evals=None, timing=None):
@@ -162,7 +167,7 @@ def test_report(tmp_path):
     (out / "results.json").write_text(json.dumps({"other": {"runs": []}}))
     assert report.main([f"glrnn a={a}", f"b={b}", "--out", str(out),
                         "--prefix", "small", "--threshold", "0.99",
-                        "--readme", str(readme), "--logy"]) == 0
+                        "--readme", str(readme), "--logy", "--loss-max", "3"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"other", "small"}
     s = results["small"]["runs"][0]
@@ -180,6 +185,7 @@ def test_report(tmp_path):
     assert "old" not in text and "1m05s" in text and "50.0%" in text
     assert "| b |" in text and text.endswith("<!-- small:end -->\n")
     assert (out / "small_curves.png").stat().st_size > 0
+    assert "| 0.7000 |" in report.table(results["small"]["runs"], "loss")
 
 
 def test_report_threshold_not_reached():
