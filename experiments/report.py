@@ -138,85 +138,151 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def table(summaries: Sequence[dict[str, Any]], eval_metric: str = "accuracy"
-          ) -> str:
-    """A markdown table of ``summaries``.
+def _threshold_step(s: dict[str, Any]) -> str:
+    if "threshold" not in s:
+        return "-"
+    step = s.get("first_step_at_threshold")
+    return "not reached" if step is None else str(step)
 
-    The extra evals (``evals/<name>.json``) come as last columns, showing
-    their ``eval_<eval_metric>`` (``accuracy`` or ``loss``).
+
+def _tokens_per_sec(s: dict[str, Any]) -> str:
+    return "-" if s["tokens_per_sec"] is None else f"{s['tokens_per_sec']:,.0f}"
+
+
+# Column key -> (header, cell of a summary).
+COLUMNS = {
+    "params": ("params", lambda s: f"{s['params']:,}"),
+    "steps": ("steps", lambda s: str(s["steps"])),
+    "tokens": ("tokens seen", lambda s: f"{s['tokens_seen'] / 1e6:.2f}M"),
+    "eval_loss": ("eval loss", lambda s: f"{s['eval_loss']:.4f}"),
+    "best_eval_loss": ("best eval loss",
+                       lambda s: f"{s['best_eval_loss']:.4f}"),
+    "eval_acc": ("eval acc", lambda s: _pct(s["eval_accuracy"])),
+    "best_eval_acc": ("best eval acc",
+                      lambda s: _pct(s["best_eval_accuracy"])),
+    "threshold_step": ("first step >= {thr}", _threshold_step),
+    "threshold_wall": ("train wall then",
+                       lambda s: _duration(s.get("wall_s_at_threshold"))),
+    "train_wall": ("train wall", lambda s: _duration(s["train_wall_s"])),
+    "end_to_end": ("end to end", lambda s: _duration(s["end_to_end_s"])),
+    "tokens_per_sec": ("tokens/s", _tokens_per_sec),
+}
+DEFAULT_COLUMNS = ("params", "steps", "tokens", "eval_loss", "best_eval_loss",
+                   "eval_acc", "best_eval_acc", "threshold_step",
+                   "threshold_wall", "train_wall", "end_to_end",
+                   "tokens_per_sec", "evals")
+
+
+def table(summaries: Sequence[dict[str, Any]], eval_metric: str = "accuracy",
+          columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
+    """A markdown table of ``summaries``, one row per run.
+
+    Args:
+      summaries: :func:`summarize` outputs.
+      eval_metric: What the extra evals' columns (``evals/<name>.json``)
+        show: their ``eval_accuracy`` or ``eval_loss``.
+      columns: Keys of ``COLUMNS``, and ``evals`` for the extra evals (in
+        name order). The threshold columns appear only if a summary has a
+        threshold.
     """
+    unknown = sorted(set(columns) - set(COLUMNS) - {"evals"})
+    if unknown:
+        raise ValueError(f"unknown columns {unknown}; known: "
+                         f"{sorted(COLUMNS)} and 'evals'")
+    thresholds = [s["threshold"] for s in summaries if "threshold" in s]
+    keys = [k for k in columns
+            if thresholds or k not in ("threshold_step", "threshold_wall")]
     extra = sorted({name for s in summaries for name in s["evals"]})
-    has_threshold = any("threshold" in s for s in summaries)
-    header = ["run", "params", "steps", "tokens seen", "eval loss",
-              "best eval loss", "eval acc", "best eval acc"]
-    if has_threshold:
-        thr = next(s["threshold"] for s in summaries if "threshold" in s)
-        header += [f"first step >= {100 * thr:g}%", "train wall then"]
-    header += ["train wall", "end to end", "tokens/s"]
     short = {"accuracy": "acc", "loss": "loss"}[eval_metric]
-    header += [f"{name} {short}" for name in extra]
+    header, cells = ["run"], [lambda s: s["label"]]
+    for key in keys:
+        if key == "evals":
+            for name in extra:
+                header.append(f"{name} {short}")
+                cells.append(lambda s, name=name: _eval_cell(s, name,
+                                                             eval_metric))
+        else:
+            title, cell = COLUMNS[key]
+            thr = f"{100 * thresholds[0]:g}%" if thresholds else ""
+            header.append(title.format(thr=thr))
+            cells.append(cell)
     rows = [header, ["---"] * len(header)]
-    for s in summaries:
-        row = [s["label"], f"{s['params']:,}", str(s["steps"]),
-               f"{s['tokens_seen'] / 1e6:.2f}M", f"{s['eval_loss']:.4f}",
-               f"{s['best_eval_loss']:.4f}", _pct(s["eval_accuracy"]),
-               _pct(s["best_eval_accuracy"])]
-        if has_threshold:
-            step = s.get("first_step_at_threshold")
-            row += (["not reached", "-"] if step is None else
-                    [str(step), _duration(s.get("wall_s_at_threshold"))])
-        row += [_duration(s["train_wall_s"]), _duration(s["end_to_end_s"]),
-                "-" if s["tokens_per_sec"] is None
-                else f"{s['tokens_per_sec']:,.0f}"]
-        for name in extra:
-            value = (s["evals"].get(name) or {}).get("eval_" + eval_metric)
-            row.append(_pct(value) if eval_metric == "accuracy" or value is None
-                       else f"{value:.4f}")
-        rows.append(row)
+    rows += [[cell(s) for cell in cells] for s in summaries]
     return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
 
 
+def _eval_cell(s: dict[str, Any], name: str, eval_metric: str) -> str:
+    value = (s["evals"].get(name) or {}).get("eval_" + eval_metric)
+    if eval_metric == "accuracy" or value is None:
+        return _pct(value)
+    return f"{value:.4f}"
+
+
+def _groups(runs: Sequence[tuple[str, str]], facet: bool
+            ) -> dict[str, list[tuple[str, str, str]]]:
+    """``{group: [(label, series name, workdir)]}``: with ``facet``, the
+    label's first word is the group and the rest names the series."""
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    for label, workdir in runs:
+        group, _, rest = label.partition(" ") if facet else ("", "", label)
+        groups.setdefault(group, []).append((label, rest or label, workdir))
+    return groups
+
+
 def plot(runs: Sequence[tuple[str, str]], out: str, title: str = "",
-         logy: bool = False, loss_max: float | None = None) -> str:
-    """Loss and accuracy against steps and wall time, one line per run."""
+         logy: bool = False, loss_max: float | None = None,
+         facet: bool = False) -> str:
+    """Loss and eval accuracy against steps and wall time, a line per run.
+
+    One row of four panels (loss/step, loss/wall, accuracy/step,
+    accuracy/wall); with ``facet``, one row per first word of the labels,
+    the same color for the same rest of the label in every row.
+    """
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (label, workdir) in enumerate(runs):
-        color = colors[i % len(colors)]
-        records = read_metrics(workdir)
-        for split, style, alpha in (("train", "-", 0.35), ("eval", "o-", 1.0)):
-            rs = [r for r in records if r["split"] == split]
-            if not rs:
-                continue
-            steps = [r["step"] for r in rs]
-            walls = [r.get("wall_time", 0.0) for r in rs]
-            name = f"{label} ({split})"
-            for col, xs in enumerate((steps, walls)):
-                axes[0, col].plot(xs, [r["loss"] for r in rs], style,
-                                  color=color, alpha=alpha, markersize=3,
-                                  label=name)
-                if split == "eval":
-                    axes[1, col].plot(xs, [r["accuracy"] for r in rs], style,
-                                      color=color, markersize=3, label=label)
-    for col, xlabel in enumerate(("step", "wall time (s)")):
-        axes[0, col].set_ylabel("loss (nats/token)")
-        axes[1, col].set_ylabel("eval accuracy")
+    groups = _groups(runs, facet)
+    fig, axes = plt.subplots(len(groups), 4, squeeze=False,
+                             figsize=(18, 3.8 * len(groups)))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors: dict[str, str] = {}
+    for row, (group, members) in enumerate(groups.items()):
+        for _, series, workdir in members:
+            color = colors.setdefault(series,
+                                      palette[len(colors) % len(palette)])
+            records = read_metrics(workdir)
+            for split, style, alpha in (("train", "-", 0.3),
+                                        ("eval", "o-", 1.0)):
+                rs = [r for r in records if r["split"] == split]
+                xs = ([r["step"] for r in rs],
+                      [r.get("wall_time", 0.0) for r in rs])
+                for col in range(2):
+                    axes[row, col].plot(
+                        xs[col], [r["loss"] for r in rs], style, color=color,
+                        alpha=alpha, markersize=3, label=f"{series} ({split})")
+                    if split == "eval":
+                        axes[row, 2 + col].plot(
+                            xs[col], [r["accuracy"] for r in rs], style,
+                            color=color, markersize=3, label=series)
+        for col in range(4):
+            ax = axes[row, col]
+            ax.set_xlabel("step" if col % 2 == 0 else "wall time (s)")
+            ax.set_ylabel(("loss (nats/token)", "eval accuracy")[col // 2])
+            ax.grid(alpha=0.3)
+            if group:
+                ax.set_title(group, fontsize=9)
         if logy:
-            axes[0, col].set_yscale("log")
+            for col in range(2):
+                axes[row, col].set_yscale("log")
         if loss_max is not None:
-            axes[0, col].set_ylim(top=loss_max)
-        for row in range(2):
-            axes[row, col].set_xlabel(xlabel)
-            axes[row, col].grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    axes[1, 0].legend(fontsize=7)
+            for col in range(2):
+                axes[row, col].set_ylim(top=loss_max)
+        axes[row, 0].legend(fontsize=7)
+        axes[row, 2].legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
 
@@ -261,15 +327,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-metric", default="accuracy",
                         choices=("accuracy", "loss"),
                         help="what the extra evals' columns show")
+    parser.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
+                        help="comma-separated table columns: "
+                             f"{', '.join(COLUMNS)}, evals")
     parser.add_argument("--loss-max", type=float, default=None,
                         help="upper limit of the loss axes")
+    parser.add_argument("--facet", action="store_true",
+                        help="one row of plots per first word of the labels")
     parser.add_argument("--logy", action="store_true",
                         help="log-scale loss axes")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     summaries = [summarize(label, workdir, args.threshold)
                  for label, workdir in args.runs]
-    text = table(summaries, args.eval_metric)
+    text = table(summaries, args.eval_metric, args.columns.split(","))
     results_path = os.path.join(args.out, "results.json")
     results = _read_json(results_path) or {}
     results[args.prefix] = {"title": args.title, "runs": summaries}
@@ -277,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dump(results, f, indent=2, sort_keys=True)
         f.write("\n")
     plot(args.runs, os.path.join(args.out, args.prefix + "_curves.png"),
-         args.title, args.logy, args.loss_max)
+         args.title, args.logy, args.loss_max, args.facet)
     if args.readme and not update_readme(args.readme, args.prefix, text):
         print(f"note: no <!-- {args.prefix}:begin --> block in "
               f"{args.readme}; table not inserted", file=sys.stderr)

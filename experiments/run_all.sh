@@ -8,7 +8,7 @@
 #   RUNS=/work/runs PY=.venv/bin/python experiments/run_all.sh parity_two_stage
 #
 # Experiments (CPU): selective_copying_small, shakespeare, parity_two_stage,
-# selective_copying_ablation. GPU-sized (not in the default list):
+# shakespeare_2000, selective_copying_ablation. GPU-sized (not in the default list):
 # selective_copying_ablation_gpu, shakespeare_large.
 #
 # Each training writes its workdir under $RUNS (default: runs/); a finished
@@ -48,6 +48,8 @@ evaluate() {  # evaluate WORKDIR NAME [key=value ...]: WORKDIR/evals/NAME.json
   echo "== eval $workdir [$name]: $(cat "$workdir/evals/$name.json")"
 }
 
+SC_COLUMNS=params,steps,tokens,eval_acc,best_eval_acc,threshold_step,threshold_wall,eval_loss,train_wall,end_to_end,tokens_per_sec
+
 report() {  # report OUT_DIR [report.py args ...]
   local out=$1
   shift
@@ -60,7 +62,7 @@ selective_copying_small() {
     train "configs/selective_copying_small.py:$tm" "$RUNS/selective_copying_small/$tm"
     runs+=("$tm=$RUNS/selective_copying_small/$tm")
   done
-  report experiments/selective_copying --prefix small --threshold 0.99 --logy \
+  report experiments/selective_copying --prefix small --threshold 0.99 --logy --columns "$SC_COLUMNS" \
     --title "Selective copying, T=72 (noise 64, 4 tokens, vocabulary 6)" "${runs[@]}"
 }
 
@@ -73,26 +75,30 @@ ablation() {  # ablation ARG_SUFFIX PREFIX: layers 1..3 x mingru/minlstm
       runs+=("$tm, $layers layer(s)=$wd")
     done
   done
-  report experiments/selective_copying --prefix "$prefix" --threshold 0.99 \
+  report experiments/selective_copying --prefix "$prefix" --threshold 0.99 --columns "$SC_COLUMNS" \
     --title "Selective copying layer ablation ($prefix)" "${runs[@]}"
 }
 
 selective_copying_ablation() { ablation "" ablation_cpu; }
 selective_copying_ablation_gpu() { ablation ",gpu" ablation_gpu; }
 
-shakespeare_runs() {  # shakespeare_runs ARG_SUFFIX PREFIX
+shakespeare_runs() {  # shakespeare_runs ARG_SUFFIX PREFIX [key=value ...]
   local suffix=$1 prefix=$2 runs=() tm
+  shift 2
   for tm in mingru minlstm glrnn; do
-    train "configs/shakespeare_equal_params.py:$tm$suffix" "$RUNS/shakespeare_$prefix/$tm"
+    train "configs/shakespeare_equal_params.py:$tm$suffix" "$RUNS/shakespeare_$prefix/$tm" "$@"
     # The whole validation split (the training-time eval may cover only its start).
     evaluate "$RUNS/shakespeare_$prefix/$tm" val_full data.eval_batches=100000
     runs+=("$tm=$RUNS/shakespeare_$prefix/$tm")
   done
   report experiments/shakespeare --prefix "$prefix" --eval-metric loss --loss-max 2.5 \
+    --columns params,steps,tokens,eval_loss,evals,eval_acc,train_wall,end_to_end,tokens_per_sec \
     --title "Tiny Shakespeare char LM ($prefix)" "${runs[@]}"
 }
 
 shakespeare() { shakespeare_runs "" cpu; }
+# The same models and recipe, twice the steps (the cosine schedule spans them).
+shakespeare_2000() { shakespeare_runs "" cpu2000 train.num_steps=2000; }
 shakespeare_large() { shakespeare_runs ",large" large; }
 
 parity_two_stage() {
@@ -101,9 +107,16 @@ parity_two_stage() {
     train "configs/parity_two_stage.py:$tm" "$RUNS/parity_two_stage/${tm}_stage1"
     train "configs/parity_two_stage.py:$tm,stage2" "$RUNS/parity_two_stage/${tm}_stage2" \
       "init_from.workdir=$RUNS/parity_two_stage/${tm}_stage1"
-    # Control: true recurrence from scratch with the stage-1 recipe.
+    # Controls: stage 2's fine-tuning but staying associative (what the extra
+    # steps alone buy), and true recurrence from scratch (stage-1 recipe).
+    train "configs/parity_two_stage.py:$tm,stage2" "$RUNS/parity_two_stage/${tm}_stage2assoc" \
+      "init_from.workdir=$RUNS/parity_two_stage/${tm}_stage1" model.use_true_recurrence=false
     train "configs/parity_two_stage.py:$tm,scratch" "$RUNS/parity_two_stage/${tm}_scratch"
-    for stage in stage1 stage2 scratch; do
+    # Stage 2 with the stage-1 recipe's budget (lr 3e-3, 2,000 steps).
+    train "configs/parity_two_stage.py:$tm,stage2" "$RUNS/parity_two_stage/${tm}_stage2long" \
+      "init_from.workdir=$RUNS/parity_two_stage/${tm}_stage1" optim.learning_rate=3e-3 \
+      optim.warmup_steps=100 train.num_steps=2000
+    for stage in stage1 stage2 stage2assoc stage2long scratch; do
       wd="$RUNS/parity_two_stage/${tm}_$stage"
       # Train lengths 1..40 and test lengths 40..256; every running-parity
       # target ("all") or only the parity of the whole string ("final").
@@ -115,12 +128,13 @@ parity_two_stage() {
       runs+=("$tm $stage=$wd")
     done
   done
-  report experiments/two_stage_parity \
+  report experiments/two_stage_parity --facet --columns params,steps,evals,train_wall,end_to_end,tokens_per_sec \
     --title "Parity: associative (stage 1), fine-tuned with true recurrence (stage 2), true recurrence from scratch" "${runs[@]}"
 }
 
 if [[ $# -eq 0 ]]; then
-  set -- selective_copying_small shakespeare parity_two_stage selective_copying_ablation
+  set -- selective_copying_small shakespeare parity_two_stage shakespeare_2000 \
+    selective_copying_ablation
 fi
 for experiment in "$@"; do
   "$experiment"

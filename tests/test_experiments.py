@@ -185,7 +185,28 @@ def test_report(tmp_path):
     assert "old" not in text and "1m05s" in text and "50.0%" in text
     assert "| b |" in text and text.endswith("<!-- small:end -->\n")
     assert (out / "small_curves.png").stat().st_size > 0
-    assert "| 0.7000 |" in report.table(results["small"]["runs"], "loss")
+    runs = results["small"]["runs"]
+    assert "| 0.7000 |" in report.table(runs, "loss")
+    assert report.table(runs, columns=["params", "evals"]).splitlines()[:3] == [
+        "| run | params | acc_long acc |", "| --- | --- | --- |",
+        f"| glrnn a | {s['params']:,} | 50.0% |"]
+    with pytest.raises(ValueError):
+        report.table(runs, columns=["bogus"])
+
+
+def test_report_facets(tmp_path):
+    runs = [("mingru stage 1", "a"), ("mingru stage 2", "b"), ("glrnn", "c")]
+    assert report._groups(runs, facet=True) == {  # pylint: disable=protected-access
+        "mingru": [("mingru stage 1", "stage 1", "a"),
+                   ("mingru stage 2", "stage 2", "b")],
+        "glrnn": [("glrnn", "glrnn", "c")]}
+    assert list(report._groups(runs, facet=False)) == [""]  # pylint: disable=protected-access
+    config = config_lib.load_config(f"{SMALL}:glrnn", ["train.num_steps=20"])
+    _fake_run(str(tmp_path / "a"), config)
+    out = report.plot([("x one", str(tmp_path / "a")),
+                       ("y one", str(tmp_path / "a"))],
+                      str(tmp_path / "p.png"), facet=True)
+    assert os.path.getsize(out) > 0
 
 
 def test_report_threshold_not_reached():
