@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# The exact sequence of commands behind experiments/*/README.md (issue #8).
+#
+# Usage (from anywhere; runs in the repository root):
+#
+#   experiments/run_all.sh                      # the CPU experiments, in order
+#   experiments/run_all.sh shakespeare          # one experiment
+#   RUNS=/work/runs PY=.venv/bin/python experiments/run_all.sh parity_two_stage
+#
+# Experiments (CPU): selective_copying_small, shakespeare, parity_two_stage,
+# shakespeare_2000, selective_copying_ablation, selective_copying_ablation_10k.
+# GPU-sized (not in the default list): selective_copying_ablation_gpu,
+# shakespeare_large.
+#
+# Each training writes its workdir under $RUNS (default: runs/); a finished
+# run leaves $WORKDIR/timing.json (end-to-end seconds of the train command)
+# and is skipped when the script is run again. After each experiment,
+# experiments/report.py rewrites experiments/<name>/results.json, its PNG and
+# the table in its README from the workdirs' metrics.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-runs}
+PY=${PY:-python}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+train() {  # train CONFIG WORKDIR [key=value ...]
+  local config=$1 workdir=$2
+  shift 2
+  if [[ -f "$workdir/timing.json" ]]; then
+    echo "== $workdir: done already (timing.json), skipped"
+    return
+  fi
+  echo "== train $config -> $workdir $*"
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$PY" -m flax_minrnn train --config "$config" --workdir "$workdir" "$@" \
+    train.progress_bar=false
+  t1=$(date +%s.%N)
+  printf '{"end_to_end_s": %.1f, "host": "%s", "cpus": %s}\n' \
+    "$(echo "$t1 - $t0" | bc)" "$(hostname)" "$(nproc)" > "$workdir/timing.json"
+}
+
+evaluate() {  # evaluate WORKDIR NAME [key=value ...]: WORKDIR/evals/NAME.json
+  local workdir=$1 name=$2
+  shift 2
+  mkdir -p "$workdir/evals"
+  "$PY" -m flax_minrnn eval --workdir "$workdir" "$@" | tail -n 1 \
+    > "$workdir/evals/$name.json"
+  echo "== eval $workdir [$name]: $(cat "$workdir/evals/$name.json")"
+}
+
+SC_COLUMNS=params,steps,tokens,eval_acc,best_eval_acc,threshold_step,threshold_wall,eval_loss,train_wall,end_to_end,tokens_per_sec
+
+report() {  # report OUT_DIR [report.py args ...]
+  local out=$1
+  shift
+  "$PY" experiments/report.py --out "$out" --readme "$out/README.md" "$@"
+}
+
+selective_copying_small() {
+  local runs=() tm
+  for tm in mingru minlstm glrnn; do
+    train "configs/selective_copying_small.py:$tm" "$RUNS/selective_copying_small/$tm"
+    runs+=("$tm=$RUNS/selective_copying_small/$tm")
+  done
+  report experiments/selective_copying --prefix small --threshold 0.99 --logy --columns "$SC_COLUMNS" \
+    --title "Selective copying, T=72 (noise 64, 4 tokens, vocabulary 6)" "${runs[@]}"
+}
+
+ablation() {  # ablation ARG_SUFFIX PREFIX [key=value ...]: layers 1..3 x mingru/minlstm
+  local suffix=$1 prefix=$2 runs=() tm layers wd
+  shift 2
+  for tm in mingru minlstm; do
+    for layers in 1 2 3; do
+      wd="$RUNS/selective_copying_$prefix/${tm}_${layers}"
+      train "configs/selective_copying_ablation.py:$tm,$layers$suffix" "$wd" "$@"
+      runs+=("$tm, $layers layer(s)=$wd")
+    done
+  done
+  report experiments/selective_copying --prefix "$prefix" --threshold 0.99 --columns "$SC_COLUMNS" \
+    --title "Selective copying layer ablation ($prefix)" "${runs[@]}"
+}
+
+selective_copying_ablation() { ablation "" ablation_cpu; }
+# 2,500 steps leave 2 and 3 layers still improving: the same, 4x the steps.
+selective_copying_ablation_10k() { ablation "" ablation_cpu10k train.num_steps=10000; }
+selective_copying_ablation_gpu() { ablation ",gpu" ablation_gpu; }
+
+shakespeare_runs() {  # shakespeare_runs ARG_SUFFIX PREFIX [key=value ...]
+  local suffix=$1 prefix=$2 runs=() tm
+  shift 2
+  for tm in mingru minlstm glrnn; do
+    train "configs/shakespeare_equal_params.py:$tm$suffix" "$RUNS/shakespeare_$prefix/$tm" "$@"
+    # The whole validation split (the training-time eval may cover only its start).
+    evaluate "$RUNS/shakespeare_$prefix/$tm" val_full data.eval_batches=100000
+    runs+=("$tm=$RUNS/shakespeare_$prefix/$tm")
+  done
+  report experiments/shakespeare --prefix "$prefix" --eval-metric loss --loss-max 2.5 \
+    --columns params,steps,tokens,eval_loss,evals,eval_acc,train_wall,end_to_end,tokens_per_sec \
+    --title "Tiny Shakespeare char LM ($prefix)" "${runs[@]}"
+}
+
+shakespeare() { shakespeare_runs "" cpu; }
+# The same models and recipe, twice the steps (the cosine schedule spans them).
+shakespeare_2000() { shakespeare_runs "" cpu2000 train.num_steps=2000; }
+shakespeare_large() { shakespeare_runs ",large" large; }
+
+parity_two_stage() {
+  local runs=() tm stage wd
+  for tm in mingru minlstm glrnn; do
+    train "configs/parity_two_stage.py:$tm" "$RUNS/parity_two_stage/${tm}_stage1"
+    train "configs/parity_two_stage.py:$tm,stage2" "$RUNS/parity_two_stage/${tm}_stage2" \
+      "init_from.workdir=$RUNS/parity_two_stage/${tm}_stage1"
+    # Controls: stage 2's fine-tuning but staying associative (what the extra
+    # steps alone buy), and true recurrence from scratch (stage-1 recipe).
+    train "configs/parity_two_stage.py:$tm,stage2" "$RUNS/parity_two_stage/${tm}_stage2assoc" \
+      "init_from.workdir=$RUNS/parity_two_stage/${tm}_stage1" model.use_true_recurrence=false
+    train "configs/parity_two_stage.py:$tm,scratch" "$RUNS/parity_two_stage/${tm}_scratch"
+    # Stage 2 with the stage-1 recipe's budget (lr 3e-3, 2,000 steps).
+    train "configs/parity_two_stage.py:$tm,stage2" "$RUNS/parity_two_stage/${tm}_stage2long" \
+      "init_from.workdir=$RUNS/parity_two_stage/${tm}_stage1" optim.learning_rate=3e-3 \
+      optim.warmup_steps=100 train.num_steps=2000
+    for stage in stage1 stage2 stage2assoc stage2long scratch; do
+      wd="$RUNS/parity_two_stage/${tm}_$stage"
+      # Train lengths 1..40 and test lengths 40..256; every running-parity
+      # target ("all") or only the parity of the whole string ("final").
+      evaluate "$wd" acc_1-40_all data.task_kwargs.eval_min_len=1 data.task_kwargs.eval_max_len=40
+      evaluate "$wd" acc_1-40_final data.task_kwargs.eval_min_len=1 data.task_kwargs.eval_max_len=40 \
+        data.task_kwargs.running=False
+      evaluate "$wd" acc_40-256_all
+      evaluate "$wd" acc_40-256_final data.task_kwargs.running=False
+      runs+=("$tm $stage=$wd")
+    done
+  done
+  report experiments/two_stage_parity --facet --columns params,steps,evals,train_wall,end_to_end,tokens_per_sec \
+    --title "Parity: associative (stage 1), fine-tuned with true recurrence (stage 2), true recurrence from scratch" "${runs[@]}"
+}
+
+if [[ $# -eq 0 ]]; then
+  set -- selective_copying_small shakespeare parity_two_stage shakespeare_2000 \
+    selective_copying_ablation selective_copying_ablation_10k
+fi
+for experiment in "$@"; do
+  "$experiment"
+done
