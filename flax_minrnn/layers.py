@@ -61,7 +61,6 @@ class Gates(NamedTuple):
 
     a: Array  # decay coefficient of h_{t-1}
     b: Array  # input added to the state
-    aux: Optional[Array] = None  # anything the output needs (an output gate)
 
 
 # ----------------------------------------------------------------------------
@@ -314,7 +313,7 @@ def run_recurrence(
         rec_bias = cols(bias, True)
         if module.sequence_axis is None:
             h_last, h = scan_lib.gated_scan(
-                lambda p, b: tuple(gates_of(p, b)[:2]), pre, h0, params=rec_bias,
+                lambda p, b: tuple(gates_of(p, b)), pre, h0, params=rec_bias,
                 impl=impl, reset=reset, mask=valid, reverse=module.reverse)
         else:  # the time axis is split over a mesh axis
             gates = gates_of(pre, rec_bias)

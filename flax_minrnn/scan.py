@@ -94,8 +94,6 @@ class ScanImpl(str, enum.Enum):
 
 _IMPL_NAMES = tuple(i.value for i in ScanImpl)
 
-
-
 # From this length on the chunked scan is the fastest on CPU (measured with
 # benchmarks/bench_scan.py and bench_layers.py; below it the sequential loop,
 # which has fewer passes over memory, wins).
@@ -393,10 +391,6 @@ def _identity_coeffs(ab, consts, params):
     return ab
 
 
-def _sequential(a, b, h0, reverse):
-    return _loop(_identity_coeffs, (a, b), (), (), h0, reverse, 1, store=True)
-
-
 def _chunk_size(seq_len: int) -> int:
     # About sqrt(T) balances the in-chunk steps against the chunk count; a
     # power of two keeps the reshapes cheap.
@@ -488,9 +482,9 @@ def _pallas(a, b, h0, reverse):
     return h_last.reshape(h0.shape), h.reshape(a.shape)
 
 
+# SEQUENTIAL is not here: it always runs fused, as _fused below.
 _FORWARD = {
     ScanImpl.ASSOCIATIVE: _associative,
-    ScanImpl.SEQUENTIAL: _sequential,
     ScanImpl.CHUNKED: _chunked,
     ScanImpl.LOG: _log_space,
     ScanImpl.HEINSEN: _heinsen,
@@ -500,7 +494,6 @@ _FORWARD = {
 # The backward pass runs a linear-space scan (cotangents can be negative).
 _BACKWARD = {
     ScanImpl.ASSOCIATIVE: _associative,
-    ScanImpl.SEQUENTIAL: _sequential,
     ScanImpl.CHUNKED: _chunked,
     ScanImpl.LOG: _associative,
     ScanImpl.HEINSEN: _associative,

@@ -35,11 +35,11 @@ def test_kernel_matches_reference(rng, num_chunks, reverse):
 
 def test_chunk_count_rule():
     # Few lanes: chunk the time axis (powers of two, >= 16 steps per chunk).
-    assert kernel._num_chunks(8, 4096, 8 * 2) == 64
+    assert kernel._num_chunks(4096, 8 * 2) == 64
     # Many lanes already fill the GPU: one pass.
-    assert kernel._num_chunks(64, 4096, 64 * 8 * 2) == 1
+    assert kernel._num_chunks(4096, 64 * 8 * 2) == 1
     # Odd lengths cannot be split evenly.
-    assert kernel._num_chunks(1, 1001, 1) == 1
+    assert kernel._num_chunks(1001, 1) == 1
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])

@@ -64,13 +64,12 @@ def _block_d(d: int) -> int:
     return math.gcd(d, _MAX_BLOCK_D)
 
 
-def _num_chunks(batch: int, seq_len: int, lanes_programs: int) -> int:
+def _num_chunks(seq_len: int, lane_programs: int) -> int:
     """A power-of-two chunk count: enough programs, chunks of >= 16 steps."""
     n = 1
-    while (lanes_programs * n < _TARGET_PROGRAMS and seq_len % (2 * n) == 0
+    while (lane_programs * n < _TARGET_PROGRAMS and seq_len % (2 * n) == 0
            and seq_len // (2 * n) >= 16):
         n *= 2
-    del batch
     return n
 
 
@@ -136,7 +135,7 @@ def linear_scan_pallas(a: Array, b: Array, h0: Array, *, reverse: bool = False,
     batch, seq_len, d = a.shape
     block_d = _block_d(d)
     lane_blocks = d // block_d
-    n = num_chunks or _num_chunks(batch, seq_len, batch * lane_blocks)
+    n = num_chunks or _num_chunks(seq_len, batch * lane_blocks)
     if seq_len % n:
         raise ValueError(f"num_chunks={n} must divide the time axis {seq_len}")
     chunk = seq_len // n
