@@ -159,7 +159,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="write the JSON results here")
     p.add_argument("--max-recompute-len", type=int, default=4200)
     p.add_argument("--recompute-steps", type=int, default=16)
+    harness.add_malloc_flag(p)
     args = p.parse_args(argv)
+    harness.apply_malloc(args.malloc)
     if args.quick:
         kw = dict(batches=[1, 8], lengths=[32, 128], d_model=32, vocab=64, n_layer=2,
                   repeats=harness.Repeats(max_n=3, min_n=1, budget_s=0.5))

@@ -622,7 +622,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="override the sequence lengths")
     p.add_argument("--slow-limit-s", type=float, default=20.0,
                    help="peers estimated (or observed) slower than this per call are skipped")
+    harness.add_malloc_flag(p)
     args = p.parse_args(argv)
+    harness.apply_malloc(args.malloc)
     ts = tuple(args.T) if args.T else (QUICK_TS if args.quick else FULL_TS)
     results = run(ts, quick=args.quick, slow_limit_s=args.slow_limit_s,
                   compile_repeats=1 if args.quick else 3)

@@ -184,6 +184,38 @@ def matmul_ms(m: int, k: int, n: int, which: str, repeats: Repeats,
 
 
 # ----------------------------------------------------------------------------
+# Allocator setting (flax_minrnn.runtime.tune_cpu_malloc).
+
+MALLOC_CHOICES = ("tuned", "default")
+_malloc_setting = "default"
+
+
+def add_malloc_flag(parser) -> None:
+    """``--malloc {tuned,default}`` (default ``tuned``) on a benchmark's parser."""
+    parser.add_argument(
+        "--malloc", choices=MALLOC_CHOICES, default="tuned",
+        help="tuned: call flax_minrnn.tune_cpu_malloc() before the first JAX computation "
+             "(freed memory is reused, no page faults on fresh buffers); default: leave "
+             "glibc as it is. Every row of one run uses the same setting.")
+
+
+def apply_malloc(setting: str) -> str:
+    """Applies ``--malloc`` (call before any JAX computation); returns what took effect.
+
+    ``tuned`` is only recorded as ``tuned`` when the settings took effect (glibc,
+    backends not yet started); otherwise ``default``.  ``machine_info`` reports it.
+    """
+    global _malloc_setting
+    if setting not in MALLOC_CHOICES:
+        raise ValueError(f"--malloc must be one of {MALLOC_CHOICES}, got {setting!r}")
+    if setting == "tuned":
+        from flax_minrnn.runtime import tune_cpu_malloc  # pylint: disable=g-import-not-at-top
+        setting = "tuned" if tune_cpu_malloc() else "default"
+    _malloc_setting = setting
+    return setting
+
+
+# ----------------------------------------------------------------------------
 # Machine description.
 
 
@@ -217,6 +249,8 @@ def machine_info() -> Dict[str, Any]:
         "device_kind": dev.device_kind,
         "n_devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "malloc": _malloc_setting,
         "loadavg_at_start": load,
     }
 

@@ -16,16 +16,18 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from benchmarks import bench_generate, bench_layers, bench_scan, bench_train
+from benchmarks import bench_generate, bench_layers, bench_scan, bench_train, harness
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    harness.add_malloc_flag(p)
     args = p.parse_args(argv)
+    harness.apply_malloc(args.malloc)
     t0 = time.perf_counter()
-    extra = ["--quick"] if args.quick else []
+    extra = (["--quick"] if args.quick else []) + ["--malloc", args.malloc]
     bench_scan.main(extra + ["--out", args.out])
     bench_layers.main(extra + ["--out", args.out])
     bench_train.main(extra + ["--out", os.path.join(args.out, "bench_train.json")])

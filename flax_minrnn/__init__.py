@@ -15,6 +15,7 @@ from flax_minrnn.lm import LM, GatedLinearRNNLM, LMCarry, LMConfig
 from flax_minrnn.migrate import (from_flax_gated_linear_rnn, migrate_params,
                                  to_associative, to_true_recurrence)
 from flax_minrnn.parallel import sequence_parallel_scan
+from flax_minrnn.runtime import tune_cpu_malloc
 from flax_minrnn.scan import ScanImpl, default_impl, gated_scan, linear_scan
 from flax_minrnn.wrappers import Bidirectional, RNNCell, Stack
 
@@ -38,4 +39,6 @@ __all__ = [
     "SequenceClassifier", "TokenClassifier", "causal_lm_loss", "weighted_cross_entropy",
     # generation
     "generate", "sample_logits", "GenerateOutput",
+    # CPU runtime setting
+    "tune_cpu_malloc",
 ]

@@ -10,6 +10,11 @@ Subcommands::
              [--temperature T] [--top-k K] [--top-p P] [--seed S]
     plot     --workdir DIR [--out PNG]
 
+Every subcommand takes ``--malloc {tuned,default}`` (default ``tuned``: calls
+:func:`flax_minrnn.runtime.tune_cpu_malloc` before the first JAX computation,
+which made CPU training steps about 1.4x faster; ``default`` leaves glibc
+alone).
+
 User errors (bad config keys or values, unknown prompt characters, missing
 files) print one message on stderr and exit with code 2, without a traceback.
 A diverged training run (non-finite loss) exits with code 1.
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Sequence
 
 
@@ -57,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+
+    for name in ("train", "eval", "generate"):
+        sub.choices[name].add_argument(
+            "--malloc", choices=("tuned", "default"), default="tuned",
+            help="tuned (default): keep freed memory mapped (flax_minrnn.tune_cpu_malloc), "
+                 "faster on CPU, the process keeps its peak memory; default: glibc as is")
 
     p = sub.add_parser("plot", help="plot learning curves of a run")
     p.add_argument("--workdir", required=True)
@@ -117,6 +129,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "plot":
         print(plot(args.workdir, args.out))
         return 0
+    if args.malloc == "tuned":
+        from flax_minrnn import runtime  # pylint: disable=g-import-not-at-top
+        with warnings.catch_warnings():
+            # Not glibc, or JAX already running (main() called in-process): a
+            # speed setting only, so the CLI goes on without it.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            runtime.tune_cpu_malloc()
     if args.command == "train":
         from flax_minrnn import config as config_lib  # pylint: disable=g-import-not-at-top
         config = config_lib.load_config(args.config, args.overrides)

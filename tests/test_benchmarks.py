@@ -109,6 +109,6 @@ def test_bench_train_step_time_tiny():
 def test_bench_generate_main_quick(tmp_path, capsys):
     from benchmarks import bench_generate
     out = tmp_path / "gen.json"
-    bench_generate.main(["--quick", "--out", str(out), "--recompute-steps", "2"])
+    bench_generate.main(["--quick", "--malloc", "default", "--out", str(out), "--recompute-steps", "2"])
     data = json.loads(out.read_text())
     assert data["rows"] and all(_positive(r["carry_tokens_per_s"]) for r in data["rows"])
