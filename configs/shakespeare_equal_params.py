@@ -8,11 +8,17 @@ mixings differ in size (per block: MinGRU ``2 d (d + 1)``, MinLSTM
 ``d (d + 1)`` output projection), so the channel-mixing MLP width
 (``d_channel_mixing``, ``2 d + 1`` params per unit) absorbs the difference.
 
-Arguments: ``mingru`` | ``minlstm`` | ``glrnn``, optionally ``,large``.
+Arguments: ``mingru`` | ``minlstm`` | ``glrnn``, optionally ``,medium`` or
+``,large``.
 
 * default (CPU): the size of ``configs/shakespeare.py`` (3 blocks,
   d_model 128, seq_len 128, batch 32, 1000 steps, no dropout); MLP widths
   512 / 448 / 384 give 511,809 / 512,001 / 512,193 parameters.
+* ``medium`` (CPU, the step toward 1.47 that a 2-core CPU can take in
+  about half an hour): 4 blocks, d_model 256, seq_len 256, batch 32,
+  dropout 0.1, lr 2e-3 with cosine decay to 2e-4, beta2 0.99, 2000 steps;
+  MLP widths 1024 / 896 / 768 give 2,664,257 / 2,664,769 / 2,665,281
+  parameters.
 * ``large`` (GPU; "push toward nanoGPT's 1.47"): 6 blocks, d_model 384,
   seq_len 256, batch 64, dropout 0.2, lr 1e-3 with cosine decay to 1e-4,
   beta2 0.99, 5000 steps (nanoGPT's shakespeare_char recipe); MLP widths
@@ -23,6 +29,8 @@ Commands::
 
     python -m flax_minrnn train --config configs/shakespeare_equal_params.py:mingru \
         --workdir runs/shakespeare_cpu/mingru  # also :minlstm, :glrnn
+    python -m flax_minrnn train --config configs/shakespeare_equal_params.py:mingru,medium \
+        --workdir runs/shakespeare_medium/mingru
     python -m flax_minrnn train --config configs/shakespeare_equal_params.py:glrnn,large \
         --workdir runs/shakespeare_large/glrnn
 
@@ -34,6 +42,7 @@ from flax_minrnn.config import default_config
 # time mixing -> channel-mixing width, per size.
 MLP_WIDTH = {
     "cpu": {"mingru": 512, "minlstm": 448, "glrnn": 384},
+    "medium": {"mingru": 1024, "minlstm": 896, "glrnn": 768},
     "large": {"mingru": 1920, "minlstm": 1728, "glrnn": 1536},
 }
 # Per size: dotted config key -> value.
@@ -44,6 +53,13 @@ SIZES = {
         "optim.learning_rate": 3e-3,
         "train.num_steps": 1000, "train.eval_every": 100,
         "train.checkpoint_every": 500,
+    },
+    "medium": {
+        "data.seq_len": 256, "data.batch_size": 32, "data.eval_batches": 20,
+        "model.n_layer": 4, "model.d_model": 256, "model.dropout": 0.1,
+        "optim.learning_rate": 2e-3, "optim.b2": 0.99,
+        "train.num_steps": 2000, "train.eval_every": 250,
+        "train.checkpoint_every": 250,
     },
     "large": {
         "data.seq_len": 256, "data.batch_size": 64, "data.eval_batches": 40,
@@ -56,11 +72,12 @@ SIZES = {
 
 
 def get_config(arg=None):
-    """Returns the config for ``arg`` = ``<time mixing>[,large]``."""
+    """Returns the config for ``arg`` = ``<time mixing>[,medium|,large]``."""
     time_mixing, *flags = (arg or "mingru").split(",")
-    size = "large" if "large" in flags else "cpu"
-    if time_mixing not in MLP_WIDTH[size] or set(flags) - {"large"}:
-        raise ValueError(f"arg must be <mingru|minlstm|glrnn>[,large], got {arg!r}")
+    if time_mixing not in MLP_WIDTH["cpu"] or len(flags) > 1 or set(flags) - {"medium", "large"}:
+        raise ValueError(
+            f"arg must be <mingru|minlstm|glrnn>[,medium|,large], got {arg!r}")
+    size = flags[0] if flags else "cpu"
     config = default_config()
     config.data.name = "char"
     config.model.time_mixing = time_mixing

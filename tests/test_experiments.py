@@ -66,7 +66,7 @@ def test_ablation_bad_arg(arg):
         config_lib.load_config(f"{ABLATION}:{arg}")
 
 
-@pytest.mark.parametrize("size", ["", ",large"])
+@pytest.mark.parametrize("size", ["", ",medium", ",large"])
 def test_shakespeare_equal_params(size):
     counts = {tm: param_count(config_lib.load_config(f"{SHAKESPEARE}:{tm}{size}"))
               for tm in TIME_MIXINGS}
@@ -74,11 +74,19 @@ def test_shakespeare_equal_params(size):
     if not size:  # the size of configs/shakespeare.py
         base = config_lib.load_config(str(CONFIGS / "shakespeare.py"))
         assert counts["mingru"] == param_count(base)
+    elif size == ",medium":
+        assert 2.6e6 < counts["glrnn"] < 2.7e6
     else:
         assert 10.6e6 < counts["glrnn"] < 10.8e6
 
 
-@pytest.mark.parametrize("arg", ["minlstm", "glrnn,large"])
+@pytest.mark.parametrize("arg", ["gru", "mingru,huge", "mingru,medium,large"])
+def test_shakespeare_bad_arg(arg):
+    with pytest.raises(ValueError, match="arg must be"):
+        config_lib.load_config(f"{SHAKESPEARE}:{arg}")
+
+
+@pytest.mark.parametrize("arg", ["minlstm", "mingru,medium", "glrnn,large"])
 def test_shakespeare_trains_two_steps(arg, tmp_path):
     metrics = train.train_and_evaluate(shrunk(f"{SHAKESPEARE}:{arg}"),
                                        str(tmp_path))
