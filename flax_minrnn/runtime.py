@@ -46,12 +46,11 @@ def tune_cpu_malloc() -> bool:
     * ``M_ARENA_MAX = 1``: XLA's worker threads share that heap.
 
     The effect: the buffers of the second and later calls of a jitted function
-    land on pages that are already mapped, with no page faults.  On the 2-core
-    CPU of ``benchmarks/`` this made MinGRU's forward+backward about 1.5x
-    faster at T=1024 and T=4096 (see the README); results are unchanged.  The
-    price is that the process never returns freed memory to the system, so its
-    resident size stays at its peak.  This is the same trade as running with
-    ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
+    land on pages that are already mapped, with no page faults; results are
+    bit-identical.  Measured speed-ups are in ``benchmarks/README.md``
+    (``--malloc tuned`` against ``--malloc default``).  The price: the process
+    never returns freed memory to the system, so its resident size stays at
+    its peak.
 
     The arena limit only binds threads that have not allocated yet, so call
     this before JAX's first computation (importing jax is fine).  The CLI and

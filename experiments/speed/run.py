@@ -11,7 +11,7 @@ for T from 64 to 4096: our MinGRU (``scan_impl="auto"``) against
 
 Run from the repository root::
 
-    python experiments/speed/run.py [--out experiments/speed]
+    python experiments/speed/run.py [--out experiments/speed] [--malloc tuned|default]
 
 Writes ``results.json`` and ``speedup.png`` and prints a markdown table.
 """
@@ -34,7 +34,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--T", type=int, nargs="+", default=list(TS))
+    harness.add_malloc_flag(p)
     args = p.parse_args(argv)
+    harness.apply_malloc(args.malloc)
     repeats = harness.Repeats(max_n=20, min_n=5, budget_s=1.0)
     rows = bench_gpu.bench_layers(args.T, (), repeats, print)
     res = dict(machine=harness.machine_info(), B=bench_gpu.B, D=bench_gpu.D, rows=rows)
