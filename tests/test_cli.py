@@ -65,11 +65,21 @@ def test_generate_in_fresh_process_reproduces(run_dir):
     args = ["generate", "--workdir", run_dir, "--prompt", "ROMEO:",
             "--max-new-tokens", "12", "--temperature", "0.9", "--top-k", "20",
             "--top-p", "0.95", "--seed", "7"]
-    first, second = run_cli(*args), run_cli(*args)
+    # The second process leaves glibc's allocator alone (the first tunes it,
+    # the default): the sample must not depend on it.
+    first, second = run_cli(*args), run_cli(*args, "--malloc", "default")
     assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
     assert first.stdout == second.stdout
     text = first.stdout[:-1]  # print() adds a newline.
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 12
+
+
+def test_bad_malloc_choice_exits_2_naming_the_choices(tmp_path):
+    result = run_cli("train", "--config", SHAKESPEARE, "--workdir", str(tmp_path),
+                     "--malloc", "fast")
+    assert result.returncode == 2
+    assert "--malloc" in result.stderr and "'tuned'" in result.stderr
 
 
 def test_generate_prompt_outside_vocabulary(run_dir):
