@@ -10,10 +10,10 @@ Subcommands::
              [--temperature T] [--top-k K] [--top-p P] [--seed S]
     plot     --workdir DIR [--out PNG]
 
-Every subcommand takes ``--malloc {tuned,default}`` (default ``tuned``: calls
-:func:`flax_minrnn.runtime.tune_cpu_malloc` before the first JAX computation,
-which made CPU training steps about 1.4x faster; ``default`` leaves glibc
-alone).
+``train``, ``eval`` and ``generate`` take ``--malloc {tuned,default}``
+(default ``tuned``: calls :func:`flax_minrnn.runtime.tune_cpu_malloc` before
+the first JAX computation, which made CPU training steps about 1.5x faster,
+see benchmarks/README.md; ``default`` leaves glibc alone).
 
 User errors (bad config keys or values, unknown prompt characters, missing
 files) print one message on stderr and exit with code 2, without a traceback.
