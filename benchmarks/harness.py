@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_minrnn import runtime
+
 F32_BYTES = 4
 
 
@@ -186,14 +188,13 @@ def matmul_ms(m: int, k: int, n: int, which: str, repeats: Repeats,
 # ----------------------------------------------------------------------------
 # Allocator setting (flax_minrnn.runtime.tune_cpu_malloc).
 
-MALLOC_CHOICES = ("tuned", "default")
 _malloc_setting = "default"
 
 
 def add_malloc_flag(parser) -> None:
     """``--malloc {tuned,default}`` (default ``tuned``) on a benchmark's parser."""
     parser.add_argument(
-        "--malloc", choices=MALLOC_CHOICES, default="tuned",
+        "--malloc", choices=runtime.MALLOC_SETTINGS, default="tuned",
         help="tuned: call flax_minrnn.tune_cpu_malloc() before the first JAX computation "
              "(freed memory is reused, no page faults on fresh buffers); default: leave "
              "glibc as it is. Every row of one run uses the same setting.")
@@ -206,13 +207,8 @@ def apply_malloc(setting: str) -> str:
     backends not yet started); otherwise ``default``.  ``machine_info`` reports it.
     """
     global _malloc_setting
-    if setting not in MALLOC_CHOICES:
-        raise ValueError(f"--malloc must be one of {MALLOC_CHOICES}, got {setting!r}")
-    if setting == "tuned":
-        from flax_minrnn.runtime import tune_cpu_malloc  # pylint: disable=g-import-not-at-top
-        setting = "tuned" if tune_cpu_malloc() else "default"
-    _malloc_setting = setting
-    return setting
+    _malloc_setting = runtime.apply_malloc_setting(setting)
+    return _malloc_setting
 
 
 # ----------------------------------------------------------------------------

@@ -23,9 +23,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
-    harness.add_malloc_flag(p)
+    harness.add_malloc_flag(p)  # passed on; each script applies it before it computes
     args = p.parse_args(argv)
-    harness.apply_malloc(args.malloc)
     t0 = time.perf_counter()
     extra = (["--quick"] if args.quick else []) + ["--malloc", args.malloc]
     bench_scan.main(extra + ["--out", args.out])

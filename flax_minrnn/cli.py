@@ -27,6 +27,8 @@ import sys
 import warnings
 from typing import Sequence
 
+from flax_minrnn import runtime
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -66,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name in ("train", "eval", "generate"):
         sub.choices[name].add_argument(
-            "--malloc", choices=("tuned", "default"), default="tuned",
+            "--malloc", choices=runtime.MALLOC_SETTINGS, default="tuned",
             help="tuned (default): keep freed memory mapped (flax_minrnn.tune_cpu_malloc), "
                  "faster on CPU, the process keeps its peak memory; default: glibc as is")
 
@@ -129,13 +131,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "plot":
         print(plot(args.workdir, args.out))
         return 0
-    if args.malloc == "tuned":
-        from flax_minrnn import runtime  # pylint: disable=g-import-not-at-top
-        with warnings.catch_warnings():
-            # Not glibc, or JAX already running (main() called in-process): a
-            # speed setting only, so the CLI goes on without it.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            runtime.tune_cpu_malloc()
+    with warnings.catch_warnings():
+        # Not glibc, or JAX already running (main() called in-process): a
+        # speed setting only, so the CLI goes on without it.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        runtime.apply_malloc_setting(args.malloc)
     if args.command == "train":
         from flax_minrnn import config as config_lib  # pylint: disable=g-import-not-at-top
         config = config_lib.load_config(args.config, args.overrides)

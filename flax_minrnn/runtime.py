@@ -16,7 +16,10 @@ import ctypes
 import ctypes.util
 import warnings
 
-__all__ = ["tune_cpu_malloc"]
+__all__ = ["tune_cpu_malloc", "MALLOC_SETTINGS", "apply_malloc_setting"]
+
+# The values of the CLI's and the benchmarks' ``--malloc`` option.
+MALLOC_SETTINGS = ("tuned", "default")
 
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -86,3 +89,18 @@ def tune_cpu_malloc() -> bool:
                       stacklevel=2)
     _tuned = ok
     return ok
+
+
+def apply_malloc_setting(setting: str) -> str:
+    """Applies a ``--malloc`` value: ``"tuned"`` calls :func:`tune_cpu_malloc`,
+    ``"default"`` leaves glibc alone.  Returns the setting in effect
+    (``"default"`` when tuning did not take).
+
+    Raises:
+      ValueError: ``setting`` is not one of :data:`MALLOC_SETTINGS`.
+    """
+    if setting not in MALLOC_SETTINGS:
+        raise ValueError(f"malloc setting must be one of {MALLOC_SETTINGS}, got {setting!r}")
+    if setting == "tuned" and not tune_cpu_malloc():
+        return "default"
+    return setting

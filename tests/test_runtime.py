@@ -83,3 +83,14 @@ def test_after_jax_started_it_warns_and_changes_nothing():
     np.asarray(jnp.ones(2) + 1)  # the backends are running in this process
     with pytest.warns(RuntimeWarning, match="before the first JAX computation"):
         assert fm.tune_cpu_malloc() is False
+
+
+def test_apply_malloc_setting():
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from flax_minrnn import runtime  # pylint: disable=g-import-not-at-top
+    assert runtime.apply_malloc_setting("default") == "default"
+    np.asarray(jnp.ones(2) + 1)  # JAX runs in this process: tuning cannot take
+    with pytest.warns(RuntimeWarning):
+        assert runtime.apply_malloc_setting("tuned") == "default"
+    with pytest.raises(ValueError, match=r"one of \('tuned', 'default'\), got 'fast'"):
+        runtime.apply_malloc_setting("fast")
