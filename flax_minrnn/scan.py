@@ -284,17 +284,31 @@ def _index(x, i, axis: int):
     return jax.lax.index_in_dim(x, i, axis, keepdims=False)
 
 
+def _step(h, a_t, b_t, adjoint: bool):
+    """One step of the recurrence: returns ``(new carry, output)``.
+
+    Forward: ``h_t = a_t * h_prev + b_t``, output ``h_t``.  Adjoint form
+    (the backward pass, with ``b`` the output cotangents ``g``): the output is
+    ``lam_t = g_t + s`` and the carry becomes ``s = a_t * lam_t``, which is
+    ``lam_t = g_t + a_next * lam_next`` without shifting ``a`` by one step.
+    """
+    if adjoint:
+        out = h + b_t
+        return a_t * out, out
+    h = a_t * h + b_t
+    return h, h
+
+
 def _loop(coeff_fn, xs, consts, params, h0, reverse: bool, axis: int, *, store: bool,
-          unroll: int = _UNROLL):
+          adjoint: bool = False, prod: bool = False, unroll: int = _UNROLL):
     """The recurrence, a block of ``unroll`` steps per loop iteration.
 
     ``(a_t, b_t) = coeff_fn(x_t, c_t, params)`` is evaluated on each block of
     steps (slices of the pytrees ``xs`` and ``consts`` along ``axis``), then
-    ``h_t = a_t * h_{t-1} + b_t`` runs step by step through the block.  The
-    blocks are read and written in place (dynamic slices), so the layout is
-    never transposed.  Returns ``(h_last, h)`` (``h`` is ``None`` unless
-    ``store``).  This is the only place the recurrence is written for the
-    loop-based implementations.
+    :func:`_step` runs step by step through the block.  The blocks are read
+    and written in place (dynamic slices), so the layout is never
+    transposed.  Returns ``(carry, out)`` (``out`` is ``None`` unless
+    ``store``).  With ``prod`` the carry is ``(carry, product of a)``.
     """
     n = jax.tree.leaves(xs)[0].shape[axis]
     size = max(1, min(unroll, n))
@@ -309,17 +323,23 @@ def _loop(coeff_fn, xs, consts, params, h0, reverse: bool, axis: int, *, store: 
     def run_block(h, out, start, length):
         a, b = coeff_fn(_take(xs, start, length, axis),
                         _take(consts, start, length, axis), params)
+        if prod:
+            h, p = h
         states = [None] * length
         for u in (reversed(range(length)) if reverse else range(length)):
-            h = _index(a, u, axis) * h + _index(b, u, axis)
-            states[u] = h
+            a_u = _index(a, u, axis)
+            h, states[u] = _step(h, a_u, _index(b, u, axis), adjoint)
+            if prod:
+                p = p * a_u
         if out is not None:
             out = _put(out, jnp.stack(states, axis), start, axis)
-        return h, out
+        return ((h, p) if prod else h), out
 
     def body(i, carry):
         return run_block(*carry, full_start(i), size)
 
+    if prod:
+        h0 = (h0, jnp.ones_like(h0))
     h, out = jax.lax.fori_loop(0, num_full, body, (h0, out))
     if rem:
         h, out = run_block(h, out, rem_start, rem)
@@ -331,9 +351,9 @@ def _loop_bwd(coeff_fn, xs, consts, params, h, h0, g, g_last, reverse: bool,
     """Adjoint of :func:`_loop` along axis 1, recomputing the coefficients.
 
     With ``next(t)`` the step after ``t`` in scan order, the adjoint state is
-    ``lam_t = g_t + a_next(t) * lam_next(t)`` (``lam`` past the last step is
-    ``g_last`` with coefficient 1), and ``d a_t = lam_t * h_prev(t)``,
-    ``d b_t = lam_t``, ``d h0 = a_first * lam_first``.  Each block recomputes
+    ``lam_t = g_t + s_next(t)`` with ``s_t = a_t * lam_t`` (:func:`_step` in
+    adjoint form; ``s`` past the last step is ``g_last``), and
+    ``d a_t = lam_t * h_prev(t)``, ``d b_t = lam_t``, ``d h0 = s_first``.  Each block recomputes
     its ``(a, b)`` and pulls ``(d a, d b)`` back through ``coeff_fn`` to
     ``d xs`` (written block by block) and ``d params`` (summed).  (Writing ``d xs`` over ``xs`` in one loop-carried buffer would
     save memory, but XLA then copies the whole buffer every iteration.)
@@ -353,31 +373,29 @@ def _loop_bwd(coeff_fn, xs, consts, params, h, h0, g, g_last, reverse: bool,
         rest = jax.lax.dynamic_slice_in_dim(h, start + 1, length - 1, 1)
         return jnp.concatenate([rest, last[:, None]], axis=1)
 
-    def run_block(lam, a_next, dxs, dparams, start, length):
+    def run_block(s, dxs, dparams, start, length):
         x_blk = _take(xs, start, length, 1)
         c_blk = _take(consts, start, length, 1)
         (a, _), pullback = jax.vjp(lambda x, p: coeff_fn(x, c_blk, p), x_blk, params)
         g_blk = jax.lax.dynamic_slice_in_dim(g, start, length, 1)
         lams = [None] * length
         for u in (range(length) if reverse else reversed(range(length))):
-            lam = _index(g_blk, u, 1) + a_next * lam
-            lams[u] = lam
-            a_next = _index(a, u, 1)
+            s, lams[u] = _step(s, _index(a, u, 1), _index(g_blk, u, 1), adjoint=True)
         lam_blk = jnp.stack(lams, axis=1)
         dx_blk, dp_blk = pullback((lam_blk * h_prev_block(start, length), lam_blk))
         dparams = jax.tree.map(jnp.add, dparams, dp_blk)
-        return lam, a_next, _put(dxs, dx_blk, start, 1), dparams
+        return s, _put(dxs, dx_blk, start, 1), dparams
 
     def body(i, carry):
         return run_block(*carry, full_start(i), size)
 
-    carry = (g_last, jnp.ones_like(h0), jax.tree.map(jnp.zeros_like, xs),
-             jax.tree.map(jnp.zeros_like, params))
+    # s past the last step is g_last (the cotangent of the final carry).
+    carry = (g_last, jax.tree.map(jnp.zeros_like, xs), jax.tree.map(jnp.zeros_like, params))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
         carry = run_block(*carry, rem_start, rem)
-    lam, a_first, dxs, dparams = carry
-    return dxs, dparams, a_first * lam
+    s, dxs, dparams = carry
+    return dxs, dparams, s
 
 
 def _index_dyn(x, i):
@@ -397,15 +415,21 @@ def _chunk_size(seq_len: int) -> int:
     return max(1, 2 ** round(math.log2(max(1.0, math.sqrt(seq_len)))))
 
 
-def _chunked(a, b, h0, reverse):
+def _chunked(a, b, h0, reverse, adjoint: bool = False):
     """Two-level scan in the native ``(B, T, *F)`` layout.
 
     The time axis is viewed as ``(n chunks, c steps)`` (a free reshape).
     Pass 1 runs the ``c`` in-chunk steps of all chunks at once from a zero
-    state (wide vectors, no stored states) and takes the product of each
-    chunk's ``a``; pass 2 scans the ``n`` chunk summaries from ``h0`` to get
+    state (wide vectors, no stored states), carrying each chunk's product of
+    ``a`` alongside; pass 2 scans the ``n`` chunk summaries from ``h0`` to get
     every chunk's true initial state; pass 3 rescans the chunks from those
     states, writing ``h``.  Every pass is :func:`_loop`.
+
+    ``adjoint=True`` runs the backward recurrence of :func:`_scan_bwd` with
+    ``b = g`` and ``h0 = g_last`` (:func:`_step` in adjoint form) and returns
+    ``lam``: its carry ``s = a * (g + s)`` is an ordinary linear recurrence
+    with inputs ``a * g`` (computed inside the loop of pass 1), so passes 1
+    and 2 are unchanged.
     """
     batch, seq_len = a.shape[:2]
     feat = a.shape[2:]
@@ -421,9 +445,11 @@ def _chunked(a, b, h0, reverse):
     a4 = a.reshape(batch, n, c, *feat)
     b4 = b.reshape(batch, n, c, *feat)
     zeros = jnp.zeros_like(a4[:, :, 0])  # like a: varying inside shard_map too
-    h_end, _ = _loop(_identity_coeffs, (a4, b4), (), (), zeros, reverse, 2,   # pass 1
-                     store=False)
-    a_prod = jnp.prod(a4, axis=2)
+    # In adjoint form the carry s = a * (g + s) takes the inputs a * g.
+    coeffs = ((lambda ab, c, p: (ab[0], ab[0] * ab[1])) if adjoint
+              else _identity_coeffs)
+    (h_end, a_prod), _ = _loop(coeffs, (a4, b4), (), (), zeros, reverse, 2,   # pass 1
+                               store=False, prod=True)
     _, h_after = _loop(_identity_coeffs, (a_prod, h_end), (), (), h0, reverse, 1,
                        store=True)                                        # pass 2
     # Chunk k starts from the state after its predecessor in scan order.
@@ -432,7 +458,7 @@ def _chunked(a, b, h0, reverse):
     else:
         h_init = jnp.concatenate([h0[:, None], h_after[:, :-1]], axis=1)
     _, h = _loop(_identity_coeffs, (a4, b4), (), (), h_init, reverse, 2,
-                 store=True)                                              # pass 3
+                 store=True, adjoint=adjoint)                             # pass 3
     h = h.reshape(batch, n * c, *feat)
     if pad:
         h = h[:, pad:] if reverse else h[:, :seq_len]
@@ -494,7 +520,6 @@ _FORWARD = {
 # The backward pass runs a linear-space scan (cotangents can be negative).
 _BACKWARD = {
     ScanImpl.ASSOCIATIVE: _associative,
-    ScanImpl.CHUNKED: _chunked,
     ScanImpl.LOG: _associative,
     ScanImpl.HEINSEN: _associative,
     ScanImpl.PALLAS: _pallas,
@@ -517,17 +542,20 @@ def _scan_bwd(impl, reverse, residuals, cotangents):
     # Adjoint: lam_t = g_t + a_next(t) * lam_next(t), started from g_last,
     # i.e. the same linear recurrence run in the opposite direction with the
     # coefficients shifted by one step.
-    ones = jnp.ones_like(a[:, :1])
     if reverse:
-        coef = jnp.concatenate([ones, a[:, :-1]], axis=1)
         h_prev = jnp.concatenate([h[:, 1:], h0[:, None]], axis=1)
         a_first = a[:, -1]
     else:
-        coef = jnp.concatenate([a[:, 1:], ones], axis=1)
         h_prev = jnp.concatenate([h0[:, None], h[:, :-1]], axis=1)
         a_first = a[:, 0]
-    lam_first, lam = _BACKWARD[impl](coef, g, g_last, not reverse)
-    del lam_first  # lam at the last step in scan order, not needed
+    if impl is ScanImpl.CHUNKED:
+        # The adjoint form needs no shifted copy of a.
+        _, lam = _chunked(a, g, g_last, not reverse, adjoint=True)
+    else:
+        ones = jnp.ones_like(a[:, :1])
+        coef = (jnp.concatenate([ones, a[:, :-1]], axis=1) if reverse
+                else jnp.concatenate([a[:, 1:], ones], axis=1))
+        _, lam = _BACKWARD[impl](coef, g, g_last, not reverse)
     lam_0 = lam[:, -1] if reverse else lam[:, 0]
     return lam * h_prev, lam, a_first * lam_0
 
