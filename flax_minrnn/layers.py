@@ -137,30 +137,8 @@ def _bias_init_with(base: Initializer, d_h: int, offsets: dict) -> Initializer:
 # The one code path of every layer.
 
 
-@jax.custom_vjp
-def _matmul(x: Array, kernel: Array) -> Array:
-    """``x @ kernel`` over the last axis, with a hand-written backward.
-
-    Autodiff of ``dot_general`` gives the kernel gradient as a transposed
-    product that XLA:CPU lowers to a transpose copy plus a slow GEMM form
-    (2-2.5x the forward product's time at B*T = 32k rows); written as
-    ``einsum('...i,...o->io')`` it runs at the forward product's speed.
-    """
-    return jnp.einsum("...i,io->...o", x, kernel)
-
-
-def _matmul_fwd(x, kernel):
-    return _matmul(x, kernel), (x, kernel)
-
-
-def _matmul_bwd(residuals, g):
-    x, kernel = residuals
-    dx = jnp.einsum("...o,io->...i", g, kernel)
-    dkernel = jnp.einsum("...i,...o->io", x, g)
-    return dx, dkernel
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+# ``x @ kernel`` with the hand-written backward (one copy, in scan.py).
+_matmul = scan_lib.project
 
 
 def _dense_params(module: nn.Module, in_features: int):
@@ -309,14 +287,16 @@ def run_recurrence(
                                 else cols(bias, False).astype(s_dtype)))
 
     if not module.use_true_recurrence:
-        pre = _matmul(x_c, cols(kernel, True))
         rec_bias = cols(bias, True)
         if module.sequence_axis is None:
+            # The projection runs inside the scan (tile by tile where the
+            # implementation tiles time).
             h_last, h = scan_lib.gated_scan(
-                lambda p, b: tuple(gates_of(p, b)), pre, h0, params=rec_bias,
-                impl=impl, reset=reset, mask=valid, reverse=module.reverse)
+                lambda p, b: tuple(gates_of(p, b)), x_c, h0, kernel=cols(kernel, True),
+                params=rec_bias, impl=impl, reset=reset, mask=valid,
+                reverse=module.reverse)
         else:  # the time axis is split over a mesh axis
-            gates = gates_of(pre, rec_bias)
+            gates = gates_of(_matmul(x_c, cols(kernel, True)), rec_bias)
             h_last, h = scan(gates.a, gates.b, h0, impl=impl, reset=reset,
                              mask=valid, reverse=module.reverse)
         aux = None if aux_fn is None else aux_of(_matmul(x_c, cols(kernel, False)))

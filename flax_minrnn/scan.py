@@ -42,7 +42,12 @@ Implementations (:class:`ScanImpl`), all with this signature:
 * ``"chunked"``: a two-level form for CPUs: the time axis is cut into chunks,
   every chunk is scanned in parallel with the others (``O(chunk)`` sequential
   steps over wide vectors), then the chunk boundaries are combined
-  (``O(T / chunk)`` steps) and a second pass over the chunks finishes.
+  (``O(T / chunk)`` steps) and a second pass over the chunks finishes.  In
+  :func:`gated_scan` it runs tile by tile (tiles of tens of steps, about
+  1 MiB of projections each): a tile's projection (``kernel``),
+  coefficients and chunked scan run while it is in cache, and the backward
+  pass does the same per tile in reverse order from the stored projections
+  and states (the coefficients are never stored for the whole sequence).
 * ``"log"``: associative scan on ``(log a, log h)`` with a ``logaddexp``
   combine.  Domain: ``a >= 0``, ``b >= 0``, ``h0 >= 0`` (positive states, as in
   the minGRU paper's ``g()`` parameterisation); outside it the result is NaN.
@@ -217,6 +222,41 @@ def check_bool_bt(name: str, x, batch: int, seq_len: int) -> Array:
     if x.dtype != jnp.bool_:
         raise TypeError(f"{name} must be a boolean array, got dtype {x.dtype}")
     return jnp.asarray(x)
+
+
+# ----------------------------------------------------------------------------
+# The input projection of gated_scan(..., kernel=...).
+
+
+@jax.custom_vjp
+def project(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` over the last axis, with a hand-written backward.
+
+    Autodiff of ``dot_general`` gives the kernel gradient as a transposed
+    product that XLA:CPU lowers to a transpose copy plus a slow GEMM form
+    (2-2.5x the forward product's time at B*T = 32k rows); written as
+    ``einsum('...i,...o->io')`` it runs at the forward product's speed.
+    """
+    return jnp.einsum("...i,io->...o", x, kernel)
+
+
+def _project_fwd(x, kernel):
+    return project(x, kernel), (x, kernel)
+
+
+def _project_bwd(residuals, g):
+    x, kernel = residuals
+    return _project_grads(x, kernel, g)
+
+
+def _project_grads(x, kernel, g):
+    """``(d x, d kernel)`` of ``x @ kernel`` for the output cotangent ``g``."""
+    dx = jnp.einsum("...o,io->...i", g, kernel)
+    dkernel = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -563,6 +603,126 @@ def _scan_bwd(impl, reverse, residuals, cotangents):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
+# The chunked implementation of gated_scan runs tile by tile: the time axis is
+# cut into tiles of a few dozen steps, visited in scan order, and each tile's
+# projection (with kernel=...), coefficients and chunked scan run one after
+# another while the tile is in cache (a whole-sequence pass over B*T*D floats
+# misses the cache from T ~ 1024 on).  The backward pass visits the tiles in
+# reverse and does the same per tile, from the stored projections and states.
+
+# Bytes of projection output per tile (about half the 2 MiB L2 of the
+# development CPU), as steps: at B = 8 and 2 x 256 float32 features, 64 steps
+# were fastest at T = 1024 and 4096 (benchmarks/README.md).
+_TILE_BYTES = 2 ** 20
+_TILE_MIN, _TILE_MAX = 32, 512
+
+
+def _tile_size(row_bytes: int) -> int:
+    """Steps per tile for ``row_bytes`` bytes of projection output per step."""
+    steps = max(1, _TILE_BYTES // max(1, row_bytes))
+    return int(min(_TILE_MAX, max(_TILE_MIN, 2 ** int(math.log2(steps)))))
+
+
+def _tiles_forward(coeff_fn, x, kernel, consts, params, h0, reverse, tile):
+    """Returns ``(h_last, h, pre)``; ``pre`` (``x @ kernel``) is ``None``
+    without a kernel."""
+    batch, seq_len = jax.tree.leaves(x)[0].shape[:2]
+    num_full, rem, full_start, rem_start = _blocks(seq_len, tile, reverse)
+    # Built from h0 (not jnp.zeros) so they have h0's type inside shard_map.
+    h_buf = jnp.broadcast_to(jnp.zeros_like(h0)[:, None], (batch, seq_len) + h0.shape[1:])
+    pre_buf = None
+    if kernel is not None:
+        pre_buf = jnp.zeros((batch, seq_len, kernel.shape[1]),
+                            jnp.result_type(x, kernel))
+
+    def run_tile(h, h_buf, pre_buf, start, length):
+        pre = _take(x, start, length, 1)
+        if kernel is not None:
+            pre = jnp.einsum("...i,io->...o", pre, kernel)
+            pre_buf = _put(pre_buf, pre, start, 1)
+        a, b = coeff_fn(pre, _take(consts, start, length, 1), params)
+        h, h_tile = _chunked(a, b, h, reverse)
+        return h, _put(h_buf, h_tile, start, 1), pre_buf
+
+    def body(i, carry):
+        return run_tile(*carry, full_start(i), tile)
+
+    carry = jax.lax.fori_loop(0, num_full, body, (h0, h_buf, pre_buf))
+    if rem:
+        carry = run_tile(*carry, rem_start, rem)
+    return carry
+
+
+def _tiles_backward(coeff_fn, x, kernel, consts, params, h0, h, pre_buf, g, g_last,
+                    reverse, tile):
+    """``(d x, d kernel, d params, d h0)`` of :func:`_tiles_forward`."""
+    seq_len = h.shape[1]
+    # The backward pass visits the tiles in the opposite order.
+    num_full, rem, full_start, rem_start = _blocks(seq_len, tile, not reverse)
+
+    def h_before(start, length):
+        # The state before the tile's first step in scan order.
+        if reverse:
+            return jnp.where(start + length < seq_len,
+                             _index_dyn(h, start + length), h0)
+        return jnp.where(start > 0, _index_dyn(h, start - 1), h0)
+
+    def run_tile(dh, dx, dkernel, dparams, start, length):
+        x_t = _take(x, start, length, 1)
+        c_t = _take(consts, start, length, 1)
+        pre = x_t if kernel is None else _take(pre_buf, start, length, 1)
+        (a, _), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
+        da, db, dh = _scan_bwd(ScanImpl.CHUNKED, reverse,
+                               (a, _take(h, start, length, 1), h_before(start, length)),
+                               (dh, _take(g, start, length, 1)))
+        dpre, dp = pullback((da, db))
+        if kernel is not None:
+            dx_t, dk_t = _project_grads(x_t, kernel, dpre)
+            dkernel = dkernel + dk_t.astype(dkernel.dtype)
+        else:
+            dx_t = dpre
+        return (dh, _put(dx, dx_t, start, 1), dkernel,
+                jax.tree.map(jnp.add, dparams, dp))
+
+    def body(i, carry):
+        return run_tile(*carry, full_start(i), tile)
+
+    dkernel = None if kernel is None else jnp.zeros(kernel.shape, jnp.float32)
+    carry = (g_last, jax.tree.map(jnp.zeros_like, x), dkernel,
+             jax.tree.map(jnp.zeros_like, params))
+    carry = jax.lax.fori_loop(0, num_full, body, carry)
+    if rem:
+        carry = run_tile(*carry, rem_start, rem)
+    dh0, dx, dkernel, dparams = carry
+    if kernel is not None:
+        dkernel = dkernel.astype(kernel.dtype)
+    return dx, dkernel, dparams, dh0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
+def _tiled(coeff_fn, x, kernel, consts, params, h0, reverse: bool, tile: int):
+    h_last, h, _ = _tiles_forward(coeff_fn, x, kernel, consts, params, h0, reverse, tile)
+    return h_last, h
+
+
+def _tiled_fwd(coeff_fn, x, kernel, consts, params, h0, reverse, tile):
+    h_last, h, pre = _tiles_forward(coeff_fn, x, kernel, consts, params, h0, reverse, tile)
+    return (h_last, h), (x, kernel, consts, params, h0, h, pre)
+
+
+def _tiled_bwd(coeff_fn, reverse, tile, residuals, cotangents):
+    x, kernel, consts, params, h0, h, pre = residuals
+    g_last, g = cotangents
+    dx, dkernel, dparams, dh0 = _tiles_backward(coeff_fn, x, kernel, consts, params, h0,
+                                                h, pre, g, g_last, reverse, tile)
+    zero_consts = jax.tree.map(
+        lambda c: np.zeros(c.shape, jax.dtypes.float0), consts)
+    return dx, dkernel, zero_consts, dparams, dh0
+
+
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)
+
+
 # The sequential implementation fuses the coefficient function into the loop:
 # the forward pass stores only the states, and the backward pass recomputes
 # each block's coefficients from the inputs (see _loop_bwd), so neither the
@@ -656,6 +816,7 @@ def gated_scan(
     x: Any,
     h0: Optional[Array] = None,
     *,
+    kernel: Optional[Array] = None,
     params: Any = None,
     impl: Union[str, ScanImpl] = ScanImpl.AUTO,
     reset: Optional[Array] = None,
@@ -681,10 +842,18 @@ def gated_scan(
     it); the other implementations evaluate ``coeff_fn`` on all of ``x`` and
     call the same scan as :func:`linear_scan`.
 
+    With ``kernel``, ``coeff_fn`` receives ``x @ kernel`` (the input
+    projection of a layer) instead of ``x``; the product is computed inside
+    the scan, so ``impl="chunked"`` runs it tile by tile while the tile is in
+    cache, and gradients flow to ``kernel`` too.  The result equals
+    ``gated_scan(coeff_fn, x @ kernel, ...)``.
+
     Args:
       coeff_fn: ``(x_slice, params) -> (a, b)``; outputs are cast to the
         accumulation dtype (float32, or float64 when they are float64).
-      x: a pytree of floating arrays ``(batch, time, ...)``.
+      x: a pytree of floating arrays ``(batch, time, ...)``; with ``kernel``
+        one array ``(batch, time, d_in)``.
+      kernel: optional floating ``(d_in, n)`` input projection.
       params: a pytree of arrays (no time axis) passed to every call of
         ``coeff_fn``, e.g. a bias added to the pre-activations inside the loop
         rather than to the whole sequence beforehand.
@@ -712,6 +881,18 @@ def gated_scan(
         raise ValueError("the time axis (axis 1) of x must be non-empty")
     one_step = jax.tree.map(lambda l: jax.ShapeDtypeStruct(
         (batch, 1) + tuple(l.shape[2:]), l.dtype), x)
+    if kernel is not None:
+        _check_float("kernel", kernel)
+        if not hasattr(x, "shape") or x.ndim != 3:
+            raise ValueError(
+                "with kernel, x must be one array of shape (batch, time, d_in), "
+                f"got {jax.tree.map(lambda l: tuple(l.shape), x)}")
+        if kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
+            raise ValueError(
+                f"kernel must have shape (d_in, n) with d_in = {x.shape[-1]} (the "
+                f"last axis of x), got {tuple(kernel.shape)}")
+        one_step = jax.ShapeDtypeStruct((batch, 1, kernel.shape[1]),
+                                        jnp.result_type(x, kernel))
     a_s, b_s = jax.eval_shape(coeff_fn, one_step, params)
     if a_s.shape != b_s.shape or tuple(a_s.shape[:2]) != (batch, 1):
         raise ValueError(
@@ -721,7 +902,7 @@ def gated_scan(
     state_shape = (batch,) + tuple(a_s.shape[2:])
     impl, dtype = _check_h0_impl_dtype(h0, state_shape, impl, seq_len, a_s.dtype, b_s.dtype)
     return _run(lambda xs, consts, p: coeff_fn(xs, p), x, params, h0, state_shape,
-                dtype, impl,
+                dtype, impl, kernel=kernel,
                 reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse)
 
 
@@ -738,8 +919,9 @@ def _check_h0_impl_dtype(h0, state_shape, impl, seq_len: int, a_dtype, b_dtype):
 
 
 def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
-         seq_lengths, mask, reverse) -> Tuple[Array, Array]:
-    """Validated inputs -> ``(h_last, h)``; ``coeff_fn(x_slice, None, params)``."""
+         seq_lengths, mask, reverse, kernel=None) -> Tuple[Array, Array]:
+    """Validated inputs -> ``(h_last, h)``; ``coeff_fn(x_slice, None, params)``
+    (``x_slice @ kernel`` in place of ``x_slice`` with a kernel)."""
     batch, seq_len = state_shape[0], jax.tree.leaves(x)[0].shape[1]
     if mask is not None and seq_lengths is not None:
         raise ValueError("pass either mask or seq_lengths, not both")
@@ -773,11 +955,22 @@ def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
         return a, b
 
     consts = (boundary, mask)
-    if impl is ScanImpl.SEQUENTIAL:
-        h_last, h = _fused(coeffs, x, consts, params, h0, bool(reverse))
+    if impl is ScanImpl.CHUNKED:
+        if kernel is None:
+            row_bytes = sum(math.prod(l.shape[2:]) * l.dtype.itemsize
+                            for l in jax.tree.leaves(x))
+        else:
+            row_bytes = kernel.shape[1] * jnp.result_type(x, kernel).itemsize
+        h_last, h = _tiled(coeffs, x, kernel, consts, params, h0, bool(reverse),
+                           min(seq_len, _tile_size(batch * row_bytes)))
     else:
-        a, b = coeffs(x, consts, params)
-        h_last, h = _scan(a, b, h0, impl, bool(reverse))
+        if kernel is not None:
+            x = project(x, kernel)
+        if impl is ScanImpl.SEQUENTIAL:
+            h_last, h = _fused(coeffs, x, consts, params, h0, bool(reverse))
+        else:
+            a, b = coeffs(x, consts, params)
+            h_last, h = _scan(a, b, h0, impl, bool(reverse))
     if mask is not None:
         h = jnp.where(mask[expand], h, jnp.zeros((), dtype))
     return h_last, h

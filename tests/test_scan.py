@@ -286,16 +286,41 @@ def _jnp_gates(x, bias=None):
     return 1.0 - z, z * jnp.tanh(x[..., 1])
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 4 steps in impl='chunked' (the default size spans hundreds of
+    steps at test shapes), so short sequences cross several tiles and end in
+    a partial one."""
+    monkeypatch.setattr(scan_lib, "_TILE_MIN", 4)
+    monkeypatch.setattr(scan_lib, "_TILE_MAX", 4)
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("impl, seq_len", [
     ("sequential", 1), ("sequential", 9), ("sequential", 20),   # around the 8-step blocks
-    ("chunked", 9), ("chunked", 20), ("associative", 20)])
-def test_gated_scan_matches_reference_outputs_and_gradients(rng, impl, seq_len, reverse):
+    ("chunked", 9), ("chunked", 20), ("associative", 20),
+    ("chunked-tiles", 9), ("chunked-tiles", 23)])
+@pytest.mark.parametrize("with_kernel", [False, True], ids=["x", "kernel"])
+def test_gated_scan_matches_reference_outputs_and_gradients(rng, request, impl, seq_len,
+                                                            reverse, with_kernel):
     """Outputs and gradients (w.r.t. x and h0, random cotangents on h and the
     carry) against the float64 loop, with resets and padding; lengths around
-    the sequential loop's block size (8) exercise the remainder block."""
+    the sequential loop's block size (8) exercise the remainder block, and
+    "chunked-tiles" runs several 4-step tiles and a partial one.  With
+    ``kernel`` the coefficient function sees ``x @ kernel`` (and the kernel
+    gets a gradient too)."""
+    if impl == "chunked-tiles":
+        request.getfixturevalue("small_tiles")
+        impl = "chunked"
     batch, feat = 3, 2
     x = jnp.asarray(rng.normal(size=(batch, seq_len, feat, 2)), jnp.float32)
+    if with_kernel:
+        d_in = 3
+        kernel = jnp.asarray(rng.normal(size=(d_in, feat * 2)) / 2, jnp.float32)
+        x_in = jnp.asarray(rng.normal(size=(batch, seq_len, d_in)), jnp.float32)
+        x = jnp.einsum("bti,io->bto", x_in, kernel).reshape(batch, seq_len, feat, 2)
+    else:
+        kernel = x_in = None
     h0 = jnp.asarray(rng.normal(size=(batch, feat)), jnp.float32)
     reset = rng.uniform(size=(batch, seq_len)) < 0.2
     lengths = np.array([seq_len, max(seq_len - 3, 0), seq_len // 2])
@@ -307,18 +332,27 @@ def test_gated_scan_matches_reference_outputs_and_gradients(rng, impl, seq_len, 
     a_ref, b_ref = _np_gates(np.asarray(x, np.float64) + np.asarray(bias, np.float64))
     ref_last, ref = linear_recurrence(a_ref, b_ref, h0, reset=reset, mask=mask,
                                       reverse=reverse)
-    h_last, h = gated_scan(_jnp_gates, x, h0, params=bias, impl=impl,
-                           reset=jnp.asarray(reset), seq_lengths=jnp.asarray(lengths),
-                           reverse=reverse)
+    if with_kernel:
+        def run(x_in, h0, bias, kernel):
+            fn = lambda pre, p: _jnp_gates(pre.reshape(pre.shape[:2] + (feat, 2)), p)
+            return gated_scan(fn, x_in, h0, kernel=kernel, params=bias, impl=impl,
+                              reset=jnp.asarray(reset), seq_lengths=jnp.asarray(lengths),
+                              reverse=reverse)
+        args = (x_in, h0, bias, kernel)
+    else:
+        def run(x, h0, bias):
+            return gated_scan(_jnp_gates, x, h0, params=bias, impl=impl,
+                              reset=jnp.asarray(reset), seq_lengths=jnp.asarray(lengths),
+                              reverse=reverse)
+        args = (x, h0, bias)
+    h_last, h = run(*args)
     assert rel_err(h, ref) <= 1e-5 and rel_err(h_last, ref_last) <= 1e-5
 
-    def loss(x, h0, bias):
-        h_last, h = gated_scan(_jnp_gates, x, h0, params=bias, impl=impl,
-                               reset=jnp.asarray(reset),
-                               seq_lengths=jnp.asarray(lengths), reverse=reverse)
+    def loss(*args):
+        h_last, h = run(*args)
         return jnp.sum(h * g) + jnp.sum(h_last * g_last)
 
-    ours = jax.grad(loss, (0, 1, 2))(x, h0, bias)
+    ours = jax.grad(loss, tuple(range(len(args))))(*args)
     # Reference gradient: float64 autodiff of a plain jnp loop (no library code).
     x64, h064 = np.asarray(x, np.float64), np.asarray(h0, np.float64)
     with jax.enable_x64(True):
@@ -337,9 +371,18 @@ def test_gated_scan_matches_reference_outputs_and_gradients(rng, impl, seq_len, 
         def ref_loss(x, h0, bias):
             h_last, h = loop(x, h0, bias)
             return jnp.sum(h * g64) + jnp.sum(h_last * gl64)
-        want = jax.jit(jax.grad(ref_loss, (0, 1, 2)))(
-            jnp.asarray(x64), jnp.asarray(h064), jnp.asarray(np.asarray(bias, np.float64)))
-    for name, got, ref_g in zip(("dx", "dh0", "dbias"), ours, want):
+        bias64 = jnp.asarray(np.asarray(bias, np.float64))
+        if with_kernel:
+            def ref_loss_k(x_in, h0, bias, kernel):
+                pre = jnp.einsum("bti,io->bto", x_in, kernel)
+                return ref_loss(pre.reshape(batch, seq_len, feat, 2), h0, bias)
+            want = jax.jit(jax.grad(ref_loss_k, (0, 1, 2, 3)))(
+                jnp.asarray(np.asarray(x_in, np.float64)), jnp.asarray(h064), bias64,
+                jnp.asarray(np.asarray(kernel, np.float64)))
+        else:
+            want = jax.jit(jax.grad(ref_loss, (0, 1, 2)))(
+                jnp.asarray(x64), jnp.asarray(h064), bias64)
+    for name, got, ref_g in zip(("dx", "dh0", "dbias", "dkernel"), ours, want):
         assert rel_err(got, ref_g) <= 2e-5, (name, rel_err(got, ref_g))
 
 
@@ -373,6 +416,15 @@ class TestGatedScanErrors:
     def test_mismatched_leaves(self):
         with pytest.raises(ValueError, match="same batch and time"):
             gated_scan(lambda x, p: (x[0], x[0]), (jnp.ones((2, 5, 3)), jnp.ones((2, 4, 3))))
+
+    def test_kernel_needs_one_array_of_matching_width(self):
+        fn = lambda q, p: (q, q)
+        with pytest.raises(ValueError, match="with kernel, x must be one array"):
+            gated_scan(fn, (jnp.ones((2, 5, 3)), jnp.ones((2, 5, 3))), kernel=jnp.ones((3, 4)))
+        with pytest.raises(ValueError, match=r"kernel must have shape \(d_in, n\) with d_in = 3"):
+            gated_scan(fn, jnp.ones((2, 5, 3)), kernel=jnp.ones((4, 4)))
+        with pytest.raises(TypeError, match="kernel must be a floating-point array"):
+            gated_scan(fn, jnp.ones((2, 5, 3)), kernel=jnp.ones((3, 4), jnp.int32))
 
     def test_coefficients_of_different_shapes(self):
         with pytest.raises(ValueError, match="coeff_fn must return"):
