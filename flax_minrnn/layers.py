@@ -329,6 +329,10 @@ def run_recurrence(
     return h_last, time_major(h), None if aux is None else time_major(aux), valid
 
 
+def _identity(x: Array) -> Array:
+    return x
+
+
 def _zero_invalid(y: Array, valid: Optional[Array]) -> Array:
     if valid is None:
         return y
@@ -703,10 +707,14 @@ class GatedLinearRNN(nn.Module):
                                       input_activation=self.input_activation,
                                       gate_activation=self.gate_activation,
                                       tied=self.use_tied_gates),
-            aux_fn=self.gate_activation,
-            bias_offsets=offsets, seq_lengths=seq_lengths, mask=mask, reset=reset)
+            aux_fn=_identity, bias_offsets=offsets, seq_lengths=seq_lengths, mask=mask,
+            reset=reset)
         dtype = self.dtype or x.dtype
-        y = (self.hidden_activation(h) * o).astype(dtype)
+        # Rematerialised: the backward pass keeps only h and the output gate's
+        # pre-activation, not hidden_activation(h), the gate and their product.
+        gated = jax.checkpoint(lambda h, o_pre: (
+            self.hidden_activation(h) * self.gate_activation(o_pre)).astype(dtype))
+        y = gated(h, o)
         y = _project(self, y, self.d_model or d_h, name="out_proj", use_bias=self.use_bias,
                      bias_init=self.bias_init, dtype=dtype)
         return h_last, _zero_invalid(y, valid)
