@@ -407,14 +407,17 @@ def _minlstm_gates(pre: Array, candidate_activation, normalize: bool) -> Gates:
 def _glrnn_gates(pre: Array, d_h: int, input_activation, gate_activation,
                  tied: bool) -> Gates:
     """``pre`` = [candidate, input gate] (tied) or [candidate, input, forget]."""
-    cand = input_activation(pre[..., :d_h])
-    gates = gate_activation(pre[..., d_h:])
+    del d_h
+    # jnp.split, not slicing: its cotangent is one concatenation (a slice's
+    # is a padded sum that evaluates every branch for every element).
     if tied:
-        i = gates
+        c_pre, i_pre = _split(pre, 2)
+        i = gate_activation(i_pre)
         f = 1.0 - i
     else:
-        i, f = _split(gates, 2)
-    return Gates(a=f, b=i * cand)
+        c_pre, i_pre, f_pre = _split(pre, 3)
+        i, f = gate_activation(i_pre), gate_activation(f_pre)
+    return Gates(a=f, b=i * input_activation(c_pre))
 
 
 # ----------------------------------------------------------------------------
