@@ -43,8 +43,8 @@ Implementations (:class:`ScanImpl`), all with this signature:
   every chunk is scanned in parallel with the others (``O(chunk)`` sequential
   steps over wide vectors), then the chunk boundaries are combined
   (``O(T / chunk)`` steps) and a second pass over the chunks finishes.  In
-  :func:`gated_scan` it runs tile by tile (tiles of tens of steps, about
-  1 MiB of projections each): a tile's projection (``kernel``),
+  :func:`gated_scan` it runs tile by tile (tiles of tens of steps, at most
+  1.5 MiB of projections each): a tile's projection (``kernel``),
   coefficients and chunked scan run while it is in cache, and the backward
   pass does the same per tile in reverse order from the stored projections
   and states (the coefficients are never stored for the whole sequence).
@@ -610,10 +610,11 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 # misses the cache from T ~ 1024 on).  The backward pass visits the tiles in
 # reverse and does the same per tile, from the stored projections and states.
 
-# Bytes of projection output per tile (about half the 2 MiB L2 of the
-# development CPU), as steps: at B = 8 and 2 x 256 float32 features, 64 steps
-# were fastest at T = 1024 and 4096 (benchmarks/README.md).
-_TILE_BYTES = 2 ** 20
+# Bytes of projection output per tile (below the 2 MiB L2 of the development
+# CPU), as a power of two of steps: 64 steps at B = 8 and 2-3 x 256 float32
+# features, which was fastest at T = 1024 and 4096 among 32..512 (and than
+# one tile; benchmarks/README.md).
+_TILE_BYTES = 3 * 2 ** 19
 _TILE_MIN, _TILE_MAX = 32, 512
 
 
