@@ -39,15 +39,13 @@ Implementations (:class:`ScanImpl`), all with this signature:
   8 steps per iteration; the reference.  In :func:`gated_scan` it is fused:
   the loop computes the coefficients block by block, and the backward loop
   recomputes them, so they are never stored (the least memory).
-* ``"chunked"``: a two-level form for CPUs: the time axis is cut into chunks,
-  every chunk is scanned in parallel with the others (``O(chunk)`` sequential
-  steps over wide vectors), then the chunk boundaries are combined
-  (``O(T / chunk)`` steps) and a second pass over the chunks finishes.  In
-  :func:`gated_scan` it runs tile by tile (tiles of tens of steps, at most
-  1.5 MiB of projections each): a tile's projection (``kernel``),
-  coefficients and chunked scan run while it is in cache, and the backward
-  pass does the same per tile in reverse order from the stored projections
-  and states (the coefficients are never stored for the whole sequence).
+* ``"chunked"``: for CPUs: the time axis is cut into chunks of tens of steps
+  (at most 1.5 MiB of projections each) visited in scan order; a chunk's
+  projection (``kernel`` of :func:`gated_scan`), coefficients and
+  recurrence run while it is in cache (vectorised over the chunk, then the
+  sequential loop through it), and the backward pass does the same per chunk
+  in reverse order from the stored projections and states.  The
+  coefficients are never stored for the whole sequence.
 * ``"log"``: associative scan on ``(log a, log h)`` with a ``logaddexp``
   combine.  Domain: ``a >= 0``, ``b >= 0``, ``h0 >= 0`` (positive states, as in
   the minGRU paper's ``g()`` parameterisation); outside it the result is NaN.
@@ -114,11 +112,10 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
 
     Returns:
       On CPU, ``CHUNKED`` from ``T = 64`` (fastest forward+backward of every
-      layer at T = 256..16384 on the 2-core development CPU: its gates are
-      evaluated by parallel, vectorised XLA fusions) and ``SEQUENTIAL`` below
-      (a short loop beats three passes).  ``SEQUENTIAL`` is the fused path
-      of :func:`gated_scan`, the one to pick for memory: it never stores the
-      coefficients (see benchmarks/README.md).  ``ASSOCIATIVE`` on GPU/TPU.
+      layer at T = 1024..16384 on the 2-core development CPU, and the least
+      memory: the projection, gates and scan of each chunk stay in cache)
+      and ``SEQUENTIAL`` below (the loop that computes the gates as it goes;
+      see benchmarks/README.md).  ``ASSOCIATIVE`` on GPU/TPU.
       The choice never changes parameters, only speed and memory (all
       implementations agree to float32 rounding).
     """
@@ -340,7 +337,7 @@ def _step(h, a_t, b_t, adjoint: bool):
 
 
 def _loop(coeff_fn, xs, consts, params, h0, reverse: bool, axis: int, *, store: bool,
-          adjoint: bool = False, prod: bool = False, unroll: int = _UNROLL):
+          adjoint: bool = False, unroll: int = _UNROLL):
     """The recurrence, a block of ``unroll`` steps per loop iteration.
 
     ``(a_t, b_t) = coeff_fn(x_t, c_t, params)`` is evaluated on each block of
@@ -348,7 +345,7 @@ def _loop(coeff_fn, xs, consts, params, h0, reverse: bool, axis: int, *, store: 
     :func:`_step` runs step by step through the block.  The blocks are read
     and written in place (dynamic slices), so the layout is never
     transposed.  Returns ``(carry, out)`` (``out`` is ``None`` unless
-    ``store``).  With ``prod`` the carry is ``(carry, product of a)``.
+    ``store``).
     """
     n = jax.tree.leaves(xs)[0].shape[axis]
     size = max(1, min(unroll, n))
@@ -363,23 +360,16 @@ def _loop(coeff_fn, xs, consts, params, h0, reverse: bool, axis: int, *, store: 
     def run_block(h, out, start, length):
         a, b = coeff_fn(_take(xs, start, length, axis),
                         _take(consts, start, length, axis), params)
-        if prod:
-            h, p = h
         states = [None] * length
         for u in (reversed(range(length)) if reverse else range(length)):
-            a_u = _index(a, u, axis)
-            h, states[u] = _step(h, a_u, _index(b, u, axis), adjoint)
-            if prod:
-                p = p * a_u
+            h, states[u] = _step(h, _index(a, u, axis), _index(b, u, axis), adjoint)
         if out is not None:
             out = _put(out, jnp.stack(states, axis), start, axis)
-        return ((h, p) if prod else h), out
+        return h, out
 
     def body(i, carry):
         return run_block(*carry, full_start(i), size)
 
-    if prod:
-        h0 = (h0, jnp.ones_like(h0))
     h, out = jax.lax.fori_loop(0, num_full, body, (h0, out))
     if rem:
         h, out = run_block(h, out, rem_start, rem)
@@ -449,62 +439,6 @@ def _identity_coeffs(ab, consts, params):
     return ab
 
 
-def _chunk_size(seq_len: int) -> int:
-    # About sqrt(T) balances the in-chunk steps against the chunk count; a
-    # power of two keeps the reshapes cheap.
-    return max(1, 2 ** round(math.log2(max(1.0, math.sqrt(seq_len)))))
-
-
-def _chunked(a, b, h0, reverse, adjoint: bool = False):
-    """Two-level scan in the native ``(B, T, *F)`` layout.
-
-    The time axis is viewed as ``(n chunks, c steps)`` (a free reshape).
-    Pass 1 runs the ``c`` in-chunk steps of all chunks at once from a zero
-    state (wide vectors, no stored states), carrying each chunk's product of
-    ``a`` alongside; pass 2 scans the ``n`` chunk summaries from ``h0`` to get
-    every chunk's true initial state; pass 3 rescans the chunks from those
-    states, writing ``h``.  Every pass is :func:`_loop`.
-
-    ``adjoint=True`` runs the backward recurrence of :func:`_scan_bwd` with
-    ``b = g`` and ``h0 = g_last`` (:func:`_step` in adjoint form) and returns
-    ``lam``: its carry ``s = a * (g + s)`` is an ordinary linear recurrence
-    with inputs ``a * g`` (computed inside the loop of pass 1), so passes 1
-    and 2 are unchanged.
-    """
-    batch, seq_len = a.shape[:2]
-    feat = a.shape[2:]
-    c = _chunk_size(seq_len)
-    n = -(-seq_len // c)
-    pad = n * c - seq_len
-    if pad:
-        # Identity steps (a = 1, b = 0) leave the state unchanged; they go at
-        # the end in scan order so no real step follows them.
-        widths = [(0, 0), (pad, 0) if reverse else (0, pad)] + [(0, 0)] * len(feat)
-        a = jnp.pad(a, widths, constant_values=1)
-        b = jnp.pad(b, widths, constant_values=0)
-    a4 = a.reshape(batch, n, c, *feat)
-    b4 = b.reshape(batch, n, c, *feat)
-    zeros = jnp.zeros_like(a4[:, :, 0])  # like a: varying inside shard_map too
-    # In adjoint form the carry s = a * (g + s) takes the inputs a * g.
-    coeffs = ((lambda ab, c, p: (ab[0], ab[0] * ab[1])) if adjoint
-              else _identity_coeffs)
-    (h_end, a_prod), _ = _loop(coeffs, (a4, b4), (), (), zeros, reverse, 2,   # pass 1
-                               store=False, prod=True)
-    _, h_after = _loop(_identity_coeffs, (a_prod, h_end), (), (), h0, reverse, 1,
-                       store=True)                                        # pass 2
-    # Chunk k starts from the state after its predecessor in scan order.
-    if reverse:
-        h_init = jnp.concatenate([h_after[:, 1:], h0[:, None]], axis=1)
-    else:
-        h_init = jnp.concatenate([h0[:, None], h_after[:, :-1]], axis=1)
-    _, h = _loop(_identity_coeffs, (a4, b4), (), (), h_init, reverse, 2,
-                 store=True, adjoint=adjoint)                             # pass 3
-    h = h.reshape(batch, n * c, *feat)
-    if pad:
-        h = h[:, pad:] if reverse else h[:, :seq_len]
-    return _last(h, reverse), h
-
-
 def _safe_log(x: Array) -> Array:
     # log(0) = -inf is a valid log-space value (a zero state or gate).
     return jnp.log(x)
@@ -548,10 +482,9 @@ def _pallas(a, b, h0, reverse):
     return h_last.reshape(h0.shape), h.reshape(a.shape)
 
 
-# SEQUENTIAL is not here: it always runs fused, as _fused below.
+# SEQUENTIAL and CHUNKED are not here: they run as _fused and _tiled below.
 _FORWARD = {
     ScanImpl.ASSOCIATIVE: _associative,
-    ScanImpl.CHUNKED: _chunked,
     ScanImpl.LOG: _log_space,
     ScanImpl.HEINSEN: _heinsen,
     ScanImpl.PALLAS: _pallas,
@@ -588,14 +521,10 @@ def _scan_bwd(impl, reverse, residuals, cotangents):
     else:
         h_prev = jnp.concatenate([h0[:, None], h[:, :-1]], axis=1)
         a_first = a[:, 0]
-    if impl is ScanImpl.CHUNKED:
-        # The adjoint form needs no shifted copy of a.
-        _, lam = _chunked(a, g, g_last, not reverse, adjoint=True)
-    else:
-        ones = jnp.ones_like(a[:, :1])
-        coef = (jnp.concatenate([ones, a[:, :-1]], axis=1) if reverse
-                else jnp.concatenate([a[:, 1:], ones], axis=1))
-        _, lam = _BACKWARD[impl](coef, g, g_last, not reverse)
+    ones = jnp.ones_like(a[:, :1])
+    coef = (jnp.concatenate([ones, a[:, :-1]], axis=1) if reverse
+            else jnp.concatenate([a[:, 1:], ones], axis=1))
+    _, lam = _BACKWARD[impl](coef, g, g_last, not reverse)
     lam_0 = lam[:, -1] if reverse else lam[:, 0]
     return lam * h_prev, lam, a_first * lam_0
 
@@ -603,12 +532,13 @@ def _scan_bwd(impl, reverse, residuals, cotangents):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-# The chunked implementation of gated_scan runs tile by tile: the time axis is
-# cut into tiles of a few dozen steps, visited in scan order, and each tile's
-# projection (with kernel=...), coefficients and chunked scan run one after
-# another while the tile is in cache (a whole-sequence pass over B*T*D floats
-# misses the cache from T ~ 1024 on).  The backward pass visits the tiles in
-# reverse and does the same per tile, from the stored projections and states.
+# The chunked implementation runs tile by tile (a tile is one chunk): the time
+# axis is cut into tiles of a few dozen steps, visited in scan order, and each
+# tile's projection (with kernel=...), coefficients and recurrence run one
+# after another while the tile is in cache (a whole-sequence pass over B*T*D
+# floats misses the cache from T ~ 1024 on).  The backward pass visits the
+# tiles in reverse and does the same per tile, from the stored projections and
+# states.
 
 # Bytes of projection output per tile (below the 2 MiB L2 of the development
 # CPU), as a power of two of steps: 64 steps at B = 8 and 2-3 x 256 float32
@@ -624,6 +554,29 @@ def _tile_size(row_bytes: int) -> int:
     return int(min(_TILE_MAX, max(_TILE_MIN, 2 ** int(math.log2(steps)))))
 
 
+def _is_half(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+
+
+def _stored(x: Array) -> Array:
+    """16-bit floats as uint16 bits, other arrays unchanged.
+
+    XLA:CPU widens a bfloat16 dynamic update to float32 and converts the whole
+    buffer each time, so the tile buffers of bfloat16 (and float16) values
+    hold their bits; a bitcast costs nothing.
+    """
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if _is_half(x.dtype) else x
+
+
+def _loaded(x: Array, dtype) -> Array:
+    """The inverse of :func:`_stored` for values of ``dtype``."""
+    return jax.lax.bitcast_convert_type(x, dtype) if _is_half(dtype) else x
+
+
+def _buffer(shape, dtype) -> Array:
+    return jnp.zeros(shape, jnp.uint16 if _is_half(dtype) else dtype)
+
+
 def _tiles_forward(coeff_fn, x, kernel, consts, params, h0, reverse, tile):
     """Returns ``(h_last, h, pre)``; ``pre`` (``x @ kernel``) is ``None``
     without a kernel."""
@@ -633,16 +586,15 @@ def _tiles_forward(coeff_fn, x, kernel, consts, params, h0, reverse, tile):
     h_buf = jnp.broadcast_to(jnp.zeros_like(h0)[:, None], (batch, seq_len) + h0.shape[1:])
     pre_buf = None
     if kernel is not None:
-        pre_buf = jnp.zeros((batch, seq_len, kernel.shape[1]),
-                            jnp.result_type(x, kernel))
+        pre_buf = _buffer((batch, seq_len, kernel.shape[1]), jnp.result_type(x, kernel))
 
     def run_tile(h, h_buf, pre_buf, start, length):
         pre = _take(x, start, length, 1)
         if kernel is not None:
             pre = jnp.einsum("...i,io->...o", pre, kernel)
-            pre_buf = _put(pre_buf, pre, start, 1)
+            pre_buf = _put(pre_buf, _stored(pre), start, 1)
         a, b = coeff_fn(pre, _take(consts, start, length, 1), params)
-        h, h_tile = _chunked(a, b, h, reverse)
+        h, h_tile = _loop(_identity_coeffs, (a, b), (), (), h, reverse, 1, store=True)
         return h, _put(h_buf, h_tile, start, 1), pre_buf
 
     def body(i, carry):
@@ -671,17 +623,23 @@ def _tiles_backward(coeff_fn, x, kernel, consts, params, h0, h, pre_buf, g, g_la
     def run_tile(dh, dx, dkernel, dparams, start, length):
         x_t = _take(x, start, length, 1)
         c_t = _take(consts, start, length, 1)
-        pre = x_t if kernel is None else _take(pre_buf, start, length, 1)
+        pre = (x_t if kernel is None else
+               _loaded(_take(pre_buf, start, length, 1), jnp.result_type(x, kernel)))
         (a, _), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
-        da, db, dh = _scan_bwd(ScanImpl.CHUNKED, reverse,
-                               (a, _take(h, start, length, 1), h_before(start, length)),
-                               (dh, _take(g, start, length, 1)))
-        dpre, dp = pullback((da, db))
+        # The adjoint recurrence through the tile, against scan order; its
+        # final carry is the cotangent of the state before the tile.
+        dh, lam = _loop(_identity_coeffs, (a, _take(g, start, length, 1)), (), (), dh,
+                        not reverse, 1, store=True, adjoint=True)
+        h_t, h_in = _take(h, start, length, 1), h_before(start, length)
+        h_prev = (jnp.concatenate([h_t[:, 1:], h_in[:, None]], axis=1) if reverse
+                  else jnp.concatenate([h_in[:, None], h_t[:, :-1]], axis=1))
+        dpre, dp = pullback((lam * h_prev, lam))
         if kernel is not None:
             dx_t, dk_t = _project_grads(x_t, kernel, dpre)
             dkernel = dkernel + dk_t.astype(dkernel.dtype)
         else:
             dx_t = dpre
+        dx_t = jax.tree.map(lambda d, v: _stored(d.astype(v.dtype)), dx_t, x)
         return (dh, _put(dx, dx_t, start, 1), dkernel,
                 jax.tree.map(jnp.add, dparams, dp))
 
@@ -689,7 +647,7 @@ def _tiles_backward(coeff_fn, x, kernel, consts, params, h0, h, pre_buf, g, g_la
         return run_tile(*carry, full_start(i), tile)
 
     dkernel = None if kernel is None else jnp.zeros(kernel.shape, jnp.float32)
-    carry = (g_last, jax.tree.map(jnp.zeros_like, x), dkernel,
+    carry = (g_last, jax.tree.map(lambda v: _buffer(v.shape, v.dtype), x), dkernel,
              jax.tree.map(jnp.zeros_like, params))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
@@ -697,7 +655,7 @@ def _tiles_backward(coeff_fn, x, kernel, consts, params, h0, h, pre_buf, g, g_la
     dh0, dx, dkernel, dparams = carry
     if kernel is not None:
         dkernel = dkernel.astype(kernel.dtype)
-    return dx, dkernel, dparams, dh0
+    return jax.tree.map(lambda d, v: _loaded(d, v.dtype), dx, x), dkernel, dparams, dh0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
