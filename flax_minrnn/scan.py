@@ -414,18 +414,20 @@ def _loop_bwd(coeff_fn, xs, consts, params, h, h0, g, g_last, reverse: bool,
         lam_blk = jnp.stack(lams, axis=1)
         dx_blk, dp_blk = pullback((lam_blk * h_prev_block(start, length), lam_blk))
         dparams = jax.tree.map(jnp.add, dparams, dp_blk)
+        dx_blk = jax.tree.map(lambda d, v: _stored(d.astype(v.dtype)), dx_blk, xs)
         return s, _put(dxs, dx_blk, start, 1), dparams
 
     def body(i, carry):
         return run_block(*carry, full_start(i), size)
 
     # s past the last step is g_last (the cotangent of the final carry).
-    carry = (g_last, jax.tree.map(jnp.zeros_like, xs), jax.tree.map(jnp.zeros_like, params))
+    carry = (g_last, jax.tree.map(lambda v: _buffer(v.shape, v.dtype), xs),
+             jax.tree.map(jnp.zeros_like, params))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
         carry = run_block(*carry, rem_start, rem)
     s, dxs, dparams = carry
-    return dxs, dparams, s
+    return jax.tree.map(lambda d, v: _loaded(d, v.dtype), dxs, xs), dparams, s
 
 
 def _index_dyn(x, i):
