@@ -347,20 +347,30 @@ def _split(pre: Array, n: int) -> Sequence[Array]:
     return jnp.split(pre, n, axis=-1)
 
 
+@jax.custom_jvp
 def sigmoid_pair(k: Array) -> Tuple[Array, Array]:
     """``(sigmoid(k), sigmoid(-k))`` from one ``exp``, each exact to rounding.
 
     With ``m = -|k|`` and ``e = exp(m)`` in ``(0, 1]``, the two values are
     ``1 / (1 + e)`` and ``e / (1 + e)``: no ``1 - sigmoid`` cancellation (the
     retention ``sigmoid(-k)`` stays exact near 1, where memory lives) and no
-    overflow.  ``m`` is written with ``where`` rather than ``abs`` so the
-    derivative at ``k = 0`` is the true ``1/4``.
+    overflow.  The derivative is ``sigmoid(k) * sigmoid(-k)`` (and its
+    negative), the product of the two exact values: exact too, ``1/4`` at
+    ``k = 0``, and a shorter backward graph than autodiff of the selects.
     """
     pos = k >= 0
     e = jnp.exp(jnp.where(pos, -k, k))
     big = 1.0 / (1.0 + e)
     small = e * big
     return jnp.where(pos, big, small), jnp.where(pos, small, big)
+
+
+@sigmoid_pair.defjvp
+def _sigmoid_pair_jvp(primals, tangents):
+    (k,), (dk,) = primals, tangents
+    z, one_minus_z = sigmoid_pair(k)
+    slope = z * one_minus_z
+    return (z, one_minus_z), (slope * dk, -slope * dk)
 
 
 # Logits are clipped to this magnitude before exponentiation: exp(80) ~ 5.5e34
