@@ -60,9 +60,11 @@ Implementations (:class:`ScanImpl`), all with this signature:
 
 Gradients: all implementations share one hand-written backward
 (:func:`jax.custom_vjp`; the fused sequential path runs the same adjoint in
-its own loop, :func:`_loop_bwd`).  The adjoint of a linear recurrence is the reverse
-linear recurrence ``lam_t = g_t + a_{t+1} lam_{t+1}``; then ``db_t = lam_t``,
-``da_t = lam_t * h_{t-1}`` and ``dh0 = a_0 lam_0``.  It keeps only ``a`` and the
+its own loop, :func:`_loop_bwd`, and the chunked path per tile).  The adjoint
+of a linear recurrence is the reverse linear recurrence
+``lam_t = g_t + a_{t+1} lam_{t+1}`` (the loops carry ``s = a_t lam_t``, see
+:func:`_step`); then ``db_t = lam_t``, ``da_t = lam_t * h_{t-1}`` and
+``dh0 = a_0 lam_0``.  It keeps only ``a`` (or what computes it) and the
 states as residuals, so backward memory is linear in ``T`` (autodiff through
 ``associative_scan`` would keep ``O(T log T)`` intermediates).
 """
