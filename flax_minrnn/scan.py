@@ -423,7 +423,7 @@ def _loop_bwd(coeff_fn, xs, consts, params, h, h0, g, g_last, reverse: bool,
         return run_block(*carry, full_start(i), size)
 
     # s past the last step is g_last (the cotangent of the final carry).
-    carry = (g_last, jax.tree.map(lambda v: _buffer(v.shape, v.dtype), xs),
+    carry = (g_last, jax.tree.map(lambda v: _buffer(v, v.dtype), xs),
              jax.tree.map(jnp.zeros_like, params))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
@@ -577,8 +577,10 @@ def _loaded(x: Array, dtype) -> Array:
     return jax.lax.bitcast_convert_type(x, dtype) if _is_half(dtype) else x
 
 
-def _buffer(shape, dtype) -> Array:
-    return jnp.zeros(shape, jnp.uint16 if _is_half(dtype) else dtype)
+def _buffer(like: Array, dtype, shape=None) -> Array:
+    """Zeros in :func:`_stored` form, built from ``like`` (not ``jnp.zeros``)
+    so they have its type inside ``shard_map``."""
+    return jax.lax.full_like(like, 0, jnp.uint16 if _is_half(dtype) else dtype, shape)
 
 
 def _tiles_forward(coeff_fn, x, kernel, consts, params, h0, reverse, tile):
@@ -590,7 +592,7 @@ def _tiles_forward(coeff_fn, x, kernel, consts, params, h0, reverse, tile):
     h_buf = jnp.broadcast_to(jnp.zeros_like(h0)[:, None], (batch, seq_len) + h0.shape[1:])
     pre_buf = None
     if kernel is not None:
-        pre_buf = _buffer((batch, seq_len, kernel.shape[1]), jnp.result_type(x, kernel))
+        pre_buf = _buffer(x, jnp.result_type(x, kernel), (batch, seq_len, kernel.shape[1]))
 
     def run_tile(h, h_buf, pre_buf, start, length):
         pre = _take(x, start, length, 1)
@@ -651,7 +653,7 @@ def _tiles_backward(coeff_fn, x, kernel, consts, params, h0, h, pre_buf, g, g_la
         return run_tile(*carry, full_start(i), tile)
 
     dkernel = None if kernel is None else jnp.zeros(kernel.shape, jnp.float32)
-    carry = (g_last, jax.tree.map(lambda v: _buffer(v.shape, v.dtype), x), dkernel,
+    carry = (g_last, jax.tree.map(lambda v: _buffer(v, v.dtype), x), dkernel,
              jax.tree.map(jnp.zeros_like, params))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
