@@ -395,16 +395,6 @@ def _loop_bwd(coeff_fn, xs, consts, params, h, h0, g, g_last, reverse: bool,
     # The backward pass visits time in the opposite order.
     num_full, rem, full_start, rem_start = _blocks(n, size, not reverse)
 
-    def h_prev_block(start, length):
-        # States before each step of the block, in scan order.
-        if not reverse:
-            first = jnp.where(start > 0, _index_dyn(h, start - 1), h0)
-            rest = jax.lax.dynamic_slice_in_dim(h, start, length - 1, 1)
-            return jnp.concatenate([first[:, None], rest], axis=1)
-        last = jnp.where(start + length < n, _index_dyn(h, start + length), h0)
-        rest = jax.lax.dynamic_slice_in_dim(h, start + 1, length - 1, 1)
-        return jnp.concatenate([rest, last[:, None]], axis=1)
-
     def run_block(s, dxs, dparams, start, length):
         x_blk = _take(xs, start, length, 1)
         c_blk = _take(consts, start, length, 1)
@@ -414,7 +404,9 @@ def _loop_bwd(coeff_fn, xs, consts, params, h, h0, g, g_last, reverse: bool,
         for u in (range(length) if reverse else reversed(range(length))):
             s, lams[u] = _step(s, _index(a, u, 1), _index(g_blk, u, 1), adjoint=True)
         lam_blk = jnp.stack(lams, axis=1)
-        dx_blk, dp_blk = pullback((lam_blk * h_prev_block(start, length), lam_blk))
+        h_prev = _states_before_each(jax.lax.dynamic_slice_in_dim(h, start, length, 1),
+                                     _state_before(h, h0, start, length, reverse), reverse)
+        dx_blk, dp_blk = pullback((lam_blk * h_prev, lam_blk))
         dparams = jax.tree.map(jnp.add, dparams, dp_blk)
         dx_blk = jax.tree.map(lambda d, v: _stored(d.astype(v.dtype)), dx_blk, xs)
         return s, _put(dxs, dx_blk, start, 1), dparams
@@ -436,6 +428,27 @@ def _index_dyn(x, i):
     """``x[:, i]`` for a traced ``i`` (clamped into range)."""
     i = jnp.clip(i, 0, x.shape[1] - 1)
     return jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False)
+
+
+def _state_before(h, h0, start, length: int, reverse: bool):
+    """The state before the first step (in scan order) of steps
+    ``[start, start + length)`` of the states ``h`` (``h0`` at the edge)."""
+    if reverse:
+        return jnp.where(start + length < h.shape[1], _index_dyn(h, start + length), h0)
+    return jnp.where(start > 0, _index_dyn(h, start - 1), h0)
+
+
+def _states_before_each(h, first, reverse: bool):
+    """The state before each step of ``h`` in scan order: ``h`` shifted by one
+    step, with ``first`` before the first step."""
+    if reverse:
+        return jnp.concatenate([h[:, 1:], first[:, None]], axis=1)
+    return jnp.concatenate([first[:, None], h[:, :-1]], axis=1)
+
+
+def _no_cotangent(consts):
+    """The (float0) cotangent of non-differentiable arrays."""
+    return jax.tree.map(lambda c: np.zeros(c.shape, jax.dtypes.float0), consts)
 
 
 def _identity_coeffs(ab, consts, params):
@@ -519,18 +532,16 @@ def _scan_bwd(impl, reverse, residuals, cotangents):
     # Adjoint: lam_t = g_t + a_next(t) * lam_next(t), started from g_last,
     # i.e. the same linear recurrence run in the opposite direction with the
     # coefficients shifted by one step.
+    ones = jnp.ones_like(a[:, :1])
     if reverse:
-        h_prev = jnp.concatenate([h[:, 1:], h0[:, None]], axis=1)
+        coef = jnp.concatenate([ones, a[:, :-1]], axis=1)
         a_first = a[:, -1]
     else:
-        h_prev = jnp.concatenate([h0[:, None], h[:, :-1]], axis=1)
+        coef = jnp.concatenate([a[:, 1:], ones], axis=1)
         a_first = a[:, 0]
-    ones = jnp.ones_like(a[:, :1])
-    coef = (jnp.concatenate([ones, a[:, :-1]], axis=1) if reverse
-            else jnp.concatenate([a[:, 1:], ones], axis=1))
     _, lam = _BACKWARD[impl](coef, g, g_last, not reverse)
     lam_0 = lam[:, -1] if reverse else lam[:, 0]
-    return lam * h_prev, lam, a_first * lam_0
+    return lam * _states_before_each(h, h0, reverse), lam, a_first * lam_0
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -597,7 +608,7 @@ def _tiles_forward(coeff_fn, x, kernel, consts, params, h0, reverse, tile):
     def run_tile(h, h_buf, pre_buf, start, length):
         pre = _take(x, start, length, 1)
         if kernel is not None:
-            pre = jnp.einsum("...i,io->...o", pre, kernel)
+            pre = project(pre, kernel)
             pre_buf = _put(pre_buf, _stored(pre), start, 1)
         a, b = coeff_fn(pre, _take(consts, start, length, 1), params)
         h, h_tile = _loop(_identity_coeffs, (a, b), (), (), h, reverse, 1, store=True)
@@ -619,13 +630,6 @@ def _tiles_backward(coeff_fn, x, kernel, consts, params, h0, h, pre_buf, g, g_la
     # The backward pass visits the tiles in the opposite order.
     num_full, rem, full_start, rem_start = _blocks(seq_len, tile, not reverse)
 
-    def h_before(start, length):
-        # The state before the tile's first step in scan order.
-        if reverse:
-            return jnp.where(start + length < seq_len,
-                             _index_dyn(h, start + length), h0)
-        return jnp.where(start > 0, _index_dyn(h, start - 1), h0)
-
     def run_tile(dh, dx, dkernel, dparams, start, length):
         x_t = _take(x, start, length, 1)
         c_t = _take(consts, start, length, 1)
@@ -636,9 +640,8 @@ def _tiles_backward(coeff_fn, x, kernel, consts, params, h0, h, pre_buf, g, g_la
         # final carry is the cotangent of the state before the tile.
         dh, lam = _loop(_identity_coeffs, (a, _take(g, start, length, 1)), (), (), dh,
                         not reverse, 1, store=True, adjoint=True)
-        h_t, h_in = _take(h, start, length, 1), h_before(start, length)
-        h_prev = (jnp.concatenate([h_t[:, 1:], h_in[:, None]], axis=1) if reverse
-                  else jnp.concatenate([h_in[:, None], h_t[:, :-1]], axis=1))
+        h_prev = _states_before_each(_take(h, start, length, 1),
+                                     _state_before(h, h0, start, length, reverse), reverse)
         dpre, dp = pullback((lam * h_prev, lam))
         if kernel is not None:
             dx_t, dk_t = _project_grads(x_t, kernel, dpre)
@@ -680,9 +683,7 @@ def _tiled_bwd(coeff_fn, reverse, tile, residuals, cotangents):
     g_last, g = cotangents
     dx, dkernel, dparams, dh0 = _tiles_backward(coeff_fn, x, kernel, consts, params, h0,
                                                 h, pre, g, g_last, reverse, tile)
-    zero_consts = jax.tree.map(
-        lambda c: np.zeros(c.shape, jax.dtypes.float0), consts)
-    return dx, dkernel, zero_consts, dparams, dh0
+    return dx, dkernel, _no_cotangent(consts), dparams, dh0
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
@@ -708,9 +709,7 @@ def _fused_bwd(coeff_fn, reverse, residuals, cotangents):
     g_last, g = cotangents
     dxs, dparams, dh0 = _loop_bwd(coeff_fn, xs, consts, params, h, h0, g, g_last,
                                   reverse)
-    zero_consts = jax.tree.map(
-        lambda c: np.zeros(c.shape, jax.dtypes.float0), consts)
-    return dxs, zero_consts, dparams, dh0
+    return dxs, _no_cotangent(consts), dparams, dh0
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
