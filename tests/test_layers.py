@@ -204,6 +204,16 @@ def test_chunked_tiles_equal_sequential_outputs_and_gradients(name, reverse, mon
     for got, want in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((out_ref, grads_ref))):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
+    # Split == full: the sequence in two calls (7 + 6 steps, cut inside a
+    # tile) with the carry equals one call (forward only: the carry order).
+    if not reverse:
+        chunked = layer.clone(scan_impl="chunked")
+        c, y1 = chunked.apply(params, x[:, :7], h0)
+        c, y2 = chunked.apply(params, x[:, 7:], c)
+        c_full, y_full = chunked.apply(params, x, h0)
+        np.testing.assert_allclose(c, c_full, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y_full, rtol=1e-5, atol=1e-6)
+
 
 def test_chunked_tiles_bfloat16_match_sequential(monkeypatch):
     """bfloat16 compute through 4-step tiles (the tile buffers hold the bf16
