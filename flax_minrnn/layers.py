@@ -234,19 +234,28 @@ def run_recurrence(
     n_proj: int,
     gate_fn: Callable[[Array], Gates],
     bias_offsets: dict,
-    aux_fn: Optional[Callable[[Array], Array]] = None,
+    output_gate: Optional[Callable[[Array, Array], Array]] = None,
+    out_features: Optional[int] = None,
     seq_lengths=None,
     mask=None,
     reset=None,
-) -> Tuple[Array, Array, Optional[Array], Optional[Array]]:
-    """Projection + gates + scan.  Returns ``(h_last, h, aux, valid)``.
+) -> Tuple[Array, Array, Optional[Array]]:
+    """Projection, gates, scan and readout.  Returns ``(h_last, y, valid)``.
 
     ``in_proj`` has ``n_proj`` blocks of ``d_h``; ``gate_fn`` maps the blocks
-    the recurrence uses to its coefficients.  With ``aux_fn`` the last block
-    feeds only the output: ``aux = aux_fn(last block)`` (GatedLinearRNN's
-    output gate), computed outside the scan so the scan never carries it.
-    ``h`` are float32 states ``(batch, time, d_h)`` (zero at invalid steps),
-    ``aux`` is ``None`` without ``aux_fn``, ``valid`` the mask or ``None``.
+    the recurrence uses to its coefficients.  The readout of the float32
+    states ``h`` (zero at invalid steps) is, in the compute dtype::
+
+        y = output_gate(h, o)     with an output gate, else y = h
+        y = out_proj(y)           with out_features (a Dense d_h -> out_features)
+
+    where ``o`` are the float32, biased pre-activations of ``in_proj``'s last
+    block, which then feeds only the output (GatedLinearRNN).  The readout
+    runs inside the scan (:func:`flax_minrnn.scan.gated_scan_with_readout`:
+    tile by tile where the implementation tiles time, recomputed in the
+    backward pass), so neither ``o``, the gated states nor ``out_proj``'s
+    input are stored for the whole sequence.  ``valid`` is the mask or
+    ``None``; ``y`` is not zeroed at invalid steps (``out_proj``'s bias).
     Reads the fields ``dtype``, ``param_dtype``, ``kernel_init``,
     ``bias_init``, ``use_bias``, ``use_true_recurrence``, ``scan_impl``,
     ``reverse`` and (if present) ``sequence_axis`` of ``module``.
@@ -271,38 +280,63 @@ def run_recurrence(
         kernel_init=module.kernel_init,
         bias_init=_bias_init_with(module.bias_init, d_h, bias_offsets),
         name="in_proj")(x.shape[-1])
+    out_proj = None
+    if out_features is not None:
+        out_proj = DenseParams(out_features, use_bias=module.use_bias,
+                               param_dtype=module.param_dtype,
+                               kernel_init=module.kernel_init, bias_init=module.bias_init,
+                               name="out_proj")(d_h)
     x_c, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+    out_proj = jax.tree.map(lambda w: jnp.asarray(w, dtype), out_proj)
     # Columns of in_proj seen by the recurrence, and the output-only ones.
-    split = (n_proj - (aux_fn is not None)) * d_h
+    split = (n_proj - (output_gate is not None)) * d_h
     cols = lambda w, rec: None if w is None else (w[..., :split] if rec else w[..., split:])
 
-    def gates_of(p: Array, bias: Optional[Array]) -> Gates:
-        return gate_fn(_add_bias(p.astype(s_dtype), None if bias is None
-                                 else bias.astype(s_dtype)))
+    def biased(p: Array, bias: Optional[Array]) -> Array:
+        return _add_bias(p.astype(s_dtype), None if bias is None else bias.astype(s_dtype))
 
-    def aux_of(p: Array) -> Optional[Array]:
-        if aux_fn is None:
-            return None
-        return aux_fn(_add_bias(p.astype(s_dtype), None if bias is None
-                                else cols(bias, False).astype(s_dtype)))
+    # Everything traced that the coefficients and the readout use.
+    params = (cols(bias, True), None if output_gate is None else cols(bias, False), out_proj)
 
-    if not module.use_true_recurrence:
-        rec_bias = cols(bias, True)
-        if module.sequence_axis is None:
-            # The projection runs inside the scan (tile by tile where the
-            # implementation tiles time).
-            h_last, h = scan_lib.gated_scan(
-                lambda p, b: tuple(gates_of(p, b)), x_c, h0, kernel=cols(kernel, True),
-                params=rec_bias, impl=impl, reset=reset, mask=valid,
-                reverse=module.reverse)
+    def coeffs(p: Array, params) -> Tuple[Array, Array]:
+        return tuple(gate_fn(biased(p, params[0])))
+
+    def readout(h: Array, o: Optional[Array], params) -> Array:
+        y = h if output_gate is None else output_gate(h, biased(o, params[1]))
+        y = y.astype(dtype)
+        if params[2] is not None:
+            y = _add_bias(_matmul(y, params[2][0]), params[2][1])
+        return y
+
+    if module.use_true_recurrence or module.sequence_axis is not None:
+        if module.use_true_recurrence:
+            h_last, h, o = _true_recurrence(module, x_c, kernel, h0, valid, reset, d_h,
+                                            n_proj, dtype, coeffs, cols, params,
+                                            output_gate is not None)
         else:  # the time axis is split over a mesh axis
-            gates = gates_of(_matmul(x_c, cols(kernel, True)), rec_bias)
-            h_last, h = scan(gates.a, gates.b, h0, impl=impl, reset=reset,
-                             mask=valid, reverse=module.reverse)
-        aux = None if aux_fn is None else aux_of(_matmul(x_c, cols(kernel, False)))
-        return h_last, h, aux, valid
+            h_last, h = scan(*coeffs(_matmul(x_c, cols(kernel, True)), params), h0,
+                             impl=impl, reset=reset, mask=valid, reverse=module.reverse)
+            o = None if output_gate is None else _matmul(x_c, cols(kernel, False))
+        # Rematerialised in the backward pass, which keeps only h and o.
+        return h_last, jax.checkpoint(readout)(h, o, params), valid
+    # The projection runs inside the scan (tile by tile where the
+    # implementation tiles time), and so does the readout.
+    scan_args = dict(kernel=kernel, params=params, impl=impl, reset=reset, mask=valid,
+                     reverse=module.reverse)
+    if output_gate is None and out_proj is None:
+        h_last, h = scan_lib.gated_scan(coeffs, x_c, h0, **scan_args)
+        return h_last, h.astype(dtype), valid
+    h_last, y = scan_lib.gated_scan_with_readout(
+        coeffs, readout, x_c, h0, side_features=kernel.shape[1] - split, **scan_args)
+    return h_last, y, valid
 
-    # True recurrence: the gates see h_{t-1}; one step at a time.
+
+def _true_recurrence(module, x_c, kernel, h0, valid, reset, d_h, n_proj, dtype, coeffs,
+                     cols, biases, has_out: bool):
+    """True-recurrence mode: the gates see ``h_{t-1}``; one step at a time.
+    Returns ``(h_last, h, o)`` (``o`` the output-only columns, unbiased, or
+    ``None``)."""
+    batch, seq_len, _ = x_c.shape
     recurrent = module.param("recurrent_kernel", nn.initializers.zeros,
                              (d_h, n_proj * d_h), module.param_dtype).astype(dtype)
     pre = _matmul(x_c, kernel)
@@ -316,21 +350,17 @@ def run_recurrence(
         # A document boundary at a valid step: the state (and so the gates'
         # view of it) restarts from zero, as in linear_scan.
         h_in = jnp.where((boundary_t & valid_t)[:, None], jnp.zeros((), h.dtype), h)
-        pre_t = pre_t.astype(s_dtype) + jnp.dot(h_in.astype(dtype), recurrent).astype(s_dtype)
-        gates = gates_of(cols(pre_t, True)[:, None], cols(bias, True))
-        h_next, h_out = scan_lib.linear_scan(gates.a, gates.b, h_in, impl="sequential",
+        pre_t = pre_t.astype(h.dtype) + jnp.dot(h_in.astype(dtype), recurrent).astype(h.dtype)
+        a, b = coeffs(cols(pre_t, True)[:, None], biases)
+        h_next, h_out = scan_lib.linear_scan(a, b, h_in, impl="sequential",
                                              mask=valid_t[:, None])
-        return h_next, (h_out[:, 0], aux_of(cols(pre_t, False)))
+        return h_next, (h_out[:, 0], cols(pre_t, False) if has_out else None)
 
     time_major = lambda t: jnp.swapaxes(t, 0, 1)
-    h_last, (h, aux) = jax.lax.scan(
+    h_last, (h, o) = jax.lax.scan(
         step, h0, (time_major(pre), time_major(valid_), time_major(boundary)),
         reverse=module.reverse)
-    return h_last, time_major(h), None if aux is None else time_major(aux), valid
-
-
-def _identity(x: Array) -> Array:
-    return x
+    return h_last, time_major(h), None if o is None else time_major(o)
 
 
 def _zero_invalid(y: Array, valid: Optional[Array]) -> Array:
@@ -524,13 +554,15 @@ class MinGRU(nn.Module):
         """
         check_input(x)
         d_h = self.state_size(x.shape[-1])
-        h_last, h, _, valid = run_recurrence(
+        out_features = _out_features(self, x, d_h)
+        h_last, y, valid = run_recurrence(
             self, x, carry, d_h=d_h, n_proj=self.n_proj,
             gate_fn=functools.partial(_mingru_gates,
                                       candidate_activation=self.candidate_activation),
             bias_offsets={0: -self.forget_bias} if self.forget_bias else {},
-            seq_lengths=seq_lengths, mask=mask, reset=reset)
-        return h_last, _output(self, h, x, d_h, valid)
+            seq_lengths=seq_lengths, mask=mask, reset=reset,
+            out_features=out_features)
+        return h_last, y if out_features is None else _zero_invalid(y, valid)
 
 
 class MinLSTM(nn.Module):
@@ -597,14 +629,16 @@ class MinLSTM(nn.Module):
         """Runs the layer; returns ``(carry, y)`` (arguments as :class:`MinGRU`)."""
         check_input(x)
         d_h = self.state_size(x.shape[-1])
-        h_last, h, _, valid = run_recurrence(
+        out_features = _out_features(self, x, d_h)
+        h_last, y, valid = run_recurrence(
             self, x, carry, d_h=d_h, n_proj=self.n_proj,
             gate_fn=functools.partial(_minlstm_gates,
                                       candidate_activation=self.candidate_activation,
                                       normalize=self.normalize_gates),
             bias_offsets={0: self.forget_bias} if self.forget_bias else {},
-            seq_lengths=seq_lengths, mask=mask, reset=reset)
-        return h_last, _output(self, h, x, d_h, valid)
+            seq_lengths=seq_lengths, mask=mask, reset=reset,
+            out_features=out_features)
+        return h_last, y if out_features is None else _zero_invalid(y, valid)
 
 
 def _expanded_width(layer, d_in: int) -> int:
@@ -621,8 +655,8 @@ def _zero_carry(layer, input_shape: Sequence[int]) -> Array:
                      state_dtype(layer.dtype or jnp.float32, layer.param_dtype))
 
 
-def _output(layer, h: Array, x: Array, d_h: int, valid) -> Array:
-    """MinGRU/MinLSTM output: the state, or ``out_proj`` of it."""
+def _out_features(layer, x: Array, d_h: int) -> Optional[int]:
+    """MinGRU/MinLSTM: the width of ``out_proj``, or ``None`` without one."""
     d_out = layer.d_model or x.shape[-1]
     use_out_proj = layer.use_out_proj
     if use_out_proj is None:
@@ -630,13 +664,7 @@ def _output(layer, h: Array, x: Array, d_h: int, valid) -> Array:
     if not use_out_proj and d_h != d_out:
         raise ValueError(
             f"use_out_proj=False needs d_h == d_model, got d_h={d_h}, d_model={d_out}")
-    dtype = layer.dtype or x.dtype
-    y = h.astype(dtype)
-    if use_out_proj:
-        y = _project(layer, y, d_out, name="out_proj", use_bias=layer.use_bias,
-                     bias_init=layer.bias_init, dtype=dtype)
-        y = _zero_invalid(y, valid)
-    return y
+    return d_out if use_out_proj else None
 
 
 class GatedLinearRNN(nn.Module):
@@ -714,20 +742,13 @@ class GatedLinearRNN(nn.Module):
             offsets = {1: -self.forget_bias} if self.forget_bias else {}
         else:
             offsets = {2: self.forget_bias} if self.forget_bias else {}
-        h_last, h, o, valid = run_recurrence(
+        h_last, y, valid = run_recurrence(
             self, x, carry, d_h=d_h, n_proj=self.n_proj,
             gate_fn=functools.partial(_glrnn_gates, d_h=d_h,
                                       input_activation=self.input_activation,
                                       gate_activation=self.gate_activation,
                                       tied=self.use_tied_gates),
-            aux_fn=_identity, bias_offsets=offsets, seq_lengths=seq_lengths, mask=mask,
-            reset=reset)
-        dtype = self.dtype or x.dtype
-        # Rematerialised: the backward pass keeps only h and the output gate's
-        # pre-activation, not hidden_activation(h), the gate and their product.
-        gated = jax.checkpoint(lambda h, o_pre: (
-            self.hidden_activation(h) * self.gate_activation(o_pre)).astype(dtype))
-        y = gated(h, o)
-        y = _project(self, y, self.d_model or d_h, name="out_proj", use_bias=self.use_bias,
-                     bias_init=self.bias_init, dtype=dtype)
+            output_gate=lambda h, o: self.hidden_activation(h) * self.gate_activation(o),
+            out_features=self.d_model or d_h, bias_offsets=offsets,
+            seq_lengths=seq_lengths, mask=mask, reset=reset)
         return h_last, _zero_invalid(y, valid)

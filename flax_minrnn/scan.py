@@ -407,7 +407,7 @@ def _loop_bwd(coeff_fn, xs, consts, params, h, h0, g, g_last, reverse: bool,
         h_prev = _states_before_each(jax.lax.dynamic_slice_in_dim(h, start, length, 1),
                                      _state_before(h, h0, start, length, reverse), reverse)
         dx_blk, dp_blk = pullback((lam_blk * h_prev, lam_blk))
-        dparams = jax.tree.map(jnp.add, dparams, dp_blk)
+        dparams = _add_grads(dparams, dp_blk)
         dx_blk = jax.tree.map(lambda d, v: _stored(d.astype(v.dtype)), dx_blk, xs)
         return s, _put(dxs, dx_blk, start, 1), dparams
 
@@ -416,12 +416,13 @@ def _loop_bwd(coeff_fn, xs, consts, params, h, h0, g, g_last, reverse: bool,
 
     # s past the last step is g_last (the cotangent of the final carry).
     carry = (g_last, jax.tree.map(lambda v: _buffer(v, v.dtype), xs),
-             jax.tree.map(jnp.zeros_like, params))
+             _grad_sums(params))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
         carry = run_block(*carry, rem_start, rem)
     s, dxs, dparams = carry
-    return jax.tree.map(lambda d, v: _loaded(d, v.dtype), dxs, xs), dparams, s
+    return (jax.tree.map(lambda d, v: _loaded(d, v.dtype), dxs, xs),
+            _grads_of(dparams, params), s)
 
 
 def _index_dyn(x, i):
@@ -449,6 +450,23 @@ def _states_before_each(h, first, reverse: bool):
 def _no_cotangent(consts):
     """The (float0) cotangent of non-differentiable arrays."""
     return jax.tree.map(lambda c: np.zeros(c.shape, jax.dtypes.float0), consts)
+
+
+def _grad_sums(params):
+    """Zero accumulators for the gradients of ``params`` summed over blocks:
+    float32 for 16-bit floats (a bfloat16 sum over hundreds of blocks loses
+    digits), the parameter's dtype otherwise."""
+    return jax.tree.map(
+        lambda p: jnp.zeros_like(p, jnp.float32 if _is_half(p.dtype) else p.dtype), params)
+
+
+def _add_grads(sums, grads):
+    return jax.tree.map(lambda s, g: s + g.astype(s.dtype), sums, grads)
+
+
+def _grads_of(sums, params):
+    """The accumulated gradients in the parameters' dtypes."""
+    return jax.tree.map(lambda s, p: s.astype(p.dtype), sums, params)
 
 
 def _identity_coeffs(ab, consts, params):
@@ -594,95 +612,151 @@ def _buffer(like: Array, dtype, shape=None) -> Array:
     return jax.lax.full_like(like, 0, jnp.uint16 if _is_half(dtype) else dtype, shape)
 
 
-def _tiles_forward(coeff_fn, x, kernel, consts, params, h0, reverse, tile):
-    """Returns ``(h_last, h, pre)``; ``pre`` (``x @ kernel``) is ``None``
-    without a kernel."""
+def _tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse, tile,
+                   n_side):
+    """Returns ``(h_last, h, pre, side, y)``: ``pre`` holds the columns of
+    ``x @ kernel`` that ``coeff_fn`` sees (``None`` without a kernel), ``side``
+    its last ``n_side`` columns (``None`` when ``n_side`` is 0) and ``y`` the
+    readout of each step (``None`` without ``readout``)."""
     batch, seq_len = jax.tree.leaves(x)[0].shape[:2]
     num_full, rem, full_start, rem_start = _blocks(seq_len, tile, reverse)
     # Built from h0 (not jnp.zeros) so they have h0's type inside shard_map.
     h_buf = jnp.broadcast_to(jnp.zeros_like(h0)[:, None], (batch, seq_len) + h0.shape[1:])
-    pre_buf = None
+    pre_buf = side_buf = y_buf = None
     if kernel is not None:
-        pre_buf = _buffer(x, jnp.result_type(x, kernel), (batch, seq_len, kernel.shape[1]))
+        p_dtype = jnp.result_type(x, kernel)
+        n_rec = kernel.shape[1] - n_side
+        pre_buf = _buffer(x, p_dtype, (batch, seq_len, n_rec))
+        if n_side:
+            side_buf = _buffer(x, p_dtype, (batch, seq_len, n_side))
+    if readout is not None:
+        y_spec = _readout_spec(readout, h0, None if not n_side else
+                               jax.ShapeDtypeStruct((batch, 1, n_side), p_dtype), params)
+        y_buf = _buffer(h0, y_spec.dtype, (batch, seq_len) + y_spec.shape[2:])
 
-    def run_tile(h, h_buf, pre_buf, start, length):
-        pre = _take(x, start, length, 1)
+    def run_tile(h, bufs, start, length):
+        h_buf, pre_buf, side_buf, y_buf = bufs
+        pre, side = _take(x, start, length, 1), None
         if kernel is not None:
             pre = project(pre, kernel)
+            if n_side:
+                pre, side = pre[..., :n_rec], pre[..., n_rec:]
+                side_buf = _put(side_buf, _stored(side), start, 1)
             pre_buf = _put(pre_buf, _stored(pre), start, 1)
-        a, b = coeff_fn(pre, _take(consts, start, length, 1), params)
+        c_t = _take(consts, start, length, 1)
+        a, b = coeff_fn(pre, c_t, params)
         h, h_tile = _loop(_identity_coeffs, (a, b), (), (), h, reverse, 1, store=True)
-        return h, _put(h_buf, h_tile, start, 1), pre_buf
+        if readout is not None:
+            y_buf = _put(y_buf, _stored(readout(h_tile, side, c_t, params)), start, 1)
+        return h, (_put(h_buf, h_tile, start, 1), pre_buf, side_buf, y_buf)
 
     def body(i, carry):
         return run_tile(*carry, full_start(i), tile)
 
-    carry = jax.lax.fori_loop(0, num_full, body, (h0, h_buf, pre_buf))
+    carry = (h0, (h_buf, pre_buf, side_buf, y_buf))
+    carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
         carry = run_tile(*carry, rem_start, rem)
-    return carry
+    h_last, (h, pre, side, y) = carry
+    if y is not None:
+        y = _loaded(y, y_spec.dtype)
+    return h_last, h, pre, side, y
 
 
-def _tiles_backward(coeff_fn, x, kernel, consts, params, h0, h, pre_buf, g, g_last,
-                    reverse, tile):
-    """``(d x, d kernel, d params, d h0)`` of :func:`_tiles_forward`."""
+def _readout_spec(readout, h0, side_spec, params):
+    """The shape and dtype of ``readout`` on one step."""
+    h_spec = jax.ShapeDtypeStruct((h0.shape[0], 1) + h0.shape[1:], h0.dtype)
+    return jax.eval_shape(lambda h, s, p: readout(h, s, (None, None), p),
+                          h_spec, side_spec, params)
+
+
+def _tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
+                    side_buf, g, g_last, reverse, tile):
+    """``(d x, d kernel, d params, d h0)`` of :func:`_tiles_forward`, for the
+    cotangents ``g`` of the outputs (the states, or with ``readout`` its
+    values) and ``g_last`` of the final state."""
     seq_len = h.shape[1]
     # The backward pass visits the tiles in the opposite order.
     num_full, rem, full_start, rem_start = _blocks(seq_len, tile, not reverse)
+    p_dtype = jnp.result_type(x, kernel) if kernel is not None else None
 
     def run_tile(dh, dx, dkernel, dparams, start, length):
         x_t = _take(x, start, length, 1)
         c_t = _take(consts, start, length, 1)
-        pre = (x_t if kernel is None else
-               _loaded(_take(pre_buf, start, length, 1), jnp.result_type(x, kernel)))
+        pre = x_t if kernel is None else _loaded(_take(pre_buf, start, length, 1), p_dtype)
         (a, _), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
+        h_t = _take(h, start, length, 1)
+        g_t, g_side = _take(g, start, length, 1), None
+        if readout is not None:
+            # The readout's gradient, tile by tile: its cotangent with respect
+            # to the states drives the adjoint recurrence below.
+            side_t = (None if side_buf is None
+                      else _loaded(_take(side_buf, start, length, 1), p_dtype))
+            _, pull_out = jax.vjp(lambda s, q, p: readout(s, q, c_t, p), h_t, side_t, params)
+            g_t, g_side, dp_out = pull_out(g_t)
+            dparams = _add_grads(dparams, dp_out)
         # The adjoint recurrence through the tile, against scan order; its
         # final carry is the cotangent of the state before the tile.
-        dh, lam = _loop(_identity_coeffs, (a, _take(g, start, length, 1)), (), (), dh,
-                        not reverse, 1, store=True, adjoint=True)
-        h_prev = _states_before_each(_take(h, start, length, 1),
-                                     _state_before(h, h0, start, length, reverse), reverse)
+        dh, lam = _loop(_identity_coeffs, (a, g_t), (), (), dh, not reverse, 1, store=True,
+                        adjoint=True)
+        h_prev = _states_before_each(h_t, _state_before(h, h0, start, length, reverse),
+                                     reverse)
         dpre, dp = pullback((lam * h_prev, lam))
         if kernel is not None:
+            if g_side is not None:
+                # One product for all columns: the side columns' cotangents
+                # join the coefficient columns'.
+                dpre = jnp.concatenate([dpre, g_side.astype(dpre.dtype)], axis=-1)
             dx_t, dk_t = _project_grads(x_t, kernel, dpre)
             dkernel = dkernel + dk_t.astype(dkernel.dtype)
         else:
             dx_t = dpre
         dx_t = jax.tree.map(lambda d, v: _stored(d.astype(v.dtype)), dx_t, x)
         return (dh, _put(dx, dx_t, start, 1), dkernel,
-                jax.tree.map(jnp.add, dparams, dp))
+                _add_grads(dparams, dp))
 
     def body(i, carry):
         return run_tile(*carry, full_start(i), tile)
 
     dkernel = None if kernel is None else jnp.zeros(kernel.shape, jnp.float32)
     carry = (g_last, jax.tree.map(lambda v: _buffer(v, v.dtype), x), dkernel,
-             jax.tree.map(jnp.zeros_like, params))
+             _grad_sums(params))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
         carry = run_tile(*carry, rem_start, rem)
     dh0, dx, dkernel, dparams = carry
     if kernel is not None:
         dkernel = dkernel.astype(kernel.dtype)
-    return jax.tree.map(lambda d, v: _loaded(d, v.dtype), dx, x), dkernel, dparams, dh0
+    return (jax.tree.map(lambda d, v: _loaded(d, v.dtype), dx, x), dkernel,
+            _grads_of(dparams, params), dh0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
-def _tiled(coeff_fn, x, kernel, consts, params, h0, reverse: bool, tile: int):
-    h_last, h, _ = _tiles_forward(coeff_fn, x, kernel, consts, params, h0, reverse, tile)
-    return h_last, h
+# Tile by tile (impl="chunked"): returns (h_last, h), or (h_last, y) with a
+# readout.  The states, the coefficient columns of the projection and the side
+# columns are kept for the backward pass; everything else is recomputed per
+# tile.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 7, 8, 9))
+def _tiled(coeff_fn, readout, x, kernel, consts, params, h0, reverse: bool, tile: int,
+           n_side: int):
+    h_last, h, _, _, y = _tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
+                                        reverse, tile, n_side)
+    return h_last, (h if readout is None else y)
 
 
-def _tiled_fwd(coeff_fn, x, kernel, consts, params, h0, reverse, tile):
-    h_last, h, pre = _tiles_forward(coeff_fn, x, kernel, consts, params, h0, reverse, tile)
-    return (h_last, h), (x, kernel, consts, params, h0, h, pre)
+def _tiled_fwd(coeff_fn, readout, x, kernel, consts, params, h0, reverse, tile, n_side):
+    h_last, h, pre, side, y = _tiles_forward(coeff_fn, readout, x, kernel, consts, params,
+                                             h0, reverse, tile, n_side)
+    return (h_last, (h if readout is None else y)), (x, kernel, consts, params, h0, h, pre,
+                                                     side)
 
 
-def _tiled_bwd(coeff_fn, reverse, tile, residuals, cotangents):
-    x, kernel, consts, params, h0, h, pre = residuals
+def _tiled_bwd(coeff_fn, readout, reverse, tile, n_side, residuals, cotangents):
+    del n_side
+    x, kernel, consts, params, h0, h, pre, side = residuals
     g_last, g = cotangents
-    dx, dkernel, dparams, dh0 = _tiles_backward(coeff_fn, x, kernel, consts, params, h0,
-                                                h, pre, g, g_last, reverse, tile)
+    dx, dkernel, dparams, dh0 = _tiles_backward(coeff_fn, readout, x, kernel, consts,
+                                                params, h0, h, pre, side, g, g_last,
+                                                reverse, tile)
     return dx, dkernel, _no_cotangent(consts), dparams, dh0
 
 
@@ -831,6 +905,84 @@ def gated_scan(
         that disagree on ``(batch, time)`` or ``coeff_fn`` outputs of
         different shapes.
     """
+    return _gated(coeff_fn, x, h0, kernel, params, impl, reset=reset,
+                  seq_lengths=seq_lengths, mask=mask, reverse=reverse)
+
+
+def gated_scan_with_readout(
+    coeff_fn: Callable[[Any, Any], Tuple[Array, Array]],
+    readout_fn: Callable[[Array, Optional[Array], Any], Array],
+    x: Any,
+    h0: Optional[Array] = None,
+    *,
+    kernel: Optional[Array] = None,
+    side_features: int = 0,
+    params: Any = None,
+    impl: Union[str, ScanImpl] = ScanImpl.AUTO,
+    reset: Optional[Array] = None,
+    seq_lengths: Optional[Array] = None,
+    mask: Optional[Array] = None,
+    reverse: bool = False,
+) -> Tuple[Array, Array]:
+    """:func:`gated_scan` followed by a per-step readout of the states.
+
+    Returns ``(h_last, y)`` with ``y_t = readout_fn(h_t, side_t, params)``
+    (an output gate, say): with ``n = kernel.shape[1]`` and
+    ``k = side_features``, ``coeff_fn`` receives the first ``n - k`` columns of
+    ``x @ kernel`` and ``side`` are the last ``k`` (``None`` when ``k`` is 0).
+    The result equals::
+
+        h_last, h = gated_scan(coeff_fn, x, h0, kernel=kernel[:, :n - k], ...)
+        y = readout_fn(h, x @ kernel[:, n - k:], params)
+
+    (``h`` is zero at invalid steps, as there).  ``readout_fn`` must act on
+    every step independently.  What fusing buys: ``impl="chunked"`` computes
+    the side columns in the same product as the recurrence's and the readout
+    tile by tile, and its backward pass recomputes the readout's gradient
+    tile by tile; only ``y``, the states and the projections are stored for
+    the whole sequence.  The other implementations compute the readout on the
+    whole sequence and recompute it in the backward pass (``jax.checkpoint``).
+
+    Args:
+      coeff_fn: ``(pre_slice, params) -> (a, b)`` as :func:`gated_scan`.
+      readout_fn: ``(h_slice, side_slice, params) -> y_slice``; ``h_slice``
+        float32 (float64 for float64 inputs) ``(batch, steps, *features)``,
+        ``side_slice`` ``(batch, steps, k)`` in the promoted dtype of ``x`` and
+        ``kernel``; returns ``(batch, steps, ...)`` of any floating dtype.
+      kernel: floating ``(d_in, n)``, or ``None`` (then ``side_features`` must
+        be 0 and ``x`` may be any pytree, as in :func:`gated_scan`).
+      side_features: ``k``, an int in ``[0, n - 1]``.
+      x, h0, params, impl, reset, seq_lengths, mask, reverse: as
+        :func:`gated_scan`.
+
+    Returns:
+      ``(h_last, y)``: ``h_last`` as :func:`gated_scan`; ``y`` the readout at
+      every step (at invalid steps, of a zero state).
+
+    Raises:
+      TypeError / ValueError: as :func:`gated_scan`, for ``side_features`` that
+        is not an int in ``[0, n - 1]`` (or nonzero without a kernel), and for
+        a readout that does not return ``(batch, steps, ...)`` floats.
+    """
+    if isinstance(side_features, bool) or not isinstance(side_features, (int, np.integer)):
+        raise TypeError(f"side_features must be an int, got {side_features!r}")
+    if kernel is None and side_features:
+        raise ValueError("side_features > 0 needs kernel (its last side_features columns)")
+    if getattr(kernel, "ndim", 0) == 2 and not 0 <= side_features <= kernel.shape[1] - 1:
+        raise ValueError(
+            "side_features must be in [0, n - 1] with n = kernel.shape[1] = "
+            f"{kernel.shape[1]}, got {side_features}")
+    if not callable(readout_fn):
+        raise TypeError(f"readout_fn must be callable, got {readout_fn!r}")
+    return _gated(coeff_fn, x, h0, kernel, params, impl, readout_fn=readout_fn,
+                  n_side=int(side_features), reset=reset, seq_lengths=seq_lengths,
+                  mask=mask, reverse=reverse)
+
+
+def _gated(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, reverse,
+           readout_fn=None, n_side: int = 0):
+    """Validates the arguments of :func:`gated_scan` (and
+    :func:`gated_scan_with_readout`) and runs it."""
     leaves = jax.tree.leaves(x)
     if not leaves:
         raise ValueError("x must hold at least one array")
@@ -855,7 +1007,7 @@ def gated_scan(
             raise ValueError(
                 f"kernel must have shape (d_in, n) with d_in = {x.shape[-1]} (the "
                 f"last axis of x), got {tuple(kernel.shape)}")
-        one_step = jax.ShapeDtypeStruct((batch, 1, kernel.shape[1]),
+        one_step = jax.ShapeDtypeStruct((batch, 1, kernel.shape[1] - n_side),
                                         jnp.result_type(x, kernel))
     a_s, b_s = jax.eval_shape(coeff_fn, one_step, params)
     if a_s.shape != b_s.shape or tuple(a_s.shape[:2]) != (batch, 1):
@@ -865,8 +1017,19 @@ def gated_scan(
             f"{tuple(b_s.shape)}")
     state_shape = (batch,) + tuple(a_s.shape[2:])
     impl, dtype = _check_h0_impl_dtype(h0, state_shape, impl, seq_len, a_s.dtype, b_s.dtype)
+    if readout_fn is not None:
+        side_s = (None if not n_side else
+                  jax.ShapeDtypeStruct((batch, 1, n_side), one_step.dtype))
+        y_s = jax.eval_shape(readout_fn, jax.ShapeDtypeStruct((batch, 1) + state_shape[1:],
+                                                              dtype), side_s, params)
+        if (not isinstance(y_s, jax.ShapeDtypeStruct) or y_s.ndim < 2
+                or tuple(y_s.shape[:2]) != (batch, 1)
+                or not jnp.issubdtype(y_s.dtype, jnp.floating)):
+            raise ValueError(
+                "readout_fn must return one floating array (batch, steps, ...); on a "
+                f"one-step slice it gave {y_s}")
     return _run(lambda xs, consts, p: coeff_fn(xs, p), x, params, h0, state_shape,
-                dtype, impl, kernel=kernel,
+                dtype, impl, kernel=kernel, readout_fn=readout_fn, n_side=n_side,
                 reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse)
 
 
@@ -883,9 +1046,11 @@ def _check_h0_impl_dtype(h0, state_shape, impl, seq_len: int, a_dtype, b_dtype):
 
 
 def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
-         seq_lengths, mask, reverse, kernel=None) -> Tuple[Array, Array]:
-    """Validated inputs -> ``(h_last, h)``; ``coeff_fn(x_slice, None, params)``
-    (``x_slice @ kernel`` in place of ``x_slice`` with a kernel)."""
+         seq_lengths, mask, reverse, kernel=None, readout_fn=None, n_side: int = 0):
+    """Validated inputs -> ``(h_last, h)``, or ``(h_last, y)`` with
+    ``readout_fn``; ``coeff_fn(x_slice, None, params)`` (``x_slice @ kernel``
+    without its last ``n_side`` columns in place of ``x_slice`` with a
+    kernel)."""
     batch, seq_len = state_shape[0], jax.tree.leaves(x)[0].shape[1]
     if mask is not None and seq_lengths is not None:
         raise ValueError("pass either mask or seq_lengths, not both")
@@ -918,6 +1083,15 @@ def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
             b = jnp.where(valid_t[expand], b, jnp.zeros((), dtype))
         return a, b
 
+    readout = None
+    if readout_fn is not None:
+        def readout(h, side, consts, params):
+            # Invalid steps read out a zero state (h is zero there).
+            valid_t = consts[1]
+            if valid_t is not None:
+                h = jnp.where(valid_t[expand], h, jnp.zeros((), h.dtype))
+            return readout_fn(h, side, params)
+
     consts = (boundary, mask)
     if impl is ScanImpl.CHUNKED:
         if kernel is None:
@@ -925,11 +1099,18 @@ def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
                             for l in jax.tree.leaves(x))
         else:
             row_bytes = kernel.shape[1] * jnp.result_type(x, kernel).itemsize
-        h_last, h = _tiled(coeffs, x, kernel, consts, params, h0, bool(reverse),
-                           min(seq_len, _tile_size(batch * row_bytes)))
+        h_last, out = _tiled(coeffs, readout, x, kernel, consts, params, h0, bool(reverse),
+                             min(seq_len, _tile_size(batch * row_bytes)), n_side)
+        if readout is not None:
+            return h_last, out
+        h = out
     else:
+        side = None
         if kernel is not None:
-            x = project(x, kernel)
+            n_rec = kernel.shape[1] - n_side
+            if n_side:
+                side = project(x, kernel[:, n_rec:])
+            x = project(x, kernel[:, :n_rec] if n_side else kernel)
         if impl is ScanImpl.SEQUENTIAL:
             h_last, h = _fused(coeffs, x, consts, params, h0, bool(reverse))
         else:
@@ -937,4 +1118,7 @@ def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
             h_last, h = _scan(a, b, h0, impl, bool(reverse))
     if mask is not None:
         h = jnp.where(mask[expand], h, jnp.zeros((), dtype))
-    return h_last, h
+    if readout_fn is None:
+        return h_last, h
+    # Recomputed in the backward pass: only h and side are kept for it.
+    return h_last, jax.checkpoint(readout_fn)(h, side, params)

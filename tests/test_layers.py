@@ -215,13 +215,17 @@ def test_chunked_tiles_equal_sequential_outputs_and_gradients(name, reverse, mon
         np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y_full, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_tiles_bfloat16_match_sequential(monkeypatch):
-    """bfloat16 compute through 4-step tiles (the tile buffers hold the bf16
-    bits): outputs and gradients agree with impl="sequential" to bf16
-    precision, and the input gradient keeps the input's dtype."""
+@pytest.mark.parametrize("make", [
+    lambda: MinGRU(d_h=6, dtype=jnp.bfloat16),
+    lambda: GatedLinearRNN(d_h=6, d_model=D_IN, dtype=jnp.bfloat16)], ids=["mingru", "glrnn"])
+def test_chunked_tiles_bfloat16_match_sequential(make, monkeypatch):
+    """bfloat16 compute through 4-step tiles (the tile buffers, and
+    GatedLinearRNN's readout buffer, hold the bf16 bits): outputs and
+    gradients agree with impl="sequential" to bf16 precision, and the input
+    gradient keeps the input's dtype."""
     monkeypatch.setattr(scan_lib, "_TILE_MIN", 4)
     monkeypatch.setattr(scan_lib, "_TILE_MAX", 4)
-    layer = MinGRU(d_h=6, dtype=jnp.bfloat16)
+    layer = make()
     x = _x(4).astype(jnp.bfloat16)
     params = _init(layer, x)
     g_y = jnp.asarray(np.random.default_rng(5).normal(size=(B, T, D_IN)), jnp.float32)

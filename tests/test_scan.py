@@ -412,6 +412,135 @@ def test_gated_scan_pytree_input_and_bfloat16(rng):
     assert bool(jnp.all(jnp.isfinite(dk.astype(jnp.float32))))
 
 
+# ----------------------------------------------------------------------------
+# gated_scan_with_readout: a per-step readout of the states (and of the
+# kernel's side columns), fused into the scan.
+
+
+def _readout(h, side, p):
+    """Test readout: ``((tanh(h) + 0.1) * sigmoid(side + p["b"])) @ p["w"]``,
+    nonzero at a zero state; without side columns ``(h + 0.1) @ p["w"]``."""
+    z = jnp.tanh(h) + 0.1 if side is not None else h + 0.1
+    if side is not None:
+        z = z * jax.nn.sigmoid(side + p["b"][None, None])
+    return z @ p["w"]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("impl", ["sequential", "associative", "chunked", "chunked-tiles"])
+@pytest.mark.parametrize("side", [0, 2], ids=["no-side", "side"])
+def test_gated_scan_with_readout_matches_reference(rng, request, impl, reverse, side):
+    """Outputs and gradients (x, h0, kernel, all params; random cotangents on
+    the readout and the carry; resets and padding) against float64 autodiff
+    of a plain loop followed by the readout of the (masked) states."""
+    if impl == "chunked-tiles":
+        request.getfixturevalue("small_tiles")
+        impl = "chunked"
+    batch, seq_len, d_in, feat, d_out = 3, 11, 3, 2, 3
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    x = f32(rng.normal(size=(batch, seq_len, d_in)))
+    kernel = f32(rng.normal(size=(d_in, 2 * feat + side)) / 2)
+    h0 = f32(rng.normal(size=(batch, feat)))
+    params = {"bias": f32(rng.normal(size=(feat, 2))), "w": f32(rng.normal(size=(feat, d_out))),
+              "b": f32(rng.normal(size=(side,)))}
+    reset = rng.uniform(size=(batch, seq_len)) < 0.2
+    lengths = np.array([seq_len, seq_len - 3, 4])
+    mask = np.arange(seq_len)[None] < lengths[:, None]
+    g = f32(rng.normal(size=(batch, seq_len, d_out)))
+    g_last = f32(rng.normal(size=(batch, feat)))
+
+    def coeff_fn(pre, p):
+        return _jnp_gates(pre.reshape(pre.shape[:2] + (feat, 2)), p["bias"])
+
+    def run(x, h0, kernel, params):
+        return scan_lib.gated_scan_with_readout(
+            coeff_fn, _readout, x, h0, kernel=kernel, side_features=side, params=params,
+            impl=impl, reset=jnp.asarray(reset), seq_lengths=jnp.asarray(lengths),
+            reverse=reverse)
+
+    def loss(*args):
+        h_last, y = run(*args)
+        return jnp.sum(y * g) + jnp.sum(h_last * g_last)
+
+    args = (x, h0, kernel, params)
+    h_last, y = run(*args)
+    ours = jax.grad(loss, (0, 1, 2, 3))(*args)
+    with jax.enable_x64(True):
+        def ref_run(x, h0, kernel, params):
+            pre = jnp.einsum("bti,io->bto", x, kernel)
+            a, b = coeff_fn(pre[..., :2 * feat], params)
+            h, outs = h0, [None] * seq_len
+            for t in (range(seq_len - 1, -1, -1) if reverse else range(seq_len)):
+                edge = (reset[:, t] if not reverse else
+                        (reset[:, t + 1] if t + 1 < seq_len else np.zeros(batch, bool)))
+                h_new = jnp.where(edge[:, None], 0.0, h) * a[:, t] + b[:, t]
+                h = jnp.where(mask[:, t, None], h_new, h)
+                outs[t] = jnp.where(mask[:, t, None], h, 0.0)
+            return h, _readout(jnp.stack(outs, 1), pre[..., 2 * feat:] if side else None,
+                               params)
+
+        def ref_loss(*args):
+            h_last, y = ref_run(*args)
+            return jnp.sum(y * g.astype(np.float64)) + jnp.sum(h_last * g_last.astype(np.float64))
+
+        args64 = jax.tree.map(lambda v: jnp.asarray(np.asarray(v, np.float64)), args)
+        want_last, want_y = ref_run(*args64)
+        want = jax.grad(ref_loss, (0, 1, 2, 3))(*args64)
+    assert y.shape == (batch, seq_len, d_out) and y.dtype == jnp.float32
+    assert rel_err(y, want_y) <= 1e-5 and rel_err(h_last, want_last) <= 1e-5
+    for path, got in jax.tree_util.tree_leaves_with_path(ours):
+        ref_g = jax.tree_util.tree_leaves_with_path(want)
+        ref_g = dict((jax.tree_util.keystr(k), v) for k, v in ref_g)[jax.tree_util.keystr(path)]
+        assert got.dtype == jnp.float32
+        if got.size:
+            assert rel_err(got, ref_g) <= 2e-5, (jax.tree_util.keystr(path),
+                                                 rel_err(got, ref_g))
+
+
+def test_gated_scan_with_readout_equals_gated_scan_then_readout(rng):
+    """The documented identity, for every linear-space impl, without masks."""
+    x = jnp.asarray(rng.normal(size=(2, 9, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+    params = {"w": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+    fn = lambda pre, p: _jnp_gates(pre.reshape(pre.shape[:2] + (2, 2)))
+    for impl in LINEAR_IMPLS:
+        h_last, h = gated_scan(fn, x, kernel=kernel[:, :4], params=params, impl=impl)
+        want = _readout(h, x @ kernel[:, 4:], params)
+        got_last, got = scan_lib.gated_scan_with_readout(
+            fn, _readout, x, kernel=kernel, side_features=2, params=params, impl=impl)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=impl)
+        np.testing.assert_allclose(got_last, h_last, rtol=1e-6, atol=1e-7, err_msg=impl)
+
+
+class TestGatedScanWithReadoutErrors:
+    fn = staticmethod(lambda pre, p: (pre, pre))
+    x = jnp.ones((2, 5, 3))
+
+    def test_side_features(self):
+        run = lambda k, **kw: scan_lib.gated_scan_with_readout(
+            self.fn, lambda h, s, p: h, self.x, kernel=jnp.ones((3, k)), **kw)
+        with pytest.raises(ValueError, match=r"must be in \[0, n - 1\] with n = kernel.shape\[1\] = 4, got 4"):
+            run(4, side_features=4)
+        with pytest.raises(ValueError, match=r"side_features must be in"):
+            run(4, side_features=-1)
+        with pytest.raises(TypeError, match="side_features must be an int"):
+            run(4, side_features=1.0)
+        with pytest.raises(ValueError, match="side_features > 0 needs kernel"):
+            scan_lib.gated_scan_with_readout(self.fn, lambda h, s, p: h, self.x,
+                                             side_features=1)
+
+    def test_readout_output(self):
+        with pytest.raises(ValueError, match=r"readout_fn must return one floating array"):
+            scan_lib.gated_scan_with_readout(self.fn, lambda h, s, p: h[:, 0], self.x)
+        with pytest.raises(ValueError, match=r"readout_fn must return one floating array"):
+            scan_lib.gated_scan_with_readout(self.fn, lambda h, s, p: (h, h), self.x)
+        with pytest.raises(ValueError, match=r"readout_fn must return one floating array"):
+            scan_lib.gated_scan_with_readout(self.fn, lambda h, s, p: h > 0, self.x)
+        with pytest.raises(TypeError, match="readout_fn must be callable"):
+            scan_lib.gated_scan_with_readout(self.fn, None, self.x)
+
+
 class TestGatedScanErrors:
     def test_mismatched_leaves(self):
         with pytest.raises(ValueError, match="same batch and time"):
