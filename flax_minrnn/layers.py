@@ -12,7 +12,13 @@ How a layer runs (one code path for every ``T >= 1``):
    coefficients ``a_t`` (decay) and ``b_t`` (input) in float32;
 3. :func:`flax_minrnn.scan.gated_scan` runs ``h_t = a_t * h_{t-1} + b_t``,
    applying the gate function as it goes (with ``scan_impl="sequential"``
-   the coefficients are never stored for the whole sequence).
+   the coefficients are never stored for the whole sequence; with
+   ``"chunked"`` the projection itself runs inside the scan, tile by tile);
+4. the readout: ``out_proj(h)`` (MinGRU and MinLSTM when ``d_h !=
+   d_model``), or ``out_proj(hidden_activation(h) * gate_activation(o))``
+   (GatedLinearRNN, ``o`` from ``in_proj``'s last block), runs inside the
+   scan too (:func:`flax_minrnn.scan.gated_scan_with_readout`), so the gated
+   states and ``out_proj``'s input are not stored for the whole sequence.
 
 In true-recurrence mode (``use_true_recurrence=True``) the pre-activations
 also see the previous state, ``pre_t = in_proj(x_t) + h_{t-1} @ U`` with a

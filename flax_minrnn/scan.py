@@ -1,9 +1,10 @@
 """The linear recurrence ``h_t = a_t * h_{t-1} + b_t``, pure ``jax.numpy``.
 
 Every recurrent layer of flax_minrnn hands its pre-activations and gate
-function to :func:`gated_scan` (:func:`linear_scan` when the coefficients
-are already computed); this module holds the only copy of the recurrence
-math.
+function to :func:`gated_scan` (:func:`gated_scan_with_readout` when the
+layer reads its output out of the states, :func:`linear_scan` when the
+coefficients are already computed); this module holds the only copy of the
+recurrence math.
 
 Conventions
 -----------
@@ -41,11 +42,12 @@ Implementations (:class:`ScanImpl`), all with this signature:
   recomputes them, so they are never stored (the least memory).
 * ``"chunked"``: for CPUs: the time axis is cut into chunks of tens of steps
   (at most 1.5 MiB of projections each) visited in scan order; a chunk's
-  projection (``kernel`` of :func:`gated_scan`), coefficients and
-  recurrence run while it is in cache (vectorised over the chunk, then the
-  sequential loop through it), and the backward pass does the same per chunk
-  in reverse order from the stored projections and states.  The
-  coefficients are never stored for the whole sequence.
+  projection (``kernel`` of :func:`gated_scan`), coefficients, recurrence
+  and readout (:func:`gated_scan_with_readout`) run while it is in cache
+  (vectorised over the chunk, then the sequential loop through it), and the
+  backward pass does the same per chunk in reverse order from the stored
+  projections and states.  The coefficients are never stored for the whole
+  sequence.
 * ``"log"``: associative scan on ``(log a, log h)`` with a ``logaddexp``
   combine.  Domain: ``a >= 0``, ``b >= 0``, ``h0 >= 0`` (positive states, as in
   the minGRU paper's ``g()`` parameterisation); outside it the result is NaN.
@@ -82,7 +84,7 @@ import numpy as np
 
 Array = jax.Array
 
-__all__ = ["ScanImpl", "linear_scan", "gated_scan", "default_impl"]
+__all__ = ["ScanImpl", "linear_scan", "gated_scan", "gated_scan_with_readout", "default_impl"]
 
 
 class ScanImpl(str, enum.Enum):
