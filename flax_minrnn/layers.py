@@ -338,10 +338,10 @@ def run_recurrence(
 
 
 def _true_recurrence(module, x_c, kernel, h0, valid, reset, d_h, n_proj, dtype, coeffs,
-                     cols, biases, has_out: bool):
+                     cols, params, has_out: bool):
     """True-recurrence mode: the gates see ``h_{t-1}``; one step at a time.
-    Returns ``(h_last, h, o)`` (``o`` the output-only columns, unbiased, or
-    ``None``)."""
+    ``coeffs(pre, params)`` as in :func:`run_recurrence`.  Returns ``(h_last,
+    h, o)`` (``o`` the output-only columns, unbiased, or ``None``)."""
     batch, seq_len, _ = x_c.shape
     recurrent = module.param("recurrent_kernel", nn.initializers.zeros,
                              (d_h, n_proj * d_h), module.param_dtype).astype(dtype)
@@ -357,7 +357,7 @@ def _true_recurrence(module, x_c, kernel, h0, valid, reset, d_h, n_proj, dtype, 
         # view of it) restarts from zero, as in linear_scan.
         h_in = jnp.where((boundary_t & valid_t)[:, None], jnp.zeros((), h.dtype), h)
         pre_t = pre_t.astype(h.dtype) + jnp.dot(h_in.astype(dtype), recurrent).astype(h.dtype)
-        a, b = coeffs(cols(pre_t, True)[:, None], biases)
+        a, b = coeffs(cols(pre_t, True)[:, None], params)
         h_next, h_out = scan_lib.linear_scan(a, b, h_in, impl="sequential",
                                              mask=valid_t[:, None])
         return h_next, (h_out[:, 0], cols(pre_t, False) if has_out else None)

@@ -498,7 +498,8 @@ def test_gated_scan_with_readout_matches_reference(rng, request, impl, reverse, 
 
 
 def test_gated_scan_with_readout_equals_gated_scan_then_readout(rng):
-    """The documented identity, for every linear-space impl, without masks."""
+    """The documented identity, for every linear-space impl, without masks,
+    with a kernel and side columns and without a kernel."""
     x = jnp.asarray(rng.normal(size=(2, 9, 3)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
     params = {"w": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32),
@@ -511,6 +512,14 @@ def test_gated_scan_with_readout_equals_gated_scan_then_readout(rng):
             fn, _readout, x, kernel=kernel, side_features=2, params=params, impl=impl)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=impl)
         np.testing.assert_allclose(got_last, h_last, rtol=1e-6, atol=1e-7, err_msg=impl)
+        # Without a kernel: x itself (a pytree here) goes to coeff_fn.
+        xs = (x @ kernel[:, :2], x @ kernel[:, 2:4])
+        fn2 = lambda q, p: _jnp_gates(jnp.stack(q, -1))
+        h_last, h = gated_scan(fn2, xs, params=params, impl=impl)
+        got_last, got = scan_lib.gated_scan_with_readout(fn2, _readout, xs, params=params,
+                                                         impl=impl)
+        np.testing.assert_allclose(got, _readout(h, None, params), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_last, h_last, rtol=1e-6, atol=1e-7)
 
 
 class TestGatedScanWithReadoutErrors:
