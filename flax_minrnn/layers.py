@@ -221,16 +221,6 @@ def _check_width(module: nn.Module, x: Array, name: str) -> None:
                 f"({name}) expect {expected}")
 
 
-def _project(module: nn.Module, x: Array, features: int, *, name: str,
-             use_bias: bool, bias_init: Initializer, dtype) -> Array:
-    """A :class:`Dense` layer with a clear error when x's width does not match."""
-    _check_width(module, x, name)
-    dense = Dense(features, use_bias=use_bias, dtype=dtype,
-                  param_dtype=module.param_dtype, kernel_init=module.kernel_init,
-                  bias_init=bias_init, name=name)
-    return dense(x)
-
-
 def run_recurrence(
     module: nn.Module,
     x: Array,
