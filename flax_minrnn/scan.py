@@ -341,7 +341,8 @@ def _step(h, a_t, b_t, adjoint: bool):
 
 
 def _loop(coeff_fn, xs, consts, params, h0, reverse: bool, axis: int, *, store: bool,
-          adjoint: bool = False, unroll: int = _UNROLL):
+          adjoint: bool = False, unroll: int = _UNROLL, out=None, offset=0,
+          b_in_out: bool = False):
     """The recurrence, a block of ``unroll`` steps per loop iteration.
 
     ``(a_t, b_t) = coeff_fn(x_t, c_t, params)`` is evaluated on each block of
@@ -350,31 +351,41 @@ def _loop(coeff_fn, xs, consts, params, h0, reverse: bool, axis: int, *, store: 
     and written in place (dynamic slices), so the layout is never
     transposed.  Returns ``(carry, out)`` (``out`` is ``None`` unless
     ``store``).
+
+    With ``store``, the outputs go to steps ``offset + t`` of ``out`` along
+    ``axis`` (a new buffer of ``h0``'s dtype when ``out`` is ``None``), the
+    rest of ``out`` unchanged.  ``b_in_out``: ``xs`` is ``a`` alone and ``b``
+    is read from ``out`` at the same steps (``coeff_fn`` is not called), so
+    the outputs overwrite ``b`` in place and no other buffer is needed.
     """
     n = jax.tree.leaves(xs)[0].shape[axis]
     size = max(1, min(unroll, n))
     num_full, rem, full_start, rem_start = _blocks(n, size, reverse)
-    if store:
+    if store and out is None:
         # Built from h0 (not jnp.zeros) so it has h0's type inside shard_map.
         out_shape = h0.shape[:axis] + (n,) + h0.shape[axis:]
         out = jnp.broadcast_to(jnp.expand_dims(jnp.zeros_like(h0), axis), out_shape)
-    else:
+    elif not store:
         out = None
 
     def run_block(h, out, start, length):
-        a, b = coeff_fn(_take(xs, start, length, axis),
-                        _take(consts, start, length, axis), params)
+        if b_in_out:
+            a = jax.lax.dynamic_slice_in_dim(xs, start, length, axis)
+            b = jax.lax.dynamic_slice_in_dim(out, offset + start, length, axis)
+        else:
+            a, b = coeff_fn(_take(xs, start, length, axis),
+                            _take(consts, start, length, axis), params)
         states = [None] * length
         for u in (reversed(range(length)) if reverse else range(length)):
             h, states[u] = _step(h, _index(a, u, axis), _index(b, u, axis), adjoint)
         if out is not None:
-            out = _put(out, jnp.stack(states, axis), start, axis)
+            out = _put(out, jnp.stack(states, axis), offset + start, axis)
             # The carry read back from the stored block: XLA fuses the chain
             # of steps into each consumer, so taking the carry from the chain
             # evaluated it twice per block (one fusion for the block, one for
             # the carry); this is 3-6% faster per layer, same bits.
             last = 0 if reverse else length - 1
-            h_out = _index(_take(out, start, length, axis), last, axis)
+            h_out = _index(_take(out, offset + start, length, axis), last, axis)
             h = _index(a, last, axis) * h_out if adjoint else h_out
         return h, out
 
@@ -582,11 +593,12 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 # tiles in reverse and does the same per tile, from the stored projections and
 # states.
 
-# Bytes of projection output per tile (below the 2 MiB L2 of the development
-# CPU), as a power of two of steps: 64 steps at B = 8 and 2-3 x 256 float32
-# features, which was fastest at T = 1024 and 4096 among 32..512 (and than
-# one tile; benchmarks/README.md).
-_TILE_BYTES = 3 * 2 ** 19
+# Bytes of projection output per tile, as a power of two of steps: 128 steps
+# at B = 8 and 2-3 x 256 float32 features.  On the 2-core Intel Xeon used for
+# the current benchmark numbers (2 MiB L2 per core) this was 3-8% faster per
+# layer than 64 steps at T = 1024..16384; on the 2-core AMD EPYC used before,
+# 64 steps was fastest (see benchmarks/README.md).
+_TILE_BYTES = 3 * 2 ** 20
 _TILE_MIN, _TILE_MAX = 32, 512
 
 
@@ -654,10 +666,13 @@ def _tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse, ti
             pre_buf = _put(pre_buf, _stored(pre), start, 1)
         c_t = _take(consts, start, length, 1)
         a, b = coeff_fn(pre, c_t, params)
-        h, h_tile = _loop(_identity_coeffs, (a, b), (), (), h, reverse, 1, store=True)
+        # The states go straight into h_buf (no tile buffer to fill and copy).
+        h, h_buf = _loop(_identity_coeffs, (a, b), (), (), h, reverse, 1, store=True,
+                         out=h_buf, offset=start)
         if readout is not None:
+            h_tile = _take(h_buf, start, length, 1)
             y_buf = _put(y_buf, _stored(readout(h_tile, side, c_t, params)), start, 1)
-        return h, (_put(h_buf, h_tile, start, 1), pre_buf, side_buf, y_buf)
+        return h, (h_buf, pre_buf, side_buf, y_buf)
 
     def body(i, carry):
         return run_tile(*carry, full_start(i), tile)
@@ -705,9 +720,16 @@ def _tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf
             g_t, g_side, dp_out = pull_out(g_t)
             dparams = _add_grads(dparams, dp_out)
         # The adjoint recurrence through the tile, against scan order; its
-        # final carry is the cotangent of the state before the tile.
-        dh, lam = _loop(_identity_coeffs, (a, g_t), (), (), dh, not reverse, 1, store=True,
-                        adjoint=True)
+        # final carry is the cotangent of the state before the tile.  Without
+        # a readout, lam overwrites the slice g_t in place (no buffer to fill);
+        # with one, g_t comes from the readout's gradient and the in-place
+        # form measured 2-5% slower.
+        if readout is None:
+            dh, lam = _loop(None, a, (), (), dh, not reverse, 1, store=True, adjoint=True,
+                            out=g_t, b_in_out=True)
+        else:
+            dh, lam = _loop(_identity_coeffs, (a, g_t), (), (), dh, not reverse, 1,
+                            store=True, adjoint=True)
         h_prev = _states_before_each(h_t, _state_before(h, h0, start, length, reverse),
                                      reverse)
         dpre, dp = pullback((lam * h_prev, lam))

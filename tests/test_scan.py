@@ -295,23 +295,40 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(scan_lib, "_TILE_MAX", 4)
 
 
+@pytest.fixture
+def tiles_of_16(monkeypatch):
+    """Tiles of 16 steps: two of the loop's 8-step blocks per tile, written
+    into the whole-sequence buffers at an offset, and a partial last tile
+    that ends in a partial block."""
+    monkeypatch.setattr(scan_lib, "_TILE_MIN", 16)
+    monkeypatch.setattr(scan_lib, "_TILE_MAX", 16)
+
+
+def _use_tiles(request, impl: str) -> str:
+    """The fixture behind a "chunked-tiles*" test id; returns the impl."""
+    if impl == "chunked-tiles":
+        request.getfixturevalue("small_tiles")
+    elif impl == "chunked-tiles16":
+        request.getfixturevalue("tiles_of_16")
+    return "chunked" if impl.startswith("chunked-tiles") else impl
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("impl, seq_len", [
     ("sequential", 1), ("sequential", 9), ("sequential", 20),   # around the 8-step blocks
     ("chunked", 9), ("chunked", 20), ("associative", 20),
-    ("chunked-tiles", 9), ("chunked-tiles", 23)])
+    ("chunked-tiles", 9), ("chunked-tiles", 23), ("chunked-tiles16", 45)])
 @pytest.mark.parametrize("with_kernel", [False, True], ids=["x", "kernel"])
 def test_gated_scan_matches_reference_outputs_and_gradients(rng, request, impl, seq_len,
                                                             reverse, with_kernel):
     """Outputs and gradients (w.r.t. x and h0, random cotangents on h and the
     carry) against the float64 loop, with resets and padding; lengths around
     the sequential loop's block size (8) exercise the remainder block, and
-    "chunked-tiles" runs several 4-step tiles and a partial one.  With
+    "chunked-tiles" runs several 4-step tiles and a partial one
+    ("chunked-tiles16": 16-step tiles of two 8-step blocks).  With
     ``kernel`` the coefficient function sees ``x @ kernel`` (and the kernel
     gets a gradient too)."""
-    if impl == "chunked-tiles":
-        request.getfixturevalue("small_tiles")
-        impl = "chunked"
+    impl = _use_tiles(request, impl)
     batch, feat = 3, 2
     x = jnp.asarray(rng.normal(size=(batch, seq_len, feat, 2)), jnp.float32)
     if with_kernel:
@@ -427,16 +444,15 @@ def _readout(h, side, p):
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("impl", ["sequential", "associative", "chunked", "chunked-tiles"])
+@pytest.mark.parametrize("impl", ["sequential", "associative", "chunked", "chunked-tiles",
+                                  "chunked-tiles16"])
 @pytest.mark.parametrize("side", [0, 2], ids=["no-side", "side"])
 def test_gated_scan_with_readout_matches_reference(rng, request, impl, reverse, side):
     """Outputs and gradients (x, h0, kernel, all params; random cotangents on
     the readout and the carry; resets and padding) against float64 autodiff
     of a plain loop followed by the readout of the (masked) states."""
-    if impl == "chunked-tiles":
-        request.getfixturevalue("small_tiles")
-        impl = "chunked"
-    batch, seq_len, d_in, feat, d_out = 3, 11, 3, 2, 3
+    impl = _use_tiles(request, impl)
+    batch, seq_len, d_in, feat, d_out = 3, 11 if impl != "chunked" else 37, 3, 2, 3
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     x = f32(rng.normal(size=(batch, seq_len, d_in)))
     kernel = f32(rng.normal(size=(d_in, 2 * feat + side)) / 2)
