@@ -602,10 +602,18 @@ _TILE_BYTES = 3 * 2 ** 20
 _TILE_MIN, _TILE_MAX = 32, 512
 
 
-def _tile_size(row_bytes: int) -> int:
-    """Steps per tile for ``row_bytes`` bytes of projection output per step."""
+def _tile_size(row_bytes: int, seq_len: int) -> int:
+    """Steps per tile for ``row_bytes`` bytes of projection output per step.
+
+    At most a quarter of ``seq_len`` (rounded down to a power of two, at
+    least ``_TILE_MIN``): the tile's temporaries are a fixed cost, and with at
+    least four tiles they stay small next to the sequence's own buffers (the
+    memory bound of issue #5 at T = 256).  Never more than ``seq_len``.
+    """
     steps = max(1, _TILE_BYTES // max(1, row_bytes))
-    return int(min(_TILE_MAX, max(_TILE_MIN, 2 ** int(math.log2(steps)))))
+    size = min(_TILE_MAX, max(_TILE_MIN, 2 ** int(math.log2(steps))))
+    quarter = 2 ** int(math.log2(max(1, seq_len // 4)))
+    return int(min(seq_len, max(_TILE_MIN, min(size, quarter))))
 
 
 def _is_half(dtype) -> bool:
@@ -1131,7 +1139,7 @@ def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
         else:
             row_bytes = kernel.shape[1] * jnp.result_type(x, kernel).itemsize
         h_last, out = _tiled(coeffs, readout, x, kernel, consts, params, h0, bool(reverse),
-                             min(seq_len, _tile_size(batch * row_bytes)), n_side)
+                             _tile_size(batch * row_bytes, seq_len), n_side)
         if readout is not None:
             return h_last, out
         h = out
