@@ -115,11 +115,13 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
       backend: a JAX backend name; defaults to ``jax.default_backend()``.
 
     Returns:
-      On CPU, ``CHUNKED`` from ``T = 64`` (fastest forward+backward of every
-      layer at T = 1024..16384 on the 2-core development CPU, and the least
-      memory: the projection, gates and scan of each chunk stay in cache)
-      and ``SEQUENTIAL`` below (the loop that computes the gates as it goes;
-      see benchmarks/README.md).  ``ASSOCIATIVE`` on GPU/TPU.
+      On CPU, ``CHUNKED`` from ``T = 64`` (fastest or tied forward+backward
+      of every layer at T = 256..16384 on the two 2-core CPUs measured, and
+      the least memory: the projection, gates and scan of each chunk stay in
+      cache) and ``SEQUENTIAL`` below (the loop that computes the gates as it
+      goes).  For a bare :func:`linear_scan` the sequential loop was faster on
+      one of the two CPUs; see the crossovers in benchmarks/README.md.
+      ``ASSOCIATIVE`` on GPU/TPU.
       The choice never changes parameters, only speed and memory (all
       implementations agree to float32 rounding).
     """
