@@ -53,7 +53,9 @@ def tune_cpu_malloc() -> bool:
     bit-identical.  Measured speed-ups are in ``benchmarks/README.md``
     (``--malloc tuned`` against ``--malloc default``).  The price: the process
     never returns freed memory to the system, so its resident size stays at
-    its peak.
+    its peak; and XLA compiles about 1.6x slower, its compiler threads
+    sharing the one arena (benchmarks/README.md: 0.84-0.91 s instead of
+    0.52-0.59 s for MinGRU forward+backward at T = 4096).
 
     The arena limit only binds threads that have not allocated yet, so call
     this before JAX's first computation (importing jax is fine).  The CLI and
