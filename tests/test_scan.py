@@ -452,6 +452,8 @@ def test_gated_scan_with_readout_matches_reference(rng, request, impl, reverse, 
     the readout and the carry; resets and padding) against float64 autodiff
     of a plain loop followed by the readout of the (masked) states."""
     impl = _use_tiles(request, impl)
+    # The chunked variants run 37 steps: several tiles (4-step or 16-step),
+    # or at the default size one 32-step tile and a partial one.
     batch, seq_len, d_in, feat, d_out = 3, 11 if impl != "chunked" else 37, 3, 2, 3
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     x = f32(rng.normal(size=(batch, seq_len, d_in)))
