@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_minrnn import native as native_lib
 from flax_minrnn import parallel as parallel_lib
 from flax_minrnn import scan as scan_lib
 
@@ -232,6 +233,7 @@ def run_recurrence(
     bias_offsets: dict,
     output_gate: Optional[Callable[[Array, Array], Array]] = None,
     out_features: Optional[int] = None,
+    native_gates: Optional[Tuple[str, Optional[Callable]]] = None,
     seq_lengths=None,
     mask=None,
     reset=None,
@@ -255,6 +257,9 @@ def run_recurrence(
     Reads the fields ``dtype``, ``param_dtype``, ``kernel_init``,
     ``bias_init``, ``use_bias``, ``use_true_recurrence``, ``scan_impl``,
     ``reverse`` and (if present) ``sequence_axis`` of ``module``.
+    ``native_gates``: ``(kind, candidate_activation)`` when ``gate_fn`` is one
+    the compiled kernels implement (:mod:`flax_minrnn.native`, for
+    ``scan_impl="native"``).
     """
     check_input(x)
     batch, seq_len, _ = x.shape
@@ -320,11 +325,29 @@ def run_recurrence(
     scan_args = dict(kernel=kernel, params=params, impl=impl, reset=reset, mask=valid,
                      reverse=module.reverse)
     if output_gate is None and out_proj is None:
-        h_last, h = scan_lib.gated_scan(coeffs, x_c, h0, **scan_args)
+        h_last, h = scan_lib._gated(  # pylint: disable=protected-access
+            coeffs, x_c, h0, kernel, params, impl, reset=reset, seq_lengths=None,
+            mask=valid, reverse=module.reverse,
+            native_gates=_native_spec(native_gates))
         return h_last, h.astype(dtype), valid
     h_last, y = scan_lib.gated_scan_with_readout(
         coeffs, readout, x_c, h0, side_features=kernel.shape[1] - split, **scan_args)
     return h_last, y, valid
+
+
+def _native_spec(native_gates) -> Optional[native_lib.NativeGates]:
+    """The kernels' name for ``(kind, candidate_activation)``, or ``None`` for
+    a candidate activation they do not implement."""
+    if native_gates is None:
+        return None
+    kind, candidate = native_gates
+    if candidate is None:
+        name = "identity"
+    elif candidate is g_activation:
+        name = "g"
+    else:
+        return None
+    return native_lib.NativeGates(kind, name, lambda params: params[0])
 
 
 def _true_recurrence(module, x_c, kernel, h0, valid, reset, d_h, n_proj, dtype, coeffs,
@@ -399,12 +422,6 @@ def _sigmoid_pair_jvp(primals, tangents):
     return (z, one_minus_z), (slope * dk, -slope * dk)
 
 
-# Logits are clipped to this magnitude before exponentiation: exp(80) ~ 5.5e34
-# stays finite in float32 (so do sums of two such terms), and sigmoid(-80) ~
-# 1.8e-35 is already zero to float32 precision relative to 1.
-_LOGIT_CLIP = 80.0
-
-
 def normalized_gates(k_f: Array, k_i: Array) -> Tuple[Array, Array]:
     """minLSTM's ``(f / (f + i), i / (f + i))`` for ``f = sigmoid(k_f)``, ``i = sigmoid(k_i)``.
 
@@ -413,15 +430,21 @@ def normalized_gates(k_f: Array, k_i: Array) -> Tuple[Array, Array]:
 
         f / (f + i) = (1 + v) / (2 + u + v),    i / (f + i) = (1 + u) / (2 + u + v)
 
-    Two ``exp`` and one reciprocal (the log-space form ``sigmoid(log f -
-    log i)`` needs five transcendentals), no cancellation, and finite for
-    every input: the logits are clipped to ``[-80, 80]``, where the gates are
-    saturated to float32 precision.
+    Numerator and denominator are scaled by ``exp(-m)`` with
+    ``m = max(0, -k_f, -k_i)``, so every ``exp`` has a non-positive argument
+    (no overflow) and one of ``exp(-m)``, ``u exp(-m)``, ``v exp(-m)`` is 1
+    (the denominator is in ``[1, 4]``): three ``exp`` and one reciprocal, no
+    cancellation, exact to rounding for every finite input, both logits
+    hugely negative included (where the ratio depends on ``k_f - k_i``).
+    The result does not depend on ``m``, so its gradient is taken with ``m``
+    held constant.
     """
-    u = jnp.exp(-jnp.clip(k_f, -_LOGIT_CLIP, _LOGIT_CLIP))
-    v = jnp.exp(-jnp.clip(k_i, -_LOGIT_CLIP, _LOGIT_CLIP))
-    r = 1.0 / (2.0 + u + v)
-    return (1.0 + v) * r, (1.0 + u) * r
+    m = jax.lax.stop_gradient(jnp.maximum(0.0, jnp.maximum(-k_f, -k_i)))
+    e0 = jnp.exp(-m)
+    u = jnp.exp(-k_f - m)
+    v = jnp.exp(-k_i - m)
+    r = 1.0 / (2.0 * e0 + u + v)
+    return (e0 + v) * r, (e0 + u) * r
 
 
 def _mingru_gates(pre: Array, candidate_activation) -> Gates:
@@ -555,6 +578,7 @@ class MinGRU(nn.Module):
             self, x, carry, d_h=d_h, n_proj=self.n_proj,
             gate_fn=functools.partial(_mingru_gates,
                                       candidate_activation=self.candidate_activation),
+            native_gates=("mingru", self.candidate_activation),
             bias_offsets={0: -self.forget_bias} if self.forget_bias else {},
             seq_lengths=seq_lengths, mask=mask, reset=reset,
             out_features=out_features)
@@ -631,6 +655,8 @@ class MinLSTM(nn.Module):
             gate_fn=functools.partial(_minlstm_gates,
                                       candidate_activation=self.candidate_activation,
                                       normalize=self.normalize_gates),
+            native_gates=("minlstm" if self.normalize_gates else "minlstm_unnormalized",
+                          self.candidate_activation),
             bias_offsets={0: self.forget_bias} if self.forget_bias else {},
             seq_lengths=seq_lengths, mask=mask, reset=reset,
             out_features=out_features)

@@ -82,6 +82,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_minrnn import native
+
 Array = jax.Array
 
 __all__ = ["ScanImpl", "linear_scan", "gated_scan", "gated_scan_with_readout", "default_impl"]
@@ -94,6 +96,7 @@ class ScanImpl(str, enum.Enum):
     ASSOCIATIVE = "associative"
     SEQUENTIAL = "sequential"
     CHUNKED = "chunked"
+    NATIVE = "native"
     LOG = "log"
     HEINSEN = "heinsen"
     PALLAS = "pallas"
@@ -128,7 +131,7 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
     backend = backend or jax.default_backend()
     if backend == "cpu":
         if seq_len >= _CPU_CHUNKED_MIN_T:
-            return ScanImpl.CHUNKED
+            return ScanImpl.NATIVE if native.available() else ScanImpl.CHUNKED
         return ScanImpl.SEQUENTIAL
     return ScanImpl.ASSOCIATIVE
 
@@ -639,9 +642,15 @@ def _loaded(x: Array, dtype) -> Array:
 
 
 def _buffer(like: Array, dtype, shape=None) -> Array:
-    """Zeros in :func:`_stored` form, built from ``like`` (not ``jnp.zeros``)
-    so they have its type inside ``shard_map``."""
-    return jax.lax.full_like(like, 0, jnp.uint16 if _is_half(dtype) else dtype, shape)
+    """A buffer for values of ``dtype`` in :func:`_stored` form that the caller
+    writes completely: uninitialised where the compiled kernels can allocate
+    it (:func:`flax_minrnn.native.empty`, which saves a pass over memory),
+    else zeros built from ``like`` (not ``jnp.zeros``, so they have its type
+    inside ``shard_map``)."""
+    dtype = jnp.uint16 if _is_half(dtype) else dtype
+    if native.usable_for(like):
+        return native.empty(like.shape if shape is None else shape, dtype)
+    return jax.lax.full_like(like, 0, dtype, shape)
 
 
 def _tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse, tile,
@@ -652,8 +661,7 @@ def _tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse, ti
     readout of each step (``None`` without ``readout``)."""
     batch, seq_len = jax.tree.leaves(x)[0].shape[:2]
     num_full, rem, full_start, rem_start = _blocks(seq_len, tile, reverse)
-    # Built from h0 (not jnp.zeros) so they have h0's type inside shard_map.
-    h_buf = jnp.broadcast_to(jnp.zeros_like(h0)[:, None], (batch, seq_len) + h0.shape[1:])
+    h_buf = _buffer(h0, h0.dtype, (batch, seq_len) + h0.shape[1:])
     pre_buf = side_buf = y_buf = None
     if kernel is not None:
         p_dtype = jnp.result_type(x, kernel)
@@ -803,6 +811,91 @@ def _tiled_bwd(coeff_fn, readout, reverse, tile, n_side, residuals, cotangents):
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
+
+
+# impl="native": the tile loop of _tiled with the gates, the recurrence and
+# the copies into the whole-sequence buffers of each tile in one compiled
+# kernel call (flax_minrnn/csrc/gates.cc), and the adjoint of the gates and
+# recurrence in another; the projections stay XLA's.  Only for float32
+# layers whose gates the kernels know (native.NativeGates), no mask or reset
+# and no side columns (an output gate); _run falls back to _tiled otherwise.
+
+
+def _native_bias(spec, params, width: int) -> Array:
+    bias = spec.bias(params)
+    return jnp.zeros((width,), jnp.float32) if bias is None else bias
+
+
+def _native_forward(spec, x, kernel, params, h0, reverse: bool):
+    """Returns ``(h_last, h, pre)``: one product for the whole sequence (its
+    output is kept for the backward pass anyway) and one kernel call."""
+    pre = project(x, kernel)
+    h_last, h = native.gates_forward(spec, pre, _native_bias(spec, params, kernel.shape[1]),
+                                     h0, reverse)
+    return h_last, h, pre
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5, 6))
+def _native_tiles(spec, x, kernel, params, h0, reverse: bool, tile: int):
+    h_last, h, _ = _native_forward(spec, x, kernel, params, h0, reverse)
+    return h_last, h
+
+
+def _native_tiles_fwd(spec, x, kernel, params, h0, reverse, tile):
+    h_last, h, pre = _native_forward(spec, x, kernel, params, h0, reverse)
+    return (h_last, h), (x, kernel, params, h0, h, pre)
+
+
+def _native_tiles_bwd(spec, reverse, tile, residuals, cotangents):
+    x, kernel, params, h0, h, pre = residuals
+    g_last, g = cotangents
+    # The kernel reads g whole: a g that XLA could compute in the loop (the
+    # broadcast cotangent of a sum, say) is materialised once, not per tile.
+    g = jax.lax.optimization_barrier(g)
+    seq_len = x.shape[1]
+    bias = _native_bias(spec, params, kernel.shape[1])
+    # The backward pass visits the tiles in the opposite order.
+    num_full, rem, full_start, rem_start = _blocks(seq_len, tile, not reverse)
+
+    def run_tile(dh, dx, dkernel, dbias, start, length):
+        dpre, dh, db = native.gates_backward(spec, pre, bias, h, h0, g, dh, start, length,
+                                             reverse)
+        dx_t, dk_t = _project_grads(_take(x, start, length, 1), kernel, dpre)
+        return dh, _put(dx, dx_t, start, 1), dkernel + dk_t, dbias + db
+
+    def body(i, carry):
+        return run_tile(*carry, full_start(i), tile)
+
+    carry = (g_last, native.empty(x.shape, x.dtype), jnp.zeros(kernel.shape, jnp.float32),
+             jnp.zeros(bias.shape, jnp.float32))
+    carry = jax.lax.fori_loop(0, num_full, body, carry)
+    if rem:
+        carry = run_tile(*carry, rem_start, rem)
+    dh0, dx, dkernel, dbias = carry
+    _, bias_pullback = jax.vjp(spec.bias, params)
+    dparams = (bias_pullback(dbias)[0] if spec.bias(params) is not None
+               else jax.tree.map(jnp.zeros_like, params))
+    return dx, dkernel, dparams, dh0
+
+
+_native_tiles.defvjp(_native_tiles_fwd, _native_tiles_bwd)
+
+
+def _native_applies(spec, x, kernel, params, h0, dtype, readout, consts, n_side) -> bool:
+    """Whether impl="native" can run these arguments (else it runs "chunked")."""
+    if spec is None or kernel is None or n_side:
+        return False
+    if any(c is not None for c in consts):
+        return False
+    f32 = jnp.dtype(jnp.float32)
+    if not (x.dtype == kernel.dtype == h0.dtype == jnp.dtype(dtype) == f32) or h0.ndim != 2:
+        return False
+    if kernel.shape[1] != spec.blocks * h0.shape[1]:
+        return False
+    bias = spec.bias(params)
+    if bias is not None and (bias.dtype != f32 or bias.shape != (kernel.shape[1],)):
+        return False
+    return native.usable_for(x, kernel, h0, *jax.tree.leaves(params))
 
 
 # The sequential implementation fuses the coefficient function into the loop:
@@ -1022,7 +1115,7 @@ def gated_scan_with_readout(
 
 
 def _gated(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, reverse,
-           readout_fn=None, n_side: int = 0):
+           readout_fn=None, n_side: int = 0, native_gates=None):
     """Validates the arguments of :func:`gated_scan` (and
     :func:`gated_scan_with_readout`) and runs it."""
     leaves = jax.tree.leaves(x)
@@ -1072,7 +1165,8 @@ def _gated(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, r
                 f"one-step slice it gave {y_s}")
     return _run(lambda xs, consts, p: coeff_fn(xs, p), x, params, h0, state_shape,
                 dtype, impl, kernel=kernel, readout_fn=readout_fn, n_side=n_side,
-                reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse)
+                reset=reset, seq_lengths=seq_lengths, mask=mask, reverse=reverse,
+                native_gates=native_gates)
 
 
 def _check_h0_impl_dtype(h0, state_shape, impl, seq_len: int, a_dtype, b_dtype):
@@ -1088,11 +1182,14 @@ def _check_h0_impl_dtype(h0, state_shape, impl, seq_len: int, a_dtype, b_dtype):
 
 
 def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
-         seq_lengths, mask, reverse, kernel=None, readout_fn=None, n_side: int = 0):
+         seq_lengths, mask, reverse, kernel=None, readout_fn=None, n_side: int = 0,
+         native_gates=None):
     """Validated inputs -> ``(h_last, h)``, or ``(h_last, y)`` with
     ``readout_fn``; ``coeff_fn(x_slice, None, params)`` (``x_slice @ kernel``
     without its last ``n_side`` columns in place of ``x_slice`` with a
-    kernel)."""
+    kernel).  ``native_gates``: a :class:`flax_minrnn.native.NativeGates`
+    naming ``coeff_fn`` for ``impl="native"`` (which runs ``"chunked"`` where
+    the kernels do not apply)."""
     batch, seq_len = state_shape[0], jax.tree.leaves(x)[0].shape[1]
     if mask is not None and seq_lengths is not None:
         raise ValueError("pass either mask or seq_lengths, not both")
@@ -1135,6 +1232,18 @@ def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
             return readout_fn(h, side, params)
 
     consts = (boundary, mask)
+    if impl is ScanImpl.NATIVE:
+        if _native_applies(native_gates, x, kernel, params, h0, dtype, readout_fn, consts,
+                           n_side):
+            row_bytes = kernel.shape[1] * x.dtype.itemsize
+            h_last, h = _native_tiles(native_gates, x, kernel, params, h0, bool(reverse),
+                                      _tile_size(batch * row_bytes, seq_len))
+            if readout is None:
+                return h_last, h
+            # A readout without side columns (out_proj) on the whole sequence,
+            # recomputed in the backward pass (h is kept anyway).
+            return h_last, jax.checkpoint(readout)(h, None, consts, params)
+        impl = ScanImpl.CHUNKED
     if impl is ScanImpl.CHUNKED:
         if kernel is None:
             row_bytes = sum(math.prod(l.shape[2:]) * l.dtype.itemsize

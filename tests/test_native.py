@@ -1,0 +1,262 @@
+"""impl="native": the compiled CPU kernels (flax_minrnn/csrc/gates.cc).
+
+Outputs against the float64 NumPy reference; outputs and gradients against
+the pure-JAX tile loop (impl="chunked") and the sequential loop; the
+fallbacks (masks, resets, bfloat16, layers the kernels do not know) run the
+chunked path bit for bit; the build's failure modes leave "auto" on chunked.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_minrnn import native
+from flax_minrnn import scan as scan_lib
+from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM, g_activation
+from reference import layer_forward
+
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason=f"compiled kernels unavailable: {native.unavailable_reason()}")
+
+# d_h = 160: the kernels split the features into two ranges (80 + 80), so
+# both the threaded split and its boundary are exercised.
+B, T, D_IN, D_H = 2, 37, 5, 160
+
+LAYERS = {
+    "mingru": (lambda **kw: MinGRU(d_h=D_H, d_model=D_H, **kw), ("mingru", {})),
+    "mingru_g": (lambda **kw: MinGRU(d_h=D_H, d_model=D_H, candidate_activation=g_activation,
+                                     **kw), ("mingru", {"g": True})),
+    "minlstm": (lambda **kw: MinLSTM(d_h=D_H, d_model=D_H, **kw), ("minlstm", {})),
+    "minlstm_unnorm_g": (lambda **kw: MinLSTM(d_h=D_H, d_model=D_H, normalize_gates=False,
+                                              candidate_activation=g_activation, **kw),
+                         ("minlstm", {"normalize": False, "g": True})),
+    # out_proj (d_h != d_model): the readout runs after the kernel.
+    "mingru_out_proj": (lambda **kw: MinGRU(d_h=D_H, d_model=4, **kw), ("mingru", {})),
+}
+
+
+def _x(seed=0, shape=(B, T, D_IN), scale=1.0):
+    return scale * jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+
+
+def _params(layer, x, seed=1, bias_scale=0.5):
+    """Initialised params with a random (non-zero) bias."""
+    params = layer.init(jax.random.PRNGKey(seed), x)
+    proj = dict(params["params"]["in_proj"])
+    if "bias" in proj:
+        proj["bias"] = bias_scale * jax.random.normal(jax.random.PRNGKey(seed + 1),
+                                                      proj["bias"].shape, jnp.float32)
+    return {"params": dict(params["params"], in_proj=proj)}
+
+
+def _h0(seed=7, batch=B):
+    return jax.random.uniform(jax.random.PRNGKey(seed), (batch, D_H), jnp.float32, 0.1, 1.0)
+
+
+def _small_tiles(monkeypatch):
+    """16-step tiles: T = 37 is two full tiles and a partial one."""
+    monkeypatch.setattr(scan_lib, "_TILE_MIN", 16)
+    monkeypatch.setattr(scan_lib, "_TILE_MAX", 16)
+
+
+def _reference(kind, kw, params, x, h0, reverse):
+    """float64 reference; a reverse scan is the forward one on flipped time."""
+    if reverse:
+        h, y = layer_forward(kind, params, np.asarray(x)[:, ::-1], h0, **kw)
+        return h, y[:, ::-1]
+    return layer_forward(kind, params, x, h0, **kw)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_matches_float64_reference(name, reverse):
+    make, (kind, kw) = LAYERS[name]
+    layer = make(scan_impl="native", reverse=reverse)
+    x = _x()
+    params = _params(layer, x)
+    h0 = _h0()
+    carry, y = jax.jit(layer.apply)(params, x, h0)
+    ref_h, ref_y = _reference(kind, kw, params["params"], x, h0, reverse)
+    np.testing.assert_allclose(carry, ref_h, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+
+
+def _grads(layer, impl, params, x, h0, g_c, g_y):
+    def loss(p, xx, hh):
+        c, y = layer.clone(scan_impl=impl).apply(p, xx, hh)
+        return jnp.sum(y * g_y) + jnp.sum(c * g_c), (c, y)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(params, x, h0)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_gradients_equal_chunked_and_sequential(name, reverse, monkeypatch):
+    """Outputs, carry and gradients w.r.t. params (kernel and bias), x and
+    h0, for random cotangents, through 16-step tiles with a partial one."""
+    _small_tiles(monkeypatch)
+    layer = LAYERS[name][0](reverse=reverse)
+    x = _x(3)
+    params = _params(layer, x)
+    h0 = _h0()
+    rng = np.random.default_rng(3)
+    g_c = jnp.asarray(rng.normal(size=(B, D_H)), jnp.float32)
+    g_y = jnp.asarray(rng.normal(size=jax.eval_shape(layer.apply, params, x, h0)[1].shape),
+                      jnp.float32)
+    got = _grads(layer, "native", params, x, h0, g_c, g_y)
+    for impl in ("chunked", "sequential"):
+        want = _grads(layer, impl, params, x, h0, g_c, g_y)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=impl)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_saturated_logits_stay_exact_and_finite(name):
+    """Pre-activations of +-hundreds (beyond the kernels' exp clamps and
+    MinLSTM's logit clip): outputs match the float64 reference, gradients
+    are finite and equal the chunked path's."""
+    make, (kind, kw) = LAYERS[name]
+    layer = make(scan_impl="native")
+    x = _x(5, scale=60.0)
+    params = _params(layer, x, bias_scale=30.0)
+    h0 = _h0()
+    carry, y = layer.apply(params, x, h0)
+    ref_h, ref_y = _reference(kind, kw, params["params"], x, h0, False)
+    scale = np.abs(ref_y).max()
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(carry, ref_h, rtol=1e-5, atol=1e-6 * scale)
+    g_c = jnp.ones((B, D_H), jnp.float32)
+    g_y = jnp.ones(y.shape, jnp.float32)
+    got = _grads(layer, "native", params, x, h0, g_c, g_y)
+    want = _grads(layer, "chunked", params, x, h0, g_c, g_y)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
+def test_without_bias_and_with_small_width():
+    """use_bias=False (the kernels add zeros) and d_h = 6 (one feature range)."""
+    layer = MinGRU(d_h=6, d_model=6, use_bias=False, scan_impl="native")
+    x = _x(6)
+    params = layer.init(jax.random.PRNGKey(2), x)
+    h0 = jnp.full((B, 6), 0.3, jnp.float32)
+    carry, y = layer.apply(params, x, h0)
+    ref_h, ref_y = layer_forward("mingru", params["params"], x, h0)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(carry, ref_h, rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda p: jnp.sum(layer.apply(p, x, h0)[1] ** 2))(params)
+    want = jax.grad(lambda p: jnp.sum(layer.clone(scan_impl="sequential").apply(
+        p, x, h0)[1] ** 2))(params)
+    np.testing.assert_allclose(grads["params"]["in_proj"]["kernel"],
+                               want["params"]["in_proj"]["kernel"], rtol=2e-5, atol=1e-6)
+
+
+def test_split_sequence_with_carry_equals_one_call():
+    layer = MinLSTM(d_h=D_H, d_model=D_H, scan_impl="native")
+    x = _x(8)
+    params = _params(layer, x)
+    c, y1 = layer.apply(params, x[:, :20])
+    c, y2 = layer.apply(params, x[:, 20:], c)
+    c_full, y_full = layer.apply(params, x)
+    np.testing.assert_allclose(c, c_full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y_full, rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_equals_loop():
+    """Under vmap (the kernels then run once per mapped example)."""
+    layer = MinGRU(d_h=D_H, d_model=D_H, scan_impl="native")
+    xs = _x(9, (3, B, T, D_IN))
+    params = _params(layer, xs[0])
+    f = jax.vmap(lambda x: layer.apply(params, x))
+    carry, y = f(xs)
+    grads = jax.vmap(jax.grad(lambda x: jnp.sum(layer.apply(params, x)[1] ** 2)))(xs)
+    for i in range(xs.shape[0]):
+        c_i, y_i = layer.apply(params, xs[i])
+        g_i = jax.grad(lambda x: jnp.sum(layer.apply(params, x)[1] ** 2))(xs[i])
+        np.testing.assert_allclose(carry[i], c_i, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(y[i], y_i, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(grads[i], g_i, rtol=1e-6, atol=1e-7)
+
+
+FALLBACKS = {
+    "mask": (lambda: MinGRU(d_h=8), dict(seq_lengths=jnp.asarray([T, 9]))),
+    "reset": (lambda: MinLSTM(d_h=8), dict(reset=jnp.zeros((B, T), bool).at[:, 5].set(True))),
+    "bfloat16": (lambda: MinGRU(d_h=8, dtype=jnp.bfloat16), {}),
+    "custom_candidate": (lambda: MinGRU(d_h=8, candidate_activation=jnp.tanh), {}),
+    "glrnn": (lambda: GatedLinearRNN(d_h=8), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(FALLBACKS))
+def test_fallbacks_run_chunked_bit_for_bit(name):
+    """Where the kernels do not apply, impl="native" is impl="chunked"."""
+    make, kw = FALLBACKS[name]
+    layer = make()
+    x = _x(10)
+    params = layer.init(jax.random.PRNGKey(0), x)
+
+    def run(impl):
+        def loss(p, xx):
+            c, y = layer.clone(scan_impl=impl).apply(p, xx, **kw)
+            return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(c), (c, y)
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+    for a, b in zip(jax.tree.leaves(run("native")), jax.tree.leaves(run("chunked"))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_linear_scan_native_is_chunked(rng):
+    a = jnp.asarray(rng.uniform(0.5, 1.0, (2, 40, 3)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(2, 40, 3)), jnp.float32)
+    for x, y in zip(scan_lib.linear_scan(a, b, impl="native"),
+                    scan_lib.linear_scan(a, b, impl="chunked")):
+        np.testing.assert_array_equal(x, y)
+
+
+def _python(code, **env):
+    full_env = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full_env, timeout=300)
+
+
+def test_disabled_by_environment_auto_uses_chunked():
+    proc = _python("from flax_minrnn import native, scan\n"
+                   "print(native.available(), scan.default_impl(4096, 'cpu').value)",
+                   FLAX_MINRNN_NATIVE="0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "chunked"]
+    assert "RuntimeWarning" not in proc.stderr
+
+
+def test_missing_compiler_warns_once_and_falls_back(tmp_path):
+    code = ("import warnings\n"
+            "from flax_minrnn import native, scan\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    ok = [native.available(), native.available()]\n"
+            "print(ok, scan.default_impl(4096, 'cpu').value, len(w))\n"
+            "print(native.unavailable_reason())")
+    proc = _python(code, CXX="no-such-compiler-xyz", FLAX_MINRNN_CACHE=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    first, reason = proc.stdout.strip().split("\n")
+    assert first == "[False, False] chunked 1"
+    assert "no-such-compiler-xyz" in reason
+
+
+def test_failed_build_reports_the_compiler_error(tmp_path):
+    """A compiler that fails: available() is False and the reason quotes it."""
+    fake = tmp_path / "fakecxx"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\n"
+                    "echo 'fake: broken toolchain' >&2; exit 1\n")
+    fake.chmod(0o755)
+    proc = _python("from flax_minrnn import native\n"
+                   "print(native.available()); print(native.unavailable_reason())",
+                   CXX=str(fake), FLAX_MINRNN_CACHE=str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("False\n")
+    assert "broken toolchain" in proc.stdout
+    assert not list((tmp_path / "cache").glob("*.so"))
