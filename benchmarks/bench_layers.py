@@ -87,6 +87,16 @@ def _y_of_array(out):
     return out
 
 
+def resolved_auto(family: str, t: int) -> str:
+    """What ``scan_impl="auto"`` runs for a layer of ``family`` at length ``t``
+    (``"native"`` runs ``"chunked"`` for layers the compiled kernels do not
+    implement)."""
+    impl = scan_lib.default_impl(t).value
+    if impl == "native" and family not in ("MinGRU", "MinLSTM"):
+        return "chunked"
+    return impl
+
+
 def make_configs(d: int) -> List[Config]:
     """Our three layers for every linear scan impl and ``auto`` (+ MinGRU/log), then peers."""
     from flax_gated_linear_rnn import GatedLinearRNN as PeerGLRNN
@@ -300,7 +310,7 @@ def run(ts: Sequence[int] = FULL_TS, *, b: int = 8, d: int = 256, quick: bool = 
         for cfg in configs:
             model = cfg.build()
             params = init_params(model, x)
-            resolved = (scan_lib.default_impl(t).value if cfg.impl == "auto" else cfg.impl)
+            resolved = (resolved_auto(cfg.family, t) if cfg.impl == "auto" else cfg.impl)
             for mode in MODES:
                 row = dict(name=cfg.name, family=cfg.family, impl=cfg.impl,
                            resolved_impl=resolved, peer=cfg.peer, T=t, mode=mode)

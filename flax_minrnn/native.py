@@ -169,16 +169,18 @@ def unavailable_reason() -> Optional[str]:
     return _state["error"]
 
 
-def usable_for(*arrays) -> bool:
-    """Whether the kernels may run on these arrays here: the kernels are
-    built, the default backend is the CPU, and no array carries varying
-    manual axes (the kernels' results would not inside ``shard_map``)."""
+def usable() -> bool:
+    """Whether the kernels may run in the code being traced: they are built,
+    the default backend is the CPU, and the trace is not inside
+    ``shard_map`` (whose per-device types, varying or not along the manual
+    mesh axes, the kernels' results would not carry)."""
     if jax.default_backend() != "cpu" or not available():
         return False
-    for a in arrays:
-        if a is not None and getattr(jax.typeof(a), "vma", None):
-            return False
-    return True
+    try:
+        manual = jax.sharding.get_abstract_mesh().manual_axes
+    except AttributeError:  # a JAX without abstract meshes has no such types
+        manual = ()
+    return not manual
 
 
 def empty(shape: Sequence[int], dtype) -> Array:
@@ -196,8 +198,9 @@ def _attrs(spec: NativeGates, reverse: bool):
 
 def gates_forward(spec: NativeGates, pre: Array, bias: Array, h0: Array,
                   reverse: bool) -> Tuple[Array, Array]:
-    """The recurrence on ``pre`` ``(B, T, n*D)`` (unbiased projections) from
-    the state ``h0`` ``(B, D)``.  Returns ``(h_last, h)`` with ``h`` ``(B, T, D)``."""
+    """The recurrence on ``pre`` ``(B, T, n*D)`` (unbiased projections,
+    float32 or bfloat16) from the float32 state ``h0`` ``(B, D)``; ``bias``
+    float32.  Returns float32 ``(h_last, h)`` with ``h`` ``(B, T, D)``."""
     batch, seq_len, _ = pre.shape
     out = (jax.ShapeDtypeStruct(h0.shape, jnp.float32),
            jax.ShapeDtypeStruct((batch, seq_len, h0.shape[1]), jnp.float32))
@@ -211,9 +214,10 @@ def gates_backward(spec: NativeGates, pre_buf: Array, bias: Array, h_buf: Array,
     """The adjoint of :func:`gates_forward` for the tile of ``length`` steps
     at ``start``: ``g`` ``(B, T, D)`` the states' cotangents, ``dh`` the
     cotangent of the state after the tile (in scan order).  Returns ``(d pre
-    (B, L, n*D), cotangent of the state before the tile, d bias (n*D,))``."""
+    (B, L, n*D) in pre_buf's dtype, cotangent of the state before the tile,
+    d bias (n*D,) float32)``."""
     batch, _, width = pre_buf.shape
-    out = (jax.ShapeDtypeStruct((batch, length, width), jnp.float32),
+    out = (jax.ShapeDtypeStruct((batch, length, width), pre_buf.dtype),
            jax.ShapeDtypeStruct(dh.shape, jnp.float32),
            jax.ShapeDtypeStruct((width,), jnp.float32))
     call = jax.ffi.ffi_call("fmr_gates_backward", out, vmap_method="sequential")

@@ -648,7 +648,7 @@ def _buffer(like: Array, dtype, shape=None) -> Array:
     else zeros built from ``like`` (not ``jnp.zeros``, so they have its type
     inside ``shard_map``)."""
     dtype = jnp.uint16 if _is_half(dtype) else dtype
-    if native.usable_for(like):
+    if native.usable():
         return native.empty(like.shape if shape is None else shape, dtype)
     return jax.lax.full_like(like, 0, dtype, shape)
 
@@ -816,14 +816,14 @@ _tiled.defvjp(_tiled_fwd, _tiled_bwd)
 # impl="native": the tile loop of _tiled with the gates, the recurrence and
 # the copies into the whole-sequence buffers of each tile in one compiled
 # kernel call (flax_minrnn/csrc/gates.cc), and the adjoint of the gates and
-# recurrence in another; the projections stay XLA's.  Only for float32
-# layers whose gates the kernels know (native.NativeGates), no mask or reset
+# recurrence in another; the projections stay XLA's.  Only for float32 or
+# bfloat16 projections (float32 state) of layers whose gates the kernels know (native.NativeGates), no mask or reset
 # and no side columns (an output gate); _run falls back to _tiled otherwise.
 
 
 def _native_bias(spec, params, width: int) -> Array:
     bias = spec.bias(params)
-    return jnp.zeros((width,), jnp.float32) if bias is None else bias
+    return jnp.zeros((width,), jnp.float32) if bias is None else bias.astype(jnp.float32)
 
 
 def _native_forward(spec, x, kernel, params, h0, reverse: bool):
@@ -861,19 +861,21 @@ def _native_tiles_bwd(spec, reverse, tile, residuals, cotangents):
         dpre, dh, db = native.gates_backward(spec, pre, bias, h, h0, g, dh, start, length,
                                              reverse)
         dx_t, dk_t = _project_grads(_take(x, start, length, 1), kernel, dpre)
-        return dh, _put(dx, dx_t, start, 1), dkernel + dk_t, dbias + db
+        return (dh, _put(dx, _stored(dx_t), start, 1), dkernel + dk_t.astype(jnp.float32),
+                dbias + db)
 
     def body(i, carry):
         return run_tile(*carry, full_start(i), tile)
 
-    carry = (g_last, native.empty(x.shape, x.dtype), jnp.zeros(kernel.shape, jnp.float32),
+    carry = (g_last, _buffer(x, x.dtype), jnp.zeros(kernel.shape, jnp.float32),
              jnp.zeros(bias.shape, jnp.float32))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
         carry = run_tile(*carry, rem_start, rem)
     dh0, dx, dkernel, dbias = carry
-    _, bias_pullback = jax.vjp(spec.bias, params)
-    dparams = (bias_pullback(dbias)[0] if spec.bias(params) is not None
+    dx, dkernel = _loaded(dx, x.dtype), dkernel.astype(kernel.dtype)
+    bias_value, bias_pullback = jax.vjp(spec.bias, params)
+    dparams = (bias_pullback(dbias.astype(bias_value.dtype))[0] if bias_value is not None
                else jax.tree.map(jnp.zeros_like, params))
     return dx, dkernel, dparams, dh0
 
@@ -888,14 +890,16 @@ def _native_applies(spec, x, kernel, params, h0, dtype, readout, consts, n_side)
     if any(c is not None for c in consts):
         return False
     f32 = jnp.dtype(jnp.float32)
-    if not (x.dtype == kernel.dtype == h0.dtype == jnp.dtype(dtype) == f32) or h0.ndim != 2:
+    if x.dtype != kernel.dtype or x.dtype not in (f32, jnp.dtype(jnp.bfloat16)):
+        return False
+    if not h0.dtype == jnp.dtype(dtype) == f32 or h0.ndim != 2:
         return False
     if kernel.shape[1] != spec.blocks * h0.shape[1]:
         return False
     bias = spec.bias(params)
-    if bias is not None and (bias.dtype != f32 or bias.shape != (kernel.shape[1],)):
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (kernel.shape[1],)):
         return False
-    return native.usable_for(x, kernel, h0, *jax.tree.leaves(params))
+    return native.usable()
 
 
 # The sequential implementation fuses the coefficient function into the loop:

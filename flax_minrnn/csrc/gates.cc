@@ -8,7 +8,8 @@
 // flax_minrnn.native, which compiles this file on first use; the pure-JAX
 // path (impl="chunked") is the reference the tests compare against.
 //
-// Layout (float32, row-major):
+// Layout (row-major; the projections and their cotangents float32 or
+// bfloat16, everything else float32):
 //   pre      (B, L, n*D)  the tile's projection x @ W, unbiased; column block
 //                         c in [0, n) holds gate c for the D features
 //   bias     (n*D)        added to pre before the gates
@@ -64,6 +65,18 @@ inline float exp_approx(float x) {
 
 constexpr float kExpMin = -86.0f;
 
+// Projections are float32 or bfloat16 (its 16 high bits); computing is float32.
+inline float load(const float* p) { return *p; }
+inline float load(const uint16_t* p) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(*p) << 16);
+}
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) {  // round to nearest even (finite v)
+  uint32_t bits = __builtin_bit_cast(uint32_t, v);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  *p = static_cast<uint16_t>(bits >> 16);
+}
+
 // minLSTM's normalised gates (a, i) = (f, i) / (f + i), and the scaled terms
 // u' = u e^-m, v' = v e^-m and r = 1 / (2 e^-m + u' + v') of their gradient.
 inline void normalized(float kf, float ki, float& a, float& i, float& u, float& v,
@@ -107,28 +120,28 @@ struct Shape {
 
 // One step for features [d0, d1) of one batch row.  pre points at the row's
 // n*D biased-to-be columns, h holds the running state (updated), out gets it.
-template <int KIND, int CAND>
-inline void step_forward(const float* __restrict pre, const float* __restrict bias,
+template <int KIND, int CAND, typename P>
+inline void step_forward(const P* __restrict pre, const float* __restrict bias,
                          float* __restrict h, float* __restrict out, int64_t D,
                          int64_t d0, int64_t d1) {
   if (KIND == 0) {
-    const float* pk = pre;
-    const float* pp = pre + D;
+    const P* pk = pre;
+    const P* pp = pre + D;
 #pragma GCC ivdep
     for (int64_t d = d0; d < d1; ++d) {
       float z, a, c, dc;
-      sigmoid_pair(pk[d] + bias[d], z, a);
-      candidate<CAND>(pp[d] + bias[D + d], c, dc);
+      sigmoid_pair(load(pk + d) + bias[d], z, a);
+      candidate<CAND>(load(pp + d) + bias[D + d], c, dc);
       h[d] = a * h[d] + z * c;
       out[d] = h[d];
     }
   } else {
-    const float* pf = pre;
-    const float* pi = pre + D;
-    const float* pp = pre + 2 * D;
+    const P* pf = pre;
+    const P* pi = pre + D;
+    const P* pp = pre + 2 * D;
 #pragma GCC ivdep
     for (int64_t d = d0; d < d1; ++d) {
-      float kf = pf[d] + bias[d], ki = pi[d] + bias[D + d];
+      float kf = load(pf + d) + bias[d], ki = load(pi + d) + bias[D + d];
       float a, i, c, dc;
       if (KIND == 1) {
         float u, v, r;
@@ -138,7 +151,7 @@ inline void step_forward(const float* __restrict pre, const float* __restrict bi
         sigmoid_pair(kf, a, na);
         sigmoid_pair(ki, i, ni);
       }
-      candidate<CAND>(pp[d] + bias[2 * D + d], c, dc);
+      candidate<CAND>(load(pp + d) + bias[2 * D + d], c, dc);
       h[d] = a * h[d] + i * c;
       out[d] = h[d];
     }
@@ -149,32 +162,32 @@ inline void step_forward(const float* __restrict pre, const float* __restrict bi
 // state after this step's successor (updated to a_t * lam_t), g the output
 // cotangent, hp the previous state; dpre gets the pre-activation cotangents,
 // dbias accumulates them.
-template <int KIND, int CAND>
-inline void step_backward(const float* __restrict pre, const float* __restrict bias,
+template <int KIND, int CAND, typename P>
+inline void step_backward(const P* __restrict pre, const float* __restrict bias,
                           const float* __restrict g, const float* __restrict hp,
-                          float* __restrict s, float* __restrict dpre,
+                          float* __restrict s, P* __restrict dpre,
                           float* __restrict dbias, int64_t D, int64_t d0, int64_t d1) {
   if (KIND == 0) {
 #pragma GCC ivdep
     for (int64_t d = d0; d < d1; ++d) {
       float z, a, c, dc;
-      sigmoid_pair(pre[d] + bias[d], z, a);
-      candidate<CAND>(pre[D + d] + bias[D + d], c, dc);
+      sigmoid_pair(load(pre + d) + bias[d], z, a);
+      candidate<CAND>(load(pre + D + d) + bias[D + d], c, dc);
       float lam = g[d] + s[d];
       float dk = lam * (z * a) * (c - hp[d]);
       float dp = lam * z * dc;
       s[d] = a * lam;
-      dpre[d] = dk;
-      dpre[D + d] = dp;
+      store(dpre + d, dk);
+      store(dpre + D + d, dp);
       dbias[d] += dk;
       dbias[D + d] += dp;
     }
   } else {
 #pragma GCC ivdep
     for (int64_t d = d0; d < d1; ++d) {
-      float kf = pre[d] + bias[d], ki = pre[D + d] + bias[D + d];
+      float kf = load(pre + d) + bias[d], ki = load(pre + D + d) + bias[D + d];
       float c, dc;
-      candidate<CAND>(pre[2 * D + d] + bias[2 * D + d], c, dc);
+      candidate<CAND>(load(pre + 2 * D + d) + bias[2 * D + d], c, dc);
       float lam = g[d] + s[d];
       float da = lam * hp[d];  // cotangent of a
       float di = lam * c;      // cotangent of the input gate
@@ -196,9 +209,9 @@ inline void step_backward(const float* __restrict pre, const float* __restrict b
       }
       float dp = lam * i * dc;
       s[d] = a * lam;
-      dpre[d] = dkf;
-      dpre[D + d] = dki;
-      dpre[2 * D + d] = dp;
+      store(dpre + d, dkf);
+      store(dpre + D + d, dki);
+      store(dpre + 2 * D + d, dp);
       dbias[d] += dkf;
       dbias[D + d] += dki;
       dbias[2 * D + d] += dp;
@@ -206,18 +219,19 @@ inline void step_backward(const float* __restrict pre, const float* __restrict b
   }
 }
 
+template <typename P>
 struct ForwardArgs {
   Shape sh;
   bool reverse;
-  const float* pre;
+  const P* pre;
   const float* bias;
   const float* h0;
   float* h_last;
   float* h;
 };
 
-template <int KIND, int CAND>
-void forward_range(const ForwardArgs& A, int64_t d0, int64_t d1) {
+template <int KIND, int CAND, typename P>
+void forward_range(const ForwardArgs<P>& A, int64_t d0, int64_t d1) {
   const Shape& S = A.sh;
   const int64_t nD = S.n * S.D;
   for (int64_t b = 0; b < S.B; ++b) {
@@ -225,28 +239,29 @@ void forward_range(const ForwardArgs& A, int64_t d0, int64_t d1) {
     std::copy(A.h0 + b * S.D + d0, A.h0 + b * S.D + d1, h + d0);
     for (int64_t i = 0; i < S.T; ++i) {
       const int64_t row = b * S.T + (A.reverse ? S.T - 1 - i : i);
-      step_forward<KIND, CAND>(A.pre + row * nD, A.bias, h, A.h + row * S.D, S.D, d0, d1);
+      step_forward<KIND, CAND, P>(A.pre + row * nD, A.bias, h, A.h + row * S.D, S.D, d0, d1);
     }
   }
 }
 
+template <typename P>
 struct BackwardArgs {
   Shape sh;
   int64_t start;
   bool reverse;
-  const float* pre_buf;
+  const P* pre_buf;
   const float* bias;
   const float* h_buf;
   const float* h0;
   const float* g;
   const float* dh;
-  float* dpre;
+  P* dpre;
   float* dh_out;
   float* dbias;
 };
 
-template <int KIND, int CAND>
-void backward_range(const BackwardArgs& A, int64_t d0, int64_t d1) {
+template <int KIND, int CAND, typename P>
+void backward_range(const BackwardArgs<P>& A, int64_t d0, int64_t d1) {
   const Shape& S = A.sh;
   const int64_t nD = S.n * S.D;
   std::fill(A.dbias + d0, A.dbias + d1, 0.0f);
@@ -264,7 +279,7 @@ void backward_range(const BackwardArgs& A, int64_t d0, int64_t d1) {
       const int64_t prev = A.reverse ? gt + 1 : gt - 1;
       const float* hp = (prev < 0 || prev >= S.T) ? A.h0 + b * S.D
                                                   : A.h_buf + (b * S.T + prev) * S.D;
-      step_backward<KIND, CAND>(A.pre_buf + row * nD, A.bias, A.g + row * S.D, hp, s,
+      step_backward<KIND, CAND, P>(A.pre_buf + row * nD, A.bias, A.g + row * S.D, hp, s,
                                 A.dpre + (b * S.L + t) * nD, A.dbias, S.D, d0, d1);
     }
   }
@@ -325,18 +340,24 @@ ffi::Error dispatch(int32_t kind, int32_t cand, ffi::ThreadPool& pool, const Arg
   return ffi::Error::Success();
 }
 
-template <int KIND, int CAND>
-struct ForwardRunner {
-  static void fn(const ForwardArgs& a, int64_t d0, int64_t d1) {
-    forward_range<KIND, CAND>(a, d0, d1);
-  }
+template <typename P>
+struct ForwardRunners {
+  template <int KIND, int CAND>
+  struct Runner {
+    static void fn(const ForwardArgs<P>& a, int64_t d0, int64_t d1) {
+      forward_range<KIND, CAND, P>(a, d0, d1);
+    }
+  };
 };
 
-template <int KIND, int CAND>
-struct BackwardRunner {
-  static void fn(const BackwardArgs& a, int64_t d0, int64_t d1) {
-    backward_range<KIND, CAND>(a, d0, d1);
-  }
+template <typename P>
+struct BackwardRunners {
+  template <int KIND, int CAND>
+  struct Runner {
+    static void fn(const BackwardArgs<P>& a, int64_t d0, int64_t d1) {
+      backward_range<KIND, CAND, P>(a, d0, d1);
+    }
+  };
 };
 
 int64_t gate_blocks(int32_t kind) { return kind == 0 ? 2 : 3; }
@@ -353,9 +374,10 @@ ffi::Error check_start(int64_t start, int64_t L, int64_t T) {
 using F32 = ffi::Buffer<ffi::F32>;
 using Start = ffi::Buffer<ffi::S32, 0>;
 
-ffi::Error GatesForwardImpl(ffi::ThreadPool pool, F32 pre, F32 bias, F32 h0,
-                            ffi::Result<F32> h_last, ffi::Result<F32> h, int32_t kind,
-                            int32_t cand, int32_t reverse) {
+template <typename P>
+ffi::Error forward_typed(ffi::ThreadPool& pool, ffi::AnyBuffer pre, F32 bias, F32 h0,
+                         ffi::Result<F32> h_last, ffi::Result<F32> h, int32_t kind,
+                         int32_t cand, int32_t reverse) {
   auto pd = pre.dimensions();
   auto hd = h->dimensions();
   if (pd.size() != 3 || hd.size() != 3) {
@@ -367,15 +389,30 @@ ffi::Error GatesForwardImpl(ffi::ThreadPool pool, F32 pre, F32 bias, F32 h0,
       h0.element_count() != size_t(sh.B * sh.D)) {
     return ffi::Error::InvalidArgument("gates_forward: shapes do not match");
   }
-  ForwardArgs args{sh, reverse != 0, pre.typed_data(), bias.typed_data(), h0.typed_data(),
-                   h_last->typed_data(), h->typed_data()};
-  return dispatch<ForwardArgs, ForwardRunner>(kind, cand, pool, args);
+  ForwardArgs<P> args{sh, reverse != 0, reinterpret_cast<const P*>(pre.untyped_data()),
+                      bias.typed_data(), h0.typed_data(), h_last->typed_data(),
+                      h->typed_data()};
+  return dispatch<ForwardArgs<P>, ForwardRunners<P>::template Runner>(kind, cand, pool, args);
 }
 
-ffi::Error GatesBackwardImpl(ffi::ThreadPool pool, F32 pre_buf, F32 bias, F32 h_buf, F32 h0,
-                             F32 g, F32 dh, Start start, ffi::Result<F32> dpre,
-                             ffi::Result<F32> dh_out, ffi::Result<F32> dbias, int32_t kind,
-                             int32_t cand, int32_t reverse) {
+ffi::Error GatesForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer pre, F32 bias, F32 h0,
+                            ffi::Result<F32> h_last, ffi::Result<F32> h, int32_t kind,
+                            int32_t cand, int32_t reverse) {
+  switch (pre.element_type()) {
+    case ffi::DataType::F32:
+      return forward_typed<float>(pool, pre, bias, h0, h_last, h, kind, cand, reverse);
+    case ffi::DataType::BF16:
+      return forward_typed<uint16_t>(pool, pre, bias, h0, h_last, h, kind, cand, reverse);
+    default:
+      return ffi::Error::InvalidArgument("gates_forward: pre must be float32 or bfloat16");
+  }
+}
+
+template <typename P>
+ffi::Error backward_typed(ffi::ThreadPool& pool, ffi::AnyBuffer pre_buf, F32 bias, F32 h_buf,
+                          F32 h0, F32 g, F32 dh, Start start, ffi::Result<ffi::AnyBuffer> dpre,
+                          ffi::Result<F32> dh_out, ffi::Result<F32> dbias, int32_t kind,
+                          int32_t cand, int32_t reverse) {
   auto hd = h_buf.dimensions();
   auto dd = dpre->dimensions();
   if (dd.size() != 3 || hd.size() != 3) {
@@ -384,15 +421,39 @@ ffi::Error GatesBackwardImpl(ffi::ThreadPool pool, F32 pre_buf, F32 bias, F32 h_
   Shape sh{dd[0], dd[1], hd[1], hd[2], gate_blocks(kind)};
   if (dd[2] != sh.n * sh.D || hd[0] != sh.B ||
       pre_buf.element_count() != size_t(sh.B * sh.T * sh.n * sh.D) ||
-      g.element_count() != h_buf.element_count()) {
+      g.element_count() != h_buf.element_count() ||
+      bias.element_count() != size_t(sh.n * sh.D)) {
     return ffi::Error::InvalidArgument("gates_backward: shapes do not match");
   }
   int64_t s0 = static_cast<int64_t>(*start.typed_data());
   if (auto e = check_start(s0, sh.L, sh.T); !e.success()) return e;
-  BackwardArgs args{sh, s0, reverse != 0, pre_buf.typed_data(), bias.typed_data(),
-                    h_buf.typed_data(), h0.typed_data(), g.typed_data(), dh.typed_data(),
-                    dpre->typed_data(), dh_out->typed_data(), dbias->typed_data()};
-  return dispatch<BackwardArgs, BackwardRunner>(kind, cand, pool, args);
+  BackwardArgs<P> args{sh, s0, reverse != 0,
+                       reinterpret_cast<const P*>(pre_buf.untyped_data()), bias.typed_data(),
+                       h_buf.typed_data(), h0.typed_data(), g.typed_data(), dh.typed_data(),
+                       reinterpret_cast<P*>(dpre->untyped_data()), dh_out->typed_data(),
+                       dbias->typed_data()};
+  return dispatch<BackwardArgs<P>, BackwardRunners<P>::template Runner>(kind, cand, pool,
+                                                                         args);
+}
+
+ffi::Error GatesBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer pre_buf, F32 bias,
+                             F32 h_buf, F32 h0, F32 g, F32 dh, Start start,
+                             ffi::Result<ffi::AnyBuffer> dpre, ffi::Result<F32> dh_out,
+                             ffi::Result<F32> dbias, int32_t kind, int32_t cand,
+                             int32_t reverse) {
+  if (pre_buf.element_type() != dpre->element_type()) {
+    return ffi::Error::InvalidArgument("gates_backward: pre_buf and dpre types differ");
+  }
+  switch (pre_buf.element_type()) {
+    case ffi::DataType::F32:
+      return backward_typed<float>(pool, pre_buf, bias, h_buf, h0, g, dh, start, dpre, dh_out,
+                                   dbias, kind, cand, reverse);
+    case ffi::DataType::BF16:
+      return backward_typed<uint16_t>(pool, pre_buf, bias, h_buf, h0, g, dh, start, dpre,
+                                      dh_out, dbias, kind, cand, reverse);
+    default:
+      return ffi::Error::InvalidArgument("gates_backward: pre_buf must be float32 or bfloat16");
+  }
 }
 
 // A buffer the caller fills completely: XLA allocates it, nothing writes it
@@ -407,7 +468,7 @@ ffi::Error EmptyImpl(ffi::Result<ffi::AnyBuffer> out) {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FmrGatesForward, GatesForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Ret<F32>()
@@ -419,14 +480,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FmrGatesForward, GatesForwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FmrGatesBackward, GatesBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Arg<Start>()
-                                  .Ret<F32>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Attr<int32_t>("kind")
