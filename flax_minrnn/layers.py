@@ -13,7 +13,9 @@ How a layer runs (one code path for every ``T >= 1``):
 3. :func:`flax_minrnn.scan.gated_scan` runs ``h_t = a_t * h_{t-1} + b_t``,
    applying the gate function as it goes (with ``scan_impl="sequential"``
    the coefficients are never stored for the whole sequence; with
-   ``"chunked"`` the projection itself runs inside the scan, tile by tile);
+   ``"chunked"`` the projection itself runs inside the scan, tile by tile;
+   with ``"native"``, what ``"auto"`` picks on CPU, MinGRU's and MinLSTM's
+   gates and recurrence run in compiled kernels, :mod:`flax_minrnn.native`);
 4. the readout: ``out_proj(h)`` (MinGRU and MinLSTM when ``d_h !=
    d_model``), or ``out_proj(hidden_activation(h) * gate_activation(o))``
    (GatedLinearRNN, ``o`` from ``in_proj``'s last block), runs inside the

@@ -1,10 +1,11 @@
-"""The linear recurrence ``h_t = a_t * h_{t-1} + b_t``, pure ``jax.numpy``.
+"""The linear recurrence ``h_t = a_t * h_{t-1} + b_t`` in ``jax.numpy``.
 
 Every recurrent layer of flax_minrnn hands its pre-activations and gate
 function to :func:`gated_scan` (:func:`gated_scan_with_readout` when the
 layer reads its output out of the states, :func:`linear_scan` when the
 coefficients are already computed); this module holds the only copy of the
-recurrence math.
+recurrence math in JAX.  (``impl="native"`` adds compiled CPU kernels for the
+gates of MinGRU and MinLSTM, :mod:`flax_minrnn.native`, checked against it.)
 
 Conventions
 -----------
@@ -48,6 +49,14 @@ Implementations (:class:`ScanImpl`), all with this signature:
   backward pass does the same per chunk in reverse order from the stored
   projections and states.  The coefficients are never stored for the whole
   sequence.
+* ``"native"``: for CPUs, where :func:`flax_minrnn.native.available` (a C++
+  compiler built the kernels): for MinGRU and MinLSTM (float32 or bfloat16
+  projections, no mask or reset, no output gate) the forward pass is one
+  projection of the whole sequence and one compiled kernel (gates and
+  recurrence in one pass); the backward pass runs per tile as ``"chunked"``
+  does, with the gates' and recurrence's adjoint in one kernel call per
+  tile.  Everything else (a bare :func:`linear_scan`, other gates, masks)
+  runs ``"chunked"``.  Same function to float32 rounding.
 * ``"log"``: associative scan on ``(log a, log h)`` with a ``logaddexp``
   combine.  Domain: ``a >= 0``, ``b >= 0``, ``h0 >= 0`` (positive states, as in
   the minGRU paper's ``g()`` parameterisation); outside it the result is NaN.
@@ -96,7 +105,7 @@ class ScanImpl(str, enum.Enum):
     ASSOCIATIVE = "associative"
     SEQUENTIAL = "sequential"
     CHUNKED = "chunked"
-    NATIVE = "native"
+    NATIVE = "native"  # compiled CPU kernels (flax_minrnn.native); else "chunked"
     LOG = "log"
     HEINSEN = "heinsen"
     PALLAS = "pallas"
@@ -118,13 +127,15 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
       backend: a JAX backend name; defaults to ``jax.default_backend()``.
 
     Returns:
-      On CPU, ``CHUNKED`` from ``T = 64`` (fastest or tied forward+backward
-      of every layer at T = 256..16384 on the two 2-core CPUs measured, and
-      the least memory: the projection, gates and scan of each chunk stay in
-      cache) and ``SEQUENTIAL`` below (the loop that computes the gates as it
-      goes).  For a bare :func:`linear_scan` the sequential loop was faster on
-      one of the two CPUs; see the crossovers in benchmarks/README.md.
-      ``ASSOCIATIVE`` on GPU/TPU.
+      On CPU from ``T = 64``: ``NATIVE`` where the compiled kernels built
+      (:func:`flax_minrnn.native.available`; it runs ``CHUNKED`` for what
+      the kernels do not cover), else ``CHUNKED`` (fastest or tied
+      forward+backward of every layer at T = 256..16384 on the two 2-core
+      CPUs measured, and the least memory: the projection, gates and scan of
+      each chunk stay in cache); ``SEQUENTIAL`` below 64 (the loop that
+      computes the gates as it goes).  For a bare :func:`linear_scan` the
+      sequential loop was faster on one of the two CPUs; see the crossovers
+      in benchmarks/README.md.  ``ASSOCIATIVE`` on GPU/TPU.
       The choice never changes parameters, only speed and memory (all
       implementations agree to float32 rounding).
     """
