@@ -422,6 +422,11 @@ def measure_bf16(b: int, d: int, t: int, repeats: Repeats,
             rec[mode] = dict(median_ms=tm["median_ms"], n=tm["n"], compile_s=cs)
             if mode == "fwd":
                 ys[tag] = np.asarray(compiled(params, x).astype(jnp.float32))
+        # The layer's three products alone in this dtype: whether the backend
+        # gains from bfloat16 at all.
+        rec["matmul_ms"] = {which: harness.matmul_ms(b * t, d, 2 * d, which, repeats,
+                                                     jnp.dtype(tag))
+                            for which in ("fwd", "dW", "dx")}
         out[tag] = rec
     diff = np.abs(ys["bfloat16"] - ys["float32"])
     ref = np.abs(ys["float32"])
@@ -551,10 +556,14 @@ def markdown_report(results: Dict[str, Any]) -> str:
     bf = results.get("bf16")
     if bf:
         lines += [f"## bf16 compute vs float32, {bf['layer']} T={bf['T']} (impl {bf['resolved_impl']})", "",
-                  "| dtype | fwd ms | fwdbwd ms |", "|---|---:|---:|"]
+                  "| dtype | fwd ms | fwdbwd ms | its products alone: x W / xᵀ g / g Wᵀ ms (fastest) |",
+                  "|---|---:|---:|---:|"]
         for tag in ("float32", "bfloat16"):
+            mm = bf[tag].get("matmul_ms")
+            mm_cell = ("–" if not mm else " / ".join(harness.fmt_ms(mm[w])
+                                                     for w in ("fwd", "dW", "dx")))
             lines.append(f"| {tag} | {harness.fmt_ms(bf[tag]['fwd']['median_ms'])} | "
-                         f"{harness.fmt_ms(bf[tag]['fwdbwd']['median_ms'])} |")
+                         f"{harness.fmt_ms(bf[tag]['fwdbwd']['median_ms'])} | {mm_cell} |")
         lines += ["", f"Output difference: max |Δ| = {bf['max_abs_diff']:.3e}, "
                       f"max |Δ| / max |y| = {bf['max_rel_diff']:.3e}, "
                       f"mean |Δ| / mean |y| = {bf['mean_rel_diff']:.3e}.", ""]

@@ -165,7 +165,7 @@ def matmul_ms(m: int, k: int, n: int, which: str, repeats: Repeats,
     ``which``: ``"fwd"`` = ``x @ W`` (m,k)x(k,n); ``"dW"`` = ``x^T g``
     (k,m)x(m,n); ``"dx"`` = ``g W^T`` (m,n)x(n,k).  Cached per shape.
     """
-    key = (m, k, n, which)
+    key = (m, k, n, which, jnp.dtype(dtype).name)
     if key in _MATMUL_CACHE:
         return _MATMUL_CACHE[key]
     rng = np.random.default_rng(0)
