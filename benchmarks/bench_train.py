@@ -32,7 +32,7 @@ from flax_minrnn import config as config_lib
 from flax_minrnn import train as train_lib
 
 MIXINGS = ("mingru", "minlstm", "glrnn", "rglru")
-IMPLS = ("sequential", "chunked", "associative")
+IMPLS = ("sequential", "chunked", "native", "associative")
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "shakespeare.py")
 
 

@@ -183,8 +183,10 @@ class RGLRU(nn.Module):
       min_rad, max_rad: initial range of ``a = exp(-softplus(Lambda))``.
       max_sqrt_gradient: bound of the derivative of the square root.
       w_init_variance_scale: variance scale of the gate weights (fan-in).
-      scan_impl: ``'auto'``, ``'associative'``, ``'sequential'`` or
-        ``'chunked'`` (the log-space scans need positive inputs).
+      scan_impl: ``'auto'``, ``'associative'``, ``'sequential'``,
+        ``'chunked'`` or ``'native'`` (which runs ``'chunked'``: the compiled
+        kernels cover MinGRU/MinLSTM gates only); the log-space scans need
+        positive inputs.
       dtype: compute dtype of the gate projections (``None``: the input's);
         ``y`` is returned in it.
       param_dtype: parameter dtype.
@@ -406,8 +408,8 @@ class GriffinConfig:
       embeddings_scale_by_sqrt_dim: multiply the embeddings by
         ``sqrt(hidden_size)`` (computed in the compute dtype; the reference
         implementations round it to bfloat16).
-      scan_impl: RG-LRU scan: ``'auto'``, ``'associative'``, ``'sequential'``
-        or ``'chunked'``.
+      scan_impl: RG-LRU scan: ``'auto'``, ``'associative'``, ``'sequential'``,
+        ``'chunked'`` or ``'native'`` (the same as ``'chunked'`` here).
       dtype: compute dtype (states and logits are float32 regardless).
       param_dtype: parameter dtype.
     """

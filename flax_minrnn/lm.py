@@ -45,7 +45,7 @@ __all__ = ["LMConfig", "LMCarry", "LM", "GatedLinearRNNLM", "CausalConv",
 
 TIME_MIXINGS = ("mingru", "minlstm", "glrnn", "rglru")
 # Scan implementations for time mixings whose inputs can be negative (RG-LRU).
-LINEAR_SCAN_IMPLS = ("auto", "associative", "sequential", "chunked")
+LINEAR_SCAN_IMPLS = ("auto", "associative", "sequential", "chunked", "native")
 NORMS = ("rmsnorm", "layernorm")
 POSITIONAL_ENCODINGS = ("none", "learned", "sinusoidal")
 
