@@ -16,6 +16,12 @@ jaxlib version and the CPU, and loaded from there afterwards.  Where no
 compiler is found or the build fails, :func:`available` is ``False`` (with
 one warning naming the cause) and ``"auto"`` uses ``"chunked"``.  Set
 ``FLAX_MINRNN_NATIVE=0`` to never build or use the kernels.
+
+Limits: the kernels have a first derivative (the layers' hand-written
+backward pass) but no second one, and a function that calls them cannot be
+serialised with :mod:`jax.export` (the custom-call targets live in this
+process); pass ``scan_impl="chunked"`` (or set ``FLAX_MINRNN_NATIVE=0``) for
+``jax.grad`` of a gradient or for exported functions.
 """
 
 from __future__ import annotations
