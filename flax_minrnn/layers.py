@@ -323,17 +323,17 @@ def run_recurrence(
         # Rematerialised in the backward pass, which keeps only h and o.
         return h_last, jax.checkpoint(readout)(h, o, params), valid
     # The projection runs inside the scan (tile by tile where the
-    # implementation tiles time), and so does the readout.
-    scan_args = dict(kernel=kernel, params=params, impl=impl, reset=reset, mask=valid,
-                     reverse=module.reverse)
+    # implementation tiles time), and so does the readout.  (The internal
+    # entry point of gated_scan and gated_scan_with_readout, which also takes
+    # the kernels' name for the gates.)
+    scan = functools.partial(
+        scan_lib._gated, coeffs, x_c, h0, kernel, params, impl,  # pylint: disable=protected-access
+        reset=reset, seq_lengths=None, mask=valid, reverse=module.reverse,
+        native_gates=_native_spec(native_gates))
     if output_gate is None and out_proj is None:
-        h_last, h = scan_lib._gated(  # pylint: disable=protected-access
-            coeffs, x_c, h0, kernel, params, impl, reset=reset, seq_lengths=None,
-            mask=valid, reverse=module.reverse,
-            native_gates=_native_spec(native_gates))
+        h_last, h = scan()
         return h_last, h.astype(dtype), valid
-    h_last, y = scan_lib.gated_scan_with_readout(
-        coeffs, readout, x_c, h0, side_features=kernel.shape[1] - split, **scan_args)
+    h_last, y = scan(readout_fn=readout, n_side=kernel.shape[1] - split)
     return h_last, y, valid
 
 

@@ -139,8 +139,8 @@ def available() -> bool:
     """Whether the compiled kernels are built, loaded and registered.
 
     The first call builds them (see the module docstring); ``False`` when
-    ``FLAX_MINRNN_NATIVE=0``, on a machine that is not x86-64/ARM64 Linux or
-    macOS with a C++ compiler, or when the build fails (one warning says why).
+    ``FLAX_MINRNN_NATIVE=0``, when no C++ compiler is found, or when the build
+    or the loading fails (one warning says why).
     """
     if _state["checked"]:
         return _state["ok"]

@@ -824,12 +824,13 @@ def _tiled_bwd(coeff_fn, readout, reverse, tile, n_side, residuals, cotangents):
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
-# impl="native": the tile loop of _tiled with the gates, the recurrence and
-# the copies into the whole-sequence buffers of each tile in one compiled
-# kernel call (flax_minrnn/csrc/gates.cc), and the adjoint of the gates and
-# recurrence in another; the projections stay XLA's.  Only for float32 or
-# bfloat16 projections (float32 state) of layers whose gates the kernels know (native.NativeGates), no mask or reset
-# and no side columns (an output gate); _run falls back to _tiled otherwise.
+# impl="native": forward, one projection of the whole sequence and one
+# compiled kernel call for the gates and the recurrence
+# (flax_minrnn/csrc/gates.cc); backward, the tile loop of _tiled with the
+# adjoint of the gates and recurrence of each tile in one kernel call.  The
+# projections stay XLA's.  Only for float32 or bfloat16 projections (float32
+# state) of layers whose gates the kernels know (native.NativeGates), no mask
+# or reset and no side columns (an output gate); _run runs _tiled otherwise.
 
 
 def _native_bias(spec, params, width: int) -> Array:
@@ -894,7 +895,7 @@ def _native_tiles_bwd(spec, reverse, tile, residuals, cotangents):
 _native_tiles.defvjp(_native_tiles_fwd, _native_tiles_bwd)
 
 
-def _native_applies(spec, x, kernel, params, h0, dtype, readout, consts, n_side) -> bool:
+def _native_applies(spec, x, kernel, params, h0, dtype, consts, n_side) -> bool:
     """Whether impl="native" can run these arguments (else it runs "chunked")."""
     if spec is None or kernel is None or n_side:
         return False
@@ -1247,12 +1248,19 @@ def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
             return readout_fn(h, side, params)
 
     consts = (boundary, mask)
+
+    def tile() -> int:  # steps per tile of the tiled implementations
+        if kernel is None:
+            row_bytes = sum(math.prod(l.shape[2:]) * l.dtype.itemsize
+                            for l in jax.tree.leaves(x))
+        else:
+            row_bytes = kernel.shape[1] * jnp.result_type(x, kernel).itemsize
+        return _tile_size(batch * row_bytes, seq_len)
+
     if impl is ScanImpl.NATIVE:
-        if _native_applies(native_gates, x, kernel, params, h0, dtype, readout_fn, consts,
-                           n_side):
-            row_bytes = kernel.shape[1] * x.dtype.itemsize
+        if _native_applies(native_gates, x, kernel, params, h0, dtype, consts, n_side):
             h_last, h = _native_tiles(native_gates, x, kernel, params, h0, bool(reverse),
-                                      _tile_size(batch * row_bytes, seq_len))
+                                      tile())
             if readout is None:
                 return h_last, h
             # A readout without side columns (out_proj) on the whole sequence,
@@ -1260,13 +1268,8 @@ def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
             return h_last, jax.checkpoint(readout)(h, None, consts, params)
         impl = ScanImpl.CHUNKED
     if impl is ScanImpl.CHUNKED:
-        if kernel is None:
-            row_bytes = sum(math.prod(l.shape[2:]) * l.dtype.itemsize
-                            for l in jax.tree.leaves(x))
-        else:
-            row_bytes = kernel.shape[1] * jnp.result_type(x, kernel).itemsize
         h_last, out = _tiled(coeffs, readout, x, kernel, consts, params, h0, bool(reverse),
-                             _tile_size(batch * row_bytes, seq_len), n_side)
+                             tile(), n_side)
         if readout is not None:
             return h_last, out
         h = out

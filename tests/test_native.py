@@ -64,6 +64,12 @@ def _small_tiles(monkeypatch):
     monkeypatch.setattr(scan_lib, "_TILE_MAX", 16)
 
 
+def _runs_kernels(layer, params, *args, **kw) -> bool:
+    """Whether the layer's forward pass calls the compiled forward kernel."""
+    return "fmr_gates_forward" in str(jax.make_jaxpr(
+        lambda p, *a: layer.apply(p, *a, **kw))(params, *args))
+
+
 def _reference(kind, kw, params, x, h0, reverse):
     """float64 reference; a reverse scan is the forward one on flipped time."""
     if reverse:
@@ -80,6 +86,7 @@ def test_matches_float64_reference(name, reverse):
     x = _x()
     params = _params(layer, x)
     h0 = _h0()
+    assert _runs_kernels(layer, params, x, h0)
     carry, y = jax.jit(layer.apply)(params, x, h0)
     ref_h, ref_y = _reference(kind, kw, params["params"], x, h0, reverse)
     np.testing.assert_allclose(carry, ref_h, rtol=1e-5, atol=1e-5)
@@ -192,6 +199,7 @@ def test_bfloat16_matches_chunked(name, monkeypatch):
     layer = LAYERS[name][0](dtype=jnp.bfloat16)
     x = _x(4).astype(jnp.bfloat16)
     params = _params(layer, x)
+    assert _runs_kernels(layer.clone(scan_impl="native"), params, x)
     g_y = jnp.asarray(np.random.default_rng(5).normal(size=(B, T, D_H)), jnp.float32)
 
     def run(impl):
@@ -224,6 +232,7 @@ def test_fallbacks_run_chunked_bit_for_bit(name):
     layer = make()
     x = _x(10)
     params = layer.init(jax.random.PRNGKey(0), x)
+    assert not _runs_kernels(layer.clone(scan_impl="native"), params, x, **kw)
 
     def run(impl):
         def loss(p, xx):
