@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import harness
-from flax_minrnn.lm import LM, LMConfig
+from flax_minrnn.models.lm import LM, LMConfig
 
 # The package exports the function ``generate`` under the module's name.
-generate_lib = importlib.import_module("flax_minrnn.generate")
+generate_lib = importlib.import_module("flax_minrnn.models.generate")
 PROMPT_LEN = 8
 
 

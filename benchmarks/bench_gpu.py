@@ -41,7 +41,7 @@ import numpy as np
 from benchmarks import harness
 from benchmarks.harness import Repeats
 from flax_minrnn import MinGRU
-from flax_minrnn import scan as scan_lib
+from flax_minrnn.ops import scan as scan_lib
 
 F32 = 4
 SCAN_SHAPES = ((8, 4096, 256), (64, 4096, 1024))

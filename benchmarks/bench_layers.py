@@ -35,8 +35,8 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.harness import F32_BYTES, Repeats
-from flax_minrnn import scan as scan_lib
-from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM, g_activation
+from flax_minrnn.ops import scan as scan_lib
+from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM, g_activation
 
 FULL_TS = (256, 1024, 4096, 16384)
 QUICK_TS = (256, 1024)

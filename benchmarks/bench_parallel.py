@@ -11,7 +11,7 @@ timed three ways, each ``fwd`` (the states) and ``fwdbwd`` (gradient of
 ``sum(g * h)`` w.r.t. ``a`` and ``b``):
 
 * ``linear_scan``: one device, no mesh;
-* ``sequence_parallel[1]``: :func:`flax_minrnn.parallel.sequence_parallel_scan`
+* ``sequence_parallel[1]``: :func:`flax_minrnn.ops_parallel.sequence_parallel_scan`
   on a mesh of one device: the overhead of the sequence-parallel path
   (a second scan for the cumulative product of ``a``, the combine, the
   correction) where there is nothing to split;
@@ -38,8 +38,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import harness
 from benchmarks.harness import Repeats
-from flax_minrnn import parallel
-from flax_minrnn.scan import linear_scan
+from flax_minrnn.training import mesh as parallel
+from flax_minrnn.ops import parallel as ops_parallel
+from flax_minrnn.ops.scan import linear_scan
 
 TS = (1024, 4096, 16384)
 QUICK_TS = (1024,)
@@ -75,7 +76,7 @@ def _variants(t: int, impl: str, n_devices: int):
         if t % n:
             continue
         mesh = parallel.make_mesh((n,), ("seq",))
-        scan = lambda a, b, mesh=mesh: parallel.sequence_parallel_scan(
+        scan = lambda a, b, mesh=mesh: ops_parallel.sequence_parallel_scan(
             a, b, axis_name="seq", impl=impl, mesh=mesh)
         yield f"sequence_parallel[{n}]", n, mesh, _fns(scan)
 

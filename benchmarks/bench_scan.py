@@ -27,7 +27,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.harness import Repeats
-from flax_minrnn import scan as scan_lib
+from flax_minrnn.ops import scan as scan_lib
 
 TS = (16, 32, 64, 128, 256, 1024, 4096)
 LINEAR_IMPLS = ("associative", "sequential", "chunked")

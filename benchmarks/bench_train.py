@@ -28,8 +28,8 @@ import jax
 import numpy as np
 
 from benchmarks import harness
-from flax_minrnn import config as config_lib
-from flax_minrnn import train as train_lib
+from flax_minrnn.training import config as config_lib
+from flax_minrnn.training import train as train_lib
 
 MIXINGS = ("mingru", "minlstm", "glrnn", "rglru")
 IMPLS = ("sequential", "chunked", "native", "associative")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_minrnn import runtime
+from flax_minrnn.training import runtime as runtime
 
 F32_BYTES = 4
 

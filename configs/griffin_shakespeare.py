@@ -29,7 +29,7 @@ import os
 
 import ml_collections
 
-from flax_minrnn.config import default_config, load_config
+from flax_minrnn.training.config import default_config, load_config
 
 
 def get_config(arg=None):

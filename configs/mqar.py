@@ -11,7 +11,7 @@ Expected result (NOT measured yet; only the shrunk 2-step smoke test
 runs in tests/test_train.py): eval accuracy on the 8 queries well above chance (1/64).
 """
 
-from flax_minrnn.config import default_config
+from flax_minrnn.training.config import default_config
 
 
 def get_config(arg=None):

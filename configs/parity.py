@@ -14,7 +14,7 @@ runs in tests/test_train.py): running-parity accuracy near 1 on the training len
 eval accuracy on the longer lengths 17..32 shows length generalisation.
 """
 
-from flax_minrnn.config import default_config
+from flax_minrnn.training.config import default_config
 
 
 def get_config(arg=None):

@@ -39,7 +39,7 @@ Commands::
 time mixings. Measured results: ``experiments/two_stage_parity/README.md``.
 """
 
-from flax_minrnn.config import default_config
+from flax_minrnn.training.config import default_config
 
 
 def get_config(arg=None):

@@ -14,7 +14,7 @@ runs in tests/test_train.py): the eval accuracy (on the 8 copied tokens) should 
 (1/8).
 """
 
-from flax_minrnn.config import default_config
+from flax_minrnn.training.config import default_config
 
 
 def get_config(arg=None):

@@ -37,7 +37,7 @@ Commands::
 ``experiments/selective_copying/README.md``.
 """
 
-from flax_minrnn.config import default_config
+from flax_minrnn.training.config import default_config
 
 SIZES = {  # variant -> (noise_length, batch_size, num_steps, eval_batches)
     "cpu": (224, 32, 2500, 8),

@@ -22,7 +22,7 @@ Measured result: see ``experiments/selective_copying/README.md`` (the
 goal is at least 99% eval accuracy within 2,000 steps).
 """
 
-from flax_minrnn.config import default_config
+from flax_minrnn.training.config import default_config
 
 
 def get_config(arg=None):

@@ -22,7 +22,7 @@ breaks and mostly real words, e.g.::
     Montague and 'tis that thou we will not
 """
 
-from flax_minrnn.config import default_config
+from flax_minrnn.training.config import default_config
 
 
 def get_config(arg=None):

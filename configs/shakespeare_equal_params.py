@@ -37,7 +37,7 @@ Commands::
 Measured results: ``experiments/shakespeare/README.md``.
 """
 
-from flax_minrnn.config import default_config
+from flax_minrnn.training.config import default_config
 
 # time mixing -> channel-mixing width, per size.
 MLP_WIDTH = {

@@ -19,7 +19,7 @@ stage-1 workdir.) Expected result: the first eval (step 0) equals stage 1's
 last eval loss, then the loss goes down slightly.
 """
 
-from flax_minrnn.config import default_config
+from flax_minrnn.training.config import default_config
 
 import importlib.util
 import os

@@ -55,7 +55,7 @@ def _read_json(path: str) -> dict[str, Any] | None:
 def model_size(config) -> tuple[int, int]:
     """``(parameter count, training sequence length)`` of a run's config."""
     import jax  # pylint: disable=g-import-not-at-top
-    from flax_minrnn import train  # pylint: disable=g-import-not-at-top
+    from flax_minrnn.training import train as train  # pylint: disable=g-import-not-at-top
     dataset = train.build_dataset(config)
     model = train.LM(train.lm_config(config, dataset.vocab_size))
     shapes = jax.eval_shape(lambda: model.init(
@@ -76,7 +76,7 @@ def first_at(evals: Sequence[dict[str, Any]], threshold: float
 def summarize(label: str, workdir: str, threshold: float | None = None
               ) -> dict[str, Any]:
     """The numbers of one run (see the module docstring)."""
-    from flax_minrnn import config as config_lib  # pylint: disable=g-import-not-at-top
+    from flax_minrnn.training import config as config_lib  # pylint: disable=g-import-not-at-top
     config = config_lib.load_saved_config(workdir)
     records = read_metrics(workdir)
     evals = [r for r in records if r["split"] == "eval"]

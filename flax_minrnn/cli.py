@@ -27,7 +27,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from flax_minrnn import runtime
+from flax_minrnn.training import runtime
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,18 +137,18 @@ def _run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)
         runtime.apply_malloc_setting(args.malloc)
     if args.command == "train":
-        from flax_minrnn import config as config_lib  # pylint: disable=g-import-not-at-top
+        from flax_minrnn.training import config as config_lib  # pylint: disable=g-import-not-at-top
         config = config_lib.load_config(args.config, args.overrides)
         explicit = (args.coordinator_address, args.num_processes, args.process_id)
         if args.distributed or any(v is not None for v in explicit):
-            from flax_minrnn import parallel  # pylint: disable=g-import-not-at-top
+            from flax_minrnn.training import mesh as parallel  # pylint: disable=g-import-not-at-top
             parallel.initialize_distributed(*explicit)
-        from flax_minrnn import train  # pylint: disable=g-import-not-at-top
+        from flax_minrnn.training import train  # pylint: disable=g-import-not-at-top
         metrics = train.train_and_evaluate(config, args.workdir)
         metrics.pop("sample", None)
         print(json.dumps(metrics, sort_keys=True))
         return 0
-    from flax_minrnn import train  # pylint: disable=g-import-not-at-top
+    from flax_minrnn.training import train  # pylint: disable=g-import-not-at-top
     if args.command == "eval":
         print(json.dumps(train.evaluate(args.workdir, args.overrides),
                          sort_keys=True))

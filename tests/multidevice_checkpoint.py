@@ -23,9 +23,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_disable_most_optimizations", True)
 
-from flax_minrnn import checkpoint as ckpt_lib  # noqa: E402
-from flax_minrnn import config as config_lib  # noqa: E402
-from flax_minrnn import parallel, train  # noqa: E402
+from flax_minrnn.training import checkpoint as ckpt_lib  # noqa: E402
+from flax_minrnn.training import config as config_lib  # noqa: E402
+from flax_minrnn.training import mesh as parallel  # noqa: E402
+from flax_minrnn.training import train as train  # noqa: E402
 
 
 def restored_params(config, workdir: str) -> dict:

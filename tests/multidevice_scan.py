@@ -4,7 +4,7 @@ Not collected by the normal suite (the name does not start with ``test_``):
 ``test_parallel.py`` runs it in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 
-Every check compares :func:`flax_minrnn.parallel.sequence_parallel_scan` on
+Every check compares :func:`flax_minrnn.ops_parallel.sequence_parallel_scan` on
 2, 4 and 8 shards with the unsharded :func:`flax_minrnn.scan.linear_scan`
 (outputs and gradients under random cotangents on ``h`` and ``h_last``) and
 the outputs with the float64 loop of ``reference.py``.
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flax_minrnn import parallel
-from flax_minrnn.scan import linear_scan
+from flax_minrnn.training import mesh as parallel
+from flax_minrnn.ops import parallel as ops_parallel
+from flax_minrnn.ops.scan import linear_scan
 from reference import linear_recurrence
 
 from conftest import TOL
@@ -81,7 +82,7 @@ def _check(mesh, n_shards, rng, *, feat=(3,), impl="auto", h0=True, reverse=Fals
 
     with jax.set_mesh(mesh):
         (h_last, h), grads = _value_and_grads(
-            lambda *x, **k: parallel.sequence_parallel_scan(*x, axis_name="seq", **k),
+            lambda *x, **k: ops_parallel.sequence_parallel_scan(*x, axis_name="seq", **k),
             a, b, h0_, g, g_last, **kw)
     (ref_last, ref_h), ref_grads = _value_and_grads(linear_scan, a, b, h0_, g, g_last, **kw)
 
@@ -126,7 +127,7 @@ def test_products_underflow_to_zero():
     b = jnp.asarray(rng.normal(size=(B, T, 2)), jnp.float32)
     h0 = jnp.ones((B, 2), jnp.float32)
     with jax.set_mesh(_mesh(8)):
-        h_last, h = parallel.sequence_parallel_scan(a, b, h0, axis_name="seq")
+        h_last, h = ops_parallel.sequence_parallel_scan(a, b, h0, axis_name="seq")
     ref_last, ref_h = linear_scan(a, b, h0)
     np.testing.assert_allclose(h, ref_h, **TOL["float32"])
     np.testing.assert_allclose(h_last, ref_last, **TOL["float32"])
@@ -142,15 +143,15 @@ def test_batch_split_over_a_data_axis():
 def test_explicit_mesh_argument_and_bad_inputs():
     mesh = _mesh(4)
     a, b, h0 = _inputs(np.random.default_rng(0))
-    h_last, h = parallel.sequence_parallel_scan(a, b, h0, axis_name="seq", mesh=mesh)
+    h_last, h = ops_parallel.sequence_parallel_scan(a, b, h0, axis_name="seq", mesh=mesh)
     np.testing.assert_allclose(h, linear_scan(a, b, h0)[1], **TOL["float32"])
     with pytest.raises(ValueError, match=r"length 10\).*4 devices of mesh axis 'seq'"):
-        parallel.sequence_parallel_scan(a[:, :10], b[:, :10], h0, axis_name="seq", mesh=mesh)
+        ops_parallel.sequence_parallel_scan(a[:, :10], b[:, :10], h0, axis_name="seq", mesh=mesh)
     with pytest.raises(ValueError, match=r"'time' is not an axis.*\('seq',\)"):
-        parallel.sequence_parallel_scan(a, b, h0, axis_name="time", mesh=mesh)
+        ops_parallel.sequence_parallel_scan(a, b, h0, axis_name="time", mesh=mesh)
     # linear_scan's own validation and messages.
     with pytest.raises(ValueError, match="h0 must have shape"):
-        parallel.sequence_parallel_scan(a, b, h0[:, :2], axis_name="seq", mesh=mesh)
+        ops_parallel.sequence_parallel_scan(a, b, h0[:, :2], axis_name="seq", mesh=mesh)
     with pytest.raises(ValueError, match="heinsen"):
-        parallel.sequence_parallel_scan(a, b, h0, axis_name="seq", mesh=mesh,
+        ops_parallel.sequence_parallel_scan(a, b, h0, axis_name="seq", mesh=mesh,
                                         impl="heinsen", reset=_resets(4))

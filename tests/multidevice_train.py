@@ -15,8 +15,11 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flax_minrnn import config as config_lib
-from flax_minrnn import layers, lm, parallel, train
+from flax_minrnn.training import config as config_lib
+from flax_minrnn.nn import recurrent as layers
+from flax_minrnn.models import lm as lm
+from flax_minrnn.training import mesh as parallel
+from flax_minrnn.training import train as train
 
 from conftest import TOL
 

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from flax_minrnn.checkpoint import (CheckpointCorruptError, Checkpointer,
+from flax_minrnn.training.checkpoint import (CheckpointCorruptError, Checkpointer,
                                     load_params)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ CHILD = """
 import os, signal, sys
 import jax.numpy as jnp
 import numpy as np
-from flax_minrnn.checkpoint import Checkpointer
+from flax_minrnn.training.checkpoint import Checkpointer
 
 mode, directory = sys.argv[1], sys.argv[2]
 ckpt = Checkpointer(directory)

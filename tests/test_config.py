@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from flax_minrnn.config import (SHRINK, ConfigError, apply_overrides,
+from flax_minrnn.training.config import (SHRINK, ConfigError, apply_overrides,
                                 config_from_json, config_to_json,
                                 default_config, load_config,
                                 load_saved_config, save_config, shrink,
@@ -20,7 +20,7 @@ def write_config(tmp_path, body: str, name: str = "exp.py") -> str:
 
 
 GOOD = """
-    from flax_minrnn.config import default_config
+    from flax_minrnn.training.config import default_config
 
     def get_config(arg=None):
         '''Command: python -m flax_minrnn.train --config=exp.py. Loss < 2.'''
@@ -73,7 +73,7 @@ def test_load_config_file_with_arg_and_partial_config(tmp_path):
 ])
 def test_unknown_key_names_dotted_key(tmp_path, key, hint):
     path = write_config(tmp_path, f"""
-        from flax_minrnn.config import default_config
+        from flax_minrnn.training.config import default_config
 
         def get_config():
             config = default_config()

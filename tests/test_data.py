@@ -5,7 +5,7 @@ determinism contract and argument errors."""
 import numpy as np
 import pytest
 
-from flax_minrnn.data import (SHAKESPEARE_SHA256, AssociativeRecall,
+from flax_minrnn.training.data import (SHAKESPEARE_SHA256, AssociativeRecall,
                               CharDataset, CharVocab, Parity, SelectiveCopying,
                               load_text, make_task, sha256_of_text)
 

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from flax_minrnn import config as config_lib
-from flax_minrnn import train
+from flax_minrnn.training import config as config_lib
+from flax_minrnn.training import train as train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))

@@ -10,9 +10,9 @@ import pytest
 import importlib
 
 # The module (flax_minrnn.generate is also the name of the exported function).
-generate_lib = importlib.import_module("flax_minrnn.generate")
-from flax_minrnn.generate import GenerateOutput, generate, sample_logits
-from flax_minrnn.lm import LM, LMConfig
+generate_lib = importlib.import_module("flax_minrnn.models.generate")
+from flax_minrnn.models.generate import GenerateOutput, generate, sample_logits
+from flax_minrnn.models.lm import LM, LMConfig
 
 V = 11
 

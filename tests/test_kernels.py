@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from flax_minrnn import MinGRU
-from flax_minrnn.kernels import linear_scan_pallas as kernel
-from flax_minrnn.scan import linear_scan
+from flax_minrnn.backends import pallas as kernel
+from flax_minrnn.ops.scan import linear_scan
 from reference import linear_recurrence, linear_recurrence_vjp, rel_err
 
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_minrnn import scan as scan_lib
-from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM, g_activation
+from flax_minrnn.ops import scan as scan_lib
+from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM, g_activation
 from reference import central_difference, layer_forward
 
 B, T, D_IN = 2, 13, 5
@@ -371,7 +371,7 @@ class TestBadInput:
 
 
 def test_sigmoid_pair_values_and_derivatives():
-    from flax_minrnn.layers import sigmoid_pair
+    from flax_minrnn.nn.recurrent import sigmoid_pair
     # |k| <= 80: sigmoid(-80) ~ 1.8e-35 is still a normal float32 (XLA flushes
     # denormals to zero).
     k = jnp.asarray([-80.0, -30.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 30.0, 80.0], jnp.float32)
@@ -393,7 +393,7 @@ def test_sigmoid_pair_values_and_derivatives():
 def test_dense_equals_flax_dense_params_outputs_and_gradients():
     """Same param tree and values as nn.Dense; only the backward is ours."""
     import flax.linen as nn
-    from flax_minrnn.layers import Dense
+    from flax_minrnn.nn.dense import Dense
     x = _x(3, (2, 7, 5))
     ours, theirs = Dense(4), nn.Dense(4)
     p = ours.init(jax.random.PRNGKey(0), x)
@@ -412,7 +412,7 @@ def test_dense_equals_flax_dense_params_outputs_and_gradients():
 
 def test_normalized_gates_exact_and_finite():
     """minLSTM's normalised gates against float64 f/(f+i), including saturation."""
-    from flax_minrnn.layers import normalized_gates
+    from flax_minrnn.nn.recurrent import normalized_gates
     ks = np.array([-1e4, -200.0, -90.0, -30.0, -3.0, 0.0, 2.5, 30.0, 90.0, 1e4])
     k_f, k_i = (jnp.asarray(v, jnp.float32) for v in np.meshgrid(ks, ks))
     f_n, i_n = normalized_gates(k_f, k_i)

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_minrnn.heads import (SequenceClassifier, TokenClassifier, causal_lm_loss,
+from flax_minrnn.models.heads import (SequenceClassifier, TokenClassifier, causal_lm_loss,
                                weighted_cross_entropy)
-from flax_minrnn.lm import LM, GatedLinearRNNLM, LMCarry, LMConfig
+from flax_minrnn.compat.flax_gated_linear_rnn import GatedLinearRNNLM
+from flax_minrnn.models.lm import LM, LMCarry, LMConfig
 
 V = 13
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -8,10 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM
-from flax_minrnn.migrate import (from_flax_gated_linear_rnn, migrate_params,
+from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM
+from flax_minrnn.compat.flax_gated_linear_rnn import from_flax_gated_linear_rnn
+from flax_minrnn.training.migrate import (migrate_params,
                                  to_associative, to_true_recurrence)
-from flax_minrnn.wrappers import Stack
+from flax_minrnn.nn.wrappers import Stack
 from jit_helpers import jit_apply as _apply, jit_init as _init
 
 B, T, D = 2, 7, 4

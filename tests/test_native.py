@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_minrnn import native
-from flax_minrnn import scan as scan_lib
-from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM, g_activation
+from flax_minrnn.backends import native as native
+from flax_minrnn.ops import scan as scan_lib
+from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM, g_activation
 from reference import layer_forward
 
 pytestmark = pytest.mark.skipif(
@@ -259,7 +259,7 @@ def _python(code, **env):
 
 
 def test_disabled_by_environment_auto_uses_chunked():
-    proc = _python("from flax_minrnn import native, scan\n"
+    proc = _python("from flax_minrnn.backends import native; from flax_minrnn.ops import scan\n"
                    "print(native.available(), scan.default_impl(4096, 'cpu').value)",
                    FLAX_MINRNN_NATIVE="0")
     assert proc.returncode == 0, proc.stderr
@@ -269,7 +269,7 @@ def test_disabled_by_environment_auto_uses_chunked():
 
 def test_missing_compiler_warns_once_and_falls_back(tmp_path):
     code = ("import warnings\n"
-            "from flax_minrnn import native, scan\n"
+            "from flax_minrnn.backends import native; from flax_minrnn.ops import scan\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
             "    ok = [native.available(), native.available()]\n"
@@ -288,7 +288,7 @@ def test_failed_build_reports_the_compiler_error(tmp_path):
     fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\n"
                     "echo 'fake: broken toolchain' >&2; exit 1\n")
     fake.chmod(0o755)
-    proc = _python("from flax_minrnn import native\n"
+    proc = _python("from flax_minrnn.backends import native\n"
                    "print(native.available()); print(native.unavailable_reason())",
                    CXX=str(fake), FLAX_MINRNN_CACHE=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr

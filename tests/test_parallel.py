@@ -28,10 +28,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from flax_minrnn import checkpoint as ckpt_lib
-from flax_minrnn import config as config_lib
-from flax_minrnn import layers, lm, parallel, train
-from flax_minrnn import scan as scan_lib
+from flax_minrnn.training import checkpoint as ckpt_lib
+from flax_minrnn.training import config as config_lib
+from flax_minrnn.nn import recurrent as layers
+from flax_minrnn.models import lm as lm
+from flax_minrnn.training import mesh as parallel
+from flax_minrnn.training import train as train
+from flax_minrnn.ops import scan as scan_lib
 
 from conftest import TOL
 

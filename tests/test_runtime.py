@@ -87,7 +87,7 @@ def test_after_jax_started_it_warns_and_changes_nothing():
 
 def test_apply_malloc_setting():
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from flax_minrnn import runtime  # pylint: disable=g-import-not-at-top
+    from flax_minrnn.training import runtime as runtime  # pylint: disable=g-import-not-at-top
     assert runtime.apply_malloc_setting("default") == "default"
     np.asarray(jnp.ones(2) + 1)  # JAX runs in this process: tuning cannot take
     with pytest.warns(RuntimeWarning):

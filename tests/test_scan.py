@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_minrnn import native
-from flax_minrnn import scan as scan_lib
-from flax_minrnn.scan import ScanImpl, gated_scan, linear_scan
+from flax_minrnn.backends import native as native
+from flax_minrnn.ops import scan as scan_lib
+from flax_minrnn.ops.scan import ScanImpl, gated_scan, linear_scan
 from reference import linear_recurrence, linear_recurrence_vjp, rel_err
 
 LINEAR_IMPLS = ["associative", "sequential", "chunked"]

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from flax_minrnn import checkpoint as ckpt_lib
-from flax_minrnn import config as config_lib
-from flax_minrnn import train
+from flax_minrnn.training import checkpoint as ckpt_lib
+from flax_minrnn.training import config as config_lib
+from flax_minrnn.training import train as train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.py")))
@@ -152,7 +152,9 @@ _KILL_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_numpy_rank_promotion", "raise")
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     jax.config.update("jax_disable_most_optimizations", True)
-    from flax_minrnn import checkpoint, config as config_lib, train
+    from flax_minrnn.training import checkpoint as checkpoint
+    from flax_minrnn.training import config as config_lib
+    from flax_minrnn.training import train as train
     config_path, workdir, flag, block_from, *overrides = sys.argv[1:]
     original = checkpoint.Checkpointer.save
     def save(self, step, *args, **kwargs):
@@ -185,7 +187,7 @@ def test_sigkilled_then_resumed_is_bit_exact(uninterrupted, tmp_path):
     config = small_config(SHAKESPEARE, *RESUME)
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "from flax_minrnn.config import config_from_json\n"
+        "from flax_minrnn.training.config import config_from_json\n"
         f"def get_config():\n    return config_from_json({config_lib.config_to_json(config)!r})\n")
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILL_SCRIPT, str(config_file), workdir, flag,

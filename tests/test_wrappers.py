@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_minrnn.layers import GatedLinearRNN, MinGRU, MinLSTM
-from flax_minrnn.wrappers import Bidirectional, RNNCell, Stack
+from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM
+from flax_minrnn.nn.wrappers import Bidirectional, RNNCell, Stack
 from jit_helpers import jit_apply as _apply, jit_init as _init
 
 B, T, D = 3, 6, 4

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_minrnn.scan import linear_scan
+from flax_minrnn.ops.scan import linear_scan
 
 
 def rel(x, y):

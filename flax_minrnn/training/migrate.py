@@ -45,6 +45,9 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
+from flax_minrnn.nn.recurrent import RECURRENT_KERNEL
+from flax_minrnn.ops import checks
+
 Params = Any
 Path = Tuple[str, ...]
 
@@ -52,29 +55,8 @@ __all__ = [
     "migrate_params",
     "to_true_recurrence",
     "to_associative",
-    "from_flax_gated_linear_rnn",
 ]
 
-RECURRENT_KERNEL = "recurrent_kernel"
-
-
-def _unwrap(params, name: str = "params") -> Tuple[Dict, bool]:
-    """Returns ``(inner_dict, was_wrapped)``; validates the container."""
-    if not isinstance(params, Mapping):
-        raise TypeError(f"{name} must be a dict of parameters, got {type(params).__name__}")
-    params = unfreeze(params) if not isinstance(params, dict) else params
-    if "params" in params:
-        if len(params) != 1:
-            others = sorted(k for k in params if k != "params")
-            raise ValueError(
-                f"{name} looks like a variables dict with collections {others} "
-                "besides 'params'; pass variables['params'] (the inner dict) and "
-                "keep the other collections yourself")
-        inner = params["params"]
-        if not isinstance(inner, Mapping):
-            raise TypeError(f"{name}['params'] must be a dict, got {type(inner).__name__}")
-        return unfreeze(inner) if not isinstance(inner, dict) else inner, True
-    return params, False
 
 
 def _path_str(path: Path) -> str:
@@ -136,7 +118,7 @@ def migrate_params(params: Params, target: nn.Module, *init_args,
     """
     if not isinstance(target, nn.Module):
         raise TypeError(f"target must be a flax.linen Module, got {type(target).__name__}")
-    source, wrapped = _unwrap(params)
+    source, wrapped = checks.unwrap_params(params)
     variables = jax.eval_shape(target.init, jax.random.PRNGKey(0), *init_args, **init_kwargs)
     if "params" not in variables:
         raise ValueError(
@@ -224,75 +206,3 @@ def to_associative(params: Params, model: nn.Module, *init_args,
                           allow_drop_nonzero=allow_drop_nonzero, **init_kwargs)
 
 
-def _dense_leaves(d, name: str, *, bias: bool) -> Dict[str, Any]:
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{name} must be a dict with a kernel, got {type(d).__name__}")
-    expected = {"kernel", "bias"} if bias else {"kernel"}
-    if set(d) != expected:
-        raise ValueError(f"{name} must have exactly the keys {sorted(expected)}, got {sorted(d)}")
-    if np.ndim(d["kernel"]) != 2:
-        raise ValueError(f"{name}/kernel must be 2-D, got shape {tuple(np.shape(d['kernel']))}")
-    return dict(d)
-
-
-def from_flax_gated_linear_rnn(params: Params) -> Params:
-    """Converts ``flax_gated_linear_rnn.GatedLinearRNN`` params to ours.
-
-    The package's layer (version 1.0.3) computes, with ``W`` its ``proj`` and
-    ``U`` its ``model/recurrent_proj`` (true-recurrence mode only)::
-
-        [i~, i, (f,) o]_pre = x_t @ W + b (+ h_{t-1} @ U)
-        h_t = f_t * h_{t-1} + i_t * tanh(i~_pre),   f = 1 - i when tied
-        y_t = out_proj(tanh(h_t) * o_t)
-
-    :class:`flax_minrnn.GatedLinearRNN` uses the same fused block order, so the
-    conversion is a renaming::
-
-        proj                        -> in_proj
-        out_proj                    -> out_proj
-        model/recurrent_proj/kernel -> recurrent_kernel
-
-    Build the matching layer as ``GatedLinearRNN(d_h=d_h, d_model=d_model,
-    use_tied_gates=..., use_true_recurrence='model' in params)``.
-
-    Args:
-      params: the package layer's parameters, inner (``{'proj', 'out_proj',
-        ['model']}``) or wrapped (``{'params': ...}``); the result has the same
-        form.  (For the package's language models, convert each nested
-        ``GatedLinearRNN`` subtree.)
-
-    Returns:
-      ``{'in_proj': ..., 'out_proj': ..., ['recurrent_kernel': ...]}``.
-
-    Raises:
-      ValueError: unexpected keys or shapes that do not form a 3- or 4-block
-        gated linear RNN.
-    """
-    inner, wrapped = _unwrap(params)
-    keys = set(inner)
-    if not {"proj", "out_proj"} <= keys or not keys <= {"proj", "out_proj", "model"}:
-        raise ValueError(
-            "params must be a flax_gated_linear_rnn.GatedLinearRNN tree with keys "
-            f"'proj', 'out_proj' and optionally 'model', got {sorted(keys)}")
-    proj = _dense_leaves(inner["proj"], "proj", bias=True)
-    out_proj = _dense_leaves(inner["out_proj"], "out_proj", bias=True)
-    d_h = np.shape(out_proj["kernel"])[0]
-    width = np.shape(proj["kernel"])[1]
-    if width not in (3 * d_h, 4 * d_h):
-        raise ValueError(
-            f"proj/kernel has {width} outputs; with d_h={d_h} (out_proj/kernel rows) a "
-            f"GatedLinearRNN has {3 * d_h} (tied gates) or {4 * d_h} (untied)")
-    result = {"in_proj": proj, "out_proj": out_proj}
-    if "model" in inner:
-        model = inner["model"]
-        if not isinstance(model, Mapping) or set(model) != {"recurrent_proj"}:
-            raise ValueError(
-                "params['model'] must be {'recurrent_proj': {'kernel': ...}} (the "
-                f"true-recurrence mode), got {sorted(model) if isinstance(model, Mapping) else model!r}")
-        rec = _dense_leaves(model["recurrent_proj"], "model/recurrent_proj", bias=False)
-        if tuple(np.shape(rec["kernel"])) != (d_h, width):
-            raise ValueError(
-                f"model/recurrent_proj/kernel must have shape ({d_h}, {width}), "
-                f"got {tuple(np.shape(rec['kernel']))}")
-        result[RECURRENT_KERNEL] = rec["kernel"]
-    return {"params": result} if wrapped else result

@@ -91,7 +91,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_minrnn import native
+from flax_minrnn.backends import native  # stage 1
+from flax_minrnn.ops import checks
 
 Array = jax.Array
 
@@ -169,54 +170,6 @@ def resolve_impl(impl: Union[str, ScanImpl], seq_len: int, *,
 # Input checks.
 
 
-def _accum_dtype(*dtypes) -> jnp.dtype:
-    """float64 if any input is float64, else float32 (bf16/f16 accumulate in f32)."""
-    if any(jnp.dtype(d) == jnp.float64 for d in dtypes):
-        return jnp.dtype(jnp.float64)
-    return jnp.dtype(jnp.float32)
-
-
-def _check_float(name: str, x) -> None:
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be a floating-point array, got dtype {x.dtype}")
-
-
-def _concrete_or_none(x) -> Optional[np.ndarray]:
-    """The value of ``x`` if it is known at trace time, else ``None``."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError,
-            jax.errors.ConcretizationTypeError):
-        return None
-
-
-def lengths_to_mask(seq_lengths: Array, seq_len: int) -> Array:
-    """Boolean ``(batch, seq_len)`` mask, True at steps ``t < seq_lengths``."""
-    return jnp.arange(seq_len)[None, :] < seq_lengths[:, None]
-
-
-def check_seq_lengths(seq_lengths, batch: int, seq_len: int) -> Array:
-    """Validates ``seq_lengths`` (int, shape ``(batch,)``, values in [0, T])."""
-    if not hasattr(seq_lengths, "shape"):
-        seq_lengths = np.asarray(seq_lengths)
-    if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
-        raise TypeError(
-            f"seq_lengths must be an integer array, got dtype {seq_lengths.dtype}")
-    if tuple(seq_lengths.shape) != (batch,):
-        raise ValueError(
-            f"seq_lengths must have shape (batch,) = ({batch},), "
-            f"got {tuple(seq_lengths.shape)}")
-    value = _concrete_or_none(seq_lengths)
-    if value is not None and value.size and (value.min() < 0 or value.max() > seq_len):
-        raise ValueError(
-            f"seq_lengths must lie in [0, {seq_len}] (the time axis length), "
-            f"got values in [{value.min()}, {value.max()}]")
-    return jnp.asarray(seq_lengths)
-
-
 def reset_boundaries(reset: Array, reverse: bool) -> Array:
     """Where the state is zeroed before the step, in scan order.
 
@@ -227,18 +180,6 @@ def reset_boundaries(reset: Array, reverse: bool) -> Array:
     if not reverse:
         return reset
     return jnp.concatenate([reset[:, 1:], jnp.zeros_like(reset[:, :1])], axis=1)
-
-
-def check_bool_bt(name: str, x, batch: int, seq_len: int) -> Array:
-    if not hasattr(x, "shape"):
-        x = np.asarray(x)
-    if tuple(x.shape) != (batch, seq_len):
-        raise ValueError(
-            f"{name} must have shape (batch, time) = ({batch}, {seq_len}), "
-            f"got {tuple(x.shape)}")
-    if x.dtype != jnp.bool_:
-        raise TypeError(f"{name} must be a boolean array, got dtype {x.dtype}")
-    return jnp.asarray(x)
 
 
 # ----------------------------------------------------------------------------
@@ -545,7 +486,7 @@ def _heinsen(a, b, h0, reverse):
 
 
 def _pallas(a, b, h0, reverse):
-    from flax_minrnn.kernels import linear_scan_pallas as kernel  # pylint: disable=g-import-not-at-top
+    from flax_minrnn.backends import pallas as kernel  # pylint: disable=g-import-not-at-top
     batch, seq_len = a.shape[:2]
     flat = lambda x: x.reshape(batch, seq_len, -1)
     h_last, h = kernel.linear_scan_pallas(
@@ -979,8 +920,8 @@ def linear_scan(
         outside ``[0, time]`` (checked when its value is known at trace time),
         both ``mask`` and ``seq_lengths``, ``reset`` with ``impl="heinsen"``.
     """
-    _check_float("a", a)
-    _check_float("b", b)
+    checks.check_float("a", a)
+    checks.check_float("b", b)
     if a.ndim < 2:
         raise ValueError(
             f"a must have shape (batch, time, *features), got {tuple(a.shape)}")
@@ -1138,7 +1079,7 @@ def _gated(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, r
     if not leaves:
         raise ValueError("x must hold at least one array")
     for i, leaf in enumerate(leaves):
-        _check_float(f"x (leaf {i})", leaf)
+        checks.check_float(f"x (leaf {i})", leaf)
         if leaf.ndim < 2 or tuple(leaf.shape[:2]) != tuple(leaves[0].shape[:2]):
             raise ValueError(
                 "every leaf of x must have shape (batch, time, ...) with the same "
@@ -1149,7 +1090,7 @@ def _gated(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, r
     one_step = jax.tree.map(lambda l: jax.ShapeDtypeStruct(
         (batch, 1) + tuple(l.shape[2:]), l.dtype), x)
     if kernel is not None:
-        _check_float("kernel", kernel)
+        checks.check_float("kernel", kernel)
         if not hasattr(x, "shape") or x.ndim != 3:
             raise ValueError(
                 "with kernel, x must be one array of shape (batch, time, d_in), "
@@ -1188,12 +1129,12 @@ def _gated(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, r
 def _check_h0_impl_dtype(h0, state_shape, impl, seq_len: int, a_dtype, b_dtype):
     """Validates ``h0``; returns the resolved impl and the accumulation dtype."""
     if h0 is not None:
-        _check_float("h0", h0)
+        checks.check_float("h0", h0)
         if tuple(h0.shape) != state_shape:
             raise ValueError(
                 f"h0 must have shape (batch, *features) = {state_shape}, "
                 f"got {tuple(h0.shape)}")
-    dtype = _accum_dtype(a_dtype, b_dtype, *(() if h0 is None else (h0.dtype,)))
+    dtype = checks.accum_dtype(a_dtype, b_dtype, *(() if h0 is None else (h0.dtype,)))
     return resolve_impl(impl, seq_len), dtype
 
 
@@ -1216,13 +1157,13 @@ def _run(coeff_fn, x, params, h0, state_shape, dtype, impl: ScanImpl, *, reset,
             raise ValueError(
                 "impl='heinsen' cannot represent a state reset (log 0 in a "
                 "cumulative sum); use impl='log' or a linear-space impl")
-        reset = check_bool_bt("reset", reset, batch, seq_len)
+        reset = checks.check_bool_bt("reset", reset, batch, seq_len)
         boundary = reset_boundaries(reset, reverse)
     if seq_lengths is not None:
-        seq_lengths = check_seq_lengths(seq_lengths, batch, seq_len)
-        mask = lengths_to_mask(seq_lengths, seq_len)
+        seq_lengths = checks.check_seq_lengths(seq_lengths, batch, seq_len)
+        mask = checks.lengths_to_mask(seq_lengths, seq_len)
     elif mask is not None:
-        mask = check_bool_bt("mask", mask, batch, seq_len)
+        mask = checks.check_bool_bt("mask", mask, batch, seq_len)
     expand = (slice(None), slice(None)) + (None,) * (len(state_shape) - 1)
 
     def coeffs(xs, consts, params):

@@ -47,213 +47,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_minrnn import attention as attention_lib
-from flax_minrnn import layers as layers_lib
-from flax_minrnn import lm as lm_lib
-from flax_minrnn import scan as scan_lib
+from flax_minrnn.nn import attention as attention_lib
+from flax_minrnn.nn import blocks
+from flax_minrnn.nn import dense as dense_lib
+from flax_minrnn.nn import rglru as rglru_lib
+from flax_minrnn.nn.rglru import RGLRU
+from flax_minrnn.ops import checks
 
 Array = jax.Array
 Dtype = Any
 
 __all__ = ["RGLRU", "RecurrentBlock", "RecurrentState", "GriffinConfig", "GriffinCarry",
            "Griffin", "ResidualBlock", "griffin_2b_config", "griffin_9b_config",
-           "count_params", "sqrt_bounded_derivative", "rglru_lambda_init",
-           "BlockDiagonalLinear", "BLOCK_TYPES"]
+           "count_params", "BLOCK_TYPES"]
 
 BLOCK_TYPES = ("recurrent", "attention")
-
-# The derivative of sqrt is clipped at this value (as in both reference
-# implementations): d sqrt(x)/dx = 1 / (2 sqrt(max(x, 1 / (4 * 1000^2)))).
-MAX_SQRT_GRADIENT = 1000.0
 
 
 # ----------------------------------------------------------------------------
 # The RG-LRU.
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def sqrt_bounded_derivative(x: Array, max_gradient: float = MAX_SQRT_GRADIENT) -> Array:
-    """``sqrt(x)`` whose derivative is clipped at ``max_gradient``.
-
-    Forward: ``sqrt(x)``.  Derivative: ``1 / (2 sqrt(max(x, 1 / (4
-    max_gradient^2))))``, i.e. exact for ``x >= 1 / (4 max_gradient^2)``
-    (``2.5e-7`` for the default 1000) and ``max_gradient`` below, so
-    ``sqrt(1 - a^2)`` keeps finite gradients when ``a`` rounds to 1.
-    """
-    del max_gradient
-    return jnp.sqrt(x)
-
-
-@sqrt_bounded_derivative.defjvp
-def _sqrt_bounded_jvp(max_gradient, primals, tangents):
-    (x,), (t,) = primals, tangents
-    floor = 1.0 / (4.0 * float(max_gradient) ** 2)
-    return jnp.sqrt(x), t * (0.5 * jax.lax.rsqrt(jnp.maximum(x, floor)))
-
-
-def rglru_lambda_init(min_rad: float = 0.9, max_rad: float = 0.999, eps: float = 1e-8):
-    """Initialiser of ``Lambda`` with ``a = exp(-softplus(Lambda))`` in ``[min_rad, max_rad]``.
-
-    ``a^2`` is drawn uniformly from ``[min_rad^2, max_rad^2]`` (uniform on the
-    ring's area, as in the Griffin paper), then
-    ``Lambda = softplus^{-1}(-log a) = log(expm1(-log a))``.
-    """
-
-    def init(key, shape, dtype=jnp.float32):
-        u = jax.random.uniform(key, shape, jnp.float32)
-        log_a = 0.5 * jnp.log(u * (max_rad ** 2 - min_rad ** 2) + min_rad ** 2 + eps)
-        return jnp.log(jnp.expm1(-log_a)).astype(dtype)
-
-    return init
-
-
-class BlockDiagonalLinear(nn.Module):
-    """``y = x W + b`` with ``W`` block-diagonal: ``num_blocks`` blocks of ``width / num_blocks``.
-
-    Parameters ``kernel`` ``(num_blocks, k, k)`` (normal, variance
-    ``w_init_variance_scale / k``) and ``bias`` ``(num_blocks, k)`` (zeros).
-    """
-
-    num_blocks: int
-    w_init_variance_scale: float = 1.0
-    dtype: Optional[Dtype] = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        width = x.shape[-1]
-        k = width // self.num_blocks
-        kernel = self.param("kernel", nn.initializers.normal(
-            stddev=math.sqrt(self.w_init_variance_scale / k)),
-            (self.num_blocks, k, k), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.num_blocks, k), self.param_dtype)
-        dtype = self.dtype or x.dtype
-        xb = x.astype(dtype).reshape(x.shape[:-1] + (self.num_blocks, k))
-        y = jnp.einsum("...hi,hij->...hj", xb, kernel.astype(dtype))
-        y = y + bias.astype(dtype).reshape((1,) * (y.ndim - 2) + bias.shape)
-        return y.reshape(x.shape)
-
-
-def _check_linear_impl(scan_impl: str) -> None:
-    lm_lib._choice("scan_impl", scan_impl, lm_lib.LINEAR_SCAN_IMPLS)  # pylint: disable=protected-access
-
-
-class RGLRU(nn.Module):
-    """Real-Gated Linear Recurrent Unit (De et al. 2024, "Griffin", arXiv 2402.19427).
-
-    For an input ``x_t`` of width ``D`` (the state has the same width)::
-
-        r_t   = sigmoid(W_a x_t + b_a)                 recurrence gate
-        i_t   = sigmoid(W_x x_t + b_x)                 input gate
-        log a_t = -c * softplus(Lambda) * r_t          c = 8, so a_t = a^(c r_t)
-        h_t   = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x_t)
-        y_t   = h_t
-
-    ``W_a``, ``W_x`` are block-diagonal with ``num_heads`` blocks of
-    ``D / num_heads``.  ``Lambda`` (a ``D``-vector) starts with
-    ``a = exp(-softplus(Lambda))`` in ``[0.9, 0.999]`` (:func:`rglru_lambda_init`).
-    ``1 - a_t^2`` is computed as ``-expm1(2 log a_t)`` (exact near ``a = 1``)
-    and its square root has a derivative bounded by ``max_sqrt_gradient``
-    (:func:`sqrt_bounded_derivative`), so bfloat16 training stays finite.
-
-    Documents: at a step with ``reset`` the state restarts: ``a_t = 0`` and the
-    multiplier ``sqrt(1 - a_t^2)`` is replaced by 1 (``h_t = i_t * x_t``).  The
-    first step of a call without ``reset`` continues from ``carry`` (zeros when
-    ``None``) with the usual multiplier; :class:`Griffin` marks the token at
-    position 0 as a reset, as the reference implementations do.
-
-    Gates and the state are float32 (float64 for float64 inputs) whatever
-    ``dtype``; every sequence length, including ``T = 1`` decoding, goes
-    through the same single call of :func:`flax_minrnn.scan.linear_scan`.
-
-    Usage::
-
-        layer = RGLRU(num_heads=4)
-        params = layer.init(key, x)                  # x: (batch, T, 256)
-        carry, y = layer.apply(params, x)            # carry (batch, 256) float32
-        carry, y2 = layer.apply(params, x2, carry)   # continue the sequence
-
-    Parameters: ``a_param`` (``Lambda``, ``(D,)``), ``input_gate`` and
-    ``a_gate`` (:class:`BlockDiagonalLinear`, ``kernel (H, D/H, D/H)``, ``bias
-    (H, D/H)``).
-
-    Attributes:
-      num_heads: number of diagonal blocks of the gate weights; divides ``D``.
-      c: the constant ``c`` (8 in the paper).
-      min_rad, max_rad: initial range of ``a = exp(-softplus(Lambda))``.
-      max_sqrt_gradient: bound of the derivative of the square root.
-      w_init_variance_scale: variance scale of the gate weights (fan-in).
-      scan_impl: ``'auto'``, ``'associative'``, ``'sequential'``,
-        ``'chunked'`` or ``'native'`` (which runs ``'chunked'``: the compiled
-        kernels cover MinGRU/MinLSTM gates only); the log-space scans need
-        positive inputs.
-      dtype: compute dtype of the gate projections (``None``: the input's);
-        ``y`` is returned in it.
-      param_dtype: parameter dtype.
-    """
-
-    num_heads: int = 1
-    c: float = 8.0
-    min_rad: float = 0.9
-    max_rad: float = 0.999
-    max_sqrt_gradient: float = MAX_SQRT_GRADIENT
-    w_init_variance_scale: float = 1.0
-    scan_impl: str = "auto"
-    dtype: Optional[Dtype] = None
-    param_dtype: Dtype = jnp.float32
-
-    def initialize_carry(self, input_shape: Sequence[int]) -> Array:
-        """Zero state ``(batch, D)`` for inputs ``(batch, ..., D)``; no params, no RNG."""
-        return jnp.zeros((input_shape[0], input_shape[-1]),
-                         layers_lib.state_dtype(self.dtype or jnp.float32, self.param_dtype))
-
-    @nn.compact
-    def __call__(self, x: Array, carry: Optional[Array] = None, *,
-                 seq_lengths: Optional[Array] = None, mask: Optional[Array] = None,
-                 reset: Optional[Array] = None) -> Tuple[Array, Array]:
-        """Runs the RG-LRU; returns ``(carry, y)``.
-
-        Args:
-          x: float ``(batch, T, D)``.
-          carry: float32 ``(batch, D)`` or ``None`` (zeros).
-          seq_lengths: int ``(batch,)`` valid lengths, or
-          mask: bool ``(batch, T)`` valid steps (invalid steps keep the state;
-            their outputs are zero).
-          reset: bool ``(batch, T)``, True where a new document starts.
-
-        Returns:
-          ``(carry, y)``: the state after the last valid step (float32) and
-          ``y = h`` ``(batch, T, D)`` in the compute dtype.
-        """
-        layers_lib.check_input(x)
-        batch, seq_len, width = x.shape
-        lm_lib._at_least("num_heads", self.num_heads, 1)  # pylint: disable=protected-access
-        if width % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide the input width {width}")
-        _check_linear_impl(self.scan_impl)
-        dtype = self.dtype or x.dtype
-        s_dtype = layers_lib.state_dtype(dtype, self.param_dtype)
-        h0 = layers_lib.check_carry(carry, batch, width, s_dtype)
-        valid = layers_lib.valid_mask(batch, seq_len, seq_lengths, mask)
-        if reset is not None:
-            reset = scan_lib.check_bool_bt("reset", reset, batch, seq_len)
-
-        lam = self.param("a_param", rglru_lambda_init(self.min_rad, self.max_rad), (width,),
-                         self.param_dtype)
-        gate = lambda name: BlockDiagonalLinear(
-            self.num_heads, self.w_init_variance_scale, dtype=dtype,
-            param_dtype=self.param_dtype, name=name)
-        x = x.astype(dtype)
-        gate_x = jax.nn.sigmoid(gate("input_gate")(x).astype(s_dtype))
-        gate_a = jax.nn.sigmoid(gate("a_gate")(x).astype(s_dtype))
-        log_a = -self.c * jax.nn.softplus(lam.astype(s_dtype))[None, None, :] * gate_a
-        a = jnp.exp(log_a)
-        multiplier = sqrt_bounded_derivative(-jnp.expm1(2.0 * log_a), self.max_sqrt_gradient)
-        if reset is not None:
-            multiplier = jnp.where(reset[:, :, None], jnp.ones((), s_dtype), multiplier)
-        b = gate_x * x.astype(s_dtype) * multiplier
-        h_last, h = scan_lib.linear_scan(a, b, h0, impl=self.scan_impl, reset=reset, mask=valid)
-        return h_last, h.astype(dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -276,7 +88,7 @@ class RecurrentState(NamedTuple):
 def _empty_recurrent_state(batch: int, lru_width: int, conv1d_width: int, dtype,
                            param_dtype) -> RecurrentState:
     return RecurrentState(
-        jnp.zeros((batch, lru_width), layers_lib.state_dtype(dtype, param_dtype)),
+        jnp.zeros((batch, lru_width), checks.state_dtype(dtype, param_dtype)),
         jnp.zeros((batch, conv1d_width - 1, lru_width), dtype))
 
 
@@ -329,9 +141,9 @@ class RecurrentBlock(nn.Module):
                  seq_lengths: Optional[Array] = None,
                  reset: Optional[Array] = None) -> Tuple[RecurrentState, Array]:
         """Returns ``(carry, out)``; arguments as :class:`RGLRU` (no ``mask``)."""
-        layers_lib.check_input(x)
+        checks.check_input(x)
         batch, seq_len, width = x.shape
-        lm_lib._at_least("conv1d_width", self.conv1d_width, 1)  # pylint: disable=protected-access
+        checks.check_int_at_least("conv1d_width", self.conv1d_width, 1)  # pylint: disable=protected-access
         dtype = self.dtype or x.dtype
         lru_width = self.lru_width or width
         if carry is None:
@@ -343,13 +155,13 @@ class RecurrentBlock(nn.Module):
             raise ValueError(f"carry.conv must have shape (batch, conv1d_width - 1, lru_width) "
                              f"= {conv_shape}, got {tuple(carry.conv.shape)}")
         if seq_lengths is not None:
-            seq_lengths = scan_lib.check_seq_lengths(seq_lengths, batch, seq_len)
-        dense = lambda n, name, init: layers_lib.Dense(n, dtype=dtype, param_dtype=self.param_dtype,
+            seq_lengths = checks.check_seq_lengths(seq_lengths, batch, seq_len)
+        dense = lambda n, name, init: dense_lib.Dense(n, dtype=dtype, param_dtype=self.param_dtype,
                                                kernel_init=init, name=name)
         x = x.astype(dtype)
         y = nn.gelu(dense(lru_width, "linear_y", _fan_in(1.0))(x))
         u = dense(lru_width, "linear_x", _fan_in(1.0))(x)
-        u, conv = lm_lib.CausalConv(self.conv1d_width, dtype=dtype, param_dtype=self.param_dtype,
+        u, conv = blocks.CausalConv(self.conv1d_width, dtype=dtype, param_dtype=self.param_dtype,
                                     kernel_init=_fan_in(self.w_init_variance_scale),
                                     name="conv_1d")(u, carry.conv, seq_lengths=seq_lengths,
                                                     reset=reset)
@@ -362,11 +174,6 @@ class RecurrentBlock(nn.Module):
 
 # ----------------------------------------------------------------------------
 # Configuration.
-
-
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,7 +243,7 @@ class GriffinConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        at_least = lm_lib._at_least  # pylint: disable=protected-access
+        at_least = checks.check_int_at_least  # pylint: disable=protected-access
         for name in ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads",
                      "num_key_value_heads", "attention_window_size", "conv1d_width"):
             at_least(name, getattr(self, name), 1)
@@ -470,14 +277,14 @@ class GriffinConfig:
             raise ValueError(f"logits_soft_cap must be >= 0 (0 or None: off), "
                              f"got {self.logits_soft_cap!r}")
         for name in ("rms_norm_eps", "rope_theta", "w_init_variance_scale"):
-            _positive(name, getattr(self, name))
+            checks.check_positive_number(name, getattr(self, name))
         if self.final_w_init_variance_scale is not None:
-            _positive("final_w_init_variance_scale", self.final_w_init_variance_scale)
+            checks.check_positive_number("final_w_init_variance_scale", self.final_w_init_variance_scale)
         attention_lib.rotary_dim(self.head_dim, self.partial_rotary_factor)
         if not isinstance(self.embeddings_scale_by_sqrt_dim, bool):
             raise ValueError(f"embeddings_scale_by_sqrt_dim must be a bool, "
                              f"got {self.embeddings_scale_by_sqrt_dim!r}")
-        _check_linear_impl(self.scan_impl)
+        rglru_lib._check_linear_impl(self.scan_impl)
 
     @property
     def mlp_width(self) -> int:
@@ -604,7 +411,7 @@ class ResidualBlock(nn.Module):
     def __call__(self, x: Array, state, *, positions: Array, starts: Array,
                  seq_lengths: Optional[Array]) -> Tuple[Any, Array]:
         cfg = self.config
-        norm = lambda name: lm_lib._Norm(  # pylint: disable=protected-access
+        norm = lambda name: blocks.Norm(  # pylint: disable=protected-access
             "rmsnorm", cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         u = norm("temporal_pre_norm")(x)
         if self.block_type == "recurrent":
@@ -623,7 +430,7 @@ class ResidualBlock(nn.Module):
                 param_dtype=cfg.param_dtype, name="attention_block")(
                 u, state, positions=positions, seq_lengths=seq_lengths, reset=starts)
         x = x + y.astype(x.dtype)
-        y = lm_lib.ChannelMixing(cfg.hidden_size, cfg.mlp_width, glu=True, dtype=cfg.dtype,
+        y = blocks.ChannelMixing(cfg.hidden_size, cfg.mlp_width, glu=True, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype,
                                  down_kernel_init=_fan_in(cfg.final_init_scale),
                                  name="mlp_block")(norm("channel_pre_norm")(x))
@@ -676,7 +483,7 @@ class Griffin(nn.Module):
             raise ValueError(
                 f"carry must hold one state per layer for block types {self.config.layer_types} "
                 f"(see initialize_carry), got {jax.tree.structure(carry)}")
-        lm_lib.check_leaf_shapes(carry, ref, batch)
+        checks.check_leaf_shapes(carry, ref, batch)
         return jax.tree.map(lambda got, want: got.astype(want.dtype), carry, ref)
 
     @nn.compact
@@ -707,14 +514,14 @@ class Griffin(nn.Module):
         """
         del training  # no dropout in Griffin
         cfg = self.config
-        lm_lib.check_tokens(tokens, cfg.vocab_size)
+        checks.check_tokens(tokens, cfg.vocab_size)
         batch, seq_len = tokens.shape
         carry = (self.initialize_carry(batch) if carry is None
                  else self._check_carry(carry, batch))
         if seq_lengths is not None:
-            seq_lengths = scan_lib.check_seq_lengths(seq_lengths, batch, seq_len)
+            seq_lengths = checks.check_seq_lengths(seq_lengths, batch, seq_len)
         if reset is not None:
-            reset = scan_lib.check_bool_bt("reset", reset, batch, seq_len)
+            reset = checks.check_bool_bt("reset", reset, batch, seq_len)
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype,
@@ -724,7 +531,7 @@ class Griffin(nn.Module):
         x = embed(tokens)
         if cfg.embeddings_scale_by_sqrt_dim:
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
-        positions = lm_lib.token_positions(carry.position, seq_len, reset)
+        positions = blocks.token_positions(carry.position, seq_len, reset)
         # Position 0 starts a document (a fresh sequence or a reset).
         starts = positions == 0
         states = []
@@ -732,12 +539,12 @@ class Griffin(nn.Module):
             state, x = ResidualBlock(cfg, kind, name=f"blocks_{i}")(
                 x, carry.blocks[i], positions=positions, starts=starts, seq_lengths=seq_lengths)
             states.append(state)
-        x = lm_lib._Norm("rmsnorm", cfg.rms_norm_eps, cfg.dtype,  # pylint: disable=protected-access
+        x = blocks.Norm("rmsnorm", cfg.rms_norm_eps, cfg.dtype,  # pylint: disable=protected-access
                          cfg.param_dtype, name="final_norm")(x)
         logits = embed.attend(x).astype(jnp.float32)
         if cfg.logits_soft_cap:
             cap = jnp.float32(cfg.logits_soft_cap)
             logits = cap * jnp.tanh(logits / cap)
         return (GriffinCarry(tuple(states),
-                             lm_lib.next_position(positions, seq_lengths, carry.position)),
+                             blocks.next_position(positions, seq_lengths, carry.position)),
                 logits)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_minrnn import scan as scan_lib
+from flax_minrnn.ops import checks
 
 Array = jax.Array
 
@@ -60,7 +60,7 @@ class GenerateOutput(NamedTuple):
 
 
 def _concrete(x):
-    return scan_lib._concrete_or_none(x)  # pylint: disable=protected-access
+    return checks.concrete_or_none(x)  # pylint: disable=protected-access
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
@@ -263,7 +263,7 @@ def generate(model, params, prompt: Array, max_new_tokens: int, *, rng: Array,
     batch, plen = prompt.shape
     if prompt_lengths is None:
         prompt_lengths = jnp.full((batch,), plen, jnp.int32)
-    prompt_lengths = scan_lib.check_seq_lengths(prompt_lengths, batch, plen).astype(jnp.int32)
+    prompt_lengths = checks.check_seq_lengths(prompt_lengths, batch, plen).astype(jnp.int32)
     lengths_value = _concrete(prompt_lengths)
     if lengths_value is not None and lengths_value.size and lengths_value.min() < 1:
         raise ValueError("prompt_lengths must be >= 1 (a prompt needs a token), got "

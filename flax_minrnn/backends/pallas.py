@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from flax_minrnn.ops import scan as scan_lib
+
 Array = jax.Array
 
 __all__ = ["pallas_available", "linear_scan_pallas"]
@@ -153,7 +155,6 @@ def linear_scan_pallas(a: Array, b: Array, h0: Array, *, reverse: bool = False,
             grid=grid, in_specs=[tile, tile], out_specs=(row, row),
             name="linear_scan_chunk_summary", **params)(a, b)
         # Pass 2: the state entering each chunk, in scan order.
-        from flax_minrnn import scan as scan_lib  # pylint: disable=g-import-not-at-top
         _, after = scan_lib.linear_scan(p, e, h0, impl="associative",
                                         reverse=reverse)
         if reverse:

@@ -3,7 +3,7 @@
 Experiment configs are Python files (``configs/*.py``) following the
 ``get_config()`` convention of the flax examples and big_vision::
 
-    from flax_minrnn.config import default_config
+    from flax_minrnn.training.config import default_config
 
     def get_config(arg=None):
         '''Command: ... Expected result: ...'''

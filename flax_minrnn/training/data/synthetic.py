@@ -52,7 +52,7 @@ import inspect
 
 import numpy as np
 
-from flax_minrnn.data.text import CharDataset, check_int, check_step, load_text
+from flax_minrnn.training.data.text import CharDataset, check_int, check_step, load_text
 
 DEFAULT_EVAL_BATCHES = 10
 _TRAIN, _EVAL = 0, 1  # Seed streams.

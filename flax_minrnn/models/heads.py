@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flax_minrnn import layers as layers_lib
-from flax_minrnn import scan as scan_lib
-from flax_minrnn.lm import LM, LMConfig
+from flax_minrnn.models.lm import LM, LMConfig
+from flax_minrnn.nn import dense as dense_lib
+from flax_minrnn.ops import checks
 
 Array = jax.Array
 
@@ -49,7 +49,7 @@ def lengths_from_mask(attention_mask) -> Array:
     m = jnp.asarray(attention_mask)
     m = m if m.dtype == jnp.bool_ else m != jnp.zeros((), m.dtype)
     lengths = jnp.sum(m.astype(jnp.int32), axis=1)
-    value = scan_lib._concrete_or_none(m)  # pylint: disable=protected-access
+    value = checks.concrete_or_none(m)  # pylint: disable=protected-access
     if value is not None:
         prefix = np.arange(value.shape[1])[None, :] < value.sum(1)[:, None]
         if not np.array_equal(prefix, value):
@@ -86,14 +86,14 @@ class _Features(nn.Module):
         if attention_mask is not None:
             seq_lengths = lengths_from_mask(attention_mask)
         lengths = (jnp.full((batch,), seq_len, jnp.int32) if seq_lengths is None
-                   else scan_lib.check_seq_lengths(seq_lengths, batch, seq_len).astype(jnp.int32))
+                   else checks.check_seq_lengths(seq_lengths, batch, seq_len).astype(jnp.int32))
         _, z = LM(self.config, use_head=False, name="backbone")(
             tokens, training=training, seq_lengths=lengths)
         if self.bidirectional:
             _, zb = LM(self.config, use_head=False, name="backward")(
                 reverse_valid(tokens, lengths), training=training, seq_lengths=lengths)
             z = jnp.concatenate([z, reverse_valid(zb, lengths)], axis=-1)
-        valid = scan_lib.lengths_to_mask(lengths, seq_len)
+        valid = checks.lengths_to_mask(lengths, seq_len)
         return jnp.where(valid[:, :, None], z, jnp.zeros((), z.dtype)), lengths
 
 
@@ -139,7 +139,7 @@ class SequenceClassifier(nn.Module):
                 # The backward direction's summary is its state at step 0.
                 last = jnp.concatenate([last[:, :d], z[:, 0, d:]], axis=-1)
             pooled = jnp.where((lengths > 0)[:, None], last, jnp.zeros((), z.dtype))
-        return layers_lib.Dense(self.num_classes, name="classifier")(pooled).astype(jnp.float32)
+        return dense_lib.Dense(self.num_classes, name="classifier")(pooled).astype(jnp.float32)
 
 
 class TokenClassifier(nn.Module):
@@ -166,7 +166,7 @@ class TokenClassifier(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         z, _ = _Features(self.config, self.bidirectional, name="features")(
             tokens, attention_mask=attention_mask, seq_lengths=seq_lengths, training=training)
-        return layers_lib.Dense(self.num_classes, name="classifier")(z).astype(jnp.float32)
+        return dense_lib.Dense(self.num_classes, name="classifier")(z).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------

@@ -6,9 +6,9 @@ seed and ``step`` only) and ``eval_batches(num_batches=None)`` (the same fixed
 batches on every call).
 """
 
-from flax_minrnn.data.synthetic import (TASKS, AssociativeRecall, Parity,
+from flax_minrnn.training.data.synthetic import (TASKS, AssociativeRecall, Parity,
                                         SelectiveCopying, make_task)
-from flax_minrnn.data.text import (SHAKESPEARE_SHA256, CharDataset, CharVocab,
+from flax_minrnn.training.data.text import (SHAKESPEARE_SHA256, CharDataset, CharVocab,
                                    load_text, sha256_of_text)
 
 __all__ = [

@@ -44,9 +44,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_minrnn import layers as layers_lib
-from flax_minrnn import lm as lm_lib
-from flax_minrnn import scan as scan_lib
+from flax_minrnn.nn import blocks
+from flax_minrnn.nn import dense as dense_lib
+from flax_minrnn.ops import checks
 
 Array = jax.Array
 
@@ -158,9 +158,9 @@ class LocalAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     def _head_dim(self, width: int) -> int:
-        lm_lib._at_least("num_heads", self.num_heads, 1)  # pylint: disable=protected-access
-        lm_lib._at_least("num_kv_heads", self.num_kv_heads, 1)  # pylint: disable=protected-access
-        lm_lib._at_least("window", self.window, 1)  # pylint: disable=protected-access
+        checks.check_int_at_least("num_heads", self.num_heads, 1)  # pylint: disable=protected-access
+        checks.check_int_at_least("num_kv_heads", self.num_kv_heads, 1)  # pylint: disable=protected-access
+        checks.check_int_at_least("window", self.window, 1)  # pylint: disable=protected-access
         if width % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide the input width {width}")
         if self.num_heads % self.num_kv_heads:
@@ -196,7 +196,7 @@ class LocalAttention(nn.Module):
         Returns:
           ``(carry, y)``: the updated cache and ``y`` ``(batch, T, width)``.
         """
-        layers_lib.check_input(x)
+        checks.check_input(x)
         batch, seq_len, width = x.shape
         head_dim = self._head_dim(width)
         rot = rotary_dim(head_dim, self.partial_rotary_factor)
@@ -204,18 +204,18 @@ class LocalAttention(nn.Module):
         if carry is None:
             carry = self.initialize_carry(batch, width)
         carry = self._check_carry(carry, batch, head_dim, dtype)
-        valid = layers_lib.valid_mask(batch, seq_len, seq_lengths, None)
+        valid = checks.valid_mask(batch, seq_len, seq_lengths, None)
         if reset is not None:
-            reset = scan_lib.check_bool_bt("reset", reset, batch, seq_len)
+            reset = checks.check_bool_bt("reset", reset, batch, seq_len)
         if positions is None:
             start = jnp.max(carry.positions, axis=1) + 1
-            positions = lm_lib.token_positions(start, seq_len, reset)
+            positions = blocks.token_positions(start, seq_len, reset)
         elif tuple(positions.shape) != (batch, seq_len):
             raise ValueError(f"positions must have shape (batch, T) = ({batch}, {seq_len}), "
                              f"got {tuple(positions.shape)}")
         positions = positions.astype(jnp.int32)
 
-        dense = lambda n, name, bias, init: layers_lib.Dense(
+        dense = lambda n, name, bias, init: dense_lib.Dense(
             n, use_bias=bias, dtype=dtype, param_dtype=self.param_dtype, kernel_init=init,
             name=name)
         fan_in = nn.initializers.variance_scaling(1.0, "fan_in", "normal")

@@ -44,15 +44,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_minrnn import native as native_lib
-from flax_minrnn import parallel as parallel_lib
-from flax_minrnn import scan as scan_lib
+from flax_minrnn.backends import native as native_lib
+from flax_minrnn.nn import dense as dense_lib
+from flax_minrnn.ops import checks
+from flax_minrnn.ops import parallel as parallel_lib
+from flax_minrnn.ops import scan as scan_lib
 
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
 
-__all__ = ["MinGRU", "MinLSTM", "GatedLinearRNN", "g_activation"]
+__all__ = ["MinGRU", "MinLSTM", "GatedLinearRNN", "g_activation", "RECURRENT_KERNEL"]
+
+# The parameter a layer gains in true-recurrence mode (two-stage training).
+RECURRENT_KERNEL = "recurrent_kernel"
 
 
 def g_activation(x: Array) -> Array:
@@ -76,58 +81,6 @@ class Gates(NamedTuple):
 # Input checks shared by the layers.
 
 
-def check_input(x: Array, name: str = "x") -> None:
-    """x must be a floating ``(batch, time, features)`` array."""
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if x.ndim != 3:
-        raise ValueError(
-            f"{name} must have shape (batch, time, features), got {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be a floating-point array, got dtype {x.dtype} "
-            "(token ids need an embedding first)")
-
-
-def state_dtype(*dtypes) -> jnp.dtype:
-    """The carry dtype: float32, or float64 when the computation is float64."""
-    return scan_lib._accum_dtype(*dtypes)
-
-
-def check_carry(carry, batch: int, d_h: int, dtype) -> Array:
-    """Returns a zero state for ``None``; validates shape and dtype otherwise."""
-    if carry is None:
-        return jnp.zeros((batch, d_h), dtype)
-    if not hasattr(carry, "shape") or not hasattr(carry, "dtype"):
-        raise TypeError(f"carry must be an array, got {type(carry).__name__}")
-    if tuple(carry.shape) != (batch, d_h):
-        raise ValueError(
-            f"carry must have shape (batch, d_h) = ({batch}, {d_h}), "
-            f"got {tuple(carry.shape)}")
-    if carry.dtype != dtype:
-        raise TypeError(
-            f"carry must have dtype {jnp.dtype(dtype).name} (the state dtype), "
-            f"got {carry.dtype}")
-    return carry
-
-
-def valid_mask(batch: int, seq_len: int, seq_lengths, mask) -> Optional[Array]:
-    """The ``(batch, time)`` mask of valid steps (``None`` = all valid)."""
-    if mask is not None and seq_lengths is not None:
-        raise ValueError("pass either mask or seq_lengths, not both")
-    if seq_lengths is not None:
-        lengths = scan_lib.check_seq_lengths(seq_lengths, batch, seq_len)
-        return scan_lib.lengths_to_mask(lengths, seq_len)
-    if mask is not None:
-        return scan_lib.check_bool_bt("mask", mask, batch, seq_len)
-    return None
-
-
-def _check_positive(name: str, value) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-
-
 def _bias_init_with(base: Initializer, d_h: int, offsets: dict) -> Initializer:
     """``base`` with the segments ``{index: value}`` of a fused bias set."""
     if not offsets:
@@ -144,74 +97,6 @@ def _bias_init_with(base: Initializer, d_h: int, offsets: dict) -> Initializer:
 
 # ----------------------------------------------------------------------------
 # The one code path of every layer.
-
-
-# ``x @ kernel`` with the hand-written backward (one copy, in scan.py).
-_matmul = scan_lib.project
-
-
-def _dense_params(module: nn.Module, in_features: int):
-    """Declares ``kernel`` (and ``bias``) on ``module`` exactly as nn.Dense does."""
-    kernel = module.param("kernel", module.kernel_init, (in_features, module.features),
-                          module.param_dtype)
-    bias = (module.param("bias", module.bias_init, (module.features,), module.param_dtype)
-            if module.use_bias else None)
-    return kernel, bias
-
-
-def _add_bias(y: Array, bias: Optional[Array]) -> Array:
-    if bias is None:
-        return y
-    return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-
-
-class Dense(nn.Module):
-    """``y = x @ kernel + bias``: the parameters and result of ``nn.Dense``.
-
-    Same parameter names, shapes and initialisers as :class:`flax.linen.Dense`
-    (checkpoints are interchangeable); only the backward pass differs (see
-    :func:`_matmul`).  ``x``, ``kernel`` and ``bias`` are cast to ``dtype``.
-
-    Attributes:
-      features: output width.
-      use_bias: add ``bias``.
-      dtype: compute dtype (``None``: promote the input and params).
-      param_dtype: parameter dtype.
-      kernel_init, bias_init: initialisers.
-    """
-
-    features: int
-    use_bias: bool = True
-    dtype: Optional[Dtype] = None
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Initializer = nn.initializers.lecun_normal()
-    bias_init: Initializer = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel, bias = _dense_params(self, x.shape[-1])
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return _add_bias(_matmul(x, kernel), bias)
-
-
-class DenseParams(nn.Module):
-    """The parameters of a :class:`Dense` layer, without applying it.
-
-    For layers that fuse the bias into a later step (the recurrent layers add
-    ``in_proj``'s bias inside the scan loop, so the biased pre-activations are
-    never stored).  ``__call__(in_features)`` returns ``(kernel, bias)``
-    (``bias`` is ``None`` without ``use_bias``).
-    """
-
-    features: int
-    use_bias: bool = True
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Initializer = nn.initializers.lecun_normal()
-    bias_init: Initializer = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, in_features: int):
-        return _dense_params(self, in_features)
 
 
 def _check_width(module: nn.Module, x: Array, name: str) -> None:
@@ -263,29 +148,29 @@ def run_recurrence(
     the compiled kernels implement (:mod:`flax_minrnn.native`, for
     ``scan_impl="native"``).
     """
-    check_input(x)
+    checks.check_input(x)
     batch, seq_len, _ = x.shape
     impl = scan_lib.resolve_impl(module.scan_impl, seq_len, name="scan_impl")
-    scan = parallel_lib.layer_scan(module)  # linear_scan, or over sequence_axis
+    scan = layer_scan(module)  # linear_scan, or over sequence_axis
     dtype = module.dtype or x.dtype
-    s_dtype = state_dtype(dtype, module.param_dtype)
-    h0 = check_carry(carry, batch, d_h, s_dtype)
-    valid = valid_mask(batch, seq_len, seq_lengths, mask)
+    s_dtype = checks.state_dtype(dtype, module.param_dtype)
+    h0 = checks.check_carry(carry, batch, d_h, s_dtype)
+    valid = checks.valid_mask(batch, seq_len, seq_lengths, mask)
     if reset is not None:
-        reset = scan_lib.check_bool_bt("reset", reset, batch, seq_len)
+        reset = checks.check_bool_bt("reset", reset, batch, seq_len)
 
     # in_proj without its bias: the bias is added inside the scan loop (one
     # pass less over the pre-activations, and they are stored unbiased, in
     # the compute dtype); the gate function casts each block to float32.
     _check_width(module, x, "in_proj")
-    kernel, bias = DenseParams(
+    kernel, bias = dense_lib.DenseParams(
         n_proj * d_h, use_bias=module.use_bias, param_dtype=module.param_dtype,
         kernel_init=module.kernel_init,
         bias_init=_bias_init_with(module.bias_init, d_h, bias_offsets),
         name="in_proj")(x.shape[-1])
     out_proj = None
     if out_features is not None:
-        out_proj = DenseParams(out_features, use_bias=module.use_bias,
+        out_proj = dense_lib.DenseParams(out_features, use_bias=module.use_bias,
                                param_dtype=module.param_dtype,
                                kernel_init=module.kernel_init, bias_init=module.bias_init,
                                name="out_proj")(d_h)
@@ -296,7 +181,7 @@ def run_recurrence(
     cols = lambda w, rec: None if w is None else (w[..., :split] if rec else w[..., split:])
 
     def biased(p: Array, bias: Optional[Array]) -> Array:
-        return _add_bias(p.astype(s_dtype), None if bias is None else bias.astype(s_dtype))
+        return dense_lib.add_bias(p.astype(s_dtype), None if bias is None else bias.astype(s_dtype))
 
     # Everything traced that the coefficients and the readout use.
     params = (cols(bias, True), None if output_gate is None else cols(bias, False), out_proj)
@@ -308,7 +193,7 @@ def run_recurrence(
         y = h if output_gate is None else output_gate(h, biased(o, params[1]))
         y = y.astype(dtype)
         if params[2] is not None:
-            y = _add_bias(_matmul(y, params[2][0]), params[2][1])
+            y = dense_lib.add_bias(dense_lib.matmul(y, params[2][0]), params[2][1])
         return y
 
     if module.use_true_recurrence or module.sequence_axis is not None:
@@ -317,9 +202,9 @@ def run_recurrence(
                                             n_proj, dtype, coeffs, cols, params,
                                             output_gate is not None)
         else:  # the time axis is split over a mesh axis
-            h_last, h = scan(*coeffs(_matmul(x_c, cols(kernel, True)), params), h0,
+            h_last, h = scan(*coeffs(dense_lib.matmul(x_c, cols(kernel, True)), params), h0,
                              impl=impl, reset=reset, mask=valid, reverse=module.reverse)
-            o = None if output_gate is None else _matmul(x_c, cols(kernel, False))
+            o = None if output_gate is None else dense_lib.matmul(x_c, cols(kernel, False))
         # Rematerialised in the backward pass, which keeps only h and o.
         return h_last, jax.checkpoint(readout)(h, o, params), valid
     # The projection runs inside the scan (tile by tile where the
@@ -358,9 +243,9 @@ def _true_recurrence(module, x_c, kernel, h0, valid, reset, d_h, n_proj, dtype, 
     ``coeffs(pre, params)`` as in :func:`run_recurrence`.  Returns ``(h_last,
     h, o)`` (``o`` the output-only columns, unbiased, or ``None``)."""
     batch, seq_len, _ = x_c.shape
-    recurrent = module.param("recurrent_kernel", nn.initializers.zeros,
+    recurrent = module.param(RECURRENT_KERNEL, nn.initializers.zeros,
                              (d_h, n_proj * d_h), module.param_dtype).astype(dtype)
-    pre = _matmul(x_c, kernel)
+    pre = dense_lib.matmul(x_c, kernel)
     ones = jnp.ones((batch, seq_len), bool)
     valid_ = ones if valid is None else valid
     boundary = (jnp.zeros_like(ones) if reset is None
@@ -573,7 +458,7 @@ class MinGRU(nn.Module):
           mask: bool ``(batch, time)`` valid steps.
           reset: bool ``(batch, time)``, True where a new document starts.
         """
-        check_input(x)
+        checks.check_input(x)
         d_h = self.state_size(x.shape[-1])
         out_features = _out_features(self, x, d_h)
         h_last, y, valid = run_recurrence(
@@ -649,7 +534,7 @@ class MinLSTM(nn.Module):
                  seq_lengths: Optional[Array] = None, mask: Optional[Array] = None,
                  reset: Optional[Array] = None) -> Tuple[Array, Array]:
         """Runs the layer; returns ``(carry, y)`` (arguments as :class:`MinGRU`)."""
-        check_input(x)
+        checks.check_input(x)
         d_h = self.state_size(x.shape[-1])
         out_features = _out_features(self, x, d_h)
         h_last, y, valid = run_recurrence(
@@ -666,9 +551,9 @@ class MinLSTM(nn.Module):
 
 
 def _expanded_width(layer, d_in: int) -> int:
-    _check_positive("d_h", layer.d_h)
-    _check_positive("d_model", layer.d_model)
-    _check_positive("expansion_factor", layer.expansion_factor)
+    checks.check_positive_or_none("d_h", layer.d_h)
+    checks.check_positive_or_none("d_model", layer.d_model)
+    checks.check_positive_or_none("expansion_factor", layer.expansion_factor)
     if layer.d_h is not None:
         return layer.d_h
     return max(1, int(round(layer.expansion_factor * d_in)))
@@ -676,7 +561,7 @@ def _expanded_width(layer, d_in: int) -> int:
 
 def _zero_carry(layer, input_shape: Sequence[int]) -> Array:
     return jnp.zeros((input_shape[0], layer.state_size(input_shape[-1])),
-                     state_dtype(layer.dtype or jnp.float32, layer.param_dtype))
+                     checks.state_dtype(layer.dtype or jnp.float32, layer.param_dtype))
 
 
 def _out_features(layer, x: Array, d_h: int) -> Optional[int]:
@@ -747,8 +632,8 @@ class GatedLinearRNN(nn.Module):
         del d_in
         if self.d_h is None:
             raise ValueError("GatedLinearRNN needs d_h (the state width)")
-        _check_positive("d_h", self.d_h)
-        _check_positive("d_model", self.d_model)
+        checks.check_positive_or_none("d_h", self.d_h)
+        checks.check_positive_or_none("d_model", self.d_model)
         return self.d_h
 
     def initialize_carry(self, input_shape: Sequence[int]) -> Array:
@@ -760,7 +645,7 @@ class GatedLinearRNN(nn.Module):
                  seq_lengths: Optional[Array] = None, mask: Optional[Array] = None,
                  reset: Optional[Array] = None) -> Tuple[Array, Array]:
         """Runs the layer; returns ``(carry, y)`` (arguments as :class:`MinGRU`)."""
-        check_input(x)
+        checks.check_input(x)
         d_h = self.state_size(x.shape[-1])
         if self.use_tied_gates:
             offsets = {1: -self.forget_bias} if self.forget_bias else {}
@@ -776,3 +661,26 @@ class GatedLinearRNN(nn.Module):
             out_features=self.d_model or d_h, bias_offsets=offsets,
             seq_lengths=seq_lengths, mask=mask, reset=reset)
         return h_last, _zero_invalid(y, valid)
+
+
+def layer_scan(module) -> Callable[..., Tuple[Array, Array]]:
+    """The scan a layer runs: ``linear_scan``, or the sequence-parallel one.
+
+    A layer whose ``sequence_axis`` field is a mesh axis name gets
+    :func:`sequence_parallel_scan` over that axis (same call signature);
+    ``None`` (or no such field) gets :func:`flax_minrnn.scan.linear_scan`.
+
+    Raises:
+      ValueError: ``sequence_axis`` together with ``use_true_recurrence``
+        (a true recurrence runs one step at a time: there is nothing to
+        split).
+    """
+    axis = getattr(module, "sequence_axis", None)
+    if axis is None:
+        return scan_lib.linear_scan
+    if getattr(module, "use_true_recurrence", False):
+        raise ValueError(
+            f"sequence_axis={axis!r} needs use_true_recurrence=False (a true "
+            "recurrence runs one step at a time)")
+    return functools.partial(parallel_lib.sequence_parallel_scan, axis_name=axis)
+

@@ -2,7 +2,7 @@
 
 The one entry point is :func:`train_and_evaluate`::
 
-    from flax_minrnn import config as config_lib, train
+    from flax_minrnn.training import config as config_lib, train
     config = config_lib.load_config("configs/shakespeare.py")
     metrics = train.train_and_evaluate(config, "/tmp/run")
 
@@ -39,14 +39,14 @@ import optax
 from flax import traverse_util
 from flax.core import unfreeze
 
-from flax_minrnn import checkpoint as ckpt_lib
-from flax_minrnn import config as config_lib
-from flax_minrnn import parallel as parallel_lib
-from flax_minrnn.config import ConfigError
-from flax_minrnn.data import CharDataset, CharVocab, load_text, make_task
-from flax_minrnn.griffin import Griffin, GriffinConfig
-from flax_minrnn.heads import weighted_cross_entropy
-from flax_minrnn.lm import LM, LMConfig
+from flax_minrnn.models.griffin import Griffin, GriffinConfig
+from flax_minrnn.models.heads import weighted_cross_entropy
+from flax_minrnn.models.lm import LM, LMConfig
+from flax_minrnn.training import checkpoint as ckpt_lib
+from flax_minrnn.training import config as config_lib
+from flax_minrnn.training import mesh as parallel_lib
+from flax_minrnn.training.config import ConfigError
+from flax_minrnn.training.data import CharDataset, CharVocab, load_text, make_task
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -374,7 +374,7 @@ def initial_params(config: ml_collections.ConfigDict, model: LM,
         if CharVocab.from_json(meta["vocab"]) != vocab:
             raise ConfigError(f"init_from.workdir {source!r} was trained with "
                               "another vocabulary.")
-    from flax_minrnn.migrate import migrate_params  # pylint: disable=g-import-not-at-top
+    from flax_minrnn.training.migrate import migrate_params  # pylint: disable=g-import-not-at-top
     # Dropout-free twin: same params, and init needs no 'dropout' rng.
     twin = LM(dataclasses.replace(model.config, dropout=0.0,
                                   embedding_dropout=0.0)) \
@@ -466,7 +466,7 @@ def _sample_text(model, params, vocab: CharVocab, prompt: str,
                  max_new_tokens: int, key, *, temperature: float,
                  top_k: int = 0, top_p: float = 1.0) -> str:
     """Prompt + ``max_new_tokens`` generated characters."""
-    from flax_minrnn.generate import generate  # pylint: disable=g-import-not-at-top
+    from flax_minrnn.models.generate import generate  # pylint: disable=g-import-not-at-top
     if not prompt:
         raise ValueError("the prompt must contain at least one character")
     ids = vocab.encode(prompt)[None, :]

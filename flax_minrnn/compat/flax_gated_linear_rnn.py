@@ -1,0 +1,263 @@
+"""The API of the ``flax-gated-linear-rnn`` package on this library's layers.
+
+:class:`GatedLinearRNNLM` reproduces the constructor and call signature of
+that package's language model, and :func:`from_flax_gated_linear_rnn`
+converts the parameters of its ``GatedLinearRNN`` layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
+
+from flax_minrnn.models import lm as lm_lib
+from flax_minrnn.nn import blocks
+from flax_minrnn.nn import dense as dense_lib
+from flax_minrnn.nn import recurrent as layers_lib
+from flax_minrnn.ops import checks
+
+Array = jax.Array
+Params = Any
+
+__all__ = ["GatedLinearRNNLM", "from_flax_gated_linear_rnn"]
+
+
+class _PackageTimeMixing(nn.Module):
+    """``x + h``-then-dropout block of the package: ``dropout(x + glrnn(LN(x)))``."""
+
+    eps: float
+    dropout: float
+    d_model: int
+    d_h: int
+    input_activation: Callable
+    hidden_activation: Callable
+    gate_activation: Callable
+    use_true_recurrence: bool
+    use_tied_gates: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, training: bool, carry=None, mask=None):
+        u = blocks.Norm("layernorm", self.eps, self.dtype, self.param_dtype,
+                  name="layer_norm_function")(x)
+        h, y = layers_lib.GatedLinearRNN(
+            d_h=self.d_h, d_model=self.d_model, input_activation=self.input_activation,
+            hidden_activation=self.hidden_activation, gate_activation=self.gate_activation,
+            use_true_recurrence=self.use_true_recurrence, use_tied_gates=self.use_tied_gates,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="model")(u, carry, mask=mask)
+        x = x + y.astype(x.dtype)
+        return h, nn.Dropout(rate=self.dropout, deterministic=not training)(x)
+
+
+class _PackageChannelMixing(nn.Module):
+    """``dropout(x + W_2 gelu(W_1 LN(x)))`` (the package's ``ChannelMixing``)."""
+
+    d_model: int
+    d_hidden: int
+    eps: float
+    dropout: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, training: bool):
+        u = blocks.Norm("layernorm", self.eps, self.dtype, self.param_dtype, name="layer_norm")(x)
+        u = nn.gelu(dense_lib.Dense(self.d_hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="dense_layers_0")(u))
+        u = dense_lib.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="dense_layers_1")(u)
+        return nn.Dropout(rate=self.dropout, deterministic=not training)(x + u)
+
+
+class GatedLinearRNNLM(nn.Module):
+    """Drop-in for ``flax_gated_linear_rnn.GatedLinearRNNLM`` (same constructor).
+
+    Per layer ``l`` (the package's structure, dropout after the residual)::
+
+        x <- dropout(x + GatedLinearRNN(LayerNorm(x)))          time mixing
+        x <- dropout(x + W_2 gelu(W_1 LayerNorm(x)))            channel mixing
+
+    then ``head`` (a Dense to ``output_vocab_size``) when ``use_head``.  The
+    input is ``Embed(x) + pe(offset + t)`` (token ids) or ``dense_lib.Dense(x) + pe``
+    (features, ``use_word_embedding=False``).
+
+    Differences from the package (its bugs):
+
+    * ``positional_encoding_mode='learned'`` works (the package crashes);
+      positions past ``max_seq_length`` raise ``ValueError`` when concrete
+      and are clipped under ``jax.jit``.  ``'sinusoidal'`` has no length
+      limit.
+    * positions continue across calls: pass ``offset`` (int or int
+      ``(batch,)``, the number of tokens already consumed; default 0) with
+      the ``carry`` of the previous call.  The carry keeps the package's shape
+      ``(batch, n_layer, d_h)``, so chunked calls equal one full call.
+    * ``mask`` (bool ``(batch, time)``) is honoured: masked steps leave every
+      state unchanged and their outputs are zero before the residual.
+
+    Parameter names follow the package (``input_function``, ``wpe``,
+    ``time_mixing_layers_{l}/{layer_norm_function, model}``,
+    ``channel_mixing_layers_{l}/{layer_norm, dense_layers_0, dense_layers_1}``,
+    ``head``), except inside ``model`` (see :func:`flax_minrnn.migrate.from_flax_gated_linear_rnn`).
+    """
+
+    n_layer: int
+    d_model: int
+    d_channel_mixing: int
+    eps: float
+    channel_mixing_dropout: float
+    time_mixing_dropout: float
+    input_vocab_size: Optional[int]
+    output_vocab_size: int
+    max_seq_length: int
+    embedding_dropout: float
+    use_word_embedding: bool
+    positional_encoding_mode: str
+    d_h: int
+    input_activation: Callable = nn.tanh
+    hidden_activation: Callable = nn.tanh
+    gate_activation: Callable = nn.sigmoid
+    use_true_recurrence: bool = False
+    use_tied_gates: bool = True
+    use_head: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, training: bool = False, carry: Optional[Array] = None,
+                 mask: Optional[Array] = None, offset=None) -> Tuple[Array, Array]:
+        """Returns ``(carry, y)``: carry float32 ``(batch, n_layer, d_h)``, ``y``
+        logits ``(batch, time, output_vocab_size)`` (or features without head).
+
+        Args:
+          x: int ``(batch, time)`` ids, or float ``(batch, time,
+            input_vocab_size)`` features when ``use_word_embedding=False``.
+          training: enables dropout (``'dropout'`` rng).
+          carry: ``(batch, n_layer, d_h)`` from the previous call, or ``None``.
+          mask: bool ``(batch, time)`` valid steps.
+          offset: position of ``x[:, 0]`` (int or int ``(batch,)``).
+        """
+        checks.check_choice("positional_encoding_mode", self.positional_encoding_mode,
+                lm_lib.POSITIONAL_ENCODINGS)
+        if self.use_word_embedding:
+            if self.input_vocab_size is None:
+                raise ValueError("use_word_embedding=True needs input_vocab_size")
+            checks.check_tokens(x, self.input_vocab_size, name="x")
+            h = nn.Embed(self.input_vocab_size, self.d_model, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="input_function")(x)
+        else:
+            checks.check_input(x)
+            h = dense_lib.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="input_function")(x)
+        batch, seq_len = x.shape[:2]
+        if mask is not None:
+            mask = checks.check_bool_bt("mask", mask, batch, seq_len)
+        if carry is not None and tuple(carry.shape) != (batch, self.n_layer, self.d_h):
+            raise ValueError(f"carry must have shape (batch, n_layer, d_h) = "
+                             f"({batch}, {self.n_layer}, {self.d_h}), got {tuple(carry.shape)}")
+        if self.positional_encoding_mode != "none":
+            start = jnp.zeros((batch,), jnp.int32) if offset is None else \
+                jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (batch,))
+            h = blocks.PositionalEncoding(self.positional_encoding_mode, self.max_seq_length,
+                                   dtype=self.dtype, param_dtype=self.param_dtype,
+                                   name="wpe")(h, blocks.token_positions(start, seq_len, None), mask)
+        h = nn.Dropout(rate=self.embedding_dropout, deterministic=not training)(h)
+        states = []
+        for l in range(self.n_layer):
+            state, h = _PackageTimeMixing(
+                self.eps, self.time_mixing_dropout, self.d_model, self.d_h,
+                self.input_activation, self.hidden_activation, self.gate_activation,
+                self.use_true_recurrence, self.use_tied_gates, self.dtype, self.param_dtype,
+                name=f"time_mixing_layers_{l}")(
+                    h, training, None if carry is None else carry[:, l], mask)
+            h = _PackageChannelMixing(self.d_model, self.d_channel_mixing, self.eps,
+                                      self.channel_mixing_dropout, self.dtype,
+                                      self.param_dtype, name=f"channel_mixing_layers_{l}")(
+                h, training)
+            states.append(state)
+        if self.use_head:
+            h = dense_lib.Dense(self.output_vocab_size, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="head")(h)
+        return jnp.stack(states, axis=1), h
+
+
+
+def _dense_leaves(d, name: str, *, bias: bool) -> Dict[str, Any]:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{name} must be a dict with a kernel, got {type(d).__name__}")
+    expected = {"kernel", "bias"} if bias else {"kernel"}
+    if set(d) != expected:
+        raise ValueError(f"{name} must have exactly the keys {sorted(expected)}, got {sorted(d)}")
+    if np.ndim(d["kernel"]) != 2:
+        raise ValueError(f"{name}/kernel must be 2-D, got shape {tuple(np.shape(d['kernel']))}")
+    return dict(d)
+
+
+def from_flax_gated_linear_rnn(params: Params) -> Params:
+    """Converts ``flax_gated_linear_rnn.GatedLinearRNN`` params to ours.
+
+    The package's layer (version 1.0.3) computes, with ``W`` its ``proj`` and
+    ``U`` its ``model/recurrent_proj`` (true-recurrence mode only)::
+
+        [i~, i, (f,) o]_pre = x_t @ W + b (+ h_{t-1} @ U)
+        h_t = f_t * h_{t-1} + i_t * tanh(i~_pre),   f = 1 - i when tied
+        y_t = out_proj(tanh(h_t) * o_t)
+
+    :class:`flax_minrnn.GatedLinearRNN` uses the same fused block order, so the
+    conversion is a renaming::
+
+        proj                        -> in_proj
+        out_proj                    -> out_proj
+        model/recurrent_proj/kernel -> recurrent_kernel
+
+    Build the matching layer as ``GatedLinearRNN(d_h=d_h, d_model=d_model,
+    use_tied_gates=..., use_true_recurrence='model' in params)``.
+
+    Args:
+      params: the package layer's parameters, inner (``{'proj', 'out_proj',
+        ['model']}``) or wrapped (``{'params': ...}``); the result has the same
+        form.  (For the package's language models, convert each nested
+        ``GatedLinearRNN`` subtree.)
+
+    Returns:
+      ``{'in_proj': ..., 'out_proj': ..., ['recurrent_kernel': ...]}``.
+
+    Raises:
+      ValueError: unexpected keys or shapes that do not form a 3- or 4-block
+        gated linear RNN.
+    """
+    inner, wrapped = checks.unwrap_params(params)
+    keys = set(inner)
+    if not {"proj", "out_proj"} <= keys or not keys <= {"proj", "out_proj", "model"}:
+        raise ValueError(
+            "params must be a flax_gated_linear_rnn.GatedLinearRNN tree with keys "
+            f"'proj', 'out_proj' and optionally 'model', got {sorted(keys)}")
+    proj = _dense_leaves(inner["proj"], "proj", bias=True)
+    out_proj = _dense_leaves(inner["out_proj"], "out_proj", bias=True)
+    d_h = np.shape(out_proj["kernel"])[0]
+    width = np.shape(proj["kernel"])[1]
+    if width not in (3 * d_h, 4 * d_h):
+        raise ValueError(
+            f"proj/kernel has {width} outputs; with d_h={d_h} (out_proj/kernel rows) a "
+            f"GatedLinearRNN has {3 * d_h} (tied gates) or {4 * d_h} (untied)")
+    result = {"in_proj": proj, "out_proj": out_proj}
+    if "model" in inner:
+        model = inner["model"]
+        if not isinstance(model, Mapping) or set(model) != {"recurrent_proj"}:
+            raise ValueError(
+                "params['model'] must be {'recurrent_proj': {'kernel': ...}} (the "
+                f"true-recurrence mode), got {sorted(model) if isinstance(model, Mapping) else model!r}")
+        rec = _dense_leaves(model["recurrent_proj"], "model/recurrent_proj", bias=False)
+        if tuple(np.shape(rec["kernel"])) != (d_h, width):
+            raise ValueError(
+                f"model/recurrent_proj/kernel must have shape ({d_h}, {width}), "
+                f"got {tuple(np.shape(rec['kernel']))}")
+        result[layers_lib.RECURRENT_KERNEL] = rec["kernel"]
+    return {"params": result} if wrapped else result
+

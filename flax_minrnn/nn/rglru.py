@@ -1,0 +1,218 @@
+"""The Real-Gated Linear Recurrent Unit of Griffin (De et al. 2024, arXiv 2402.19427).
+
+:class:`RGLRU` is the recurrence of Griffin / RecurrentGemma's recurrent
+blocks; it runs on :func:`flax_minrnn.ops.scan.linear_scan`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_minrnn.ops import checks
+from flax_minrnn.ops import scan as scan_lib
+
+Array = jax.Array
+Dtype = Any
+
+__all__ = ["RGLRU", "BlockDiagonalLinear", "sqrt_bounded_derivative", "rglru_lambda_init",
+           "MAX_SQRT_GRADIENT", "LINEAR_SCAN_IMPLS"]
+
+# Scan implementations for recurrences whose inputs can be negative (RG-LRU).
+LINEAR_SCAN_IMPLS = ("auto", "associative", "sequential", "chunked", "native")
+
+
+# The derivative of sqrt is clipped at this value (as in both reference
+# implementations): d sqrt(x)/dx = 1 / (2 sqrt(max(x, 1 / (4 * 1000^2)))).
+MAX_SQRT_GRADIENT = 1000.0
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def sqrt_bounded_derivative(x: Array, max_gradient: float = MAX_SQRT_GRADIENT) -> Array:
+    """``sqrt(x)`` whose derivative is clipped at ``max_gradient``.
+
+    Forward: ``sqrt(x)``.  Derivative: ``1 / (2 sqrt(max(x, 1 / (4
+    max_gradient^2))))``, i.e. exact for ``x >= 1 / (4 max_gradient^2)``
+    (``2.5e-7`` for the default 1000) and ``max_gradient`` below, so
+    ``sqrt(1 - a^2)`` keeps finite gradients when ``a`` rounds to 1.
+    """
+    del max_gradient
+    return jnp.sqrt(x)
+
+
+@sqrt_bounded_derivative.defjvp
+def _sqrt_bounded_jvp(max_gradient, primals, tangents):
+    (x,), (t,) = primals, tangents
+    floor = 1.0 / (4.0 * float(max_gradient) ** 2)
+    return jnp.sqrt(x), t * (0.5 * jax.lax.rsqrt(jnp.maximum(x, floor)))
+
+
+def rglru_lambda_init(min_rad: float = 0.9, max_rad: float = 0.999, eps: float = 1e-8):
+    """Initialiser of ``Lambda`` with ``a = exp(-softplus(Lambda))`` in ``[min_rad, max_rad]``.
+
+    ``a^2`` is drawn uniformly from ``[min_rad^2, max_rad^2]`` (uniform on the
+    ring's area, as in the Griffin paper), then
+    ``Lambda = softplus^{-1}(-log a) = log(expm1(-log a))``.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        u = jax.random.uniform(key, shape, jnp.float32)
+        log_a = 0.5 * jnp.log(u * (max_rad ** 2 - min_rad ** 2) + min_rad ** 2 + eps)
+        return jnp.log(jnp.expm1(-log_a)).astype(dtype)
+
+    return init
+
+
+class BlockDiagonalLinear(nn.Module):
+    """``y = x W + b`` with ``W`` block-diagonal: ``num_blocks`` blocks of ``width / num_blocks``.
+
+    Parameters ``kernel`` ``(num_blocks, k, k)`` (normal, variance
+    ``w_init_variance_scale / k``) and ``bias`` ``(num_blocks, k)`` (zeros).
+    """
+
+    num_blocks: int
+    w_init_variance_scale: float = 1.0
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        width = x.shape[-1]
+        k = width // self.num_blocks
+        kernel = self.param("kernel", nn.initializers.normal(
+            stddev=math.sqrt(self.w_init_variance_scale / k)),
+            (self.num_blocks, k, k), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.num_blocks, k), self.param_dtype)
+        dtype = self.dtype or x.dtype
+        xb = x.astype(dtype).reshape(x.shape[:-1] + (self.num_blocks, k))
+        y = jnp.einsum("...hi,hij->...hj", xb, kernel.astype(dtype))
+        y = y + bias.astype(dtype).reshape((1,) * (y.ndim - 2) + bias.shape)
+        return y.reshape(x.shape)
+
+
+def _check_linear_impl(scan_impl: str) -> None:
+    checks.check_choice("scan_impl", scan_impl, LINEAR_SCAN_IMPLS)  # pylint: disable=protected-access
+
+
+class RGLRU(nn.Module):
+    """Real-Gated Linear Recurrent Unit (De et al. 2024, "Griffin", arXiv 2402.19427).
+
+    For an input ``x_t`` of width ``D`` (the state has the same width)::
+
+        r_t   = sigmoid(W_a x_t + b_a)                 recurrence gate
+        i_t   = sigmoid(W_x x_t + b_x)                 input gate
+        log a_t = -c * softplus(Lambda) * r_t          c = 8, so a_t = a^(c r_t)
+        h_t   = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x_t)
+        y_t   = h_t
+
+    ``W_a``, ``W_x`` are block-diagonal with ``num_heads`` blocks of
+    ``D / num_heads``.  ``Lambda`` (a ``D``-vector) starts with
+    ``a = exp(-softplus(Lambda))`` in ``[0.9, 0.999]`` (:func:`rglru_lambda_init`).
+    ``1 - a_t^2`` is computed as ``-expm1(2 log a_t)`` (exact near ``a = 1``)
+    and its square root has a derivative bounded by ``max_sqrt_gradient``
+    (:func:`sqrt_bounded_derivative`), so bfloat16 training stays finite.
+
+    Documents: at a step with ``reset`` the state restarts: ``a_t = 0`` and the
+    multiplier ``sqrt(1 - a_t^2)`` is replaced by 1 (``h_t = i_t * x_t``).  The
+    first step of a call without ``reset`` continues from ``carry`` (zeros when
+    ``None``) with the usual multiplier; :class:`Griffin` marks the token at
+    position 0 as a reset, as the reference implementations do.
+
+    Gates and the state are float32 (float64 for float64 inputs) whatever
+    ``dtype``; every sequence length, including ``T = 1`` decoding, goes
+    through the same single call of :func:`flax_minrnn.scan.linear_scan`.
+
+    Usage::
+
+        layer = RGLRU(num_heads=4)
+        params = layer.init(key, x)                  # x: (batch, T, 256)
+        carry, y = layer.apply(params, x)            # carry (batch, 256) float32
+        carry, y2 = layer.apply(params, x2, carry)   # continue the sequence
+
+    Parameters: ``a_param`` (``Lambda``, ``(D,)``), ``input_gate`` and
+    ``a_gate`` (:class:`BlockDiagonalLinear`, ``kernel (H, D/H, D/H)``, ``bias
+    (H, D/H)``).
+
+    Attributes:
+      num_heads: number of diagonal blocks of the gate weights; divides ``D``.
+      c: the constant ``c`` (8 in the paper).
+      min_rad, max_rad: initial range of ``a = exp(-softplus(Lambda))``.
+      max_sqrt_gradient: bound of the derivative of the square root.
+      w_init_variance_scale: variance scale of the gate weights (fan-in).
+      scan_impl: ``'auto'``, ``'associative'``, ``'sequential'``,
+        ``'chunked'`` or ``'native'`` (which runs ``'chunked'``: the compiled
+        kernels cover MinGRU/MinLSTM gates only); the log-space scans need
+        positive inputs.
+      dtype: compute dtype of the gate projections (``None``: the input's);
+        ``y`` is returned in it.
+      param_dtype: parameter dtype.
+    """
+
+    num_heads: int = 1
+    c: float = 8.0
+    min_rad: float = 0.9
+    max_rad: float = 0.999
+    max_sqrt_gradient: float = MAX_SQRT_GRADIENT
+    w_init_variance_scale: float = 1.0
+    scan_impl: str = "auto"
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    def initialize_carry(self, input_shape: Sequence[int]) -> Array:
+        """Zero state ``(batch, D)`` for inputs ``(batch, ..., D)``; no params, no RNG."""
+        return jnp.zeros((input_shape[0], input_shape[-1]),
+                         checks.state_dtype(self.dtype or jnp.float32, self.param_dtype))
+
+    @nn.compact
+    def __call__(self, x: Array, carry: Optional[Array] = None, *,
+                 seq_lengths: Optional[Array] = None, mask: Optional[Array] = None,
+                 reset: Optional[Array] = None) -> Tuple[Array, Array]:
+        """Runs the RG-LRU; returns ``(carry, y)``.
+
+        Args:
+          x: float ``(batch, T, D)``.
+          carry: float32 ``(batch, D)`` or ``None`` (zeros).
+          seq_lengths: int ``(batch,)`` valid lengths, or
+          mask: bool ``(batch, T)`` valid steps (invalid steps keep the state;
+            their outputs are zero).
+          reset: bool ``(batch, T)``, True where a new document starts.
+
+        Returns:
+          ``(carry, y)``: the state after the last valid step (float32) and
+          ``y = h`` ``(batch, T, D)`` in the compute dtype.
+        """
+        checks.check_input(x)
+        batch, seq_len, width = x.shape
+        checks.check_int_at_least("num_heads", self.num_heads, 1)  # pylint: disable=protected-access
+        if width % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide the input width {width}")
+        _check_linear_impl(self.scan_impl)
+        dtype = self.dtype or x.dtype
+        s_dtype = checks.state_dtype(dtype, self.param_dtype)
+        h0 = checks.check_carry(carry, batch, width, s_dtype)
+        valid = checks.valid_mask(batch, seq_len, seq_lengths, mask)
+        if reset is not None:
+            reset = checks.check_bool_bt("reset", reset, batch, seq_len)
+
+        lam = self.param("a_param", rglru_lambda_init(self.min_rad, self.max_rad), (width,),
+                         self.param_dtype)
+        gate = lambda name: BlockDiagonalLinear(
+            self.num_heads, self.w_init_variance_scale, dtype=dtype,
+            param_dtype=self.param_dtype, name=name)
+        x = x.astype(dtype)
+        gate_x = jax.nn.sigmoid(gate("input_gate")(x).astype(s_dtype))
+        gate_a = jax.nn.sigmoid(gate("a_gate")(x).astype(s_dtype))
+        log_a = -self.c * jax.nn.softplus(lam.astype(s_dtype))[None, None, :] * gate_a
+        a = jnp.exp(log_a)
+        multiplier = sqrt_bounded_derivative(-jnp.expm1(2.0 * log_a), self.max_sqrt_gradient)
+        if reset is not None:
+            multiplier = jnp.where(reset[:, :, None], jnp.ones((), s_dtype), multiplier)
+        b = gate_x * x.astype(s_dtype) * multiplier
+        h_last, h = scan_lib.linear_scan(a, b, h0, impl=self.scan_impl, reset=reset, mask=valid)
+        return h_last, h.astype(dtype)
+

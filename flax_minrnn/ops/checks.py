@@ -1,0 +1,202 @@
+"""Input validation for the whole package: one place for every check.
+
+Every public entry point (the scan, the layers, the models, the trainer's
+configs) validates its arguments with these helpers, so a bad input gets the
+same kind of error everywhere: a ``TypeError`` or ``ValueError`` that names
+the argument, says what was expected and what was given.  Checks of values
+(ranges of lengths and ids) run when the value is known at trace time; under
+``jax.jit`` they cannot, and the documented clamp of each caller applies
+(see :func:`check_seq_lengths` for a run-time check).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import unfreeze
+
+Array = jax.Array
+
+
+def accum_dtype(*dtypes) -> jnp.dtype:
+    """float64 if any input is float64, else float32 (bf16/f16 accumulate in f32)."""
+    if any(jnp.dtype(d) == jnp.float64 for d in dtypes):
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def check_float(name: str, x) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array, got dtype {x.dtype}")
+
+
+def concrete_or_none(x) -> Optional[np.ndarray]:
+    """The value of ``x`` if it is known at trace time, else ``None``."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError,
+            jax.errors.ConcretizationTypeError):
+        return None
+
+
+def lengths_to_mask(seq_lengths: Array, seq_len: int) -> Array:
+    """Boolean ``(batch, seq_len)`` mask, True at steps ``t < seq_lengths``."""
+    return jnp.arange(seq_len)[None, :] < seq_lengths[:, None]
+
+
+def check_seq_lengths(seq_lengths, batch: int, seq_len: int) -> Array:
+    """Validates ``seq_lengths`` (int, shape ``(batch,)``, values in [0, T])."""
+    if not hasattr(seq_lengths, "shape"):
+        seq_lengths = np.asarray(seq_lengths)
+    if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+        raise TypeError(
+            f"seq_lengths must be an integer array, got dtype {seq_lengths.dtype}")
+    if tuple(seq_lengths.shape) != (batch,):
+        raise ValueError(
+            f"seq_lengths must have shape (batch,) = ({batch},), "
+            f"got {tuple(seq_lengths.shape)}")
+    value = concrete_or_none(seq_lengths)
+    if value is not None and value.size and (value.min() < 0 or value.max() > seq_len):
+        raise ValueError(
+            f"seq_lengths must lie in [0, {seq_len}] (the time axis length), "
+            f"got values in [{value.min()}, {value.max()}]")
+    return jnp.asarray(seq_lengths)
+
+
+def check_bool_bt(name: str, x, batch: int, seq_len: int) -> Array:
+    if not hasattr(x, "shape"):
+        x = np.asarray(x)
+    if tuple(x.shape) != (batch, seq_len):
+        raise ValueError(
+            f"{name} must have shape (batch, time) = ({batch}, {seq_len}), "
+            f"got {tuple(x.shape)}")
+    if x.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a boolean array, got dtype {x.dtype}")
+    return jnp.asarray(x)
+
+
+
+def check_input(x: Array, name: str = "x") -> None:
+    """x must be a floating ``(batch, time, features)`` array."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(
+            f"{name} must have shape (batch, time, features), got {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array, got dtype {x.dtype} "
+            "(token ids need an embedding first)")
+
+
+def state_dtype(*dtypes) -> jnp.dtype:
+    """The carry dtype: float32, or float64 when the computation is float64."""
+    return accum_dtype(*dtypes)
+
+
+def check_carry(carry, batch: int, d_h: int, dtype) -> Array:
+    """Returns a zero state for ``None``; validates shape and dtype otherwise."""
+    if carry is None:
+        return jnp.zeros((batch, d_h), dtype)
+    if not hasattr(carry, "shape") or not hasattr(carry, "dtype"):
+        raise TypeError(f"carry must be an array, got {type(carry).__name__}")
+    if tuple(carry.shape) != (batch, d_h):
+        raise ValueError(
+            f"carry must have shape (batch, d_h) = ({batch}, {d_h}), "
+            f"got {tuple(carry.shape)}")
+    if carry.dtype != dtype:
+        raise TypeError(
+            f"carry must have dtype {jnp.dtype(dtype).name} (the state dtype), "
+            f"got {carry.dtype}")
+    return carry
+
+
+def valid_mask(batch: int, seq_len: int, seq_lengths, mask) -> Optional[Array]:
+    """The ``(batch, time)`` mask of valid steps (``None`` = all valid)."""
+    if mask is not None and seq_lengths is not None:
+        raise ValueError("pass either mask or seq_lengths, not both")
+    if seq_lengths is not None:
+        lengths = check_seq_lengths(seq_lengths, batch, seq_len)
+        return lengths_to_mask(lengths, seq_len)
+    if mask is not None:
+        return check_bool_bt("mask", mask, batch, seq_len)
+    return None
+
+
+def check_positive_or_none(name: str, value) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_int_at_least(name: str, value, low) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_rate(name: str, value) -> None:
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+
+
+def check_leaf_shapes(carry, ref, batch: int) -> None:
+    """Raises ``ValueError`` unless every leaf of ``carry`` has the shape of ``ref``'s."""
+    for got, want in zip(jax.tree.leaves(carry), jax.tree.leaves(ref)):
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"carry leaf has shape {tuple(got.shape)}, expected "
+                             f"{tuple(want.shape)} (batch {batch})")
+
+
+def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
+    """Integer ``(batch, time)`` ids; values checked against ``vocab_size`` when concrete."""
+    if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+        raise TypeError(f"{name} must be an integer array, got {type(tokens).__name__}")
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have shape (batch, time), got {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array (token ids), got dtype {tokens.dtype}")
+    if tokens.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one step")
+    value = concrete_or_none(tokens)
+    if value is not None and value.size and (value.min() < 0 or value.max() >= vocab_size):
+        raise ValueError(
+            f"{name} must lie in [0, vocab_size={vocab_size}), got values in "
+            f"[{value.min()}, {value.max()}]")
+
+
+
+def check_positive_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+
+def unwrap_params(params, name: str = "params") -> Tuple[Dict, bool]:
+    """Returns ``(inner_dict, was_wrapped)``; validates the container."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{name} must be a dict of parameters, got {type(params).__name__}")
+    params = unfreeze(params) if not isinstance(params, dict) else params
+    if "params" in params:
+        if len(params) != 1:
+            others = sorted(k for k in params if k != "params")
+            raise ValueError(
+                f"{name} looks like a variables dict with collections {others} "
+                "besides 'params'; pass variables['params'] (the inner dict) and "
+                "keep the other collections yourself")
+        inner = params["params"]
+        if not isinstance(inner, Mapping):
+            raise TypeError(f"{name}['params'] must be a dict, got {type(inner).__name__}")
+        return unfreeze(inner) if not isinstance(inner, dict) else inner, True
+    return params, False
+
