@@ -23,7 +23,9 @@ from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM, g_activati
 from flax_minrnn.nn.rglru import RGLRU
 from flax_minrnn.nn.wrappers import Bidirectional, RNNCell, Stack
 from flax_minrnn.ops.parallel import sequence_parallel_scan
-from flax_minrnn.ops.scan import ScanImpl, default_impl, gated_scan, linear_scan
+from flax_minrnn.ops.checks import runtime_checks
+from flax_minrnn.ops.gated import gated_scan, gated_scan_with_readout
+from flax_minrnn.ops.scan import ScanImpl, default_impl, linear_scan
 from flax_minrnn.training.migrate import migrate_params, to_associative, to_true_recurrence
 from flax_minrnn.training.runtime import tune_cpu_malloc
 
@@ -31,7 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     # scan
-    "linear_scan", "gated_scan", "ScanImpl", "default_impl", "sequence_parallel_scan",
+    "linear_scan", "gated_scan", "gated_scan_with_readout", "ScanImpl", "default_impl",
+    "sequence_parallel_scan", "runtime_checks",
     # layers
     "MinGRU", "MinLSTM", "GatedLinearRNN", "RGLRU", "g_activation",
     "RNNCell", "Bidirectional", "Stack",

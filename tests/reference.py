@@ -1,9 +1,13 @@
 """Independent float64 NumPy references, written for the tests only.
 
 Nothing here imports flax_minrnn: these loops are the ground truth the library
-is compared against.
+is compared against.  The two log-space forms of the minGRU paper live here
+as references too (the library keeps only linear-space scans: they cover
+every sign of the inputs and keep their precision as T grows).
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -60,6 +64,28 @@ def linear_recurrence_vjp(a, h0, h, g, g_last, *, reverse=False):
         nxt = t
     dh0 = lam * a[:, nxt]
     return da, db, dh0
+
+
+def log_space_scan(a, b, h0=None):
+    """The paper's log-space scan (forward, float32): an associative scan of
+    ``(log a, log h)`` with a ``logaddexp`` combine.  Domain: ``a, b, h0 >= 0``;
+    outside it the result is NaN.  Returns the states."""
+    def combine(x, y):
+        (la1, lb1), (la2, lb2) = x, y
+        return la1 + la2, jnp.logaddexp(la2 + lb1, lb2)
+
+    la, lb = jnp.log(a), jnp.log(b)
+    if h0 is not None:
+        lb = lb.at[:, 0].set(jnp.logaddexp(lb[:, 0], la[:, 0] + jnp.log(h0)))
+    return jnp.exp(jax.lax.associative_scan(combine, (la, lb), axis=1)[1])
+
+
+def heinsen_scan(a, b):
+    """The minGRU paper appendix's form (Heinsen): ``cumsum(log a)`` plus a
+    ``logcumsumexp``, forward, from a zero state.  Domain ``a > 0, b >= 0``;
+    its float32 error grows with T (the cumulative sum loses digits)."""
+    a_star = jnp.cumsum(jnp.log(a), axis=1)
+    return jnp.exp(a_star + jax.lax.cumlogsumexp(jnp.log(b) - a_star, axis=1))
 
 
 def central_difference(loss, arr, eps=1e-6):

@@ -15,7 +15,7 @@ import pytest
 from conftest import TOL
 from flax_minrnn.training import config as config_lib
 from flax_minrnn.models import griffin as griffin_lib
-from flax_minrnn.nn import rglru as rglru_lib
+from flax_minrnn.nn import gates as gates_lib
 from flax_minrnn.ops import scan as scan_lib
 from flax_minrnn.training import train as train
 from flax_minrnn.nn.attention import AttentionState, LocalAttention
@@ -23,7 +23,8 @@ from flax_minrnn.models.generate import generate
 from flax_minrnn.models.griffin import (Griffin, GriffinCarry, GriffinConfig, RecurrentBlock,
                                         RecurrentState, count_params, griffin_2b_config,
                                         griffin_9b_config)
-from flax_minrnn.nn.rglru import RGLRU, sqrt_bounded_derivative
+from flax_minrnn.nn.gates import sqrt_bounded_derivative
+from flax_minrnn.nn.rglru import RGLRU
 from flax_minrnn.models.lm import LM, LMConfig
 from reference import central_difference
 
@@ -332,7 +333,7 @@ def test_rglru_bfloat16_gradients_finite_near_and_at_a_equal_one(monkeypatch):
 
     assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads())
     # The unbounded square root is not finite there: the bound is what helps.
-    monkeypatch.setattr(rglru_lib, "sqrt_bounded_derivative", lambda v, m: jnp.sqrt(v))
+    monkeypatch.setattr(gates_lib, "sqrt_bounded_derivative", lambda v, m: jnp.sqrt(v))
     assert not all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads())
 
 

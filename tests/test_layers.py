@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax_minrnn.ops import gated as gated_lib
 from flax_minrnn.ops import scan as scan_lib
 from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM, g_activation
 from reference import central_difference, layer_forward
@@ -180,8 +181,8 @@ def test_chunked_tiles_equal_sequential_outputs_and_gradients(name, reverse, mon
     Outputs, carry and gradients w.r.t. params, x and h0 (random cotangents,
     with padding and resets) equal those of impl="sequential", whose
     projection runs outside the scan."""
-    monkeypatch.setattr(scan_lib, "_TILE_MIN", 4)
-    monkeypatch.setattr(scan_lib, "_TILE_MAX", 4)
+    monkeypatch.setattr(gated_lib, "_TILE_MIN", 4)
+    monkeypatch.setattr(gated_lib, "_TILE_MAX", 4)
     layer = LAYERS[name](reverse=reverse)
     x = _x(3)
     params = _init(layer, x)
@@ -223,8 +224,8 @@ def test_chunked_tiles_bfloat16_match_sequential(make, monkeypatch):
     GatedLinearRNN's readout buffer, hold the bf16 bits): outputs and
     gradients agree with impl="sequential" to bf16 precision, and the input
     gradient keeps the input's dtype."""
-    monkeypatch.setattr(scan_lib, "_TILE_MIN", 4)
-    monkeypatch.setattr(scan_lib, "_TILE_MAX", 4)
+    monkeypatch.setattr(gated_lib, "_TILE_MIN", 4)
+    monkeypatch.setattr(gated_lib, "_TILE_MAX", 4)
     layer = make()
     x = _x(4).astype(jnp.bfloat16)
     params = _init(layer, x)
@@ -371,7 +372,7 @@ class TestBadInput:
 
 
 def test_sigmoid_pair_values_and_derivatives():
-    from flax_minrnn.nn.recurrent import sigmoid_pair
+    from flax_minrnn.nn.gates import sigmoid_pair
     # |k| <= 80: sigmoid(-80) ~ 1.8e-35 is still a normal float32 (XLA flushes
     # denormals to zero).
     k = jnp.asarray([-80.0, -30.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 30.0, 80.0], jnp.float32)
@@ -412,7 +413,7 @@ def test_dense_equals_flax_dense_params_outputs_and_gradients():
 
 def test_normalized_gates_exact_and_finite():
     """minLSTM's normalised gates against float64 f/(f+i), including saturation."""
-    from flax_minrnn.nn.recurrent import normalized_gates
+    from flax_minrnn.nn.gates import normalized_gates
     ks = np.array([-1e4, -200.0, -90.0, -30.0, -3.0, 0.0, 2.5, 30.0, 90.0, 1e4])
     k_f, k_i = (jnp.asarray(v, jnp.float32) for v in np.meshgrid(ks, ks))
     f_n, i_n = normalized_gates(k_f, k_i)
@@ -431,3 +432,48 @@ def test_normalized_gates_exact_and_finite():
     np.testing.assert_allclose(f_n + i_n, 1.0, rtol=1e-6)
     g = jax.grad(lambda a, b: jnp.sum(normalized_gates(a, b)[0]), argnums=(0, 1))(k_f, k_i)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in g)
+
+
+# ----------------------------------------------------------------------------
+# Garbage in padded steps never reaches a gradient.
+
+
+_PADDED_LAYERS = {
+    "mingru": lambda impl: MinGRU(d_h=6, d_model=4, scan_impl=impl),
+    "minlstm": lambda impl: MinLSTM(d_h=4, scan_impl=impl),
+    "glrnn_tied": lambda impl: GatedLinearRNN(d_h=4, d_model=4, scan_impl=impl),
+    "glrnn_untied_true": lambda impl: GatedLinearRNN(d_h=4, d_model=4, use_tied_gates=False,
+                                                     use_true_recurrence=True, scan_impl=impl),
+    "rglru": lambda impl: __import__("flax_minrnn").RGLRU(num_heads=2, scan_impl=impl),
+}
+
+
+@pytest.mark.parametrize("impl", ["sequential", "associative", "chunked", "pallas", "native"])
+@pytest.mark.parametrize("name", list(_PADDED_LAYERS))
+def test_nan_and_inf_in_padding_change_nothing(name, impl):
+    """NaN and Inf at steps beyond seq_lengths (and masked steps): outputs,
+    carry and parameter gradients equal those with zeros there, and are
+    finite, for every layer and implementation."""
+    layer = _PADDED_LAYERS[name](impl)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 11, 4)), jnp.float32)
+    lengths = jnp.asarray([11, 6, 0], jnp.int32)
+    pad = np.arange(11)[None, :] >= np.asarray(lengths)[:, None]
+    garbage = jnp.where(jnp.asarray(pad)[:, :, None],
+                        jnp.asarray(np.where(rng.uniform(size=x.shape) < 0.5, np.nan, np.inf),
+                                    jnp.float32), x)
+    clean = jnp.where(jnp.asarray(pad)[:, :, None], 0.0, x)
+    params = layer.init(jax.random.PRNGKey(0), clean)
+    g_y = jnp.asarray(rng.normal(size=jax.eval_shape(layer.apply, params, x)[1].shape),
+                      jnp.float32)
+
+    def run(inputs):
+        def loss(p):
+            c, y = layer.apply(p, inputs, seq_lengths=lengths)
+            return jnp.sum(y * g_y) + jnp.sum(c), (c, y)
+        return jax.grad(loss, has_aux=True)(params)
+
+    got, want = run(garbage), run(clean)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert bool(jnp.all(jnp.isfinite(a)))
+        np.testing.assert_array_equal(a, b)

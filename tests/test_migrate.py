@@ -48,7 +48,7 @@ def test_two_stage_switch_train_and_back(name):
     true_layer = layer.clone(use_true_recurrence=True)
     true_params = to_true_recurrence(params, layer, x)
     rk = true_params["recurrent_kernel"]
-    assert rk.shape == (5, layer.n_proj * 5) and not np.any(np.asarray(rk))
+    assert rk.shape == (5, layer.num_blocks() * 5) and not np.any(np.asarray(rk))
 
     # Same function right after switching, with and without an initial state.
     h0 = _h0(layer, x)

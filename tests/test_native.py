@@ -1,9 +1,11 @@
-"""impl="native": the compiled CPU kernels (flax_minrnn/csrc/gates.cc).
+"""scan_impl="native": the compiled CPU kernels (flax_minrnn/backends/csrc/gates.cc).
 
-Outputs against the float64 NumPy reference; outputs and gradients against
-the pure-JAX tile loop (impl="chunked") and the sequential loop; the
-fallbacks (masks, resets, bfloat16, layers the kernels do not know) run the
-chunked path bit for bit; the build's failure modes leave "auto" on chunked.
+The kernels against the Python gate equations of flax_minrnn.nn.gates and the
+float64 NumPy reference; outputs and gradients against the pure-JAX tile loop
+(impl="chunked"); the fallbacks (masks, resets, float16, layers the kernels
+do not know) run the chunked path bit for bit; the limits (second
+derivatives, jax.export) raise errors that name scan_impl="chunked"; the
+build's failure modes make "native" run "chunked".
 """
 
 import os
@@ -15,8 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax import export
+
 from flax_minrnn.backends import native as native
+from flax_minrnn.nn import gates as gates_lib
+from flax_minrnn.ops import gated as gated_lib
 from flax_minrnn.ops import scan as scan_lib
+from flax_minrnn.ops.linear import SecondOrderError
 from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM, g_activation
 from reference import layer_forward
 
@@ -60,13 +67,13 @@ def _h0(seed=7, batch=B):
 
 def _small_tiles(monkeypatch):
     """16-step tiles: T = 37 is two full tiles and a partial one."""
-    monkeypatch.setattr(scan_lib, "_TILE_MIN", 16)
-    monkeypatch.setattr(scan_lib, "_TILE_MAX", 16)
+    monkeypatch.setattr(gated_lib, "_TILE_MIN", 16)
+    monkeypatch.setattr(gated_lib, "_TILE_MAX", 16)
 
 
 def _runs_kernels(layer, params, *args, **kw) -> bool:
     """Whether the layer's forward pass calls the compiled forward kernel."""
-    return "fmr_gates_forward" in str(jax.make_jaxpr(
+    return "flax_minrnn_native_gates_forward" in str(jax.make_jaxpr(
         lambda p, *a: layer.apply(p, *a, **kw))(params, *args))
 
 
@@ -258,28 +265,94 @@ def _python(code, **env):
                           env=full_env, timeout=300)
 
 
-def test_disabled_by_environment_auto_uses_chunked():
-    proc = _python("from flax_minrnn.backends import native; from flax_minrnn.ops import scan\n"
-                   "print(native.available(), scan.default_impl(4096, 'cpu').value)",
-                   FLAX_MINRNN_NATIVE="0")
+_RUNS = ("import jax, jax.numpy as jnp\n"
+         "from flax_minrnn import MinGRU\n"
+         "layer = MinGRU(d_h=4, scan_impl='native')\n"
+         "x = jnp.ones((1, 80, 4))\n"
+         "jaxpr = str(jax.make_jaxpr(layer.init)(jax.random.PRNGKey(0), x))\n"
+         "print('flax_minrnn_native' in jaxpr)\n")
+
+
+def test_disabled_by_environment_runs_chunked():
+    proc = _python("from flax_minrnn.backends import native\n"
+                   "print(native.available())\n" + _RUNS, FLAX_MINRNN_NATIVE="0")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["False", "chunked"]
+    assert proc.stdout.split() == ["False", "False"]
     assert "RuntimeWarning" not in proc.stderr
 
 
 def test_missing_compiler_warns_once_and_falls_back(tmp_path):
     code = ("import warnings\n"
-            "from flax_minrnn.backends import native; from flax_minrnn.ops import scan\n"
+            "from flax_minrnn.backends import native\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
             "    ok = [native.available(), native.available()]\n"
-            "print(ok, scan.default_impl(4096, 'cpu').value, len(w))\n"
-            "print(native.unavailable_reason())")
+            "print(ok, len(w))\n"
+            "print(native.unavailable_reason())\n" + _RUNS)
     proc = _python(code, CXX="no-such-compiler-xyz", FLAX_MINRNN_CACHE=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    first, reason = proc.stdout.strip().split("\n")
-    assert first == "[False, False] chunked 1"
+    first, reason, runs = proc.stdout.strip().split("\n")
+    assert first == "[False, False] 1"
     assert "no-such-compiler-xyz" in reason
+    assert runs == "False"
+
+
+def test_importing_the_package_builds_and_loads_nothing():
+    """The default path never touches the kernels: no compiler is needed to
+    import the package or to run a layer with the default scan_impl."""
+    proc = _python("import flax_minrnn as fm, sys, jax, jax.numpy as jnp\n"
+                   "x = jnp.ones((1, 80, 4))\n"
+                   "layer = fm.MinGRU(d_h=4)\n"
+                   "p = layer.init(jax.random.PRNGKey(0), x)\n"
+                   "print('flax_minrnn.backends.native' in sys.modules,\n"
+                   "      'flax_minrnn_native' in str(jax.make_jaxpr(layer.apply)(p, x)))",
+                   CXX="no-such-compiler-xyz")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
+    assert "RuntimeWarning" not in proc.stderr
+
+
+@pytest.mark.parametrize("kind, candidate", [("mingru", "identity"), ("mingru", "g"),
+                                             ("minlstm", "identity"),
+                                             ("minlstm_unnormalized", "g")])
+def test_kernels_compute_the_python_gate_equations(rng, kind, candidate):
+    """The C++ gates against nn.gates (the one copy of the equations) on
+    random pre-activations, bias and state: the forward kernel equals
+    linear_scan of the Python gates' coefficients."""
+    n = 2 if kind == "mingru" else 3
+    pre = jnp.asarray(3 * rng.normal(size=(2, 29, n * 7)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(n * 7,)), jnp.float32)
+    h0 = jnp.asarray(rng.normal(size=(2, 7)), jnp.float32)
+    cand = None if candidate == "identity" else gates_lib.g_activation
+    biased = pre + bias[None, None]
+    gate = (gates_lib.mingru_gates(biased, cand) if kind == "mingru" else
+            gates_lib.minlstm_gates(biased, cand, normalize=kind == "minlstm"))
+    for reverse in (False, True):
+        got = native.gates_forward(native._Spec(kind, candidate), pre, bias, h0, reverse)
+        want = scan_lib.linear_scan(gate.a, gate.b, h0, impl="sequential", reverse=reverse)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_limits_raise_errors_that_name_the_way_out():
+    """First derivatives in both modes work (jvp through the pure-JAX tile
+    loop's tangent, equal to chunked's); second derivatives and jax.export
+    raise errors naming scan_impl='chunked'."""
+    layer = MinGRU(d_h=D_H, d_model=D_H, scan_impl="native")
+    x = _x(11)
+    params = _params(layer, x)
+    f = lambda impl: (lambda p: jnp.sum(layer.clone(scan_impl=impl).apply(p, x)[1] ** 2))
+    t = jax.tree.map(lambda v: jnp.full_like(v, 0.01), params)
+    got = jax.jvp(f("native"), (params,), (t,))
+    want = jax.jvp(f("chunked"), (params,), (t,))
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    with pytest.raises(SecondOrderError, match="scan_impl='chunked'"):
+        jax.jvp(jax.grad(f("native")), (params,), (t,))
+    with pytest.raises(SecondOrderError, match="scan_impl='chunked'"):
+        jax.grad(lambda xx: jnp.sum(jax.grad(
+            lambda z: jnp.sum(layer.apply(params, z)[1] ** 2))(xx) ** 2))(x)
+    with pytest.raises(ValueError, match="scan_impl='native' cannot be exported.*'chunked'"):
+        export.export(jax.jit(f("native")))(params)
 
 
 def test_failed_build_reports_the_compiler_error(tmp_path):

@@ -1,19 +1,24 @@
-"""flax_minrnn.scan against the float64 NumPy reference in tests/reference.py."""
+"""flax_minrnn.ops.scan and ops.gated against the float64 NumPy references in
+tests/reference.py."""
 
 import jax
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
-from flax_minrnn.backends import native as native
+import flax_minrnn as fm
+from flax_minrnn.ops import gated as gated_lib
 from flax_minrnn.ops import scan as scan_lib
-from flax_minrnn.ops.scan import ScanImpl, gated_scan, linear_scan
-from reference import linear_recurrence, linear_recurrence_vjp, rel_err
+from flax_minrnn.ops.gated import gated_scan
+from flax_minrnn.ops.scan import ScanImpl, linear_scan
+from reference import (heinsen_scan, linear_recurrence, linear_recurrence_vjp, log_space_scan,
+                       rel_err)
 
 LINEAR_IMPLS = ["associative", "sequential", "chunked"]
-POSITIVE_IMPLS = ["log", "heinsen"]
-ALL_IMPLS = LINEAR_IMPLS + POSITIVE_IMPLS
+# The Pallas kernel runs in Pallas's interpreter on CPU (slow: short sequences).
+ALL_IMPLS = LINEAR_IMPLS + ["pallas"]
 
 
 def make_inputs(rng, shape, *, positive=False, h0_sign="pos"):
@@ -27,26 +32,22 @@ def make_inputs(rng, shape, *, positive=False, h0_sign="pos"):
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("seq_len", [1, 7, 64, 333, 4096])
-@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("impl, seq_len", [
+    (impl, t) for impl in ALL_IMPLS for t in (1, 7, 64, 333)] + [
+    ("sequential", 4096), ("chunked", 4096), ("associative", 4096)])
 def test_matches_float64_reference(rng, impl, seq_len, reverse):
-    if impl == "heinsen" and seq_len > 1000:
-        pytest.skip("heinsen loses digits as T grows: test_heinsen_error_grows_with_length")
-    positive = impl in POSITIVE_IMPLS
-    for h0_sign in (("zero", "pos") if positive else ("zero", "pos", "neg")):
-        a, b, h0 = make_inputs(rng, (2, seq_len, 3), positive=positive, h0_sign=h0_sign)
+    for h0_sign in ("zero", "pos", "neg"):
+        a, b, h0 = make_inputs(rng, (2, seq_len, 3), h0_sign=h0_sign)
         ref_last, ref = linear_recurrence(a, b, h0, reverse=reverse)
         h_last, h = linear_scan(a, b, h0, impl=impl, reverse=reverse)
         assert h.dtype == jnp.float32 and h_last.dtype == jnp.float32
-        tol = 1e-4 if impl == "heinsen" else 1e-5  # heinsen: paper parity only
-        assert rel_err(h, ref) <= tol, (h0_sign, rel_err(h, ref))
-        assert rel_err(h_last, ref_last) <= tol
+        assert rel_err(h, ref) <= 1e-5, (h0_sign, rel_err(h, ref))
+        assert rel_err(h_last, ref_last) <= 1e-5
 
 
 @pytest.mark.parametrize("impl", [
-    pytest.param("associative", marks=pytest.mark.slow), "sequential", "chunked",
-    # log at T = 65,536 is also checked by test_heinsen_error_grows_with_length
-    pytest.param("log", marks=pytest.mark.slow)])
+    pytest.param("associative", marks=pytest.mark.slow), "sequential",
+    pytest.param("chunked", marks=pytest.mark.slow)])
 def test_no_error_growth_at_65536(rng, impl):
     seq_len = 65_536
     a = jnp.asarray(rng.uniform(0.9, 1.0, (1, seq_len, 2)), jnp.float32)
@@ -56,8 +57,11 @@ def test_no_error_growth_at_65536(rng, impl):
     assert rel_err(h, ref) <= 1e-5
 
 
-def test_heinsen_error_grows_with_length(rng):
-    """The paper-appendix form loses digits as T grows; the log scan does not."""
+def test_log_space_forms_agree_in_their_domain_and_heinsen_loses_digits(rng):
+    """Why the library has no log-space scan: the two log-space forms of the
+    paper (tests/reference.py) agree with the linear scan only for positive
+    states, and the appendix's cumsum form loses digits as T grows, while the
+    linear scan does not."""
     errs = {}
     for seq_len in (256, 65_536):
         # The cumulative sum of log a reaches about -3400 at T = 65,536, where
@@ -65,11 +69,17 @@ def test_heinsen_error_grows_with_length(rng):
         a = jnp.asarray(rng.uniform(0.9, 1.0, (1, seq_len, 2)), jnp.float32)
         b = jnp.asarray(rng.uniform(0.0, 1.0, (1, seq_len, 2)), jnp.float32)
         _, ref = linear_recurrence(a, b)
-        errs[seq_len] = {impl: rel_err(linear_scan(a, b, impl=impl)[1], ref)
-                         for impl in ("heinsen", "log")}
-    assert errs[65_536]["log"] <= 1e-5
+        errs[seq_len] = {"heinsen": rel_err(heinsen_scan(a, b), ref),
+                         "log": rel_err(log_space_scan(a, b), ref),
+                         "linear": rel_err(linear_scan(a, b, impl="sequential")[1], ref)}
+    assert errs[65_536]["log"] <= 1e-5 and errs[65_536]["linear"] <= 1e-5
     assert errs[65_536]["heinsen"] > 10 * errs[256]["heinsen"]
-    assert errs[65_536]["heinsen"] > 10 * errs[65_536]["log"]
+    assert errs[65_536]["heinsen"] > 10 * errs[65_536]["linear"]
+    # Outside the domain (a negative input) the log-space forms are NaN.
+    b_neg = jnp.asarray(rng.normal(size=(1, 8, 2)), jnp.float32)
+    a8 = jnp.full((1, 8, 2), 0.5, jnp.float32)
+    assert bool(jnp.any(jnp.isnan(log_space_scan(a8, b_neg))))
+    assert bool(jnp.all(jnp.isfinite(linear_scan(a8, b_neg)[1])))
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
@@ -82,7 +92,7 @@ def test_bfloat16_inputs_accumulate_in_float32(rng, impl):
     # accumulation error remains ...
     _, ref16 = linear_recurrence(np.asarray(a16, np.float64),
                                  np.asarray(b16, np.float64), h0)
-    assert rel_err(h, ref16) <= (1e-4 if impl == "heinsen" else 1e-5)
+    assert rel_err(h, ref16) <= 1e-5
     # ... and against the float32 inputs, the bf16 rounding of the inputs.
     _, ref = linear_recurrence(a, b, h0)
     np.testing.assert_allclose(h, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
@@ -91,9 +101,7 @@ def test_bfloat16_inputs_accumulate_in_float32(rng, impl):
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 def test_gradients_match_reference(rng, impl, reverse):
-    positive = impl in POSITIVE_IMPLS
-    a, b, h0 = make_inputs(rng, (2, 50, 3), positive=positive,
-                           h0_sign="pos" if positive else "neg")
+    a, b, h0 = make_inputs(rng, (2, 50, 3), h0_sign="neg")
     g = jnp.asarray(rng.normal(size=a.shape), jnp.float32)
     g_last = jnp.asarray(rng.normal(size=h0.shape), jnp.float32)
 
@@ -143,10 +151,10 @@ def test_gradients_through_reset_and_mask_match_autodiff_of_reference(rng, impl)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("impl", LINEAR_IMPLS + ["log"])
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
 def test_seq_lengths(rng, impl, reverse):
     batch, seq_len = 4, 16
-    a, b, h0 = make_inputs(rng, (batch, seq_len, 3), positive=impl == "log")
+    a, b, h0 = make_inputs(rng, (batch, seq_len, 3), positive=False)
     lengths = np.array([16, 9, 1, 0])
     h_last, h = linear_scan(a, b, h0, impl=impl, seq_lengths=jnp.asarray(lengths),
                             reverse=reverse)
@@ -162,9 +170,9 @@ def test_seq_lengths(rng, impl, reverse):
         np.testing.assert_array_equal(h[i, n:], 0.0)
 
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS + ["log"])
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
 def test_mask_skips_steps(rng, impl):
-    a, b, h0 = make_inputs(rng, (3, 25, 2), positive=impl == "log")
+    a, b, h0 = make_inputs(rng, (3, 25, 2), positive=False)
     mask = rng.uniform(size=(3, 25)) < 0.6
     ref_last, ref = linear_recurrence(a, b, h0, mask=mask)
     h_last, h = linear_scan(a, b, h0, impl=impl, mask=jnp.asarray(mask))
@@ -173,10 +181,10 @@ def test_mask_skips_steps(rng, impl):
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("impl", LINEAR_IMPLS + ["log"])
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
 def test_reset_equals_separate_documents(rng, impl, reverse):
     seq_len = 30
-    a, b, _ = make_inputs(rng, (2, seq_len, 3), positive=impl == "log")
+    a, b, _ = make_inputs(rng, (2, seq_len, 3), positive=False)
     starts = [[0, 7, 8, 19], [0, 29]]  # documents start here (step 0 too)
     reset = np.zeros((2, seq_len), bool)
     for i, s in enumerate(starts):
@@ -206,13 +214,42 @@ def test_jit_with_traced_lengths(rng):
     np.testing.assert_allclose(h_last[1], ref_last[0], rtol=1e-5)
 
 
-def test_auto_resolves_per_backend():
+def test_auto_resolves_per_backend_never_to_a_backend():
     assert scan_lib.default_impl(4096, "gpu") is ScanImpl.ASSOCIATIVE
-    # The compiled kernels where they built (impl="native" runs "chunked"
-    # where they do not apply, e.g. a bare linear_scan).
-    assert scan_lib.default_impl(4096, "cpu") is (
-        ScanImpl.NATIVE if native.available() else ScanImpl.CHUNKED)
+    assert scan_lib.default_impl(4096, "tpu") is ScanImpl.ASSOCIATIVE
+    assert scan_lib.default_impl(4096, "cpu") is ScanImpl.CHUNKED
     assert scan_lib.default_impl(8, "cpu") is ScanImpl.SEQUENTIAL
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_empty_batch_returns_empty_arrays(impl):
+    """Batch 0 gives empty results with every implementation (the Pallas
+    kernel used to divide by zero)."""
+    a = jnp.zeros((0, 6, 3), jnp.float32)
+    h_last, h = linear_scan(a, a, impl=impl)
+    assert h_last.shape == (0, 3) and h.shape == (0, 6, 3)
+    grads = jax.grad(lambda a: jnp.sum(linear_scan(a, a, impl=impl)[1]))(a)
+    assert grads.shape == a.shape
+
+
+def test_traced_seq_lengths_are_clamped_or_checked_at_run_time(rng):
+    """Under jit the lengths are unknown at trace time: without a check they
+    are clamped (above T acts as T, negative as 0); inside
+    fm.runtime_checks() and checkify they raise, naming seq_lengths."""
+    a, b, h0 = make_inputs(rng, (2, 5, 2))
+    f = lambda n: linear_scan(a, b, h0, seq_lengths=n)
+    clamped = jax.jit(f)(jnp.asarray([9, -3]))
+    want = linear_scan(a, b, h0, seq_lengths=jnp.asarray([5, 0]))
+    for got, ref in zip(clamped, want):
+        np.testing.assert_array_equal(got, ref)
+    with fm.runtime_checks():
+        checked = jax.jit(checkify.checkify(f, errors=checkify.user_checks))
+        err, _ = checked(jnp.asarray([9, -3]))
+    with pytest.raises(checkify.JaxRuntimeError, match=r"seq_lengths must lie in \[0, 5\].*-3, 9"):
+        err.throw()
+    err, out = checked(jnp.asarray([5, 2]))
+    err.throw()  # in range: no error
+    np.testing.assert_array_equal(out[0], f(jnp.asarray([5, 2]))[0])
 
 
 class TestBadInput:
@@ -267,10 +304,6 @@ class TestBadInput:
         with pytest.raises(TypeError, match=r"reset must be a boolean"):
             linear_scan(self.a, self.b, reset=jnp.zeros((2, 5), jnp.int32))
 
-    def test_heinsen_rejects_reset(self):
-        with pytest.raises(ValueError, match=r"heinsen"):
-            linear_scan(self.a, self.b, impl="heinsen", reset=jnp.zeros((2, 5), bool))
-
 
 # ----------------------------------------------------------------------------
 # gated_scan: coefficients computed from inputs, fused into the loop.
@@ -295,8 +328,8 @@ def small_tiles(monkeypatch):
     """Tiles of 4 steps in impl='chunked' (the default size spans hundreds of
     steps at test shapes), so short sequences cross several tiles and end in
     a partial one."""
-    monkeypatch.setattr(scan_lib, "_TILE_MIN", 4)
-    monkeypatch.setattr(scan_lib, "_TILE_MAX", 4)
+    monkeypatch.setattr(gated_lib, "_TILE_MIN", 4)
+    monkeypatch.setattr(gated_lib, "_TILE_MAX", 4)
 
 
 @pytest.fixture
@@ -304,8 +337,8 @@ def tiles_of_16(monkeypatch):
     """Tiles of 16 steps: two of the loop's 8-step blocks per tile, written
     into the whole-sequence buffers at an offset, and a partial last tile
     that ends in a partial block."""
-    monkeypatch.setattr(scan_lib, "_TILE_MIN", 16)
-    monkeypatch.setattr(scan_lib, "_TILE_MAX", 16)
+    monkeypatch.setattr(gated_lib, "_TILE_MIN", 16)
+    monkeypatch.setattr(gated_lib, "_TILE_MAX", 16)
 
 
 def _use_tiles(request, impl: str) -> str:
@@ -475,7 +508,7 @@ def test_gated_scan_with_readout_matches_reference(rng, request, impl, reverse, 
         return _jnp_gates(pre.reshape(pre.shape[:2] + (feat, 2)), p["bias"])
 
     def run(x, h0, kernel, params):
-        return scan_lib.gated_scan_with_readout(
+        return gated_lib.gated_scan_with_readout(
             coeff_fn, _readout, x, h0, kernel=kernel, side_features=side, params=params,
             impl=impl, reset=jnp.asarray(reset), seq_lengths=jnp.asarray(lengths),
             reverse=reverse)
@@ -530,7 +563,7 @@ def test_gated_scan_with_readout_equals_gated_scan_then_readout(rng):
     for impl in LINEAR_IMPLS:
         h_last, h = gated_scan(fn, x, kernel=kernel[:, :4], params=params, impl=impl)
         want = _readout(h, x @ kernel[:, 4:], params)
-        got_last, got = scan_lib.gated_scan_with_readout(
+        got_last, got = gated_lib.gated_scan_with_readout(
             fn, _readout, x, kernel=kernel, side_features=2, params=params, impl=impl)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=impl)
         np.testing.assert_allclose(got_last, h_last, rtol=1e-6, atol=1e-7, err_msg=impl)
@@ -538,7 +571,7 @@ def test_gated_scan_with_readout_equals_gated_scan_then_readout(rng):
         xs = (x @ kernel[:, :2], x @ kernel[:, 2:4])
         fn2 = lambda q, p: _jnp_gates(jnp.stack(q, -1))
         h_last, h = gated_scan(fn2, xs, params=params, impl=impl)
-        got_last, got = scan_lib.gated_scan_with_readout(fn2, _readout, xs, params=params,
+        got_last, got = gated_lib.gated_scan_with_readout(fn2, _readout, xs, params=params,
                                                          impl=impl)
         np.testing.assert_allclose(got, _readout(h, None, params), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got_last, h_last, rtol=1e-6, atol=1e-7)
@@ -549,7 +582,7 @@ class TestGatedScanWithReadoutErrors:
     x = jnp.ones((2, 5, 3))
 
     def test_side_features(self):
-        run = lambda k, **kw: scan_lib.gated_scan_with_readout(
+        run = lambda k, **kw: gated_lib.gated_scan_with_readout(
             self.fn, lambda h, s, p: h, self.x, kernel=jnp.ones((3, k)), **kw)
         with pytest.raises(ValueError, match=r"must be in \[0, n - 1\] with n = kernel.shape\[1\] = 4, got 4"):
             run(4, side_features=4)
@@ -558,18 +591,18 @@ class TestGatedScanWithReadoutErrors:
         with pytest.raises(TypeError, match="side_features must be an int"):
             run(4, side_features=1.0)
         with pytest.raises(ValueError, match="side_features > 0 needs kernel"):
-            scan_lib.gated_scan_with_readout(self.fn, lambda h, s, p: h, self.x,
+            gated_lib.gated_scan_with_readout(self.fn, lambda h, s, p: h, self.x,
                                              side_features=1)
 
     def test_readout_output(self):
         with pytest.raises(ValueError, match=r"readout_fn must return one floating array"):
-            scan_lib.gated_scan_with_readout(self.fn, lambda h, s, p: h[:, 0], self.x)
+            gated_lib.gated_scan_with_readout(self.fn, lambda h, s, p: h[:, 0], self.x)
         with pytest.raises(ValueError, match=r"readout_fn must return one floating array"):
-            scan_lib.gated_scan_with_readout(self.fn, lambda h, s, p: (h, h), self.x)
+            gated_lib.gated_scan_with_readout(self.fn, lambda h, s, p: (h, h), self.x)
         with pytest.raises(ValueError, match=r"readout_fn must return one floating array"):
-            scan_lib.gated_scan_with_readout(self.fn, lambda h, s, p: h > 0, self.x)
+            gated_lib.gated_scan_with_readout(self.fn, lambda h, s, p: h > 0, self.x)
         with pytest.raises(TypeError, match="readout_fn must be callable"):
-            scan_lib.gated_scan_with_readout(self.fn, None, self.x)
+            gated_lib.gated_scan_with_readout(self.fn, None, self.x)
 
 
 class TestGatedScanErrors:

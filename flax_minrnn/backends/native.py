@@ -1,27 +1,32 @@
-"""Compiled XLA:CPU kernels for the tile loop of :mod:`flax_minrnn.scan`.
+"""Compiled XLA:CPU kernels for the gates of MinGRU and MinLSTM (``scan_impl="native"``).
 
-``csrc/gates.cc`` holds XLA FFI handlers that run one tile of a MinGRU or
-MinLSTM recurrence (gates, recurrence and the copies into the whole-sequence
-buffers in one pass, and its adjoint in one pass), plus an "empty" buffer
-that XLA allocates without the zero-fill of ``jnp.zeros``.  ``impl="native"``
-(what ``"auto"`` picks on CPU when the kernels are available) uses them; the
-pure-JAX tile loop (``impl="chunked"``) computes the same function and is the
-reference the tests compare against.
+An opt-in backend: nothing reaches it unless ``scan_impl="native"`` is named
+(the trainer's ``model.native_kernels`` config field names it).
+``csrc/gates.cc`` holds XLA FFI handlers for the gates and recurrence of
+MinGRU and MinLSTM: a forward pass over the whole sequence (bias, gates,
+candidate and recurrence in one pass after one product ``x @ W``) and the
+adjoint of one tile (the gates' and the recurrence's adjoint in one pass,
+then ``dx_t = dpre_t W^T`` and ``dW += x_t^T dpre_t``).  The gate equations
+are those of :mod:`flax_minrnn.nn.gates`, which the tests compare the
+kernels against; everything the kernels do not cover (masks, resets,
+GatedLinearRNN's output gate, float16, other candidate activations, bodies
+of ``shard_map``, no compiler) runs ``"chunked"``, bit for bit.
 
 The source is compiled on first use with the system's C++ compiler (``$CXX``,
 else ``g++``; ``-O3 -march=native``, a few seconds) into a cache directory
 (``$FLAX_MINRNN_CACHE``, else ``$XDG_CACHE_HOME/flax_minrnn`` or
-``~/.cache/flax_minrnn``), keyed by the source, the flags, the compiler, the
-jaxlib version and the CPU, and loaded from there afterwards.  Where no
-compiler is found or the build fails, :func:`available` is ``False`` (with
-one warning naming the cause) and ``"auto"`` uses ``"chunked"``.  Set
-``FLAX_MINRNN_NATIVE=0`` to never build or use the kernels.
+``~/.cache/flax_minrnn``), keyed by the source, the flags, the compiler's
+version, the jaxlib version and the CPU (model and flags), and loaded from
+there afterwards.  Where no compiler is found or the build fails,
+:func:`available` is ``False`` (one warning names the cause) and ``"native"``
+runs ``"chunked"``.  ``FLAX_MINRNN_NATIVE=0`` turns the kernels off.
 
-Limits: the kernels have a first derivative (the layers' hand-written
-backward pass) but no second one, and a function that calls them cannot be
-serialised with :mod:`jax.export` (the custom-call targets live in this
-process); pass ``scan_impl="chunked"`` (or set ``FLAX_MINRNN_NATIVE=0``) for
-``jax.grad`` of a gradient or for exported functions.
+Transformations: ``jit``, ``grad``/``vjp``, ``jvp`` and ``linearize`` (whose
+tangents run the pure-JAX tile loop), ``vmap``, ``jax.checkpoint`` and
+``eval_shape`` work.  Second derivatives (Hessian-vector products, ``grad``
+of ``grad``) raise :class:`flax_minrnn.ops.linear.SecondOrderError`, and
+``jax.export`` raises ``ValueError`` (the kernels live in this process):
+both name ``scan_impl="chunked"``, which computes the same function.
 """
 
 from __future__ import annotations
@@ -36,44 +41,33 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+import functools
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
+from jax.interpreters import ad, batching, mlir
 
-__all__ = ["available", "NativeGates", "GATE_KINDS", "CANDIDATES"]
+from flax_minrnn.ops import gated as gated_lib
+from flax_minrnn.ops import scan as scan_lib
+from flax_minrnn.ops.linear import SecondOrderError, linear_op
+
+__all__ = ["available", "unavailable_reason", "gated", "GATE_KINDS", "CANDIDATES"]
 
 Array = jax.Array
 
 _SOURCE = Path(__file__).with_name("csrc") / "gates.cc"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type")
-_TARGETS = {"fmr_gates_forward": "FmrGatesForward",
-            "fmr_gates_backward": "FmrGatesBackward",
-            "fmr_empty": "FmrEmpty"}
+_TARGETS = {"flax_minrnn_native_gates_forward": "FmrGatesForward",
+            "flax_minrnn_native_gates_backward": "FmrGatesBackward",
+            "flax_minrnn_native_empty": "FmrEmpty"}
 
 # The gate functions the kernels implement (``kind`` in gates.cc), and the
 # candidate activations (``cand``).
 GATE_KINDS = {"mingru": 0, "minlstm": 1, "minlstm_unnormalized": 2}
 CANDIDATES = {"identity": 0, "g": 1}
-
-
-class NativeGates(NamedTuple):
-    """Names the gate function of a recurrence for the compiled kernels.
-
-    A layer passes it next to its (pure-JAX) coefficient function, which it
-    must equal: ``kind`` one of :data:`GATE_KINDS`, ``candidate`` one of
-    :data:`CANDIDATES`, and ``bias(params)`` the float32 bias ``(n * d_h,)``
-    (or ``None``) that the coefficient function adds to the pre-activations.
-    """
-
-    kind: str
-    candidate: str
-    bias: object  # params -> Optional[Array]
-
-    @property
-    def blocks(self) -> int:
-        return 2 if self.kind == "mingru" else 3
 
 
 _lock = threading.Lock()
@@ -163,7 +157,8 @@ def available() -> bool:
                 _state["error"] = f"{type(e).__name__}: {e}"
         if not ok and _state["error"] and not _state["error"].startswith("disabled"):
             warnings.warn("flax_minrnn: the compiled CPU kernels are unavailable ("
-                          f"{_state['error']}); impl='auto' uses 'chunked'", RuntimeWarning,
+                          f"{_state['error']}); scan_impl='native' runs 'chunked'",
+                          RuntimeWarning,
                           stacklevel=2)
         _state.update(checked=True, ok=ok)
         return ok
@@ -193,16 +188,16 @@ def empty(shape: Sequence[int], dtype) -> Array:
     """An array of ``shape`` and ``dtype`` with unspecified contents (XLA
     allocates it; nothing writes it).  Only for buffers the caller then
     writes completely."""
-    return jax.ffi.ffi_call("fmr_empty", jax.ShapeDtypeStruct(tuple(shape), dtype),
+    return jax.ffi.ffi_call("flax_minrnn_native_empty", jax.ShapeDtypeStruct(tuple(shape), dtype),
                             vmap_method="broadcast_all")()
 
 
-def _attrs(spec: NativeGates, reverse: bool):
+def _attrs(spec, reverse: bool):
     return dict(kind=np.int32(GATE_KINDS[spec.kind]),
                 cand=np.int32(CANDIDATES[spec.candidate]), reverse=np.int32(bool(reverse)))
 
 
-def gates_forward(spec: NativeGates, pre: Array, bias: Array, h0: Array,
+def gates_forward(spec, pre: Array, bias: Array, h0: Array,
                   reverse: bool) -> Tuple[Array, Array]:
     """The recurrence on ``pre`` ``(B, T, n*D)`` (unbiased projections,
     float32 or bfloat16) from the float32 state ``h0`` ``(B, D)``; ``bias``
@@ -210,11 +205,11 @@ def gates_forward(spec: NativeGates, pre: Array, bias: Array, h0: Array,
     batch, seq_len, _ = pre.shape
     out = (jax.ShapeDtypeStruct(h0.shape, jnp.float32),
            jax.ShapeDtypeStruct((batch, seq_len, h0.shape[1]), jnp.float32))
-    call = jax.ffi.ffi_call("fmr_gates_forward", out, vmap_method="sequential")
+    call = jax.ffi.ffi_call("flax_minrnn_native_gates_forward", out, vmap_method="sequential")
     return call(pre, bias, h0, **_attrs(spec, reverse))
 
 
-def gates_backward(spec: NativeGates, pre_buf: Array, bias: Array, h_buf: Array, h0: Array,
+def gates_backward(spec, pre_buf: Array, bias: Array, h_buf: Array, h0: Array,
                    g: Array, dh: Array, start, length: int,
                    reverse: bool) -> Tuple[Array, Array, Array]:
     """The adjoint of :func:`gates_forward` for the tile of ``length`` steps
@@ -226,6 +221,188 @@ def gates_backward(spec: NativeGates, pre_buf: Array, bias: Array, h_buf: Array,
     out = (jax.ShapeDtypeStruct((batch, length, width), pre_buf.dtype),
            jax.ShapeDtypeStruct(dh.shape, jnp.float32),
            jax.ShapeDtypeStruct((width,), jnp.float32))
-    call = jax.ffi.ffi_call("fmr_gates_backward", out, vmap_method="sequential")
+    call = jax.ffi.ffi_call("flax_minrnn_native_gates_backward", out, vmap_method="sequential")
     return call(pre_buf, bias, h_buf, h0, g, dh, jnp.asarray(start, jnp.int32),
                 **_attrs(spec, reverse))
+
+
+# ----------------------------------------------------------------------------
+# The limits, with errors that name the way out.
+
+_SECOND_ORDER = ("scan_impl='native' has first derivatives only (its kernels are not "
+                 "differentiable); use scan_impl='chunked' (the same function in plain JAX) "
+                 "for second derivatives such as Hessian-vector products or grad of grad")
+_EXPORT = ("scan_impl='native' cannot be exported with jax.export (its compiled kernels "
+           "live in this process); use scan_impl='chunked', the same function in plain JAX")
+
+# An identity that refuses to be lowered for jax.export, placed in front of
+# every kernel call.
+_export_guard_p = jcore.Primitive("flax_minrnn_native_export_guard")
+_export_guard_p.def_impl(lambda x: x)
+_export_guard_p.def_abstract_eval(lambda x: x)
+ad.deflinear2(_export_guard_p, lambda ct, x: [ct])
+batching.primitive_batchers[_export_guard_p] = lambda args, dims: (_export_guard_p.bind(*args),
+                                                                   dims[0])
+
+
+def _export_guard_lowering(ctx, x):
+    if ctx.module_context.lowering_parameters.for_export:
+        raise ValueError(_EXPORT)
+    return [x]
+
+
+mlir.register_lowering(_export_guard_p, _export_guard_lowering)
+
+
+# ----------------------------------------------------------------------------
+# The layers' entry point (flax_minrnn.ops.gated.run, impl="native").
+
+
+class _Spec(NamedTuple):
+    kind: str
+    candidate: str
+
+    @property
+    def blocks(self) -> int:
+        return 2 if self.kind == "mingru" else 3
+
+
+def _bias(params, width: int) -> Array:
+    bias = params[0]
+    return jnp.zeros((width,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+
+
+@jax.custom_jvp
+def _nondifferentiable(x):
+    return x
+
+
+@_nondifferentiable.defjvp
+def _nondifferentiable_jvp(primals, tangents):
+    raise SecondOrderError(_SECOND_ORDER)
+
+
+def _forward(spec: _Spec, x, kernel, params, h0, reverse: bool):
+    """``(h_last, h, pre)``: one product for the whole sequence (its output is
+    kept for the backward pass anyway) and one kernel call."""
+    pre = jnp.einsum("bti,io->bto", x, kernel)
+    h_last, h = gates_forward(spec, _export_guard_p.bind(pre), _bias(params, kernel.shape[1]),
+                              h0, reverse)
+    return h_last, h, pre
+
+
+def _backward(spec: _Spec, reverse: bool, tile: int, x, kernel, params, h0, h, pre, g,
+              g_last):
+    """``(dx, dkernel, dparams, dh0)``: the tile loop of ``"chunked"``'s adjoint,
+    with the gates' and the recurrence's adjoint of each tile in one kernel call."""
+    # The kernel reads g whole: a g that XLA could compute in the loop (the
+    # broadcast cotangent of a sum, say) is materialised once, not per tile.
+    g = jax.lax.optimization_barrier(g)
+    seq_len = x.shape[1]
+    bias = _bias(params, kernel.shape[1])
+    num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, not reverse)
+
+    def run_tile(dh, dx, dkernel, dbias, start, length):
+        dpre, dh, db = gates_backward(spec, pre, bias, h, h0, g, dh, start, length, reverse)
+        x_t = jax.lax.dynamic_slice_in_dim(x, start, length, 1)
+        dx_t = jnp.einsum("bto,io->bti", dpre, kernel)
+        dk_t = jnp.einsum("bti,bto->io", x_t, dpre, preferred_element_type=jnp.float32)
+        dx = jax.lax.dynamic_update_slice_in_dim(dx, gated_lib._stored(dx_t), start, 1)  # pylint: disable=protected-access
+        return dh, dx, dkernel + dk_t, dbias + db
+
+    def body(i, carry):
+        return run_tile(*carry, full_start(i), tile)
+
+    stored = jnp.uint16 if x.dtype == jnp.bfloat16 else x.dtype
+    carry = (g_last, empty(x.shape, stored), jnp.zeros(kernel.shape, jnp.float32),
+             jnp.zeros(bias.shape, jnp.float32))
+    carry = jax.lax.fori_loop(0, num_full, body, carry)
+    if rem:
+        carry = run_tile(*carry, rem_start, rem)
+    dh0, dx, dkernel, dbias = carry
+    dx = gated_lib._loaded(dx, x.dtype)  # pylint: disable=protected-access
+    d_rec_bias = None if params[0] is None else dbias.astype(params[0].dtype)
+    dparams = (d_rec_bias,) + tuple(jax.tree.map(jnp.zeros_like, p) for p in params[1:])
+    return dx, dkernel.astype(kernel.dtype), dparams, dh0
+
+
+def _tangent(static, res, lin):
+    """Forward mode: the tangent of the pure-JAX tile loop."""
+    coeffs, reverse, tile = static
+    x, kernel, consts, params, h0 = res[:5]
+
+    def fun(x, k, p, s):
+        h_last, h, _, _, _ = gated_lib.tiles_forward(coeffs, None, x, k, consts, p, s,
+                                                     reverse, tile, 0)
+        return h_last, h
+
+    return jax.jvp(fun, (x, kernel, params, h0), lin)[1]
+
+
+def _adjoint(spec, static, res, ct):
+    _, reverse, tile = static
+    x, kernel, _, params, h0, h, pre = res
+    g_last, g = ct
+    return _backward(spec, reverse, tile, x, kernel, params, h0, h, pre, g, g_last)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 7, 8))
+def _native(spec, coeffs, x, kernel, consts, params, h0, reverse: bool, tile: int):
+    h_last, h, _ = _forward(spec, x, kernel, params, h0, reverse)
+    return h_last, h
+
+
+@_native.defjvp
+def _native_jvp(spec, coeffs, reverse, tile, primals, tangents):
+    x, kernel, consts, params, h0 = primals
+    dx, dkernel, _, dparams, dh0 = tangents
+    # The kernels are not differentiable: a second derivative stops here.
+    guard = lambda tree: jax.tree.map(_nondifferentiable, tree)
+    h_last, h, pre = _forward(spec, guard(x), guard(kernel), guard(params), guard(h0), reverse)
+    static = (coeffs, reverse, tile)
+    tangent = linear_op(functools.partial(_tangent, static),
+                        functools.partial(_adjoint, spec, static),
+                        (x, kernel, consts, params, h0, h, pre), (dx, dkernel, dparams, dh0),
+                        no_second_order=_SECOND_ORDER)
+    return (h_last, h), tangent
+
+
+def _applies(spec, x, kernel, consts, params, h0, n_side) -> bool:
+    """Whether the kernels can run these arguments (else ``"chunked"`` does)."""
+    if spec is None or kernel is None or n_side:
+        return False
+    if spec.kind not in GATE_KINDS or spec.candidate not in CANDIDATES:
+        return False
+    if any(c is not None for c in consts):
+        return False
+    f32 = jnp.dtype(jnp.float32)
+    if x.dtype != kernel.dtype or x.dtype not in (f32, jnp.dtype(jnp.bfloat16)):
+        return False
+    if h0.dtype != f32 or h0.ndim != 2:
+        return False
+    if kernel.shape[1] != spec.blocks * h0.shape[1]:
+        return False
+    bias = params[0] if isinstance(params, tuple) and params else None
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (kernel.shape[1],)):
+        return False
+    return usable()
+
+
+def gated(gate_name, coeffs, readout, x, kernel, consts, params, h0, reverse: bool, tile: int,
+          n_side: int):
+    """The layers' recurrence with the kernels, or ``None`` where they do not apply.
+
+    ``gate_name`` is ``(kind, candidate)`` (:data:`GATE_KINDS`,
+    :data:`CANDIDATES`) naming ``coeffs``, whose bias is ``params[0]``; the
+    arguments are those of :func:`flax_minrnn.ops.gated.tiles_forward`.
+    Returns ``(h_last, h)``, or ``(h_last, y)`` with ``readout``.
+    """
+    spec = None if gate_name is None else _Spec(*gate_name)
+    if not _applies(spec, x, kernel, consts, params, h0, n_side):
+        return None
+    h_last, h = _native(spec, coeffs, x, kernel, consts, params, h0, reverse, tile)
+    if readout is None:
+        return h_last, h
+    # A readout without side columns (out_proj) on the whole sequence,
+    # recomputed in the backward pass (h is kept anyway).
+    return h_last, jax.checkpoint(readout)(h, None, consts, params)

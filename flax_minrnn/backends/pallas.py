@@ -1,9 +1,11 @@
 """A Pallas (Triton) GPU kernel for the linear recurrence ``h_t = a_t h_{t-1} + b_t``.
 
-The reference it must match is :func:`flax_minrnn.scan.linear_scan` with
-``impl="sequential"``; ``tests/test_kernels.py`` compares the two (outputs and
-gradients) in Pallas's interpret mode on the CPU, and
-``benchmarks/bench_gpu.py`` times it on a GPU.
+An opt-in backend, reached only by naming it: ``impl="pallas"`` in
+:func:`flax_minrnn.ops.scan.linear_scan` or ``scan_impl="pallas"`` in a
+layer.  On a GPU it compiles with Triton; elsewhere it runs in Pallas's
+interpreter (correct and slow: for tests).  The reference it must match is
+``impl="sequential"``; ``tests/test_kernels.py`` compares the two (outputs
+and gradients, interpreted on the CPU) and ``benchmarks/gpu`` on a GPU.
 
 Algorithm (chunked, three launches; ``c`` steps per chunk, ``n = T / c``):
 
@@ -23,9 +25,11 @@ cannot: on an H100 a single-pass kernel over ``8 x 256`` lanes would run 32
 programs.  When ``batch * d / block_d`` alone fills the GPU (``n = 1``) pass 1
 and 2 are skipped: one pass, reading ``a, b`` once and writing ``h`` once.
 
-Gradients: :func:`flax_minrnn.scan.linear_scan` differentiates every
-implementation with one hand-written adjoint, itself a (reverse) linear scan,
-which runs on this kernel too (``reverse=True``).
+Derivatives: :mod:`flax_minrnn.ops.scan` differentiates every
+implementation through its own rules (the tangent and the adjoint are linear
+scans, which run on this kernel too, the adjoint with ``reverse=True``), so
+the kernel itself is never differentiated: ``grad``, ``jvp``, ``vmap`` and
+second derivatives all work.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from flax_minrnn.ops import scan as scan_lib
 
 Array = jax.Array
 
-__all__ = ["pallas_available", "linear_scan_pallas"]
+__all__ = ["pallas_available", "linear_scan_pallas", "forward"]
 
 # Programs wanted in flight before chunking stops paying: a few per SM of a
 # 132-SM H100 (each program is latency-bound on its one row per step).
@@ -155,8 +159,7 @@ def linear_scan_pallas(a: Array, b: Array, h0: Array, *, reverse: bool = False,
             grid=grid, in_specs=[tile, tile], out_specs=(row, row),
             name="linear_scan_chunk_summary", **params)(a, b)
         # Pass 2: the state entering each chunk, in scan order.
-        _, after = scan_lib.linear_scan(p, e, h0, impl="associative",
-                                        reverse=reverse)
+        _, after = scan_lib.core(p, e, h0, scan_lib.ScanImpl.ASSOCIATIVE, reverse)
         if reverse:
             h_init = jnp.concatenate([after[:, 1:], h0[:, None]], axis=1)
         else:
@@ -167,3 +170,15 @@ def linear_scan_pallas(a: Array, b: Array, h0: Array, *, reverse: bool = False,
         grid=grid, in_specs=[tile, tile, row], out_specs=tile,
         name="linear_scan_chunk_scan", **params)(a, b, h_init)
     return (h[:, 0] if reverse else h[:, -1]), h
+
+
+def forward(a: Array, b: Array, h0: Array, reverse: bool):
+    """``(h_last, h)`` for :mod:`flax_minrnn.ops.scan` (prepared inputs of any
+    feature shape; compiled on a GPU, interpreted elsewhere)."""
+    batch, seq_len = a.shape[:2]
+    if batch == 0 or math.prod(a.shape[2:]) == 0:
+        return jnp.zeros(h0.shape, a.dtype), jnp.zeros(a.shape, a.dtype)
+    flat = lambda x: x.reshape(batch, seq_len, -1)
+    h_last, h = linear_scan_pallas(flat(a), flat(b), h0.reshape(batch, -1), reverse=reverse,
+                                   interpret=not pallas_available())
+    return h_last.reshape(h0.shape), h.reshape(a.shape)

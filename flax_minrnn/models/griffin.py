@@ -53,6 +53,7 @@ from flax_minrnn.nn import dense as dense_lib
 from flax_minrnn.nn import rglru as rglru_lib
 from flax_minrnn.nn.rglru import RGLRU
 from flax_minrnn.ops import checks
+from flax_minrnn.ops import scan as scan_lib
 
 Array = jax.Array
 Dtype = Any
@@ -215,8 +216,8 @@ class GriffinConfig:
       embeddings_scale_by_sqrt_dim: multiply the embeddings by
         ``sqrt(hidden_size)`` (computed in the compute dtype; the reference
         implementations round it to bfloat16).
-      scan_impl: RG-LRU scan: ``'auto'``, ``'associative'``, ``'sequential'``,
-        ``'chunked'`` or ``'native'`` (the same as ``'chunked'`` here).
+      scan_impl: the RG-LRU's scan implementation (a
+        :class:`flax_minrnn.ops.scan.ScanImpl` name).
       dtype: compute dtype (states and logits are float32 regardless).
       param_dtype: parameter dtype.
     """
@@ -284,7 +285,7 @@ class GriffinConfig:
         if not isinstance(self.embeddings_scale_by_sqrt_dim, bool):
             raise ValueError(f"embeddings_scale_by_sqrt_dim must be a bool, "
                              f"got {self.embeddings_scale_by_sqrt_dim!r}")
-        rglru_lib._check_linear_impl(self.scan_impl)
+        scan_lib.resolve_impl(self.scan_impl, 1, name="scan_impl")
 
     @property
     def mlp_width(self) -> int:
@@ -541,9 +542,9 @@ class Griffin(nn.Module):
             states.append(state)
         x = blocks.Norm("rmsnorm", cfg.rms_norm_eps, cfg.dtype,  # pylint: disable=protected-access
                          cfg.param_dtype, name="final_norm")(x)
-        logits = embed.attend(x).astype(jnp.float32)
+        logits = embed.attend(x).astype(checks.accum_dtype(cfg.dtype))
         if cfg.logits_soft_cap:
-            cap = jnp.float32(cfg.logits_soft_cap)
+            cap = jnp.asarray(cfg.logits_soft_cap, logits.dtype)
             logits = cap * jnp.tanh(logits / cap)
         return (GriffinCarry(tuple(states),
                              blocks.next_position(positions, seq_lengths, carry.position)),

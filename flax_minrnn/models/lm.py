@@ -47,8 +47,6 @@ Array = jax.Array
 __all__ = ["LMConfig", "LMCarry", "LM", "Block", "make_time_mixing"]
 
 TIME_MIXINGS = ("mingru", "minlstm", "glrnn", "rglru")
-# Scan implementations for time mixings whose inputs can be negative (RG-LRU).
-LINEAR_SCAN_IMPLS = ("auto", "associative", "sequential", "chunked", "native")
 NORMS = ("rmsnorm", "layernorm")
 POSITIONAL_ENCODINGS = ("none", "learned", "sinusoidal")
 
@@ -92,7 +90,7 @@ class LMConfig:
         scan (:func:`flax_minrnn.parallel.sequence_parallel_scan`, the mesh of
         ``jax.set_mesh``); ``None``: one device.  Never changes parameters;
         decode (one step per call) with ``None``.
-      dtype: compute dtype (states are float32 regardless; logits are float32).
+      dtype: compute dtype (states and logits are float32, or float64 for float64).
       param_dtype: parameter dtype.
     """
 
@@ -155,7 +153,6 @@ class LMConfig:
             if self.sequence_axis is not None:
                 raise ValueError("sequence_axis is not supported with time_mixing='rglru' "
                                  f"(got {self.sequence_axis!r}); use mingru/minlstm/glrnn")
-            checks.check_choice("scan_impl (time_mixing='rglru')", self.scan_impl, LINEAR_SCAN_IMPLS)
         if self.sequence_axis is not None and (
                 not isinstance(self.sequence_axis, str) or not self.sequence_axis
                 or self.use_true_recurrence):
@@ -273,10 +270,12 @@ class LM(nn.Module):
         carry, logits = model.apply(variables, tokens, training=True,
                                     rngs={'dropout': key})
 
-    Token ids must lie in ``[0, vocab_size)``: checked (``ValueError``) when
-    the ids are concrete; under ``jax.jit`` an id ``>= vocab_size`` embeds to
-    NaN and a negative id ``-n`` (``n <= vocab_size``) wraps to
-    ``vocab_size - n`` (``flax.linen.Embed`` uses ``jnp.take``).
+    Token ids at valid steps must lie in ``[0, vocab_size)``: checked
+    (``ValueError``) when the ids are concrete; under ``jax.jit`` an id
+    ``>= vocab_size`` embeds to NaN and a negative id ``-n``
+    (``n <= vocab_size``) wraps to ``vocab_size - n`` (``flax.linen.Embed``
+    uses ``jnp.take``).  Padded steps (``seq_lengths``) may hold any id: their
+    embeddings are replaced by zeros before any product.
 
     Submodules: ``embedder``, ``position`` (learned table), ``blocks_{i}``
     (:class:`Block`), ``final_norm``, ``head`` (untied, ``use_head=True``).
@@ -344,7 +343,7 @@ class LM(nn.Module):
             ``max_seq_length`` (when concrete).
         """
         cfg = self.config
-        checks.check_tokens(tokens, cfg.vocab_size)
+        checks.check_tokens(tokens, cfg.vocab_size, seq_lengths=seq_lengths)
         batch, seq_len = tokens.shape
         carry = (self.initialize_carry(batch) if carry is None
                  else self._check_carry(carry, batch))
@@ -358,6 +357,10 @@ class LM(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, name="embedder")
         x = embed(tokens)
+        if valid is not None:
+            # Padded steps: zero inputs (whatever ids they hold), so they
+            # cannot reach a product or a gradient.
+            x = jnp.where(valid[:, :, None], x, jnp.zeros((), x.dtype))
         positions = blocks.token_positions(carry.position, seq_len, reset)
         if cfg.positional_encoding != "none":
             x = blocks.PositionalEncoding(cfg.positional_encoding, cfg.max_seq_length,
@@ -378,13 +381,13 @@ class LM(nn.Module):
                             blocks.next_position(positions, seq_lengths, carry.position))
 
         if not self.use_head:
-            return new_carry, x.astype(jnp.float32)
+            return new_carry, x.astype(checks.accum_dtype(cfg.dtype))
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = dense_lib.Dense(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               name="head")(x)
-        return new_carry, logits.astype(jnp.float32)
+        return new_carry, logits.astype(checks.accum_dtype(cfg.dtype))
 
 
 # ----------------------------------------------------------------------------

@@ -106,7 +106,7 @@ class PositionalEncoding(nn.Module):
 
 
 class Norm(nn.Module):
-    """RMSNorm or LayerNorm in float32, returned in the compute dtype ``dtype``.
+    """RMSNorm or LayerNorm in float32 (float64 for float64 inputs), returned in ``dtype``.
 
     ``rmsnorm``:   ``y = x / sqrt(mean(x^2) + eps) * scale``
     ``layernorm``: ``y = (x - mean(x)) / sqrt(var(x) + eps) * scale + bias``
@@ -124,19 +124,20 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d = x.shape[-1]
-        x = x.astype(jnp.float32)
+        f = checks.accum_dtype(x.dtype)
+        x = x.astype(f)
         scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
-        eps = jnp.float32(self.eps)
+        eps = jnp.asarray(self.eps, f)
         if self.kind == "rmsnorm":
             y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
         else:
             centred = x - jnp.mean(x, axis=-1, keepdims=True)
             y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
                                         + eps)
-        y = y * scale.astype(jnp.float32)[(None,) * (x.ndim - 1)]
+        y = y * scale.astype(f)[(None,) * (x.ndim - 1)]
         if self.kind == "layernorm":
             bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
-            y = y + bias.astype(jnp.float32)[(None,) * (x.ndim - 1)]
+            y = y + bias.astype(f)[(None,) * (x.ndim - 1)]
         return y.astype(self.dtype)
 
 

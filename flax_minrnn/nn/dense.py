@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_minrnn.ops import scan as scan_lib
+from flax_minrnn.ops import linear as linear_lib
 
 Array = jax.Array
 Dtype = Any
@@ -17,8 +17,8 @@ Initializer = Callable[..., Array]
 __all__ = ["Dense", "DenseParams"]
 
 
-# ``x @ kernel`` with the hand-written backward (one copy, in ops/scan.py).
-matmul = scan_lib.project
+# ``x @ kernel`` whose kernel gradient is one fast product (ops/linear.py).
+matmul = linear_lib.matmul
 
 
 def _dense_params(module: nn.Module, in_features: int):
@@ -40,8 +40,8 @@ class Dense(nn.Module):
     """``y = x @ kernel + bias``: the parameters and result of ``nn.Dense``.
 
     Same parameter names, shapes and initialisers as :class:`flax.linen.Dense`
-    (checkpoints are interchangeable); only the backward pass differs (see
-    :func:`_matmul`).  ``x``, ``kernel`` and ``bias`` are cast to ``dtype``.
+    (checkpoints are interchangeable); its derivatives are those of
+    :func:`flax_minrnn.ops.linear.matmul`.  ``x``, ``kernel`` and ``bias`` are cast to ``dtype``.
 
     Attributes:
       features: output width.

@@ -14,42 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_minrnn.nn import gates as gates_lib
 from flax_minrnn.ops import checks
 from flax_minrnn.ops import scan as scan_lib
 
 Array = jax.Array
 Dtype = Any
 
-__all__ = ["RGLRU", "BlockDiagonalLinear", "sqrt_bounded_derivative", "rglru_lambda_init",
-           "MAX_SQRT_GRADIENT", "LINEAR_SCAN_IMPLS"]
-
-# Scan implementations for recurrences whose inputs can be negative (RG-LRU).
-LINEAR_SCAN_IMPLS = ("auto", "associative", "sequential", "chunked", "native")
-
-
-# The derivative of sqrt is clipped at this value (as in both reference
-# implementations): d sqrt(x)/dx = 1 / (2 sqrt(max(x, 1 / (4 * 1000^2)))).
-MAX_SQRT_GRADIENT = 1000.0
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def sqrt_bounded_derivative(x: Array, max_gradient: float = MAX_SQRT_GRADIENT) -> Array:
-    """``sqrt(x)`` whose derivative is clipped at ``max_gradient``.
-
-    Forward: ``sqrt(x)``.  Derivative: ``1 / (2 sqrt(max(x, 1 / (4
-    max_gradient^2))))``, i.e. exact for ``x >= 1 / (4 max_gradient^2)``
-    (``2.5e-7`` for the default 1000) and ``max_gradient`` below, so
-    ``sqrt(1 - a^2)`` keeps finite gradients when ``a`` rounds to 1.
-    """
-    del max_gradient
-    return jnp.sqrt(x)
-
-
-@sqrt_bounded_derivative.defjvp
-def _sqrt_bounded_jvp(max_gradient, primals, tangents):
-    (x,), (t,) = primals, tangents
-    floor = 1.0 / (4.0 * float(max_gradient) ** 2)
-    return jnp.sqrt(x), t * (0.5 * jax.lax.rsqrt(jnp.maximum(x, floor)))
+__all__ = ["RGLRU", "BlockDiagonalLinear", "rglru_lambda_init"]
 
 
 def rglru_lambda_init(min_rad: float = 0.9, max_rad: float = 0.999, eps: float = 1e-8):
@@ -95,9 +67,6 @@ class BlockDiagonalLinear(nn.Module):
         return y.reshape(x.shape)
 
 
-def _check_linear_impl(scan_impl: str) -> None:
-    checks.check_choice("scan_impl", scan_impl, LINEAR_SCAN_IMPLS)  # pylint: disable=protected-access
-
 
 class RGLRU(nn.Module):
     """Real-Gated Linear Recurrent Unit (De et al. 2024, "Griffin", arXiv 2402.19427).
@@ -125,7 +94,7 @@ class RGLRU(nn.Module):
 
     Gates and the state are float32 (float64 for float64 inputs) whatever
     ``dtype``; every sequence length, including ``T = 1`` decoding, goes
-    through the same single call of :func:`flax_minrnn.scan.linear_scan`.
+    through the same single call of :func:`flax_minrnn.ops.scan.linear_scan`.
 
     Usage::
 
@@ -144,10 +113,9 @@ class RGLRU(nn.Module):
       min_rad, max_rad: initial range of ``a = exp(-softplus(Lambda))``.
       max_sqrt_gradient: bound of the derivative of the square root.
       w_init_variance_scale: variance scale of the gate weights (fan-in).
-      scan_impl: ``'auto'``, ``'associative'``, ``'sequential'``,
-        ``'chunked'`` or ``'native'`` (which runs ``'chunked'``: the compiled
-        kernels cover MinGRU/MinLSTM gates only); the log-space scans need
-        positive inputs.
+      scan_impl: a :class:`flax_minrnn.ops.scan.ScanImpl` name (``'native'``
+        runs ``'chunked'``: the compiled kernels cover MinGRU/MinLSTM gates
+        only).
       dtype: compute dtype of the gate projections (``None``: the input's);
         ``y`` is returned in it.
       param_dtype: parameter dtype.
@@ -157,7 +125,7 @@ class RGLRU(nn.Module):
     c: float = 8.0
     min_rad: float = 0.9
     max_rad: float = 0.999
-    max_sqrt_gradient: float = MAX_SQRT_GRADIENT
+    max_sqrt_gradient: float = gates_lib.MAX_SQRT_GRADIENT
     w_init_variance_scale: float = 1.0
     scan_impl: str = "auto"
     dtype: Optional[Dtype] = None
@@ -191,7 +159,7 @@ class RGLRU(nn.Module):
         checks.check_int_at_least("num_heads", self.num_heads, 1)  # pylint: disable=protected-access
         if width % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide the input width {width}")
-        _check_linear_impl(self.scan_impl)
+        scan_lib.resolve_impl(self.scan_impl, seq_len, name="scan_impl")
         dtype = self.dtype or x.dtype
         s_dtype = checks.state_dtype(dtype, self.param_dtype)
         h0 = checks.check_carry(carry, batch, width, s_dtype)
@@ -205,14 +173,11 @@ class RGLRU(nn.Module):
             self.num_heads, self.w_init_variance_scale, dtype=dtype,
             param_dtype=self.param_dtype, name=name)
         x = x.astype(dtype)
-        gate_x = jax.nn.sigmoid(gate("input_gate")(x).astype(s_dtype))
-        gate_a = jax.nn.sigmoid(gate("a_gate")(x).astype(s_dtype))
-        log_a = -self.c * jax.nn.softplus(lam.astype(s_dtype))[None, None, :] * gate_a
-        a = jnp.exp(log_a)
-        multiplier = sqrt_bounded_derivative(-jnp.expm1(2.0 * log_a), self.max_sqrt_gradient)
-        if reset is not None:
-            multiplier = jnp.where(reset[:, :, None], jnp.ones((), s_dtype), multiplier)
-        b = gate_x * x.astype(s_dtype) * multiplier
+        if valid is not None:
+            # Padded steps: zero inputs, so garbage there cannot reach a gradient.
+            x = jnp.where(valid[:, :, None], x, jnp.zeros((), dtype))
+        a, b = gates_lib.rglru_gates(x.astype(s_dtype), gate("input_gate")(x).astype(s_dtype),
+                                     gate("a_gate")(x).astype(s_dtype), lam.astype(s_dtype),
+                                     self.c, self.max_sqrt_gradient, reset)
         h_last, h = scan_lib.linear_scan(a, b, h0, impl=self.scan_impl, reset=reset, mask=valid)
         return h_last, h.astype(dtype)
-

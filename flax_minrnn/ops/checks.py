@@ -11,12 +11,15 @@ the argument, says what was expected and what was given.  Checks of values
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
+from jax.experimental import checkify
 
 Array = jax.Array
 
@@ -50,8 +53,45 @@ def lengths_to_mask(seq_lengths: Array, seq_len: int) -> Array:
     return jnp.arange(seq_len)[None, :] < seq_lengths[:, None]
 
 
+_runtime = threading.local()
+
+
+@contextlib.contextmanager
+def runtime_checks(enabled: bool = True):
+    """Adds run-time checks of traced values (``seq_lengths``) while tracing.
+
+    Under ``jax.jit`` the values of ``seq_lengths`` are unknown at trace
+    time, so :func:`check_seq_lengths` cannot reject them there; without this
+    context they are clamped (a length above ``T`` acts as ``T``, a negative
+    one as ``0``).  Trace inside this context and wrap the function with
+    :func:`jax.experimental.checkify.checkify` to have them checked when the
+    function runs::
+
+        from jax.experimental import checkify
+        with fm.runtime_checks():
+            checked = jax.jit(checkify.checkify(f, errors=checkify.user_checks))
+            err, out = checked(params, x, lengths)   # traced here
+        err.throw()          # ValueError naming seq_lengths, if out of range
+
+    (A function traced in this context must be checkified: JAX refuses to
+    stage a check that is not.)
+    """
+    previous = getattr(_runtime, "enabled", False)
+    _runtime.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _runtime.enabled = previous
+
+
 def check_seq_lengths(seq_lengths, batch: int, seq_len: int) -> Array:
-    """Validates ``seq_lengths`` (int, shape ``(batch,)``, values in [0, T])."""
+    """Validates ``seq_lengths``: integer, shape ``(batch,)``, values in ``[0, T]``.
+
+    The values are checked when they are known at trace time.  Traced values
+    (under ``jax.jit``) are clamped where they are used: above ``T`` acts as
+    ``T`` and negative as ``0``; see :func:`runtime_checks` for a check when
+    the function runs.
+    """
     if not hasattr(seq_lengths, "shape"):
         seq_lengths = np.asarray(seq_lengths)
     if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
@@ -66,7 +106,23 @@ def check_seq_lengths(seq_lengths, batch: int, seq_len: int) -> Array:
         raise ValueError(
             f"seq_lengths must lie in [0, {seq_len}] (the time axis length), "
             f"got values in [{value.min()}, {value.max()}]")
-    return jnp.asarray(seq_lengths)
+    seq_lengths = jnp.asarray(seq_lengths)
+    if value is None and getattr(_runtime, "enabled", False) and batch:
+        checkify.check(jnp.all((seq_lengths >= 0) & (seq_lengths <= seq_len)),
+                       f"seq_lengths must lie in [0, {seq_len}] (the time axis length), "
+                       "got values in [{}, {}]", jnp.min(seq_lengths), jnp.max(seq_lengths))
+    return seq_lengths
+
+
+def check_state(name: str, state, shape) -> Optional[Array]:
+    """``None``, or a floating array of exactly ``shape`` (an initial state)."""
+    if state is None:
+        return None
+    check_float(name, state)
+    if tuple(state.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape (batch, *features) = {tuple(shape)}, "
+                         f"got {tuple(state.shape)}")
+    return state
 
 
 def check_bool_bt(name: str, x, batch: int, seq_len: int) -> Array:
@@ -158,8 +214,13 @@ def check_leaf_shapes(carry, ref, batch: int) -> None:
                              f"{tuple(want.shape)} (batch {batch})")
 
 
-def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
-    """Integer ``(batch, time)`` ids; values checked against ``vocab_size`` when concrete."""
+def check_tokens(tokens, vocab_size: int, name: str = "tokens",
+                 seq_lengths=None) -> None:
+    """Integer ``(batch, time)`` ids; values checked against ``vocab_size`` when concrete.
+
+    With ``seq_lengths`` only the valid steps are checked: padding may hold
+    any id (the models ignore it).
+    """
     if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
         raise TypeError(f"{name} must be an integer array, got {type(tokens).__name__}")
     if tokens.ndim != 2:
@@ -168,12 +229,18 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
         raise TypeError(f"{name} must be an integer array (token ids), got dtype {tokens.dtype}")
     if tokens.shape[1] < 1:
         raise ValueError(f"{name} must have at least one step")
+    if seq_lengths is not None:
+        seq_lengths = check_seq_lengths(seq_lengths, *tokens.shape)
     value = concrete_or_none(tokens)
+    lengths = None if seq_lengths is None else concrete_or_none(seq_lengths)
+    if value is not None and lengths is not None:
+        value = value[np.arange(value.shape[1])[None, :] < np.asarray(lengths)[:, None]]
+    elif seq_lengths is not None:
+        value = None  # padding unknown at trace time: nothing to check reliably
     if value is not None and value.size and (value.min() < 0 or value.max() >= vocab_size):
         raise ValueError(
             f"{name} must lie in [0, vocab_size={vocab_size}), got values in "
             f"[{value.min()}, {value.max()}]")
-
 
 
 def check_positive_number(name: str, value) -> None:
@@ -200,3 +267,33 @@ def unwrap_params(params, name: str = "params") -> Tuple[Dict, bool]:
         return unfreeze(inner) if not isinstance(inner, dict) else inner, True
     return params, False
 
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over (inside ``shard_map``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(getattr(mat, "varying", ()))
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def same_varying(*trees):
+    """The trees with every leaf varying over the same manual mesh axes.
+
+    Inside ``shard_map`` a loop's carry must keep its type, so an operand
+    replicated over a manual axis (a parameter) and one split over it (the
+    batch) are first cast to vary over the same axes (``jax.lax.pcast``,
+    whose transpose sums the cotangents over them).  Outside ``shard_map``
+    the trees are returned unchanged.
+    """
+    leaves = [leaf for tree in trees for leaf in jax.tree.leaves(tree)]
+    axes = frozenset().union(*(_varying_axes(leaf) for leaf in leaves))
+    if not axes:
+        return trees
+
+    def cast(leaf):
+        missing = tuple(sorted(axes - _varying_axes(leaf)))
+        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return tuple(jax.tree.map(cast, tree) for tree in trees)

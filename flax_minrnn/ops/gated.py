@@ -1,0 +1,551 @@
+"""The recurrence of a layer: projection, gates, scan and readout in one call.
+
+:func:`gated_scan` runs ``h_t = a_t * h_{t-1} + b_t`` with the coefficients
+computed from the inputs, ``(a_t, b_t) = coeff_fn(x_t @ kernel, params)``,
+and :func:`gated_scan_with_readout` adds a per-step readout
+``y_t = readout_fn(h_t, side_t, params)`` (an output gate, an output
+projection).  The layers of :mod:`flax_minrnn.nn` run on these.
+
+With ``impl="chunked"`` (what ``"auto"`` picks on CPU from ``T = 64``) the
+time axis is cut into tiles of a few dozen steps, visited in scan order; a
+tile's projection, coefficients, recurrence and readout run one after another
+while the tile is in cache (a whole-sequence pass over ``B * T * D`` floats
+misses the cache from ``T ~ 1024`` on).  Its derivatives follow the scheme of
+:mod:`flax_minrnn.ops.scan`: a ``jax.custom_jvp`` whose tangent is a
+:func:`flax_minrnn.ops.linear.linear_op`, so that
+
+* reverse mode runs a hand-written adjoint that visits the tiles in reverse
+  and, per tile, recomputes the gates from the stored projection, runs the
+  adjoint recurrence, and forms ``dx_t = dpre_t W^T`` and
+  ``dW += x_t^T dpre_t`` while the tile is in cache;
+* forward mode (``jvp``, ``linearize``) and second derivatives run the
+  tangent of the same tile loop, derived by JAX.
+
+The other implementations compute the projection and the coefficients for
+the whole sequence and call :func:`flax_minrnn.ops.scan.linear_scan`'s core;
+the gates and the readout are recomputed in the backward pass
+(``jax.checkpoint``), so only the projections and the states are stored.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_minrnn.ops import checks
+from flax_minrnn.ops import scan as scan_lib
+from flax_minrnn.ops.linear import linear_op, matmul
+from flax_minrnn.ops.scan import ScanImpl
+
+Array = jax.Array
+
+__all__ = ["gated_scan", "gated_scan_with_readout", "tile_size"]
+
+# Bytes of projection output per tile (a power of two of steps): about 128
+# steps at B = 8 and 2-3 x 256 float32 features, which keeps a tile's
+# projection, gates and states within a core's L2 cache.
+_TILE_BYTES = 3 * 2 ** 20
+_TILE_MIN, _TILE_MAX = 32, 512
+
+
+def tile_size(row_bytes: int, seq_len: int) -> int:
+    """Steps per tile for ``row_bytes`` bytes of projection output per step.
+
+    At most a quarter of ``seq_len`` (rounded down to a power of two, at
+    least ``_TILE_MIN``): with at least four tiles, the tiles' temporaries
+    stay small next to the sequence's own buffers.  Never more than
+    ``seq_len``.
+    """
+    steps = max(1, _TILE_BYTES // max(1, row_bytes))
+    size = min(_TILE_MAX, max(_TILE_MIN, 2 ** int(math.log2(steps))))
+    quarter = 2 ** int(math.log2(max(1, seq_len // 4)))
+    return int(min(seq_len, max(_TILE_MIN, min(size, quarter))))
+
+
+# ----------------------------------------------------------------------------
+# Tile helpers.
+
+
+def _take(tree, start, size: int):
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, 1), tree)
+
+
+def _put(tree, block, start):
+    return jax.tree.map(lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, start, 1),
+                        tree, block)
+
+
+def _is_half(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+
+
+def _stored(x: Array) -> Array:
+    """16-bit floats as uint16 bits, other arrays unchanged.
+
+    XLA:CPU widens a bfloat16 dynamic update to float32 and converts the whole
+    buffer each time, so the tile buffers of 16-bit values hold their bits; a
+    bitcast costs nothing.
+    """
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if _is_half(x.dtype) else x
+
+
+def _loaded(x: Array, dtype) -> Array:
+    """The inverse of :func:`_stored` for values of ``dtype``."""
+    return jax.lax.bitcast_convert_type(x, dtype) if _is_half(dtype) else x
+
+
+def _buffer(like: Array, dtype, shape) -> Array:
+    """A zero buffer for values of ``dtype`` in :func:`_stored` form, built from
+    ``like`` (not ``jnp.zeros``, so it has its type inside ``shard_map``)."""
+    return jax.lax.full_like(like, 0, jnp.uint16 if _is_half(dtype) else dtype, shape)
+
+
+def _state_before(h, h0, start, length: int, reverse: bool):
+    """The state before the first step (in scan order) of steps
+    ``[start, start + length)`` of the states ``h`` (``h0`` at the edge)."""
+    seq_len = h.shape[1]
+
+    def at(i):
+        i = jnp.clip(i, 0, seq_len - 1)
+        return jax.lax.dynamic_index_in_dim(h, i, 1, keepdims=False)
+
+    if reverse:
+        return jnp.where(start + length < seq_len, at(start + length), h0)
+    return jnp.where(start > 0, at(start - 1), h0)
+
+
+def _grad_sums(params):
+    """Zero accumulators for gradients summed over tiles: float32 for 16-bit
+    parameters (a bfloat16 sum over hundreds of tiles loses digits)."""
+    return jax.tree.map(
+        lambda p: jax.lax.full_like(p, 0, jnp.float32 if _is_half(p.dtype) else p.dtype), params)
+
+
+def _add_grads(sums, grads):
+    return jax.tree.map(lambda s, g: s + g.astype(s.dtype), sums, grads)
+
+
+def _grads_of(sums, params):
+    return jax.tree.map(lambda s, p: s.astype(p.dtype), sums, params)
+
+
+# ----------------------------------------------------------------------------
+# impl="chunked": the tile loop.
+
+
+def _readout_spec(readout, h0, side_spec, params):
+    """The shape and dtype of ``readout`` on one step."""
+    h_spec = jax.ShapeDtypeStruct((h0.shape[0], 1) + h0.shape[1:], h0.dtype)
+    return jax.eval_shape(lambda h, s, p: readout(h, s, (None, None), p),
+                          h_spec, side_spec, params)
+
+
+def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: bool,
+                  tile: int, n_side: int):
+    """The forward tile loop.
+
+    Returns ``(h_last, h, pre, side, y)``: the states; ``pre`` the columns of
+    ``x @ kernel`` that ``coeff_fn`` sees (``None`` without a kernel); ``side``
+    its last ``n_side`` columns (``None`` when ``n_side`` is 0); ``y`` the
+    readout of each step (``None`` without ``readout``).
+    """
+    batch, seq_len = jax.tree.leaves(x)[0].shape[:2]
+    num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
+    h_buf = _buffer(h0, h0.dtype, (batch, seq_len) + h0.shape[1:])
+    pre_buf = side_buf = y_buf = y_spec = None
+    if kernel is not None:
+        p_dtype = jnp.result_type(x, kernel)
+        n_rec = kernel.shape[1] - n_side
+        pre_buf = _buffer(x, p_dtype, (batch, seq_len, n_rec))
+        if n_side:
+            side_buf = _buffer(x, p_dtype, (batch, seq_len, n_side))
+    if readout is not None:
+        y_spec = _readout_spec(readout, h0, None if not n_side else
+                               jax.ShapeDtypeStruct((batch, 1, n_side), p_dtype), params)
+        y_buf = _buffer(h0, y_spec.dtype, (batch, seq_len) + y_spec.shape[2:])
+
+    def run_tile(h, bufs, start, length):
+        h_buf, pre_buf, side_buf, y_buf = bufs
+        pre, side = _take(x, start, length), None
+        if kernel is not None:
+            pre = jnp.einsum("bti,io->bto", pre, kernel)
+            if n_side:
+                pre, side = pre[..., :n_rec], pre[..., n_rec:]
+                side_buf = _put(side_buf, _stored(side), start)
+            pre_buf = _put(pre_buf, _stored(pre), start)
+        c_t = _take(consts, start, length)
+        a, b = coeff_fn(pre, c_t, params)
+        # The states go straight into h_buf.
+        h, h_buf = scan_lib.sequential_into(a, h_buf, h, reverse, b=b, offset=start)
+        if readout is not None:
+            h_tile = jax.lax.dynamic_slice_in_dim(h_buf, start, length, 1)
+            y_buf = _put(y_buf, _stored(readout(h_tile, side, c_t, params)), start)
+        return h, (h_buf, pre_buf, side_buf, y_buf)
+
+    def body(i, carry):
+        return run_tile(*carry, full_start(i), tile)
+
+    carry = (h0, (h_buf, pre_buf, side_buf, y_buf))
+    carry = jax.lax.fori_loop(0, num_full, body, carry)
+    if rem:
+        carry = run_tile(*carry, rem_start, rem)
+    h_last, (h, pre, side, y) = carry
+    if y is not None:
+        y = _loaded(y, y_spec.dtype)
+    return h_last, h, pre, side, y
+
+
+def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, side_buf,
+                   g, g_last, reverse: bool, tile: int):
+    """``(dx, dkernel, dparams, dh0)`` of :func:`tiles_forward` for the
+    cotangents ``g`` of the outputs (the states, or the readout) and
+    ``g_last`` of the final state: the hand-written adjoint."""
+    seq_len = h.shape[1]
+    # The backward pass visits the tiles in the opposite order.
+    num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, not reverse)
+    p_dtype = jnp.result_type(x, kernel) if kernel is not None else None
+
+    def run_tile(dh, dx, dkernel, dparams, start, length):
+        x_t = _take(x, start, length)
+        c_t = _take(consts, start, length)
+        pre = x_t if kernel is None else _loaded(_take(pre_buf, start, length), p_dtype)
+        (a, _), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
+        h_t = jax.lax.dynamic_slice_in_dim(h, start, length, 1)
+        g_t, g_side = jax.lax.dynamic_slice_in_dim(g, start, length, 1), None
+        if readout is not None:
+            # The readout's gradient, tile by tile: its cotangent with respect
+            # to the states drives the adjoint recurrence below.
+            side_t = (None if side_buf is None
+                      else _loaded(_take(side_buf, start, length), p_dtype))
+            _, pull_out = jax.vjp(lambda s, q, p: readout(s, q, c_t, p), h_t, side_t, params)
+            g_t, g_side, dp_out = pull_out(g_t)
+            dparams = _add_grads(dparams, dp_out)
+        # The adjoint recurrence through the tile, against scan order, over
+        # the slice g_t in place; its final carry is the cotangent of the
+        # state before the tile.
+        dh, lam = scan_lib.sequential_into(a, g_t, dh, not reverse, adjoint=True)
+        h_prev = scan_lib.states_before(h_t, _state_before(h, h0, start, length, reverse),
+                                        reverse)
+        dpre, dp = pullback((lam * h_prev, lam))
+        if kernel is not None:
+            if g_side is not None:
+                # One product for all columns: the side columns' cotangents
+                # join the coefficient columns'.
+                dpre = jnp.concatenate([dpre, g_side.astype(dpre.dtype)], axis=-1)
+            dpre = dpre.astype(p_dtype)
+            dx_t = jnp.einsum("bto,io->bti", dpre, kernel)
+            dk_t = jnp.einsum("bti,bto->io", x_t, dpre, preferred_element_type=dkernel.dtype)
+            dkernel = dkernel + dk_t
+        else:
+            dx_t = dpre
+        dx_t = jax.tree.map(lambda d, v: _stored(d.astype(v.dtype)), dx_t, x)
+        return dh, _put(dx, dx_t, start), dkernel, _add_grads(dparams, dp)
+
+    def body(i, carry):
+        return run_tile(*carry, full_start(i), tile)
+
+    dkernel = (None if kernel is None else
+               jax.lax.full_like(kernel, 0, checks.accum_dtype(kernel.dtype)))
+    dx = jax.tree.map(lambda v: _buffer(v, v.dtype, v.shape), x)
+    carry = (g_last, dx, dkernel, _grad_sums(params))
+    carry = jax.lax.fori_loop(0, num_full, body, carry)
+    if rem:
+        carry = run_tile(*carry, rem_start, rem)
+    dh0, dx, dkernel, dparams = carry
+    if kernel is not None:
+        dkernel = dkernel.astype(kernel.dtype)
+    return (jax.tree.map(lambda d, v: _loaded(d, v.dtype), dx, x), dkernel,
+            _grads_of(dparams, params), dh0)
+
+
+def _tiled_outputs(coeff_fn, readout, reverse, tile, n_side, x, kernel, consts, params, h0):
+    h_last, h, _, _, y = tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
+                                       reverse, tile, n_side)
+    return h_last, (h if readout is None else y)
+
+
+def _tiled_tangent(static, res, lin):
+    """Forward mode: the tangent of the tile loop, derived by JAX."""
+    coeff_fn, readout, reverse, tile, n_side = static
+    x, kernel, consts, params, h0 = res[:5]
+    fun = lambda x, k, p, s: _tiled_outputs(coeff_fn, readout, reverse, tile, n_side,
+                                            x, k, consts, p, s)
+    return jax.jvp(fun, (x, kernel, params, h0), lin)[1]
+
+
+def _tiled_adjoint(static, res, ct):
+    """Reverse mode: the hand-written adjoint (:func:`tiles_backward`)."""
+    coeff_fn, readout, reverse, tile, _ = static
+    x, kernel, consts, params, h0, h, pre, side = res
+    g_last, g = ct
+    return tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre, side,
+                          g, g_last, reverse, tile)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 7, 8, 9))
+def _tiled(coeff_fn, readout, x, kernel, consts, params, h0, reverse: bool, tile: int,
+           n_side: int):
+    return _tiled_outputs(coeff_fn, readout, reverse, tile, n_side, x, kernel, consts,
+                          params, h0)
+
+
+@_tiled.defjvp
+def _tiled_jvp(coeff_fn, readout, reverse, tile, n_side, primals, tangents):
+    x, kernel, consts, params, h0 = primals
+    dx, dkernel, _, dparams, dh0 = tangents
+    h_last, h, pre, side, y = tiles_forward(coeff_fn, readout, x, kernel, consts, params,
+                                            h0, reverse, tile, n_side)
+    static = (coeff_fn, readout, reverse, tile, n_side)
+    tangent = linear_op(functools.partial(_tiled_tangent, static),
+                        functools.partial(_tiled_adjoint, static),
+                        (x, kernel, consts, params, h0, h, pre, side),
+                        (dx, dkernel, dparams, dh0))
+    return (h_last, h if readout is None else y), tangent
+
+
+# ----------------------------------------------------------------------------
+# The public functions.
+
+
+def gated_scan(
+    coeff_fn: Callable[[Any, Any], Tuple[Array, Array]],
+    x: Any,
+    h0: Optional[Array] = None,
+    *,
+    kernel: Optional[Array] = None,
+    params: Any = None,
+    impl: Union[str, ScanImpl] = ScanImpl.AUTO,
+    reset: Optional[Array] = None,
+    seq_lengths: Optional[Array] = None,
+    mask: Optional[Array] = None,
+    reverse: bool = False,
+) -> Tuple[Array, Array]:
+    """:func:`~flax_minrnn.ops.scan.linear_scan` with coefficients computed from ``x``.
+
+    Runs ``h_t = a_t * h_{t-1} + b_t`` with ``(a_t, b_t) = coeff_fn(p_t,
+    params)``, where ``p = x @ kernel`` (or ``p = x`` without a kernel).
+    ``coeff_fn`` must act on every time step independently: it receives
+    slices ``p[:, t0:t1]`` of any length and ``params``, and returns ``(a,
+    b)`` of shape ``(batch, t1 - t0, *features)``.  Everything it depends on
+    that is traced (biases, say) must come in through ``params``, not a
+    closure; gradients flow to ``x``, ``kernel``, ``params`` and ``h0``.
+
+    The result equals ``linear_scan(*coeff_fn(x @ kernel, params), h0,
+    ...)``; see the module docstring for what each implementation stores.
+
+    Args:
+      coeff_fn: ``(p_slice, params) -> (a, b)``; outputs are cast to the
+        accumulation dtype (float32, or float64 when they are float64).
+      x: a pytree of floating arrays ``(batch, time, ...)``; with ``kernel``
+        one array ``(batch, time, d_in)``.
+      h0: initial state; ``None`` means zeros.
+      kernel: optional floating ``(d_in, n)`` input projection.
+      params: a pytree of arrays (no time axis) passed to every call of
+        ``coeff_fn``.
+      impl, reset, seq_lengths, mask, reverse: as
+        :func:`~flax_minrnn.ops.scan.linear_scan`.
+
+    Returns:
+      ``(h_last, h)`` as :func:`~flax_minrnn.ops.scan.linear_scan`.
+
+    Raises:
+      TypeError / ValueError: as :func:`~flax_minrnn.ops.scan.linear_scan`,
+        and for ``x`` leaves that disagree on ``(batch, time)`` or
+        ``coeff_fn`` outputs of different shapes.
+    """
+    return run(coeff_fn, x, h0, kernel, params, impl, reset=reset, seq_lengths=seq_lengths,
+               mask=mask, reverse=reverse)
+
+
+def gated_scan_with_readout(
+    coeff_fn: Callable[[Any, Any], Tuple[Array, Array]],
+    readout_fn: Callable[[Array, Optional[Array], Any], Array],
+    x: Any,
+    h0: Optional[Array] = None,
+    *,
+    kernel: Optional[Array] = None,
+    side_features: int = 0,
+    params: Any = None,
+    impl: Union[str, ScanImpl] = ScanImpl.AUTO,
+    reset: Optional[Array] = None,
+    seq_lengths: Optional[Array] = None,
+    mask: Optional[Array] = None,
+    reverse: bool = False,
+) -> Tuple[Array, Array]:
+    """:func:`gated_scan` followed by a per-step readout of the states.
+
+    Returns ``(h_last, y)`` with ``y_t = readout_fn(h_t, side_t, params)``:
+    with ``n = kernel.shape[1]`` and ``k = side_features``, ``coeff_fn``
+    receives the first ``n - k`` columns of ``x @ kernel`` and ``side`` are
+    the last ``k`` (``None`` when ``k`` is 0).  The result equals::
+
+        h_last, h = gated_scan(coeff_fn, x, h0, kernel=kernel[:, :n - k], ...)
+        y = readout_fn(h, x @ kernel[:, n - k:], params)
+
+    (``h`` is zero at invalid steps, as there).  ``readout_fn`` must act on
+    every step independently.  With ``impl="chunked"`` the side columns come
+    out of the same product as the recurrence's and the readout runs tile by
+    tile, forward and backward.
+
+    Args:
+      coeff_fn: ``(pre_slice, params) -> (a, b)`` as :func:`gated_scan`.
+      readout_fn: ``(h_slice, side_slice, params) -> y_slice``; ``h_slice``
+        float32 (float64 for float64 inputs) ``(batch, steps, *features)``,
+        ``side_slice`` ``(batch, steps, k)`` in the promoted dtype of ``x`` and
+        ``kernel``; returns ``(batch, steps, ...)`` of any floating dtype.
+      kernel: floating ``(d_in, n)``, or ``None`` (then ``side_features`` must
+        be 0 and ``x`` may be any pytree, as in :func:`gated_scan`).
+      side_features: ``k``, an int in ``[0, n - 1]``.
+      x, h0, params, impl, reset, seq_lengths, mask, reverse: as
+        :func:`gated_scan`.
+
+    Returns:
+      ``(h_last, y)``: ``h_last`` as :func:`gated_scan`; ``y`` the readout at
+      every step (at invalid steps, of a zero state).
+    """
+    if isinstance(side_features, bool) or not isinstance(side_features, (int, np.integer)):
+        raise TypeError(f"side_features must be an int, got {side_features!r}")
+    if kernel is None and side_features:
+        raise ValueError("side_features > 0 needs kernel (its last side_features columns)")
+    if getattr(kernel, "ndim", 0) == 2 and not 0 <= side_features <= kernel.shape[1] - 1:
+        raise ValueError("side_features must be in [0, n - 1] with n = kernel.shape[1] = "
+                         f"{kernel.shape[1]}, got {side_features}")
+    if not callable(readout_fn):
+        raise TypeError(f"readout_fn must be callable, got {readout_fn!r}")
+    return run(coeff_fn, x, h0, kernel, params, impl, readout_fn=readout_fn,
+               n_side=int(side_features), reset=reset, seq_lengths=seq_lengths, mask=mask,
+               reverse=reverse)
+
+
+def run(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, reverse,
+        readout_fn=None, n_side: int = 0, gate_name=None):
+    """Validates the arguments of :func:`gated_scan` (and
+    :func:`gated_scan_with_readout`) and runs them.
+
+    ``gate_name`` names ``coeff_fn`` for a backend that implements those
+    gates itself (``impl="native"``, see :mod:`flax_minrnn.backends.native`);
+    where the backend does not cover a call, ``"chunked"`` runs it.
+    """
+    leaves = jax.tree.leaves(x)
+    if not leaves:
+        raise ValueError("x must hold at least one array")
+    for i, leaf in enumerate(leaves):
+        checks.check_float(f"x (leaf {i})", leaf)
+        if leaf.ndim < 2 or tuple(leaf.shape[:2]) != tuple(leaves[0].shape[:2]):
+            raise ValueError(
+                "every leaf of x must have shape (batch, time, ...) with the same "
+                f"batch and time, got {[tuple(l.shape) for l in leaves]}")
+    batch, seq_len = leaves[0].shape[:2]
+    if seq_len < 1:
+        raise ValueError("the time axis (axis 1) of x must be non-empty")
+    one_step = jax.tree.map(lambda l: jax.ShapeDtypeStruct(
+        (batch, 1) + tuple(l.shape[2:]), l.dtype), x)
+    if kernel is not None:
+        checks.check_float("kernel", kernel)
+        if not hasattr(x, "shape") or x.ndim != 3:
+            raise ValueError(
+                "with kernel, x must be one array of shape (batch, time, d_in), "
+                f"got {jax.tree.map(lambda l: tuple(l.shape), x)}")
+        if kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
+            raise ValueError(
+                f"kernel must have shape (d_in, n) with d_in = {x.shape[-1]} (the "
+                f"last axis of x), got {tuple(kernel.shape)}")
+        one_step = jax.ShapeDtypeStruct((batch, 1, kernel.shape[1] - n_side),
+                                        jnp.result_type(x, kernel))
+    a_s, b_s = jax.eval_shape(coeff_fn, one_step, params)
+    if a_s.shape != b_s.shape or tuple(a_s.shape[:2]) != (batch, 1):
+        raise ValueError(
+            "coeff_fn must return (a, b) of the same shape (batch, steps, "
+            f"*features); on a one-step slice it gave {tuple(a_s.shape)} and "
+            f"{tuple(b_s.shape)}")
+    state_shape = (batch,) + tuple(a_s.shape[2:])
+    h0 = checks.check_state("h0", h0, state_shape)
+    dtype = checks.accum_dtype(a_s.dtype, b_s.dtype, *(() if h0 is None else (h0.dtype,)))
+    impl = scan_lib.resolve_impl(impl, seq_len)
+    if readout_fn is not None:
+        side_s = (None if not n_side else
+                  jax.ShapeDtypeStruct((batch, 1, n_side), one_step.dtype))
+        y_s = jax.eval_shape(readout_fn, jax.ShapeDtypeStruct((batch, 1) + state_shape[1:],
+                                                              dtype), side_s, params)
+        if (not isinstance(y_s, jax.ShapeDtypeStruct) or y_s.ndim < 2
+                or tuple(y_s.shape[:2]) != (batch, 1)
+                or not jnp.issubdtype(y_s.dtype, jnp.floating)):
+            raise ValueError(
+                "readout_fn must return one floating array (batch, steps, ...); on a "
+                f"one-step slice it gave {y_s}")
+    valid = checks.valid_mask(batch, seq_len, seq_lengths, mask)
+    if reset is not None:
+        reset = checks.check_bool_bt("reset", reset, batch, seq_len)
+    h0 = jnp.zeros(state_shape, dtype) if h0 is None else h0.astype(dtype)
+    x, kernel, params, h0 = checks.same_varying(x, kernel, params, h0)
+    if batch == 0:
+        out = (jnp.zeros(state_shape, dtype) if readout_fn is None
+               else jnp.zeros((0, seq_len) + y_s.shape[2:], y_s.dtype))
+        return jnp.zeros(state_shape, dtype), out
+    boundary = None if reset is None else scan_lib.reset_boundaries(reset, reverse)
+    expand = (slice(None), slice(None)) + (None,) * (len(state_shape) - 1)
+
+    def coeffs(xs, consts, params):
+        # Resets zero the decay (the state restarts); invalid steps are
+        # identities (a = 1, b = 0).
+        a, b = coeff_fn(xs, params)
+        a, b = a.astype(dtype), b.astype(dtype)
+        boundary_t, valid_t = consts
+        if boundary_t is not None:
+            a = jnp.where(boundary_t[expand], jnp.zeros((), dtype), a)
+        if valid_t is not None:
+            a = jnp.where(valid_t[expand], a, jnp.ones((), dtype))
+            b = jnp.where(valid_t[expand], b, jnp.zeros((), dtype))
+        return a, b
+
+    readout = None
+    if readout_fn is not None:
+        def readout(h, side, consts, params):
+            # Invalid steps read out a zero state.
+            valid_t = consts[1]
+            if valid_t is not None:
+                h = jnp.where(valid_t[expand], h, jnp.zeros((), h.dtype))
+            return readout_fn(h, side, params)
+
+    consts = (boundary, valid)
+
+    def tile() -> int:
+        if kernel is None:
+            row_bytes = sum(math.prod(l.shape[2:]) * l.dtype.itemsize for l in leaves)
+        else:
+            row_bytes = kernel.shape[1] * jnp.result_type(x, kernel).itemsize
+        return tile_size(batch * row_bytes, seq_len)
+
+    if impl is ScanImpl.NATIVE:
+        out = scan_lib.backend_module(impl).gated(
+            gate_name, coeffs, readout, x, kernel, consts, params, h0, bool(reverse), tile(),
+            n_side)
+        if out is not None:
+            return out
+        impl = ScanImpl.CHUNKED
+    if impl is ScanImpl.CHUNKED:
+        h_last, out = _tiled(coeffs, readout, x, kernel, consts, params, h0, bool(reverse),
+                             tile(), n_side)
+        return h_last, (scan_lib.zero_invalid(out, valid) if readout is None else out)
+    side = None
+    if kernel is not None:
+        n_rec = kernel.shape[1] - n_side
+        if n_side:
+            side = matmul(x, kernel[:, n_rec:])
+            x = matmul(x, kernel[:, :n_rec])
+        else:
+            x = matmul(x, kernel)
+    # The coefficients are recomputed in the backward pass: only the
+    # projection is kept for them.
+    a, b = jax.checkpoint(coeffs)(x, consts, params)
+    h_last, h = scan_lib.core(a, b, h0, impl, bool(reverse))
+    h = scan_lib.zero_invalid(h, valid)
+    if readout_fn is None:
+        return h_last, h
+    # Recomputed in the backward pass: only h and side are kept for it.
+    return h_last, jax.checkpoint(readout_fn)(h, side, params)

@@ -1,0 +1,321 @@
+"""The transform contract: every JAX transformation on every module, on the
+default settings, in float64 against independent references.
+
+Transformations (columns): jit, grad, vjp, jvp, linearize, Hessian-vector
+products, grad of grad, vmap, jax.checkpoint, eval_shape, shard_map and
+jax.export (serialize, deserialize and call).  Modules (rows): linear_scan,
+MinGRU, MinLSTM, GatedLinearRNN (tied and untied, associative and true
+recurrence), RGLRU, LM and Griffin.
+
+References: derivatives against central differences of the float64 function
+along random directions; jit, vmap, checkpoint, shard_map and export against
+the eager, looped, plain or unexported call.  The default implementation on
+CPU is "sequential" below T = 64 and "chunked" (the tile loop with its
+hand-written adjoint) from 64 on; the module cases run the chunked path with
+4-step tiles over 9 steps (several tiles and a partial one), the sequential
+path at T = 5, and the associative one.
+
+The second half checks the table of the README ("Transformations by
+implementation"): every "yes" works and every "no" raises an error that names
+``scan_impl`` and what to use instead.
+"""
+
+import functools
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import flax_minrnn as fm
+from flax_minrnn.ops import gated as gated_lib
+
+EPS = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def float64_and_small_tiles(monkeypatch):
+    """float64 for the references; 4-step tiles so that T = 9 crosses several."""
+    monkeypatch.setattr(gated_lib, "_TILE_MIN", 4)
+    monkeypatch.setattr(gated_lib, "_TILE_MAX", 4)
+    with jax.enable_x64(True):
+        yield
+
+
+# ----------------------------------------------------------------------------
+# The modules: each case is (apply(theta, x) -> outputs, theta, inputs(n)).
+
+
+F64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+
+
+def _layer_case(layer, d_in=3, seq_len=9, batch=2):
+    def inputs(n, seed=0):
+        rng = np.random.default_rng(seed)
+        return [jnp.asarray(rng.normal(size=(batch, seq_len, d_in))) for _ in range(n)]
+
+    x = inputs(1)[0]
+    params = layer.init(jax.random.PRNGKey(0), x)
+    theta, unravel = ravel_pytree(params)
+
+    def apply(theta, x):
+        return layer.apply(unravel(theta), x)
+
+    return apply, theta, inputs
+
+
+def _scan_case(impl="auto", seq_len=9):
+    def inputs(n, seed=0):
+        rng = np.random.default_rng(seed)
+        return [jnp.asarray(rng.normal(size=(2, seq_len, 3))) for _ in range(n)]
+
+    rng = np.random.default_rng(1)
+    theta = jnp.asarray(np.concatenate([rng.uniform(-1, 1, seq_len * 3), rng.normal(size=3)]))
+
+    def apply(theta, b):
+        # a in (0, 1) and h0 from the parameters (shared over the batch), b
+        # the input.
+        a = jax.nn.sigmoid(theta[:seq_len * 3].reshape(1, seq_len, 3))
+        h0 = theta[seq_len * 3:].reshape(1, 3)
+        batch = b.shape[0]
+        return fm.linear_scan(jnp.broadcast_to(a, b.shape), b,
+                              jnp.broadcast_to(h0, (batch, 3)), impl=impl)
+
+    return apply, theta, inputs
+
+
+def _token_case(model, vocab, seq_len=9, batch=2):
+    def inputs(n, seed=0):
+        rng = np.random.default_rng(seed)
+        return [jnp.asarray(rng.integers(0, vocab, (batch, seq_len)), jnp.int32)
+                for _ in range(n)]
+
+    tokens = inputs(1)[0]
+    params = model.init(jax.random.PRNGKey(0), tokens)
+    theta, unravel = ravel_pytree(params)
+
+    def apply(theta, tokens):
+        carry, logits = model.apply(unravel(theta), tokens)
+        return jax.tree.leaves(carry), logits
+
+    return apply, theta, inputs
+
+
+def _case(name):
+    chunked = dict(scan_impl="chunked", **F64)
+    if name == "linear_scan":
+        return _scan_case("chunked")
+    if name == "linear_scan_seq":
+        return _scan_case("auto", seq_len=5)  # auto: sequential below T = 64
+    if name == "MinGRU":
+        return _layer_case(fm.MinGRU(d_h=4, **chunked))
+    if name == "MinGRU_seq":
+        return _layer_case(fm.MinGRU(d_h=4, scan_impl="auto", **F64), seq_len=5)
+    if name == "MinLSTM":
+        return _layer_case(fm.MinLSTM(d_h=4, d_model=3, **chunked))
+    if name == "GatedLinearRNN_tied":
+        return _layer_case(fm.GatedLinearRNN(d_h=4, d_model=3, **chunked))
+    if name == "GatedLinearRNN_untied_assoc":
+        return _layer_case(fm.GatedLinearRNN(d_h=4, d_model=3, use_tied_gates=False,
+                                             scan_impl="associative", **F64))
+    if name == "GatedLinearRNN_true":
+        layer = fm.GatedLinearRNN(d_h=4, d_model=3, use_true_recurrence=True, **F64)
+        apply, theta, inputs = _layer_case(layer)
+        # A non-zero recurrent kernel, so that the gates do see h_{t-1}.
+        theta = theta + 0.2 * jnp.asarray(np.random.default_rng(3).normal(size=theta.shape))
+        return apply, theta, inputs
+    if name == "RGLRU":
+        return _layer_case(fm.RGLRU(num_heads=2, scan_impl="chunked", **F64), d_in=4)
+    if name == "LM":
+        cfg = fm.LMConfig(vocab_size=7, n_layer=1, d_model=4, conv_width=2,
+                          scan_impl="chunked", **F64)
+        return _token_case(fm.LM(cfg), 7)
+    if name == "Griffin":
+        cfg = fm.GriffinConfig(vocab_size=7, num_hidden_layers=2, hidden_size=8,
+                               intermediate_size=8, num_attention_heads=2,
+                               num_key_value_heads=1, attention_window_size=3, conv1d_width=2,
+                               block_types=("recurrent", "attention"), scan_impl="chunked",
+                               **F64)
+        return _token_case(fm.Griffin(cfg), 7)
+    raise KeyError(name)
+
+
+MODULES = ["linear_scan", "linear_scan_seq", "MinGRU", "MinGRU_seq", "MinLSTM",
+           "GatedLinearRNN_tied", "GatedLinearRNN_untied_assoc", "GatedLinearRNN_true",
+           "RGLRU", "LM", "Griffin"]
+
+
+def _loss_fn(apply, theta, x, seed=5):
+    """A scalar of every output with fixed random weights (random cotangents)."""
+    floats = lambda tree: [o for o in jax.tree.leaves(tree)
+                           if jnp.issubdtype(o.dtype, jnp.floating)]
+    rng = np.random.default_rng(seed)
+    weights = [jnp.asarray(rng.normal(size=s.shape))
+               for s in floats(jax.eval_shape(apply, theta, x))]
+
+    def loss(theta):
+        return sum(jnp.sum(o * w) for o, w in zip(floats(apply(theta, x)), weights))
+    return loss
+
+
+def _direction(theta, seed):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=theta.shape))
+
+
+def _fd(fun, theta, v):
+    """Central difference of ``fun`` (array- or pytree-valued) along ``v``."""
+    up, down = fun(theta + EPS * v), fun(theta - EPS * v)
+    return jax.tree.map(lambda u, d: (u - d) / (2 * EPS), up, down)
+
+
+def _close(got, want, tol=1e-6):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        g, w = np.asarray(g), np.asarray(w)
+        scale = max(np.max(np.abs(w)), 1e-12)
+        assert np.max(np.abs(g - w)) <= tol * scale, (np.max(np.abs(g - w)), scale)
+
+
+@pytest.fixture(params=MODULES)
+def module(request):
+    apply, theta, inputs = _case(request.param)
+    x = inputs(1)[0]
+    return apply, theta, inputs, x, _loss_fn(apply, theta, x)
+
+
+def test_jit_and_eval_shape(module):
+    apply, theta, _, x, _ = module
+    eager = apply(theta, x)
+    _close(jax.jit(apply)(theta, x), eager, 1e-12)
+    shapes = jax.eval_shape(apply, theta, x)
+    for s, o in zip(jax.tree.leaves(shapes), jax.tree.leaves(eager)):
+        assert s.shape == o.shape and s.dtype == o.dtype
+
+
+def test_first_derivatives_grad_vjp_jvp_linearize(module):
+    apply, theta, _, x, loss = module
+    v = _direction(theta, 1)
+    want = _fd(loss, theta, v)
+    g = jax.jit(jax.grad(loss))(theta)
+    _close(jnp.dot(g, v), want)
+    _, pullback = jax.vjp(loss, theta)
+    _close(jnp.dot(pullback(jnp.ones(()))[0], v), want)
+    _close(jax.jvp(loss, (theta,), (v,))[1], want)
+    _, lin = jax.linearize(loss, theta)
+    _close(lin(v), want)
+
+
+def test_second_derivatives_hvp_and_grad_of_grad(module):
+    apply, theta, _, x, loss = module
+    v, w = _direction(theta, 2), _direction(theta, 3)
+    grad = jax.grad(loss)
+    # Hessian-vector product: forward over reverse.
+    _close(jax.jit(lambda t: jax.jvp(grad, (t,), (v,))[1])(theta), _fd(grad, theta, v), 1e-5)
+    # grad of grad: reverse over reverse.
+    inner = lambda t: jnp.dot(grad(t), w)
+    _close(jnp.dot(jax.jit(jax.grad(inner))(theta), v), _fd(inner, theta, v), 1e-5)
+
+
+def test_vmap_and_checkpoint(module):
+    apply, theta, inputs, x, loss = module
+    xs = inputs(3, seed=7)
+    batched = jax.vmap(apply, in_axes=(None, 0))(theta, jnp.stack(xs))
+    for i, xi in enumerate(xs):
+        _close(jax.tree.map(lambda o: o[i], batched), apply(theta, xi), 1e-12)
+    per_example = jax.vmap(lambda xi: jax.grad(_loss_fn(apply, theta, xi))(theta))(jnp.stack(xs))
+    for i, xi in enumerate(xs):
+        _close(per_example[i], jax.grad(_loss_fn(apply, theta, xi))(theta), 1e-12)
+    _close(jax.grad(jax.checkpoint(loss))(theta), jax.grad(loss)(theta), 1e-12)
+
+
+def test_shard_map_and_export(module):
+    apply, theta, _, x, loss = module
+    devices = jax.devices()
+    n = 2 if len(devices) >= 2 and x.shape[0] % 2 == 0 else 1
+    mesh = jax.make_mesh((n,), ("data",), devices=devices[:n])
+    specs = jax.tree.map(lambda _: P("data"), jax.eval_shape(apply, theta, x))
+    sharded = jax.shard_map(apply, mesh=mesh, in_specs=(P(), P("data")), out_specs=specs)
+    put = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))
+    theta_r, x_s = put(theta, P()), put(x, P("data"))
+    _close(jax.jit(sharded)(theta_r, x_s), apply(theta, x), 1e-12)
+    grad_sharded = jax.jit(jax.grad(lambda t: _loss_fn(sharded, theta, x_s)(t)))(theta_r)
+    _close(grad_sharded, jax.grad(loss)(theta), 1e-10)
+    # export: serialize, deserialize and call, forward and gradient.
+    for fun in (apply, jax.grad(loss)):
+        args = (theta, x) if fun is apply else (theta,)
+        restored = export.deserialize(export.export(jax.jit(fun))(*args).serialize())
+        _close(restored.call(*args), fun(*args), 1e-12)
+
+
+# ----------------------------------------------------------------------------
+# The README's table: which implementation supports which transformation.
+
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_table():
+    """{impl: {transformation: 'yes'|'no'}} from the README's table."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("<!-- transform-table -->")
+    lines = [l for l in text[start:].splitlines()[1:] if l.startswith("|")]
+    header = [c.strip().strip("`") for c in lines[0].strip("|").split("|")]
+    table = {}
+    for line in lines[2:]:
+        cells = [c.strip().strip("`") for c in line.strip("|").split("|")]
+        table[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return table
+
+
+TRANSFORMS = {
+    "grad": lambda f, p, t: jax.grad(f)(p),
+    "jvp": lambda f, p, t: jax.jvp(f, (p,), (t,)),
+    "vmap": lambda f, p, t: jax.vmap(jax.grad(f))(jnp.stack([p, p])),
+    "hvp": lambda f, p, t: jax.jvp(jax.grad(f), (p,), (t,)),
+    "grad of grad": lambda f, p, t: jax.grad(lambda q: jnp.sum(jax.grad(f)(q) ** 2))(p),
+    "checkpoint": lambda f, p, t: jax.grad(jax.checkpoint(f))(p),
+    "export": lambda f, p, t: export.deserialize(
+        export.export(jax.jit(f))(p).serialize()).call(p),
+}
+
+
+def test_readme_table_lists_every_implementation_and_transformation():
+    table = readme_table()
+    assert set(table) == set(fm.ScanImpl.__members__[k].value for k in fm.ScanImpl.__members__)
+    for row in table.values():
+        assert set(row) == set(TRANSFORMS) | {"jit"}
+        assert set(row.values()) <= {"yes", "no"}
+
+
+@pytest.mark.parametrize("impl", [i.value for i in fm.ScanImpl])
+def test_readme_table_is_true(impl):
+    """Each "yes" cell runs and agrees with the sequential implementation;
+    each "no" cell raises an error naming scan_impl and the alternative."""
+    from flax_minrnn.backends import native  # pylint: disable=import-outside-toplevel
+    if impl == "native" and not native.available():
+        pytest.skip(f"compiled kernels unavailable: {native.unavailable_reason()}")
+    row = readme_table()[impl]
+    layer = fm.MinGRU(d_h=4, dtype=jnp.float32)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 70, 3)), jnp.float32)
+    params, unravel = ravel_pytree(layer.init(jax.random.PRNGKey(0), x))
+
+    def loss_of(scan_impl):
+        return lambda p: jnp.sum(layer.clone(scan_impl=scan_impl).apply(unravel(p), x)[1] ** 2)
+
+    t = jnp.asarray(np.random.default_rng(1).normal(size=params.shape), jnp.float32)
+    for name, transform in TRANSFORMS.items():
+        if row[name] == "yes":
+            got = transform(loss_of(impl), params, t)
+            want = transform(loss_of("sequential"), params, t)
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_allclose(g, w, rtol=2e-3, atol=1e-4 * np.abs(w).max(),
+                                           err_msg=name)
+        else:
+            with pytest.raises(Exception, match=r"scan_impl='%s'.*use scan_impl='\w+'" % impl):
+                jax.block_until_ready(transform(loss_of(impl), params, t))
+    assert row["jit"] == "yes"
+    jax.jit(loss_of(impl))(params)
