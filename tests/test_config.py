@@ -120,7 +120,7 @@ def test_overrides_parse_by_schema_type(tmp_path):
     config = load_config(write_config(tmp_path, GOOD), [
         "model.d_model=256",
         "optim.learning_rate=1e-2",
-        "optim.b1=1",               # int text for a float key
+        "optim.grad_clip=2",        # int text for a float key
         "model.glu=true",
         "train.progress_bar=0",
         "train.sample_prompt=ROMEO: hi=there",
@@ -132,7 +132,7 @@ def test_overrides_parse_by_schema_type(tmp_path):
     ])
     assert config.model.d_model == 256 and type(config.model.d_model) is int
     assert config.optim.learning_rate == 1e-2
-    assert config.optim.b1 == 1.0 and type(config.optim.b1) is float
+    assert config.optim.grad_clip == 2.0 and type(config.optim.grad_clip) is float
     assert config.model.glu is True and config.train.progress_bar is False
     assert config.train.sample_prompt == "ROMEO: hi=there"
     assert config.model.time_mixing == "glrnn"
