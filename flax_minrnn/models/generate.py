@@ -241,14 +241,15 @@ def bucket_length(n: int, limit: Optional[int] = None) -> int:
 
 def _pad_prompt(prompt, length: int):
     """``prompt`` right-padded with token 0 to ``length`` (on the host when
-    concrete, so that no padding op is compiled per prompt length)."""
+    concrete, and moved with ``device_put``, so that nothing is compiled per
+    prompt length)."""
     extra = length - prompt.shape[1]
     if extra <= 0:
         return prompt
     value = _concrete(prompt)
     if value is None:
         return jnp.pad(prompt, ((0, 0), (0, extra)))
-    return jnp.asarray(np.pad(value, ((0, 0), (0, extra))))
+    return jax.device_put(np.pad(value, ((0, 0), (0, extra))))
 
 
 def _first(x, n: int):
@@ -256,7 +257,7 @@ def _first(x, n: int):
     if x is None or x.shape[1] == n:
         return x
     value = _concrete(x)
-    return x[:, :n] if value is None else jnp.asarray(value[:, :n])
+    return x[:, :n] if value is None else jax.device_put(np.ascontiguousarray(value[:, :n]))
 
 
 def generate(model, params, prompt: Array, max_new_tokens: int, *, rng: Array,
