@@ -151,7 +151,8 @@ def corrupt_message(err, command: str) -> str:
     """The CLI's one-line message for a :class:`CheckpointCorruptError`,
     naming the command-line options that recover from it."""
     if err.step is None:  # Not one step: the index or every step failed.
-        return f"{err} Run 'flax-minrnn check --workdir WORKDIR' for details."
+        return str(err) if command == "check" else (
+            f"{err} Run 'flax-minrnn check --workdir WORKDIR' for details.")
     text = (f"checkpoint step {err.step} at {err.path} is corrupt or "
             f"unreadable ({err.cause}). Nothing was deleted.")
     if not err.older_steps:

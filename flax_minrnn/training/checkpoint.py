@@ -564,7 +564,8 @@ class Checkpointer:
             FileNotFoundError: No checkpoints, or no such step.
             ValueError: ``target``'s key paths or shapes differ from the
                 checkpoint's.
-            CheckpointCorruptError: The step's files cannot be read.
+            CheckpointCorruptError: The step's files cannot be read, or
+                what they hold differs from what was saved (checksums).
         """
         return self._read(self._check_step(step), target, None)
 
@@ -649,6 +650,13 @@ class Checkpointer:
 
         With ``target=None`` the saved structure comes back as nested dicts
         with the saved dtypes (jax arrays; numpy where numpy was saved).
+
+        The rest of the step (optimizer state...) is read too, into host
+        memory, checked against its checksums and dropped: a step that
+        :meth:`restore` would reject is rejected here as well.
+
+        Raises:
+            As :meth:`restore`; ``KeyError`` if there is no ``subtree``.
         """
         return self._read(self._check_step(step), target, subtree)
 
@@ -669,7 +677,8 @@ def load_params(directory: str, target: Any = None, *,
                 subtree: str = "params") -> tuple[Any, dict[str, Any]]:
     """Loads ``state[subtree]`` and the metadata of a run, read-only.
 
-    For ``init_from`` another run, or generation in a fresh process.
+    For ``init_from`` another run, or generation in a fresh process. The
+    whole step is read and checked (:meth:`Checkpointer.restore_params`).
 
     Args:
         directory: The run's checkpoint directory.
