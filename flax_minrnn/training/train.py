@@ -850,7 +850,9 @@ def load_run(workdir: str, step: int | None = None):
 
 def _load_run(workdir: str, step: int | None = None):
     """:func:`load_run` plus the checkpoint metadata."""
-    params, meta = ckpt_lib.load_params(_checkpoint_dir(workdir), step=step)
+    directory = _checkpoint_dir(workdir)
+    params, meta = (ckpt_lib.load_params(directory) if step is None else
+                    ckpt_lib.load_params(directory, step=step))
     if "config" not in meta:
         raise ValueError(f"Checkpoint in {workdir!r} has no config metadata.")
     config = config_lib.config_from_json(meta["config"])
