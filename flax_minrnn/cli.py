@@ -3,11 +3,14 @@
 Subcommands::
 
     train    --config PATH[:arg] --workdir DIR [key=value ...]
+             [--step N | --fallback-to-last-good]
              [--distributed | --coordinator-address HOST:PORT
               --num-processes N --process-id I]
-    eval     --workdir DIR [key=value ...]
+    eval     --workdir DIR [--step N] [--no-bucket-lengths] [key=value ...]
     generate --workdir DIR --prompt TEXT [--max-new-tokens N]
              [--temperature T] [--top-k K] [--top-p P] [--seed S]
+             [--step N] [--no-bucket-lengths]
+    check    --workdir DIR
     plot     --workdir DIR [--out PNG]
 
 ``train``, ``eval`` and ``generate`` take ``--malloc {tuned,default}``
@@ -16,8 +19,11 @@ the first JAX computation, which made CPU training steps about 1.5x faster,
 see benchmarks/README.md; ``default`` leaves glibc alone).
 
 User errors (bad config keys or values, unknown prompt characters, missing
-files) print one message on stderr and exit with code 2, without a traceback.
-A diverged training run (non-finite loss) exits with code 1.
+files) and corrupt checkpoints print one message on stderr and exit with code
+2, without a traceback; a corrupt checkpoint's message names the ``--step``
+values that can be used instead. ``check`` lists every checkpoint step as OK
+or CORRUPT and exits with 2 if any is corrupt. A diverged training run
+(non-finite loss) exits with code 1.
 """
 
 import argparse
@@ -29,6 +35,26 @@ from typing import Sequence
 
 from flax_minrnn.training import runtime
 
+_SUPERSEDED = "checkpoints/superseded/"
+
+
+def _add_step(p: argparse.ArgumentParser, what: str, note: str = "") -> None:
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help=f"{what} checkpoint step N instead of the latest"
+                        f"{note} (default: the latest step)")
+
+
+def _add_buckets(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--bucket-lengths", dest="bucket_lengths",
+                   action="store_true", default=True,
+                   help=f"pad {what} to a few bucket lengths (16, 24, 32, 48, "
+                        "64, ...) so that different lengths share compiled "
+                        "code; same results (default: on)")
+    p.add_argument("--no-bucket-lengths", dest="bucket_lengths",
+                   action="store_false", default=True,
+                   help="turn bucketing off: compile for each exact length "
+                        "(default: bucketing on)")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -37,46 +63,107 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or resume) a run")
-    p.add_argument("--config", required=True,
-                   help="config file, optionally with ':arg' for get_config")
-    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--config", required=True, metavar="PATH[:ARG]",
+                   help="config file defining get_config(); ':ARG' calls "
+                        "get_config('ARG') (required, no default)")
+    p.add_argument("--workdir", required=True,
+                   help="run directory; training resumes from its latest "
+                        "checkpoint if it has one (required, no default)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. train.num_steps=100")
+                   help="config overrides, e.g. train.num_steps=100 "
+                        "(default: none)")
+    _add_step(p, "resume from", f"; newer steps are moved to {_SUPERSEDED}, "
+                 "never deleted")
+    p.add_argument("--fallback-to-last-good", action="store_true",
+                   help="if the latest checkpoint is corrupt, resume from the "
+                        "newest step that restores and say so; the corrupt "
+                        f"steps are moved to {_SUPERSEDED}, never deleted "
+                        "(default: off, a corrupt latest step is an error)")
     g = p.add_argument_group(
         "several hosts", "one process per host, each calling "
         "jax.distributed.initialize before anything else (README: Multi-device)")
     g.add_argument("--distributed", action="store_true",
-                   help="initialize with auto-detection (Slurm, Open MPI, TPU)")
-    g.add_argument("--coordinator-address", default=None,
-                   help="HOST:PORT of process 0 (with --num-processes, --process-id)")
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
+                   help="initialize with auto-detection (Slurm, Open MPI, TPU) "
+                        "(default: off, one process)")
+    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="address of process 0, with --num-processes and "
+                        "--process-id (default: none, one process)")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="number of processes (default: none, one process)")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="index of this process, 0..N-1 (default: none, one "
+                        "process)")
 
-    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
-    p.add_argument("--workdir", required=True)
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint")
+    p.add_argument("--workdir", required=True,
+                   help="run directory (required, no default)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="e.g. data.eval_batches=100")
+                   help="config overrides other than model.*, e.g. "
+                        "data.eval_batches=100 (default: none)")
+    _add_step(p, "evaluate")
+    _add_buckets(p, "eval sequences")
 
     p = sub.add_parser("generate", help="sample text from a char-level run")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", required=True,
+                   help="run directory (required, no default)")
+    p.add_argument("--prompt", default="\n",
+                   help="text to continue; its characters must be in the "
+                        "run's vocabulary (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="number of characters to generate (default: "
+                        "%(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="sampling temperature, 0 = greedy (default: "
+                        "%(default)s)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the K most likely tokens, 0 = all "
+                        "(default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: the most likely tokens holding "
+                        "probability P, 1 = all (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="random seed; the same seed gives the same text "
+                        "(default: %(default)s)")
+    _add_step(p, "sample from")
+    _add_buckets(p, "the prompt and the number of new tokens")
 
     for name in ("train", "eval", "generate"):
         sub.choices[name].add_argument(
             "--malloc", choices=runtime.MALLOC_SETTINGS, default="tuned",
-            help="tuned (default): keep freed memory mapped (flax_minrnn.tune_cpu_malloc), "
-                 "faster on CPU, the process keeps its peak memory; default: glibc as is")
+            help="tuned: keep freed memory mapped (flax_minrnn.tune_cpu_malloc), "
+                 "faster on CPU, the process keeps its peak memory; default: "
+                 "glibc as is (default: %(default)s)")
+
+    p = sub.add_parser(
+        "check", help="read back every checkpoint step: OK or CORRUPT")
+    p.add_argument("--workdir", required=True,
+                   help="run directory (required, no default)")
 
     p = sub.add_parser("plot", help="plot learning curves of a run")
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", required=True,
+                   help="run directory (required, no default)")
     p.add_argument("--out", default=None,
-                   help="output PNG (default WORKDIR/curves.png)")
+                   help="output PNG (default: WORKDIR/curves.png)")
     return parser
+
+
+def corrupt_message(err, command: str) -> str:
+    """The CLI's one-line message for a :class:`CheckpointCorruptError`,
+    naming the command-line options that recover from it."""
+    if err.step is None:  # Not one step: the index or every step failed.
+        return str(err) if command == "check" else (
+            f"{err} Run 'flax-minrnn check --workdir WORKDIR' for details.")
+    text = (f"checkpoint step {err.step} at {err.path} is corrupt or "
+            f"unreadable ({err.cause}). Nothing was deleted.")
+    if not err.older_steps:
+        return text + " No older step looks restorable."
+    text += (f" Older steps that look restorable: {err.older_steps}; use one "
+             f"with --step {err.older_steps[-1]}")
+    if command == "train":
+        text += (" or resume from the newest one that restores with "
+                 f"--fallback-to-last-good (newer steps are moved to "
+                 f"{_SUPERSEDED})")
+    return text + ". 'flax-minrnn check --workdir WORKDIR' checks every step."
 
 
 def plot(workdir: str, out: str | None = None) -> str:
@@ -127,10 +214,28 @@ def plot(workdir: str, out: str | None = None) -> str:
     return out
 
 
+def _check(workdir: str) -> int:
+    from flax_minrnn.training import train  # pylint: disable=g-import-not-at-top
+    results = train.check_workdir(workdir)
+    for r in results:
+        print(f"step {r.step}: {'OK' if r.ok else 'CORRUPT'} ({r.detail})")
+    bad = [r.step for r in results if not r.ok]
+    if bad:
+        good = [r.step for r in results if r.ok]
+        hint = (f"; use --step {good[-1]} with train, eval or generate, or "
+                "train --fallback-to-last-good" if good else "")
+        print(f"flax-minrnn check: error: corrupt steps {bad}, good steps "
+              f"{good}{hint}. Nothing was changed.", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "plot":
         print(plot(args.workdir, args.out))
         return 0
+    if args.command == "check":
+        return _check(args.workdir)
     with warnings.catch_warnings():
         # Not glibc, or JAX already running (main() called in-process): a
         # speed setting only, so the CLI goes on without it.
@@ -144,19 +249,22 @@ def _run(args: argparse.Namespace) -> int:
             from flax_minrnn.training import mesh as parallel  # pylint: disable=g-import-not-at-top
             parallel.initialize_distributed(*explicit)
         from flax_minrnn.training import train  # pylint: disable=g-import-not-at-top
-        metrics = train.train_and_evaluate(config, args.workdir)
+        metrics = train.train_and_evaluate(
+            config, args.workdir, step=args.step,
+            fallback_to_last_good=args.fallback_to_last_good)
         metrics.pop("sample", None)
         print(json.dumps(metrics, sort_keys=True))
         return 0
     from flax_minrnn.training import train  # pylint: disable=g-import-not-at-top
     if args.command == "eval":
-        print(json.dumps(train.evaluate(args.workdir, args.overrides),
-                         sort_keys=True))
+        print(json.dumps(train.evaluate(
+            args.workdir, args.overrides, step=args.step,
+            bucket_lengths=args.bucket_lengths), sort_keys=True))
         return 0
     text = train.generate_text(
         args.workdir, args.prompt, args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed)
+        seed=args.seed, step=args.step, bucket_lengths=args.bucket_lengths)
     print(text)
     return 0
 
@@ -171,7 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (ValueError, FileNotFoundError) as e:
         # ConfigError and CheckpointCorruptError are ValueErrors.
-        print(f"flax-minrnn {args.command}: error: {e}", file=sys.stderr)
+        message = str(e)
+        if hasattr(e, "older_steps"):  # A CheckpointCorruptError.
+            message = corrupt_message(e, args.command)
+        print(f"flax-minrnn {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

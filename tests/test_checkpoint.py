@@ -3,6 +3,7 @@ atomicity under SIGKILL, corrupt and missing checkpoints."""
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import optax
 import pytest
 
 from flax_minrnn.training.checkpoint import (CheckpointCorruptError, Checkpointer,
-                                    load_params)
+                                             load_params, tree_checksums)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -292,3 +293,180 @@ def test_bad_arguments_and_read_only(tmp_path):
     with Checkpointer(tmp_path, read_only=True) as ckpt:
         with pytest.raises(PermissionError):
             ckpt.save(1, {"x": jnp.zeros(2)}, metadata={})
+
+
+# ----------------------------------------------------------------------------
+# Checksums: every read is checked against what was saved.
+
+def _reference_sums(a: np.ndarray) -> list[int]:
+    """tree_checksums' two sums, in Python integers, from the raw bytes."""
+    a = np.ascontiguousarray(a)
+    size = a.dtype.itemsize
+    raw = a.tobytes()
+    words = []
+    for i in range(a.size):
+        element = int.from_bytes(raw[i * size:(i + 1) * size], "little")
+        words += [element] if size <= 4 else [element & 0xFFFFFFFF,
+                                              element >> 32]
+    s1 = sum(words) % 2**32
+    s2 = sum((((i * 0x9E3779B1) % 2**32) | 1) * w
+             for i, w in enumerate(words)) % 2**32
+    return [s1, s2]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int32",
+                                   "int8", "uint8", "bool"])
+def test_tree_checksums_match_a_reference_on_host_and_device(dtype, rng):
+    a = (rng.random((5, 7)) < 0.5 if dtype == "bool"
+         else (rng.standard_normal((5, 7)) * 50).astype(dtype))
+    a.flat[3] = a.flat[4]  # Equal words at two positions.
+    got = tree_checksums({"device": jnp.asarray(a), "host": a,
+                          "scalar": 2**40 + 3, "float": -1.5})
+    assert got["device"] == got["host"] == _reference_sums(a)
+    assert got["scalar"] == _reference_sums(np.asarray(2**40 + 3, np.int64))
+    assert got["float"] == _reference_sums(np.asarray(-1.5, np.float64))
+    # Flipping any one bit changes the second sum.
+    bits = a.view(f"u{a.dtype.itemsize}")
+    for i in range(a.size):
+        for bit in (0, 8 * a.dtype.itemsize - 1):
+            if dtype == "bool" and bit:
+                continue
+            b = bits.copy()
+            b.flat[i] ^= 1 << bit
+            flipped = b.view(a.dtype)
+            assert tree_checksums(jnp.asarray(flipped))[""][1] != got["device"][1]
+    # Swapping two different elements does too.
+    j = int(np.flatnonzero(a.reshape(-1) != a.flat[0])[0])
+    b = a.copy()
+    b.flat[0], b.flat[j] = a.flat[j], a.flat[0]
+    assert tree_checksums(b)[""] != got["host"]
+
+
+def _state_store(step_dir):
+    """The OCDBT key-value store of a step's state (tensorstore)."""
+    import tensorstore as ts  # pylint: disable=g-import-not-at-top
+    return ts.KvStore.open({"driver": "ocdbt",
+                            "base": f"file://{step_dir / 'state'}/"}).result()
+
+
+def _rewrite_array(step_dir, name: str, fn):
+    """Replaces saved array ``name`` ('params.dense.kernel') by
+    ``fn(value)``: a valid write, so only a checksum can tell."""
+    import tensorstore as ts  # pylint: disable=g-import-not-at-top
+    array = ts.open({"driver": "zarr", "kvstore": {
+        "driver": "ocdbt", "base": f"file://{step_dir / 'state'}/",
+        "path": name + "/"}}).result()
+    array.write(fn(array.read().result())).result()
+
+
+def _truncate_chunks(step_dir, prefix: bytes):
+    """Cuts every stored chunk of the arrays under ``prefix`` in half (the
+    damage a truncated data file does, confined to those arrays)."""
+    store = _state_store(step_dir)
+    keys = [k for k in store.list().result()
+            if k.startswith(prefix) and not k.endswith(b".zarray")]
+    assert keys
+    for key in keys:
+        value = store.read(key).result().value
+        store.write(key, value[:len(value) // 2]).result()
+
+
+def test_changed_data_is_detected_by_its_checksum(tmp_path):
+    state = make_state(1)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, metadata={"step": 1})
+        ckpt.save(2, make_state(2), metadata={"step": 2})
+
+    def bump(x):
+        x = np.array(x)
+        x[3, 2] = np.nextafter(x[3, 2], np.float32(np.inf))  # One ulp.
+        return x
+    _rewrite_array(tmp_path / "2", "params.dense.kernel", bump)
+    with Checkpointer(tmp_path) as ckpt:
+        for read in (lambda: ckpt.restore(target=abstract(state)),
+                     ckpt.restore_params, ckpt.verify):
+            with pytest.raises(CheckpointCorruptError,
+                               match=r"checksum mismatch in 1 arrays: "
+                                     r"params/dense/kernel") as info:
+                read()
+            assert info.value.step == 2 and info.value.older_steps == [1]
+            assert "params/dense/kernel" in info.value.cause
+        assert ckpt.verify(1) is True
+        restored, _ = ckpt.restore(1, target=abstract(state))
+        assert_bit_exact(restored, state)
+
+
+# tensorstore callbacks of the failed reads hit a closed event loop.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_params_read_also_checks_the_rest_of_the_step(tmp_path):
+    """Damage confined to the optimizer state: reading only the params
+    used to succeed while a resume failed; both fail now."""
+    state = make_state(1)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, metadata={"step": 1})
+        ckpt.save(2, make_state(2), metadata={"step": 2})
+    _truncate_chunks(tmp_path / "2", b"opt_state.0.mu.")
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        with pytest.raises(CheckpointCorruptError, match="step 2"):
+            ckpt.restore(target=abstract(state))
+        with pytest.raises(CheckpointCorruptError, match="opt_state"):
+            ckpt.restore_params()
+        with pytest.raises(CheckpointCorruptError, match="opt_state"):
+            ckpt.verify()
+    with pytest.raises(CheckpointCorruptError, match="opt_state"):
+        load_params(str(tmp_path), abstract(state["params"]))
+    params, meta = load_params(str(tmp_path), step=1)
+    assert_bit_exact(params, state["params"])
+    assert meta == {"step": 1}
+
+
+def test_steps_saved_without_checksums_still_restore(tmp_path):
+    state = make_state(3)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, metadata={"step": 1})
+    shutil.rmtree(tmp_path / "1" / "checksums")  # As an older version saved.
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.verify(1) is False
+        restored, _ = ckpt.restore(target=abstract(state))
+        assert_bit_exact(restored, state)
+
+
+# ----------------------------------------------------------------------------
+# Falling back past a corrupt step; moving steps aside.
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_restore_last_good_and_set_aside(tmp_path):
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, make_state(step), metadata={"step": step})
+    _truncate_data(tmp_path / "3")
+    corrupt_files = _files(tmp_path / "3")
+    target = abstract(make_state())
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        step, state, meta, skipped = ckpt.restore_last_good(target)
+        assert step == 2 and meta == {"step": 2}
+        assert_bit_exact(state, make_state(2))
+        assert [e.step for e in skipped] == [3] and skipped[0].cause
+        assert ckpt.all_steps() == [1, 2, 3]  # Nothing moved or deleted.
+        moved = ckpt.set_aside([3])
+        assert moved == [str(tmp_path / "superseded" / "3")]
+        assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
+        assert _files(tmp_path / "superseded" / "3") == corrupt_files
+        ckpt.save(3, make_state(4), metadata={"step": 3})  # Free again.
+        assert ckpt.set_aside([3]) == [str(tmp_path / "superseded" / "3.1")]
+        with pytest.raises(FileNotFoundError, match=r"\[7\]"):
+            ckpt.set_aside([7])
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:  # A fresh index.
+        assert ckpt.all_steps() == [1, 2]
+        _, state, _, _ = ckpt.restore_last_good(target)
+        assert_bit_exact(state, make_state(2))
+    for step in (1, 2):
+        _truncate_data(tmp_path / str(step))
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        with pytest.raises(CheckpointCorruptError,
+                           match=r"No checkpoint in .* restores: step 2: .*"
+                                 r"step 1: ") as info:
+            ckpt.restore_last_good(target)
+        assert info.value.step is None
+        with pytest.raises(PermissionError):
+            ckpt.set_aside([1])

@@ -1,11 +1,16 @@
 """Tests of the command line (``python -m flax_minrnn``)."""
 
+import argparse
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from flax_minrnn import cli
@@ -40,6 +45,7 @@ def run_dir(tmp_path_factory):
     ("model.d_modle=3", "model.d_modle"),
     ("model.n_layer=abc", "model.n_layer"),
     ("data.name=imagenet", "data.name"),
+    ("train.num_steps=-5", "train.num_steps"),
 ])
 def test_bad_override_exits_2_naming_the_key(override, key, tmp_path):
     result = run_cli("train", "--config", SHAKESPEARE, "--workdir",
@@ -104,3 +110,160 @@ def test_eval_and_plot(run_dir, tmp_path, capsys):
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert cli.main(["plot", "--workdir", str(tmp_path)]) == 2
+
+
+# ----------------------------------------------------------------------------
+# Help.
+
+def _subparsers(parser):
+    for action in parser._actions:  # pylint: disable=protected-access
+        if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
+            return action.choices
+    raise AssertionError("no subcommands")
+
+
+def test_every_option_has_help_with_its_default():
+    commands = _subparsers(cli._parser())  # pylint: disable=protected-access
+    assert {"train", "eval", "generate", "check", "plot"} <= set(commands)
+    for name, parser in commands.items():
+        formatter = parser._get_formatter()  # pylint: disable=protected-access
+        for action in parser._actions:  # pylint: disable=protected-access
+            if isinstance(action, argparse._HelpAction):  # pylint: disable=protected-access
+                continue
+            what = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            text = formatter._expand_help(action) if action.help else ""  # pylint: disable=protected-access
+            assert text.strip(), f"{what} has no help"
+            assert "(default: " in text or "(required, no default)" in text, \
+                f"{what}: {text!r} does not state its default"
+            if action.option_strings:  # (nargs='*' positionals count as required.)
+                assert action.required == ("(required, no default)" in text), what
+            default = action.default
+            if isinstance(default, (int, float, str)) and not isinstance(
+                    default, bool) and default != "\n":
+                assert f"(default: {default})" in text, f"{what}: {text!r}"
+
+
+# ----------------------------------------------------------------------------
+# Corrupt checkpoints: one message, and the options that recover.
+
+TWO_CHECKPOINTS = [o for o in TINY if not o.startswith(
+    ("train.num_steps", "train.eval_every", "train.checkpoint_every"))] + [
+    "train.num_steps=4", "train.eval_every=2", "train.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    """A tiny run with checkpoints at steps 2 and 4."""
+    workdir = str(tmp_path_factory.mktemp("two_step_run"))
+    assert cli.main(["train", "--config", SHAKESPEARE, "--workdir", workdir,
+                     *TWO_CHECKPOINTS]) == 0
+    return workdir
+
+
+def _params(workdir):
+    from flax_minrnn.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    params, meta = ckpt_lib.load_params(os.path.join(workdir, "checkpoints"))
+    return meta["step"], {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+                          jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _hashes(path: pathlib.Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _corrupt_copy(run, tmp_path) -> pathlib.Path:
+    """A copy of ``run`` whose step 4 has its data files cut in half."""
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir)
+    for f in (workdir / "checkpoints" / "4" / "state").rglob("d/*"):
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+    return workdir
+
+
+def test_corrupt_latest_checkpoint_is_one_message_naming_options(
+        two_step_run, tmp_path):
+    workdir = _corrupt_copy(two_step_run, tmp_path)
+    before = _hashes(workdir)
+    result = run_cli("train", "--config", SHAKESPEARE, "--workdir",
+                     str(workdir), *TWO_CHECKPOINTS)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr[:3000]
+    assert lines[0].startswith("flax-minrnn train: error: checkpoint step 4 ")
+    assert "--step 2" in lines[0] and "--fallback-to-last-good" in lines[0]
+    assert "Older steps that look restorable: [2]" in lines[0]
+    result = run_cli("eval", "--workdir", str(workdir))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr[:3000]
+    assert "--step 2" in lines[0] and "fallback" not in lines[0]
+    assert _hashes(workdir) == before  # Nothing written, moved or deleted.
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_check_step_and_fallback_recover(two_step_run, tmp_path, capsys):
+    workdir = _corrupt_copy(two_step_run, tmp_path)
+    corrupt_step = _hashes(workdir / "checkpoints" / "4")
+    assert cli.main(["check", "--workdir", str(workdir)]) == 2
+    out, err = capsys.readouterr()
+    assert [l.split(" (")[0] for l in out.splitlines()] == [
+        "step 2: OK", "step 4: CORRUPT"]
+    assert "corrupt steps [4], good steps [2]" in err and "--step 2" in err
+
+    assert cli.main(["eval", "--workdir", str(workdir), "--step", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 2
+    assert cli.main(["generate", "--workdir", str(workdir), "--step", "2",
+                     "--prompt", "RO", "--max-new-tokens", "5"]) == 0
+    assert len(capsys.readouterr().out) == len("RO") + 5 + 1
+
+    assert cli.main(["train", "--config", SHAKESPEARE, "--workdir",
+                     str(workdir), *TWO_CHECKPOINTS,
+                     "--fallback-to-last-good"]) == 0
+    out = capsys.readouterr().out
+    assert "Step 4 is corrupt" in out
+    assert "Falling back to step 2, the newest step that restores." in out
+    assert "Moved the newer steps [4]" in out
+    # The corrupt step is kept, byte for byte; training redid steps 3-4
+    # exactly as the original run did.
+    assert _hashes(workdir / "checkpoints" / "superseded" / "4") == corrupt_step
+    step, params = _params(workdir)
+    want_step, want = _params(two_step_run)
+    assert step == want_step == 4
+    for key in want:
+        np.testing.assert_array_equal(params[key], want[key], err_msg=key)
+    assert cli.main(["check", "--workdir", str(workdir)]) == 0
+
+
+def test_train_from_an_older_step(two_step_run, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_step_run, workdir)
+    step4 = _hashes(workdir / "checkpoints" / "4")
+    assert cli.main(["train", "--config", SHAKESPEARE, "--workdir",
+                     str(workdir), *TWO_CHECKPOINTS, "--step", "2"]) == 0
+    assert "Resuming" in capsys.readouterr().out
+    assert _hashes(workdir / "checkpoints" / "superseded" / "4") == step4
+    _, params = _params(workdir)
+    _, want = _params(two_step_run)
+    for key in want:
+        np.testing.assert_array_equal(params[key], want[key], err_msg=key)
+    assert cli.main(["eval", "--workdir", str(workdir), "--step", "3"]) == 2
+    assert "No checkpoint for step 3" in capsys.readouterr().err
+
+
+def test_generate_and_eval_with_and_without_buckets(run_dir, capsys):
+    args = ["generate", "--workdir", run_dir, "--prompt", "ROMEO: ",
+            "--max-new-tokens", "21", "--seed", "3", "--malloc", "default"]
+    assert cli.main(args) == 0
+    bucketed = capsys.readouterr().out
+    assert cli.main([*args, "--no-bucket-lengths"]) == 0
+    assert capsys.readouterr().out == bucketed
+    assert len(bucketed) == len("ROMEO: ") + 21 + 1
+    args = ["eval", "--workdir", run_dir, "data.seq_len=13"]
+    assert cli.main(args) == 0
+    bucketed = json.loads(capsys.readouterr().out)
+    assert cli.main([*args, "--no-bucket-lengths"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert bucketed["eval_loss"] == pytest.approx(exact["eval_loss"], rel=1e-6)
+    assert bucketed["eval_accuracy"] == exact["eval_accuracy"]

@@ -120,7 +120,7 @@ def test_overrides_parse_by_schema_type(tmp_path):
     config = load_config(write_config(tmp_path, GOOD), [
         "model.d_model=256",
         "optim.learning_rate=1e-2",
-        "optim.b1=1",               # int text for a float key
+        "optim.grad_clip=2",        # int text for a float key
         "model.glu=true",
         "train.progress_bar=0",
         "train.sample_prompt=ROMEO: hi=there",
@@ -132,7 +132,7 @@ def test_overrides_parse_by_schema_type(tmp_path):
     ])
     assert config.model.d_model == 256 and type(config.model.d_model) is int
     assert config.optim.learning_rate == 1e-2
-    assert config.optim.b1 == 1.0 and type(config.optim.b1) is float
+    assert config.optim.grad_clip == 2.0 and type(config.optim.grad_clip) is float
     assert config.model.glu is True and config.train.progress_bar is False
     assert config.train.sample_prompt == "ROMEO: hi=there"
     assert config.model.time_mixing == "glrnn"
@@ -202,3 +202,62 @@ def test_shrink():
         for section in sections:
             node = node[section]
         assert key in node
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.num_steps=-5", "'train.num_steps' must be >= 1, got -5"),
+    ("train.num_steps=0", "'train.num_steps' must be >= 1, got 0"),
+    ("train.eval_every=0", "'train.eval_every' must be >= 1"),
+    ("train.log_every=-1", "'train.log_every' must be >= 1"),
+    ("train.checkpoint_every=0", "'train.checkpoint_every' must be >= 1"),
+    ("train.max_to_keep=0", "'train.max_to_keep' must be >= 1"),
+    ("train.sample_length=0", "'train.sample_length' must be >= 1"),
+    ("train.sample_every=-1", "'train.sample_every' must be >= 0"),
+    ("train.sample_temperature=-0.5", "'train.sample_temperature' must be >= 0"),
+    ("train.sample_top_k=-1", "'train.sample_top_k' must be >= 0"),
+    ("data.batch_size=0", "'data.batch_size' must be >= 1"),
+    ("data.seq_len=-16", "'data.seq_len' must be >= 1"),
+    ("data.eval_batches=0", "'data.eval_batches' must be >= 1"),
+    ("data.val_fraction=1", r"'data.val_fraction' must be in \(0, 1\)"),
+    ("data.val_fraction=0", r"'data.val_fraction' must be in \(0, 1\)"),
+    ("optim.learning_rate=-0.001", "'optim.learning_rate' must be > 0"),
+    ("optim.learning_rate=nan", "'optim.learning_rate' must be > 0"),
+    ("optim.warmup_steps=-1", "'optim.warmup_steps' must be >= 0"),
+    ("optim.min_lr_ratio=1.5", r"'optim.min_lr_ratio' must be in \[0, 1\]"),
+    ("optim.weight_decay=-0.1", "'optim.weight_decay' must be >= 0"),
+    ("optim.b1=1", r"'optim.b1' must be in \[0, 1\)"),
+    ("optim.b2=-0.5", r"'optim.b2' must be in \[0, 1\)"),
+    ("optim.grad_clip=0", "'optim.grad_clip' must be > 0"),
+])
+def test_out_of_range_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(default_config(), [override])
+    key, value = override.split("=")
+    section, leaf = key.split(".")
+    with pytest.raises(ConfigError, match=message):  # From a config file too.
+        validate({section: {leaf: type(default_config()[section][leaf])(
+            float(value))}})
+
+
+def test_boundary_values_are_accepted():
+    config = apply_overrides(default_config(), [
+        "train.num_steps=1", "train.sample_every=0", "train.sample_top_k=0",
+        "train.sample_temperature=0", "optim.warmup_steps=0",
+        "optim.min_lr_ratio=1", "optim.min_lr_ratio=0", "optim.b1=0",
+        "optim.weight_decay=0", "data.val_fraction=0.5"])
+    assert config.train.num_steps == 1 and config.optim.min_lr_ratio == 0.0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_config_gets_the_mode_of_other_files(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = save_config(str(tmp_path / "run"), default_config())
+        with open(tmp_path / "run" / "other.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    mode = os.stat(path).st_mode & 0o777
+    assert mode == 0o666 & ~umask
+    assert mode == os.stat(tmp_path / "run" / "other.txt").st_mode & 0o777
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "other.txt"]

@@ -189,7 +189,7 @@ def test_mesh_config_keys_overrides_and_json():
 
 
 @pytest.mark.parametrize("mesh, match", [
-    (dict(shape=(2,), axis_names=("data",)), r"needs 2 devices but only 1"),
+    ("one more than there are", r"needs {n_plus_1} devices but only {n} "),
     (dict(shape=(1, -1, -1), axis_names=("a", "b", "c")), r"at most one -1"),
     (dict(shape=(1, 0), axis_names=("a", "b")), r"positive sizes"),
     (dict(shape=(1,), axis_names=("a", "b")), r"same length"),
@@ -203,6 +203,10 @@ def test_mesh_config_keys_overrides_and_json():
     (dict(fsdp=True), r"need a mesh"),
 ])
 def test_bad_mesh_config_is_named(mesh, match):
+    n = jax.device_count()
+    if mesh == "one more than there are":
+        mesh = dict(shape=(n + 1,), axis_names=("data",))
+        match = match.format(n=n, n_plus_1=n + 1)
     config = config_lib.validate({"mesh": mesh})
     with pytest.raises(ValueError, match=match):
         parallel.plan_from_config(config.mesh)
@@ -211,7 +215,7 @@ def test_bad_mesh_config_is_named(mesh, match):
 def test_mesh_of_all_devices_and_default():
     plan = parallel.plan_from_config(config_lib.validate(
         {"mesh": dict(shape=(-1,), axis_names=("data",), fsdp=True)}).mesh)
-    assert plan.mesh.shape == {"data": 1} and plan.fsdp
+    assert plan.mesh.shape == {"data": jax.device_count()} and plan.fsdp
     assert plan.batch_spec() == P("data", None)
     assert parallel.plan_from_config(config_lib.default_config().mesh) is None
 

@@ -262,6 +262,66 @@ def test_corrupt_latest_checkpoint(char_run, tmp_path):
     assert (ckdir / "4").is_dir()
     with ckpt_lib.Checkpointer(str(ckdir), read_only=True) as ckpt:
         assert ckpt.all_steps() == [2, 4]
+    corrupt = _hashes(ckdir / "4")
+    with pytest.raises(ValueError, match="not both"):
+        train.train_and_evaluate(config, str(workdir), step=2,
+                                 fallback_to_last_good=True)
+    # Falling back redoes steps 3-4 exactly as the original run did and
+    # keeps the corrupt step, moved aside.
+    metrics = train.train_and_evaluate(char_run[1], str(workdir),
+                                       fallback_to_last_good=True)
+    assert metrics["step"] == 4
+    assert_params_equal(final_params(workdir), final_params(char_run[0]))
+    assert _hashes(ckdir / "superseded" / "4") == corrupt
+    assert [e["step"] for e in read_metrics(workdir)
+            if e["split"] == "eval"] == [0, 2, 4]
+
+
+def _schedule_reference(lr, warmup, n, min_ratio, s):
+    """Warmup + cosine of learning_rate_schedule, in float64."""
+    end = lr * min_ratio
+    if s < warmup:
+        return lr * s / warmup
+    if s >= n:
+        return end
+    return end + (lr - end) * (1 + np.cos(np.pi * (s - warmup) / (n - warmup))) / 2
+
+
+def test_resume_with_more_steps_keeps_the_schedule(char_run, tmp_path,
+                                                   capsys):
+    """The rule: the schedule keeps the length of the run's first start;
+    steps past it train at the final rate."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(char_run[0], workdir)
+    config = char_run[1]
+    o = config.optim
+    for n in (4, 7):
+        schedule = train.learning_rate_schedule(config, n)
+        for s in range(10):
+            np.testing.assert_allclose(
+                train._lr(schedule, s),  # pylint: disable=protected-access
+                _schedule_reference(o.learning_rate, min(o.warmup_steps, n - 1),
+                                    n, o.min_lr_ratio, s), rtol=1e-6)
+    original = {r["step"]: r["lr"] for r in read_metrics(workdir)
+                if r["split"] == "train"}
+    capsys.readouterr()
+    longer = config_lib.apply_overrides(config, ["train.num_steps=7"])
+    assert train.train_and_evaluate(longer, workdir)["step"] == 7
+    out = capsys.readouterr().out
+    end = o.learning_rate * o.min_lr_ratio
+    assert ("train.num_steps is 7, the run started with 4: the learning-rate "
+            "schedule keeps its 4-step length; steps 5-7 train at its final "
+            f"rate {end:.4g}") in out
+    lrs = {r["step"]: r["lr"] for r in read_metrics(workdir)
+           if r["split"] == "train"}
+    assert {s: lrs[s] for s in original} == original
+    for s in (5, 6, 7):
+        assert lrs[s] == pytest.approx(end, rel=1e-6)
+    _, meta = ckpt_lib.load_params(os.path.join(workdir, "checkpoints"))
+    assert meta["step"] == 7 and meta["schedule_steps"] == 4
+    assert train.schedule_note(config, 4) is None
+    assert "training stops at step 3" in train.schedule_note(
+        config_lib.apply_overrides(config, ["train.num_steps=3"]), 4)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -16,7 +16,8 @@ Memory is the carry plus the output buffer ``(batch, max_new_tokens)`` (and
 The decode step is traced once per compilation; the compiled function is
 cached on (model, shapes, ``max_new_tokens``, which filters are on), so
 different prompts, seeds, temperatures, ``top_k``/``top_p`` values and
-``eos_id`` values reuse it.
+``eos_id`` values reuse it; ``bucket_lengths=True`` lets different prompt
+lengths and ``max_new_tokens`` reuse it too (:func:`bucket_length`).
 
 The model is any object with ``apply(variables, tokens, carry, seq_lengths=None)
 -> (carry, logits)`` accepting ``carry=None`` (e.g. :class:`flax_minrnn.lm.LM`).
@@ -35,7 +36,7 @@ from flax_minrnn.ops import checks
 
 Array = jax.Array
 
-__all__ = ["GenerateOutput", "generate", "sample_logits"]
+__all__ = ["GenerateOutput", "bucket_length", "generate", "sample_logits"]
 
 
 class GenerateOutput(NamedTuple):
@@ -214,10 +215,56 @@ def _as_variables(params) -> Mapping[str, Any]:
     return {"params": params}
 
 
+# ----------------------------------------------------------------------------
+# Length buckets.
+
+
+def bucket_length(n: int, limit: Optional[int] = None) -> int:
+    """The length ``n`` is padded to with length bucketing.
+
+    The smallest of 16, 24, 32, 48, 64, 96, ... (``2**k`` and ``1.5 * 2**k``
+    from 16) that is ``>= n``, but at most ``max(n, limit)``.  Lengths
+    ``1..N`` fall into about ``2 * log2(N / 16) + 1`` buckets (one compiled
+    function each instead of ``N``); above 16 the padding is less than half
+    of ``n``.
+
+    Raises:
+      ValueError: ``n < 1``.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"the length to bucket must be an integer >= 1, got {n!r}")
+    size = 16
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size if limit is None else min(size, max(int(n), int(limit)))
+
+
+def _pad_prompt(prompt, length: int):
+    """``prompt`` right-padded with token 0 to ``length`` (on the host when
+    concrete, and moved with ``device_put``, so that nothing is compiled per
+    prompt length)."""
+    extra = length - prompt.shape[1]
+    if extra <= 0:
+        return prompt
+    value = _concrete(prompt)
+    if value is None:
+        return jnp.pad(prompt, ((0, 0), (0, extra)))
+    return jax.device_put(np.pad(value, ((0, 0), (0, extra))))
+
+
+def _first(x, n: int):
+    """``x[:, :n]`` (on the host when concrete, as in :func:`_pad_prompt`)."""
+    if x is None or x.shape[1] == n:
+        return x
+    value = _concrete(x)
+    return x[:, :n] if value is None else jax.device_put(np.ascontiguousarray(value[:, :n]))
+
+
 def generate(model, params, prompt: Array, max_new_tokens: int, *, rng: Array,
              prompt_lengths: Optional[Array] = None, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None,
-             return_logits: bool = False, pad_id: Optional[int] = None) -> GenerateOutput:
+             return_logits: bool = False, pad_id: Optional[int] = None,
+             bucket_lengths: bool = False) -> GenerateOutput:
     """Continues each prompt by ``max_new_tokens`` tokens.
 
     Token ``n`` of row ``b`` is ``sample_logits(logits_{b,n}, fold_in(rng, n),
@@ -237,6 +284,14 @@ def generate(model, params, prompt: Array, max_new_tokens: int, *, rng: Array,
       eos_id: a row stops after emitting it (later tokens are ``pad_id``).
       return_logits: also return the raw logits of every step.
       pad_id: filler after ``eos_id`` (default ``eos_id``).
+      bucket_lengths: pad the prompt to ``bucket_length(P)`` (the padding is
+        masked by ``prompt_lengths``) and decode ``bucket_length(
+        max_new_tokens)`` tokens, returning the first ``max_new_tokens``:
+        calls with many different lengths then share a few compiled
+        functions.  The tokens and logits are those of the unbucketed call
+        (the prefill runs over a longer, masked time axis, so logits agree to
+        float rounding; the scan implementation ``'auto'`` picks for the
+        padded length is used); the extra decode steps cost time.
 
     Returns:
       A :class:`GenerateOutput` ``(tokens, lengths, logits)``.
@@ -303,8 +358,18 @@ def generate(model, params, prompt: Array, max_new_tokens: int, *, rng: Array,
                          jnp.asarray(fill, jnp.int32))
     flags = _Flags(use_top_k=int(top_k) > 0, use_top_p=float(top_p) < 1.0,
                    use_eos=eos_id is not None, return_logits=bool(return_logits))
+    steps = int(max_new_tokens)
+    if bucket_lengths:
+        limit = config.max_seq_length if getattr(
+            config, "positional_encoding", None) == "learned" else None
+        longest = plen if lengths_value is None else int(lengths_value.max())
+        prompt = _pad_prompt(prompt, bucket_length(plen, limit))
+        steps = bucket_length(steps, None if limit is None else limit - longest + 1)
     tokens, lengths, logits = _generate(model, _as_variables(params),
                                         prompt.astype(jnp.int32), prompt_lengths, rng,
-                                        sampling, max_new_tokens=int(max_new_tokens),
+                                        sampling, max_new_tokens=steps,
                                         flags=flags)
+    if steps != max_new_tokens:  # Bucketed: drop the extra steps.
+        tokens, logits = _first(tokens, max_new_tokens), _first(logits, max_new_tokens)
+        lengths = jnp.minimum(lengths, jnp.int32(max_new_tokens))
     return GenerateOutput(tokens, lengths, logits if return_logits else None)

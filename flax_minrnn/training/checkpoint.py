@@ -5,7 +5,9 @@ Layout of a checkpoint directory (orbax-checkpoint 0.12 ``CheckpointManager``)::
     <directory>/<step>/state/      the state pytree (params, opt_state, rng...)
     <directory>/<step>/metadata/   JSON: resolved config, data position, ...
     <directory>/<step>/metrics/    JSON metrics (only with ``keep_best``)
+    <directory>/<step>/checksums/  JSON: two checksums per state leaf
     <directory>/<step>.orbax-checkpoint-tmp/   an interrupted save (ignored)
+    <directory>/superseded/<step>/ a step set aside by :meth:`set_aside`
 
 Atomicity: on a local filesystem orbax writes a step into
 ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` only after every
@@ -18,14 +20,25 @@ Retention: ``AnyPreservationPolicy([LatestN(max_to_keep), BestN(n=1)])``: the
 last ``max_to_keep`` steps plus the best one by ``metrics[best_metric]``, all
 in the same directory. Nothing is deleted because it cannot be read: a corrupt
 step raises :class:`CheckpointCorruptError`, which names older candidates.
+
+Verification: every save also records :func:`tree_checksums` of the state,
+and every read compares what it read against them. A read of the parameters
+only (:meth:`Checkpointer.restore_params`, :func:`load_params`) also reads the
+rest of the step (optimizer state...) into host memory and checks it, so that
+a step which cannot be resumed from is never used silently for evaluation
+either. :meth:`Checkpointer.verify` checks a step without restoring it.
 """
 
 import json
 import logging
 import math
+import os
+import sys
+import traceback
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -62,6 +75,45 @@ logging.getLogger("absl").addFilter(_QuietOrbax())
 logging.getLogger("asyncio").addFilter(_QuietTensorstoreTasks())
 
 
+def _is_late_read_failure(unraisable) -> bool:
+    """Whether an unraisable exception is an echo of a failed checkpoint read.
+
+    When a read of a corrupt step fails, orbax raises the first error (which
+    :class:`Checkpointer` reports) and closes its event loop while
+    tensorstore still completes the other reads. Each completion then calls
+    ``loop.call_soon_threadsafe`` on the closed loop, and each read
+    coroutine left behind fails when collected; Python reports every one
+    as unraisable: tens to hundreds of ``RuntimeError('Event loop is
+    closed')`` tracebacks and tensorstore spec dumps that bury the error.
+    """
+    exc, obj = unraisable.exc_value, unraisable.object
+    code = getattr(obj, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    if not (isinstance(exc, RuntimeError)
+            and str(exc) == "Event loop is closed"):
+        return False
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return bool(frames) and frames[0].name == "call_soon_threadsafe" and \
+        frames[0].filename.endswith(os.path.join("asyncio", "base_events.py"))
+
+
+def _quiet_unraisable(previous):
+    def hook(unraisable):
+        try:
+            if _is_late_read_failure(unraisable):
+                return
+        except Exception:  # pylint: disable=broad-except
+            pass  # E.g. during interpreter shutdown: report as usual.
+        previous(unraisable)
+    hook.quiets_late_read_failures = True
+    return hook
+
+
+if not getattr(sys.unraisablehook, "quiets_late_read_failures", False):
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+
+
 class CheckpointCorruptError(ValueError):
     """A committed checkpoint exists on disk but cannot be read.
 
@@ -70,17 +122,25 @@ class CheckpointCorruptError(ValueError):
         path: Its directory.
         older_steps: Older steps whose metadata reads fine (fall-back
             candidates for an explicit ``restore(step=...)``).
+        cause: What failed, one line.
     """
 
     def __init__(self, message: str, step: int | None = None,
-                 path: str = "", older_steps: Sequence[int] = ()):
+                 path: str = "", older_steps: Sequence[int] = (),
+                 cause: str = ""):
         super().__init__(message)
         self.step, self.path, self.older_steps = step, path, list(older_steps)
+        self.cause = cause
 
 
 def _cause(err: Exception) -> str:
-    """First line of an exception, for error messages."""
-    lines = str(err).strip().splitlines() or [""]
+    """First line of the root of an exception's ``raise ... from`` chain."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    text = str(err).split(" See full TensorStore details")[0].strip()
+    lines = text.splitlines() or [""]
     return f"{type(err).__name__}: {lines[0][:300]}"
 
 
@@ -150,6 +210,107 @@ def _match(target, saved, where: str):
     return jax.tree_util.tree_unflatten(
         treedef, [_abstract_leaf(x, saved_flat[k])
                   for k, (_, x) in zip(keys, leaves)])
+
+
+# ----------------------------------------------------------------------------
+# Checksums.
+
+_CHECKSUMS = "checksums"     # The checksums item of a step.
+_SUPERSEDED = "superseded"   # Where set_aside moves steps (not a step name).
+_WEIGHT = 0x9E3779B1          # Odd multiplier of the position weights.
+
+
+def _words(x, xp, bitcast):
+    """The bits of every element of ``x`` as uint32 words, flattened.
+
+    1-, 2- and 4-byte elements become one word each (bool: 0 or 1), 8-byte
+    ones two (low word first). ``xp`` is numpy or jax.numpy, ``bitcast``
+    its same-size bit reinterpretation, so host and device agree.
+    """
+    dtype = np.dtype(x.dtype)
+    if dtype == np.bool_:
+        words = x.astype(xp.uint32)
+    elif dtype.itemsize in (1, 2, 4):
+        unsigned = {1: xp.uint8, 2: xp.uint16, 4: xp.uint32}[dtype.itemsize]
+        words = bitcast(x, unsigned).astype(xp.uint32)
+    elif dtype.itemsize == 8:
+        u = bitcast(x, xp.uint64)
+        words = xp.stack([(u & xp.uint64(0xFFFFFFFF)).astype(xp.uint32),
+                          (u >> xp.uint64(32)).astype(xp.uint32)], axis=-1)
+    else:
+        raise TypeError(f"cannot checksum an array of dtype {dtype}")
+    return words.reshape(-1)
+
+
+def _sums(words, xp):
+    """``[sum_i w_i, sum_i w_i * c_i] mod 2**32``, ``c_i = (i * K) | 1``."""
+    index = xp.arange(words.shape[0], dtype=xp.uint32)
+    weights = (index * xp.uint32(_WEIGHT)) | xp.uint32(1)
+    return xp.stack([xp.sum(words, dtype=xp.uint32),
+                     xp.sum(words * weights, dtype=xp.uint32)])
+
+
+@jax.jit
+def _device_sums(leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: _sums(_words(x, jnp, jax.lax.bitcast_convert_type), jnp)
+            for k, x in leaves.items()}
+
+
+def _host_sums(x: np.ndarray) -> list[int]:
+    return [int(v) for v in _sums(_words(x, np, lambda a, t: a.view(t)), np)]
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:  # Several processes.
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def tree_checksums(tree: Any) -> dict[str, list[int]]:
+    """Two 32-bit checksums of every leaf of ``tree``, keyed by 'a/0/mu'.
+
+    With ``w_i`` the leaf's elements as uint32 words (:func:`_words`, in
+    row-major order) and ``c_i = (i * 0x9E3779B1) | 1`` (odd)::
+
+        s1 = sum_i w_i         mod 2**32
+        s2 = sum_i c_i * w_i   mod 2**32
+
+    Integer sums do not depend on the summation order, so the value is the
+    same for a jax array under any sharding (computed where it lives, by one
+    jitted function per tree structure) and for the numpy copy of it. Any
+    change of a single word changes ``s2`` (``c_i`` is odd, so invertible
+    modulo ``2**32``); a permutation of the words changes it unless the
+    words are equal. PRNG key arrays are summed through their key data,
+    Python scalars and numpy arrays on the host.
+    """
+    device, out = {}, {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = _keystr(path)
+        if isinstance(leaf, jax.Array):
+            device[key] = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+        elif isinstance(leaf, str):
+            out[key] = _host_sums(np.frombuffer(leaf.encode(), np.uint8))
+        else:
+            out[key] = _host_sums(np.asarray(leaf))
+    if device:
+        out.update({k: [int(v) for v in _fetch(s)]
+                    for k, s in _device_sums(device).items()})
+    return out
+
+
+def _mismatch(tree: Any, expected: Mapping[str, Any]) -> list[str]:
+    """Leaves of ``tree`` whose checksums differ from ``expected``."""
+    return sorted(k for k, v in tree_checksums(tree).items()
+                  if list(expected.get(k, ())) != v)
+
+
+def _host_target(saved):
+    """A restore target reading the saved tree into numpy arrays."""
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype)
+        if isinstance(m, ocp.metadata.ArrayMetadata) else _abstract_leaf(None, m),
+        saved)
 
 
 class Checkpointer:
@@ -231,8 +392,10 @@ class Checkpointer:
         ranked = self._keep_best and self._metric in metrics
         self._mgr.save(
             int(step), force=True, metrics=metrics if ranked else None,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    metadata=ocp.args.JsonSave(metadata)))
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                metadata=ocp.args.JsonSave(metadata),
+                **{_CHECKSUMS: ocp.args.JsonSave(tree_checksums(state))}))
         self._mgr.wait_until_finished()
 
     def all_steps(self) -> list[int]:
@@ -260,25 +423,68 @@ class Checkpointer:
                     older.append(s)
             except Exception:  # pylint: disable=broad-except
                 pass
-        path = str(self.directory / str(step))
+        path, cause = str(self.directory / str(step)), _cause(err)
         return CheckpointCorruptError(
             f"Checkpoint step {step} at {path} is corrupt or unreadable "
-            f"({_cause(err)}). Older steps that look restorable: "
+            f"({cause}). Older steps that look restorable: "
             f"{older or 'none'}; restore one explicitly with "
-            "restore(step=...). Nothing was deleted.", step, path, older)
+            "restore(step=...). Nothing was deleted.", step, path, older,
+            cause)
 
-    def _check_step(self, step: int | None) -> int:
+    def _check_steps(self) -> list[int]:
         steps = self.all_steps()
         if not steps:
             what = "has no checkpoint" if self.directory.exists() else "missing"
             raise FileNotFoundError(
                 f"No checkpoints in {self.directory} (directory {what}).")
+        return steps
+
+    def _check_step(self, step: int | None) -> int:
+        steps = self._check_steps()
         step = steps[-1] if step is None else int(step)
         if step not in steps:
             raise FileNotFoundError(
                 f"No checkpoint for step {step} in {self.directory}; "
                 f"have {steps}.")
         return step
+
+    def _expected(self, step: int) -> dict[str, Any] | None:
+        """The saved checksums of ``step`` (None: saved without them)."""
+        if not (self.directory / str(step) / _CHECKSUMS).exists():
+            return None
+        return dict(self._mgr.restore(step, args=ocp.args.Composite(
+            **{_CHECKSUMS: ocp.args.JsonRestore()}))[_CHECKSUMS])
+
+    def _restore_items(self, step: int, item: Any) -> Any:
+        """The entries of the saved state that ``item`` names, as targeted."""
+        return self._pytree.restore(
+            self.directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(
+                item=item, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(
+                    item)))
+
+    def _check_sums(self, step: int, tree: Any,
+                    expected: Mapping[str, Any] | None) -> None:
+        if expected is None:
+            return
+        bad = _mismatch(tree, expected)
+        if bad:
+            raise ValueError(f"the data read back differs from what was "
+                             f"saved (checksum mismatch in {len(bad)} "
+                             f"arrays: {', '.join(bad[:4])})")
+
+    def _read_rest(self, step: int, saved: Mapping[str, Any], skip: str,
+                   expected: Mapping[str, Any] | None) -> None:
+        """Reads every top-level entry but ``skip`` to host memory, checks
+        it against ``expected`` and drops it."""
+        rest = {k: _host_target(v) for k, v in saved.items() if k != skip}
+        if rest:
+            self._check_sums(step, self._restore_items(step, rest), expected)
+
+    def _metadata(self, step: int) -> dict[str, Any]:
+        return dict(self._mgr.restore(step, args=ocp.args.Composite(
+            metadata=ocp.args.JsonRestore())).metadata)
 
     def _read(self, step: int, target: Any, subtree: str | None):
         try:
@@ -293,22 +499,46 @@ class Checkpointer:
         else:
             item = _match(target, saved, where)
         try:
+            expected = self._expected(step)
             if subtree is None:
                 out = self._mgr.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(item),
                     metadata=ocp.args.JsonRestore()))
+                self._check_sums(step, out.state, expected)
                 return out.state, dict(out.metadata)
-            state = self._pytree.restore(
-                self.directory / str(step) / "state",
-                args=ocp.args.PyTreeRestore(
-                    item=item, partial_restore=True,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(
-                        item)))
-            meta = self._mgr.restore(step, args=ocp.args.Composite(
-                metadata=ocp.args.JsonRestore())).metadata
-            return state[subtree], dict(meta)
+            state = self._restore_items(step, item)
+            self._check_sums(step, state, expected)
+            self._read_rest(step, saved, subtree, expected)
+            return state[subtree], self._metadata(step)
         except Exception as e:  # pylint: disable=broad-except
             raise self._corrupt(step, e) from e
+
+    def verify(self, step: int | None = None) -> bool:
+        """Reads all of ``step`` (default latest) to host memory and checks it.
+
+        Every array is read back (one step at a time, into numpy arrays) and
+        compared with the checksums recorded when it was saved; the metadata
+        must parse. Nothing is kept or changed.
+
+        Returns:
+            True if the checksums were compared; False for a step saved
+            without checksums (by an older version), which read back fine.
+
+        Raises:
+            FileNotFoundError: No checkpoints, or no such step.
+            CheckpointCorruptError: The step cannot be read or differs from
+                what was saved.
+        """
+        step = self._check_step(step)
+        try:
+            saved = self._saved_tree(step)
+            expected = self._expected(step)
+            self._check_sums(step, self._restore_items(
+                step, _host_target(saved)), expected)
+            self._metadata(step)
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._corrupt(step, e) from e
+        return expected is not None
 
     def restore(self, step: int | None = None, *, target: Any
                 ) -> tuple[Any, dict[str, Any]]:
@@ -334,9 +564,76 @@ class Checkpointer:
             FileNotFoundError: No checkpoints, or no such step.
             ValueError: ``target``'s key paths or shapes differ from the
                 checkpoint's.
-            CheckpointCorruptError: The step's files cannot be read.
+            CheckpointCorruptError: The step's files cannot be read, or
+                what they hold differs from what was saved (checksums).
         """
         return self._read(self._check_step(step), target, None)
+
+    def restore_last_good(self, target: Any
+                          ) -> tuple[int, Any, dict[str, Any],
+                                     list[CheckpointCorruptError]]:
+        """Restores the newest step that restores; see :meth:`restore`.
+
+        Tries the steps newest first; a step that raises
+        :class:`CheckpointCorruptError` is skipped (and kept on disk).
+
+        Returns:
+            ``(step, state, metadata, skipped)``, ``skipped`` holding the
+            error of every newer step, newest first.
+
+        Raises:
+            FileNotFoundError: No checkpoints.
+            CheckpointCorruptError: No step restores.
+        """
+        skipped = []
+        for step in reversed(self._check_steps()):
+            try:
+                state, meta = self.restore(step, target=target)
+            except CheckpointCorruptError as e:
+                skipped.append(e)
+                continue
+            return step, state, meta, skipped
+        raise CheckpointCorruptError(
+            f"No checkpoint in {self.directory} restores: "
+            + "; ".join(f"step {e.step}: {e.cause}" for e in skipped)
+            + ". Nothing was deleted.", path=str(self.directory))
+
+    def set_aside(self, steps: Sequence[int]) -> list[str]:
+        """Moves ``steps`` to ``<directory>/superseded/`` (never deletes).
+
+        A step that is moved aside is no longer a step of this directory
+        (not restored, not counted for retention, not overwritten): used
+        before training resumes from an older step, so that the newer steps'
+        numbers can be saved again. A step moved aside twice gets a suffix
+        (``superseded/4.1``).
+
+        Returns:
+            The new paths, in the order of ``steps``.
+        """
+        if self._read_only:
+            raise PermissionError(
+                f"Checkpointer({self.directory}) is read-only")
+        have = self.all_steps()
+        missing = [s for s in steps if s not in have]
+        if missing:
+            raise FileNotFoundError(
+                f"No checkpoint for steps {missing} in {self.directory}; "
+                f"have {have}.")
+        ocp.multihost.sync_global_processes("flax_minrnn_set_aside_start")
+        root, moved = self.directory / _SUPERSEDED, []
+        for step in steps:
+            dest, n = root / str(step), 0
+            while dest.exists() or str(dest) in moved:
+                n += 1
+                dest = root / f"{step}.{n}"
+            moved.append(str(dest))
+        if jax.process_index() == 0:
+            root.mkdir(exist_ok=True)
+            for step, dest in zip(steps, moved):
+                (self.directory / str(step)).rename(dest)
+        ocp.multihost.sync_global_processes("flax_minrnn_set_aside_done")
+        self._mgr.reload()
+        return moved
 
     def restore_best(self, target: Any) -> tuple[Any, dict[str, Any]]:
         """Restores the best-metric step; see :meth:`restore`."""
@@ -353,6 +650,13 @@ class Checkpointer:
 
         With ``target=None`` the saved structure comes back as nested dicts
         with the saved dtypes (jax arrays; numpy where numpy was saved).
+
+        The rest of the step (optimizer state...) is read too, into host
+        memory, checked against its checksums and dropped: a step that
+        :meth:`restore` would reject is rejected here as well.
+
+        Raises:
+            As :meth:`restore`; ``KeyError`` if there is no ``subtree``.
         """
         return self._read(self._check_step(step), target, subtree)
 
@@ -373,7 +677,8 @@ def load_params(directory: str, target: Any = None, *,
                 subtree: str = "params") -> tuple[Any, dict[str, Any]]:
     """Loads ``state[subtree]`` and the metadata of a run, read-only.
 
-    For ``init_from`` another run, or generation in a fresh process.
+    For ``init_from`` another run, or generation in a fresh process. The
+    whole step is read and checked (:meth:`Checkpointer.restore_params`).
 
     Args:
         directory: The run's checkpoint directory.

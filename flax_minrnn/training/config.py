@@ -24,7 +24,7 @@ import difflib
 import importlib.util
 import json
 import os
-import tempfile
+import secrets
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -39,6 +39,46 @@ CHOICES = {
     "model.architecture": ("lm", "griffin"),
     "model.time_mixing": ("mingru", "minlstm", "glrnn", "rglru"),
     "model.norm": ("rmsnorm", "layernorm"),
+}
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _above(low):
+    return (lambda v: v > low), f"> {low}"
+
+
+def _between(low, high, high_open=True):
+    return ((lambda v: low <= v < high) if high_open else
+            (lambda v: low <= v <= high),
+            f"in [{low}, {high}{')' if high_open else ']'}")
+
+
+# Allowed values of numeric fields: (predicate, description). model.* values
+# are checked by LMConfig / GriffinConfig when the model is built.
+RANGES = {
+    "data.seq_len": _at_least(1),
+    "data.batch_size": _at_least(1),
+    "data.val_fraction": ((lambda v: 0 < v < 1), "in (0, 1)"),
+    "data.eval_batches": _at_least(1),
+    "optim.learning_rate": _above(0),
+    "optim.warmup_steps": _at_least(0),
+    "optim.min_lr_ratio": _between(0, 1, high_open=False),
+    "optim.weight_decay": _at_least(0),
+    "optim.b1": _between(0, 1),
+    "optim.b2": _between(0, 1),
+    "optim.grad_clip": _above(0),
+    "train.num_steps": _at_least(1),
+    "train.eval_every": _at_least(1),
+    "train.log_every": _at_least(1),
+    "train.checkpoint_every": _at_least(1),
+    "train.max_to_keep": _at_least(1),
+    "train.sample_every": _at_least(0),
+    "train.sample_length": _at_least(1),
+    "train.sample_temperature": _at_least(0),
+    "train.sample_top_k": _at_least(0),
 }
 # List-valued keys and the type of their elements (overrides: "2,4"). Lists,
 # not tuples, so that the config JSON holds the same values.
@@ -199,6 +239,9 @@ def _check_value(dotted: str, value: Any, default: Any) -> Any:
     if dotted in CHOICES and value not in CHOICES[dotted]:
         raise ConfigError(f"Config key {dotted!r} must be one of "
                           f"{CHOICES[dotted]}, got {value!r}.")
+    if dotted in RANGES and not RANGES[dotted][0](value):
+        raise ConfigError(f"Config key {dotted!r} must be {RANGES[dotted][1]}, "
+                          f"got {value!r}.")
     return value
 
 
@@ -412,11 +455,16 @@ def config_from_json(text: str) -> ConfigDict:
 
 
 def save_config(workdir: str, config: ConfigDict) -> str:
-    """Atomically writes ``workdir/config.json``; returns its path."""
+    """Atomically writes ``workdir/config.json``; returns its path.
+
+    The file gets the mode of any file the process creates (``0o666`` less
+    the umask), like the run's other files.
+    """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, CONFIG_FILENAME)
     text = config_to_json(config)
-    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".config.", suffix=".tmp")
+    tmp = os.path.join(workdir, f".config.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")

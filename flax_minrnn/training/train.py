@@ -20,7 +20,19 @@ key of step ``s`` is ``fold_in(fold_in(key(seed), 1), s)``, so a run that is
 interrupted and resumed from its latest checkpoint ends with bit-identical
 parameters to an uninterrupted one (on the same machine).
 
-Helpers for the CLI: :func:`evaluate`, :func:`load_run`, :func:`generate_text`.
+Resuming from an older step (``step=N``, or ``fallback_to_last_good`` past a
+corrupt step) first moves the newer steps to ``checkpoints/superseded/``:
+nothing is ever deleted, and their step numbers can be saved again.
+
+The learning-rate schedule is fixed when a run starts: its length
+(``schedule_steps``, saved in every checkpoint) is the ``train.num_steps`` of
+that start. Resuming with another ``train.num_steps`` keeps it: a larger value
+trains on at the schedule's final rate ``learning_rate * min_lr_ratio``, a
+smaller one stops early; either way steps up to the original end get the
+learning rates of the original run. :func:`schedule_note` says what applies.
+
+Helpers for the CLI: :func:`evaluate`, :func:`load_run`, :func:`generate_text`,
+:func:`check_workdir`.
 """
 
 import dataclasses
@@ -29,7 +41,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +51,7 @@ import optax
 from flax import traverse_util
 from flax.core import unfreeze
 
+from flax_minrnn.models.generate import bucket_length
 from flax_minrnn.models.griffin import Griffin, GriffinConfig
 from flax_minrnn.models.heads import weighted_cross_entropy
 from flax_minrnn.models.lm import LM, LMConfig
@@ -199,9 +212,19 @@ def _labels(params, fn: Callable[[str, Any], Any]):
         lambda p, x: fn(_path_str(p), x), params)
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to ``lr * min_lr_ratio``."""
-    o, n = config.optim, config.train.num_steps
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           schedule_steps: int | None = None) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to ``lr * min_lr_ratio``.
+
+    With ``n = schedule_steps`` (default ``train.num_steps``), ``w =
+    min(warmup_steps, n - 1)``, ``lr = optim.learning_rate`` and ``e = lr *
+    min_lr_ratio``, the rate of update ``s`` (0-based) is ``lr * s / w`` for
+    ``s < w``, ``e + (lr - e) * (1 + cos(pi * (s - w) / (n - w))) / 2`` for
+    ``w <= s < n``, and ``e`` from ``s = n`` on (optax's
+    ``warmup_cosine_decay_schedule``).
+    """
+    o = config.optim
+    n = config.train.num_steps if schedule_steps is None else int(schedule_steps)
     warmup = min(o.warmup_steps, max(n - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=o.learning_rate, warmup_steps=warmup,
@@ -209,13 +232,15 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
         end_value=o.learning_rate * o.min_lr_ratio)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params
+def make_optimizer(config: ml_collections.ConfigDict, params,
+                   schedule_steps: int | None = None
                    ) -> optax.GradientTransformation:
     """AdamW + global-norm clipping, decay mask and optional freezing.
 
     Weight decay skips 1-D params and params whose '/'-joined path matches
     ``optim.no_decay_regex``; params matching ``init_from.freeze_regex`` get
-    zero updates (``optax.set_to_zero``).
+    zero updates (``optax.set_to_zero``). ``schedule_steps``: see
+    :func:`learning_rate_schedule`.
     """
     o = config.optim
     no_decay = _regex("optim.no_decay_regex", o.no_decay_regex)
@@ -223,7 +248,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params
         np.ndim(x) > 1 and not (no_decay and no_decay.search(path))))
     tx = optax.chain(
         optax.clip_by_global_norm(o.grad_clip),
-        optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2,
+        optax.adamw(learning_rate_schedule(config, schedule_steps),
+                    b1=o.b1, b2=o.b2,
                     weight_decay=o.weight_decay, mask=decay_mask))
     freeze = _regex("init_from.freeze_regex", config.init_from.freeze_regex)
     if freeze is None:
@@ -322,11 +348,41 @@ def make_eval_step(model: LM, plan: "parallel_lib.MeshPlan | None" = None
     return jax.jit(eval_step) if plan is None else plan.wrap(jax.jit(eval_step))
 
 
-def evaluate_batches(eval_step: Callable, params, batches
-                     ) -> dict[str, float]:
-    """Weighted loss and accuracy over ``batches`` (sums in float64)."""
+def pad_batch(batch: Mapping[str, np.ndarray], length: int
+              ) -> dict[str, np.ndarray]:
+    """``batch`` with its time axis right-padded with zeros to ``length``.
+
+    The padded positions have zero inputs, targets and weights, so a causal
+    model's weighted loss and accuracy over the batch do not change.
+    """
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        extra = length - value.shape[1]
+        out[key] = value if extra <= 0 else np.pad(
+            value, [(0, 0), (0, extra)] + [(0, 0)] * (value.ndim - 2))
+    return out
+
+
+def evaluate_batches(eval_step: Callable, params, batches, *,
+                     bucket_lengths: bool = False,
+                     max_length: int | None = None) -> dict[str, float]:
+    """Weighted loss and accuracy over ``batches`` (sums in float64).
+
+    Args:
+        eval_step: From :func:`make_eval_step`.
+        params: The model parameters.
+        batches: Dicts of ``inputs``, ``targets``, ``weights`` ``(B, T)``.
+        bucket_lengths: Pad each batch to ``bucket_length(T, max_length)``
+            (:func:`pad_batch`), so batches of many lengths share a few
+            compiled steps; same metrics up to float32 rounding.
+        max_length: Longest length the model takes (learned positions).
+    """
     loss_sum = correct = total = 0.0
     for batch in batches:
+        if bucket_lengths:
+            batch = pad_batch(batch, bucket_length(
+                int(np.shape(batch["inputs"])[1]), max_length))
         l, c, n = jax.device_get(eval_step(params, batch))
         loss_sum, correct, total = (loss_sum + float(l), correct + float(c),
                                     total + float(n))
@@ -464,7 +520,8 @@ def _check_resumable(config, workdir: str) -> None:
 
 def _sample_text(model, params, vocab: CharVocab, prompt: str,
                  max_new_tokens: int, key, *, temperature: float,
-                 top_k: int = 0, top_p: float = 1.0) -> str:
+                 top_k: int = 0, top_p: float = 1.0,
+                 bucket_lengths: bool = False) -> str:
     """Prompt + ``max_new_tokens`` generated characters."""
     from flax_minrnn.models.generate import generate  # pylint: disable=g-import-not-at-top
     if not prompt:
@@ -472,7 +529,8 @@ def _sample_text(model, params, vocab: CharVocab, prompt: str,
     ids = vocab.encode(prompt)[None, :]
     out = generate(model, params, jnp.asarray(ids, jnp.int32),
                    int(max_new_tokens), rng=key, temperature=float(temperature),
-                   top_k=int(top_k), top_p=float(top_p))
+                   top_k=int(top_k), top_p=float(top_p),
+                   bucket_lengths=bucket_lengths)
     return prompt + vocab.decode(np.asarray(jax.device_get(out.tokens))[0])
 
 
@@ -481,7 +539,9 @@ def _sample_text(model, params, vocab: CharVocab, prompt: str,
 # ----------------------------------------------------------------------------
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at_step: int | None = None) -> dict[str, Any]:
+                       stop_at_step: int | None = None,
+                       step: int | None = None,
+                       fallback_to_last_good: bool = False) -> dict[str, Any]:
     """Trains (or resumes) the run in ``workdir`` and evaluates it.
 
     Args:
@@ -491,6 +551,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             ``config`` except for ``RESUMABLE_KEYS``.
         stop_at_step: Stop once this step is reached, after checkpointing it,
             as if preempted (the schedule still targets ``num_steps``).
+        step: Resume from this step instead of the latest.
+        fallback_to_last_good: If the latest step is corrupt, resume from
+            the newest step that restores (and say so) instead of raising.
+            Either way, steps newer than the one resumed from are moved to
+            ``checkpoints/superseded/`` (never deleted).
 
     Returns:
         Final metrics: step, train_loss, train_accuracy, eval_loss,
@@ -500,17 +565,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ConfigError: Bad config or a mismatched workdir.
         FloatingPointError: A non-finite loss, gradient or param; nothing
             from that step is saved (the last checkpoint stays the last).
-        CheckpointCorruptError: The latest checkpoint cannot be read.
+        CheckpointCorruptError: The checkpoint to resume from cannot be read
+            (with ``fallback_to_last_good``: no checkpoint can).
+        FileNotFoundError: ``step`` is not a checkpoint of ``workdir``.
     """
     import tqdm  # pylint: disable=g-import-not-at-top
     config = config_lib.validate(config)
     t = config.train
+    if step is not None and fallback_to_last_good:
+        raise ValueError("give step or fallback_to_last_good, not both")
     os.makedirs(workdir, exist_ok=True)
     ckpt = ckpt_lib.Checkpointer(
         os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=t.max_to_keep,
         keep_best=True, best_metric="eval_loss", best_mode="min")
     try:
         latest = ckpt.latest_step()
+        if step is not None and latest is None:
+            raise FileNotFoundError(
+                f"Cannot resume from step {step}: no checkpoints in "
+                f"{ckpt.directory}.")
         if latest is not None:
             _check_resumable(config, workdir)
         dataset = build_dataset(config)
@@ -532,28 +605,91 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                    training=False))["params"])
             params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                   params)
-        tx = make_optimizer(config, params)
+        tx = make_optimizer(config, params)  # The schedule is set below.
         state = {"params": params, "opt_state": tx.init(params), "step": 0,
                  "rng": jax.random.key_data(base), "data_position": 0}
         if plan is not None:  # Restores below land in these shardings too.
             state.update(plan.put_state({k: state[k] for k in
                                          ("params", "opt_state")}),
                          rng=plan.replicate(state["rng"]))
-        elapsed0 = 0.0
+        elapsed0, schedule_steps = 0.0, t.num_steps
         if latest is not None:
-            state, meta = ckpt.restore(latest, target=state)
+            resumed, state, meta = _resume(ckpt, state, step,
+                                           fallback_to_last_good)
             elapsed0 = float(meta.get("elapsed", 0.0))
-            _write(f"Resuming {workdir} from step {latest}.")
+            schedule_steps = saved_schedule_steps(meta, t.num_steps)
+            tx = make_optimizer(config, params, schedule_steps)
+            _write(f"Resuming {workdir} from step {resumed}.")
+            note = schedule_note(config, schedule_steps)
+            if note:
+                _write(note)
         if jax.process_index() == 0:
             config_lib.save_config(workdir, config)
         metadata = {"config": config_lib.config_to_json(config),
                     "vocab": vocab.to_json() if vocab is not None else None,
-                    "vocab_size": int(dataset.vocab_size)}
+                    "vocab_size": int(dataset.vocab_size),
+                    "schedule_steps": int(schedule_steps)}
         return _loop(config, workdir, ckpt, model, tx, dataset, vocab, state,
                      metadata, elapsed0, resumed=latest is not None,
                      stop_at_step=stop_at_step, tqdm_cls=tqdm.tqdm, plan=plan)
     finally:
         ckpt.close()
+
+
+def _resume(ckpt: ckpt_lib.Checkpointer, target, step: int | None,
+            fallback: bool) -> tuple[int, Any, dict[str, Any]]:
+    """Restores the step to resume from; sets the newer steps aside."""
+    if step is not None:
+        chosen = int(step)
+        state, meta = ckpt.restore(chosen, target=target)
+    elif fallback:
+        chosen, state, meta, skipped = ckpt.restore_last_good(target)
+        for err in skipped:
+            _write(f"Step {err.step} is corrupt or unreadable ({err.cause}).")
+        if skipped:
+            _write(f"Falling back to step {chosen}, the newest step that "
+                   "restores.")
+    else:
+        chosen = ckpt.latest_step()
+        state, meta = ckpt.restore(chosen, target=target)
+    newer = [s for s in ckpt.all_steps() if s > chosen]
+    if newer:
+        moved = ckpt.set_aside(newer)
+        _write(f"Moved the newer steps {newer} to "
+               f"{os.path.dirname(moved[0])} (kept, not deleted); training "
+               f"continues from step {chosen}.")
+    return chosen, state, meta
+
+
+def saved_schedule_steps(meta: Mapping[str, Any], default: int) -> int:
+    """The schedule length a checkpoint's run started with.
+
+    ``meta["schedule_steps"]``; for checkpoints saved before it was recorded,
+    the ``train.num_steps`` of the config saved with them (else ``default``).
+    """
+    if "schedule_steps" in meta:
+        return int(meta["schedule_steps"])
+    if meta.get("config"):
+        return int(config_lib.config_from_json(meta["config"]).train.num_steps)
+    return int(default)
+
+
+def schedule_note(config: ml_collections.ConfigDict, schedule_steps: int
+                  ) -> str | None:
+    """What a resumed run's learning rate does when ``train.num_steps``
+    differs from the schedule's length (None when it does not)."""
+    n, o = config.train.num_steps, config.optim
+    if n == schedule_steps:
+        return None
+    head = (f"train.num_steps is {n}, the run started with {schedule_steps}: "
+            f"the learning-rate schedule keeps its {schedule_steps}-step "
+            "length")
+    if n > schedule_steps:
+        return (f"{head}; steps {schedule_steps + 1}-{n} train at its final "
+                f"rate {o.learning_rate * o.min_lr_ratio:.4g} "
+                "(learning_rate * min_lr_ratio).")
+    rate = _lr(learning_rate_schedule(config, schedule_steps), n - 1)
+    return f"{head}; training stops at step {n} (learning rate there {rate:.4g})."
 
 
 def _mesh_plan(config, dataset) -> "parallel_lib.MeshPlan | None":
@@ -585,7 +721,7 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
     # process's array).
     rng_data = (jax.random.key_data(base) if plan is None
                 else plan.replicate(jax.random.key_data(base)))
-    schedule = learning_rate_schedule(config)
+    schedule = learning_rate_schedule(config, metadata["schedule_steps"])
     params, opt_state = state["params"], state["opt_state"]
     step = int(state["step"])
     eval_data = [place(b) for b in dataset.eval_batches(d.eval_batches)]
@@ -697,22 +833,26 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
 # Using a finished run.
 # ----------------------------------------------------------------------------
 
-def load_run(workdir: str):
+def load_run(workdir: str, step: int | None = None):
     """Rebuilds a saved run: ``(model, params, vocab, config)``.
 
-    Uses the latest checkpoint of ``workdir`` and its metadata (config and
-    vocabulary), so it works in a fresh process. ``vocab`` is None for
-    synthetic tasks.
+    Uses checkpoint ``step`` (default the latest) of ``workdir`` and its
+    metadata (config and vocabulary), so it works in a fresh process.
+    ``vocab`` is None for synthetic tasks. The whole step is read and checked
+    against its checksums (:func:`flax_minrnn.training.checkpoint.load_params`).
 
     Raises:
-        FileNotFoundError: No checkpoints in ``workdir``.
+        FileNotFoundError: No checkpoints in ``workdir``, or no such step.
+        CheckpointCorruptError: The step cannot be read back as saved.
     """
-    return _load_run(workdir)[:4]
+    return _load_run(workdir, step)[:4]
 
 
-def _load_run(workdir: str):
+def _load_run(workdir: str, step: int | None = None):
     """:func:`load_run` plus the checkpoint metadata."""
-    params, meta = ckpt_lib.load_params(_checkpoint_dir(workdir))
+    directory = _checkpoint_dir(workdir)
+    params, meta = (ckpt_lib.load_params(directory) if step is None else
+                    ckpt_lib.load_params(directory, step=step))
     if "config" not in meta:
         raise ValueError(f"Checkpoint in {workdir!r} has no config metadata.")
     config = config_lib.config_from_json(meta["config"])
@@ -724,39 +864,57 @@ def _load_run(workdir: str):
     return build_model(config, vocab_size), params, vocab, config, meta
 
 
-def evaluate(workdir: str, config_overrides: Sequence[str] = ()
+def evaluate(workdir: str, config_overrides: Sequence[str] = (), *,
+             step: int | None = None, bucket_lengths: bool = False
              ) -> dict[str, float]:
-    """Evaluates a saved run's latest params on its held-out split.
+    """Evaluates a saved run's params on its held-out split.
 
     Args:
         workdir: The run directory.
         config_overrides: ``key=value`` overrides (e.g.
             ``data.eval_batches=50``); ``model.*`` may not change.
+        step: The checkpoint to evaluate (default the latest).
+        bucket_lengths: Pad batches to bucket lengths
+            (:func:`evaluate_batches`).
 
     Returns:
         ``{"step", "eval_loss", "eval_accuracy"}``.
     """
-    model, params, vocab, config, meta = _load_run(workdir)
+    model, params, vocab, config, meta = _load_run(workdir, step)
     step = meta.get("step")
     new = config_lib.apply_overrides(config, list(config_overrides))
     if new.model.to_dict() != config.model.to_dict():
         raise ConfigError("evaluate: overrides may not change model.* keys.")
     dataset = build_dataset(new, vocab)
     metrics = evaluate_batches(make_eval_step(model), params,
-                               dataset.eval_batches(new.data.eval_batches))
+                               dataset.eval_batches(new.data.eval_batches),
+                               bucket_lengths=bucket_lengths,
+                               max_length=_max_length(model))
     return dict(step=step, **metrics)
+
+
+def _max_length(model) -> int | None:
+    """The longest input ``model`` takes (learned positions), else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "positional_encoding", None) == "learned":
+        return int(config.max_seq_length)
+    return None
 
 
 def generate_text(workdir: str, prompt: str, max_new_tokens: int = 200,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  seed: int = 0) -> str:
+                  seed: int = 0, *, step: int | None = None,
+                  bucket_lengths: bool = False) -> str:
     """Samples from a saved char run: returns ``prompt`` + new characters.
+
+    ``step`` selects the checkpoint (default the latest);
+    ``bucket_lengths``: see :func:`flax_minrnn.models.generate.generate`.
 
     Raises:
         ValueError: The run has no text vocabulary, or the prompt is empty or
             has characters outside the run's vocabulary.
     """
-    model, params, vocab, _ = load_run(workdir)
+    model, params, vocab, _ = load_run(workdir, step)
     if vocab is None:
         raise ValueError(f"Run {workdir!r} is a synthetic task without a "
                          "text vocabulary; cannot generate text.")
@@ -764,4 +922,45 @@ def generate_text(workdir: str, prompt: str, max_new_tokens: int = 200,
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     return _sample_text(model, params, vocab, prompt, max_new_tokens,
                         jax.random.key(seed), temperature=temperature,
-                        top_k=top_k, top_p=top_p)
+                        top_k=top_k, top_p=top_p,
+                        bucket_lengths=bucket_lengths)
+
+
+class StepCheck(NamedTuple):
+    """One step's result of :func:`check_workdir`."""
+
+    step: int
+    ok: bool
+    detail: str
+
+
+def check_workdir(workdir: str) -> list[StepCheck]:
+    """Reads back every checkpoint step of a run and checks it.
+
+    Each step is read whole into host memory, one at a time, and compared
+    with the checksums saved with it (:meth:`Checkpointer.verify`); nothing
+    is changed.
+
+    Returns:
+        One :class:`StepCheck` per step, ascending.
+
+    Raises:
+        FileNotFoundError: No checkpoints in ``workdir``.
+    """
+    directory = _checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"No checkpoints in {directory} (missing).")
+    out = []
+    with ckpt_lib.Checkpointer(directory, read_only=True) as ckpt:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No checkpoints in {directory}.")
+        for s in steps:
+            try:
+                summed = ckpt.verify(s)
+            except ckpt_lib.CheckpointCorruptError as e:
+                out.append(StepCheck(s, False, e.cause))
+                continue
+            out.append(StepCheck(s, True, "reads back as saved" if summed else
+                                 "reads back (saved without checksums)"))
+    return out
