@@ -27,7 +27,6 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,12 +35,13 @@ import numpy as np
 from benchmarks import harness
 from benchmarks.harness import F32_BYTES, Repeats
 from flax_minrnn.ops import scan as scan_lib
-from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM, g_activation
+from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM
 
 FULL_TS = (256, 1024, 4096, 16384)
 QUICK_TS = (256, 1024)
 MODES = ("fwd", "fwdbwd")
 BASELINE = "nn.RNN(GRUCell)"  # the "speedup vs" column is relative to this config
+NAIVE = "naive minGRU (Dense + lax.scan)"
 
 
 # ----------------------------------------------------------------------------
@@ -88,32 +88,46 @@ def _y_of_array(out):
 
 
 def resolved_auto(family: str, t: int) -> str:
-    """What ``scan_impl="auto"`` runs for a layer of ``family`` at length ``t``
-    (``"native"`` runs ``"chunked"`` for layers the compiled kernels do not
-    implement)."""
-    impl = scan_lib.default_impl(t).value
-    if impl == "native" and family not in ("MinGRU", "MinLSTM"):
-        return "chunked"
-    return impl
+    """What ``scan_impl="auto"`` runs at length ``t`` (never a backend)."""
+    del family
+    return scan_lib.default_impl(t).value
+
+
+class NaiveMinGRU(nn.Module):
+    """The minGRU a user would write in twenty lines: one fused ``Dense``, then
+    ``lax.scan`` over time (the baseline of issue #17's speed goal)."""
+
+    d_h: int
+
+    @nn.compact
+    def __call__(self, x):
+        k, h_tilde = jnp.split(nn.Dense(2 * self.d_h)(x), 2, axis=-1)
+        z = jax.nn.sigmoid(k)
+
+        def step(h, inputs):
+            z_t, h_t = inputs
+            h = (1.0 - z_t) * h + z_t * h_t
+            return h, h
+
+        h0 = jnp.zeros((x.shape[0], self.d_h), x.dtype)
+        _, hs = jax.lax.scan(step, h0, (jnp.swapaxes(z, 0, 1), jnp.swapaxes(h_tilde, 0, 1)))
+        return jnp.swapaxes(hs, 0, 1)
 
 
 def make_configs(d: int) -> List[Config]:
-    """Our three layers for every linear scan impl and ``auto`` (+ MinGRU/log), then peers."""
+    """Our three layers for every implementation, ``auto`` and the opt-in
+    CPU kernels (``native``), then the peers."""
     from flax_gated_linear_rnn import GatedLinearRNN as PeerGLRNN
 
     gru_spec = LayerSpec(((d, 2 * d),), 2, 1, d, d, d)
     lstm_spec = LayerSpec(((d, 3 * d),), 3, 1, d, d, d)
     glrnn_spec = LayerSpec(((d, 3 * d), (d, d)), 3, 1, d, d, d)
     configs: List[Config] = []
-    for impl in ("associative", "sequential", "chunked", "auto"):
+    for impl in ("associative", "sequential", "chunked", "auto", "native"):
         configs.append(Config(f"MinGRU[{impl}]", "MinGRU", impl, False,
                               lambda impl=impl: MinGRU(d_h=d, scan_impl=impl),
                               gru_spec, _y_of_pair))
-    configs.append(Config("MinGRU[log,g()]", "MinGRU", "log", False,
-                          lambda: MinGRU(d_h=d, scan_impl="log",
-                                         candidate_activation=g_activation),
-                          gru_spec, _y_of_pair))
-    for impl in ("associative", "sequential", "chunked", "auto"):
+    for impl in ("associative", "sequential", "chunked", "auto", "native"):
         configs.append(Config(f"MinLSTM[{impl}]", "MinLSTM", impl, False,
                               lambda impl=impl: MinLSTM(d_h=d, scan_impl=impl),
                               lstm_spec, _y_of_pair))
@@ -122,6 +136,8 @@ def make_configs(d: int) -> List[Config]:
                               lambda impl=impl: GatedLinearRNN(d_h=d, d_model=d,
                                                                scan_impl=impl),
                               glrnn_spec, _y_of_pair))
+    configs.append(Config(NAIVE, "MinGRU", None, True, lambda: NaiveMinGRU(d),
+                          gru_spec, _y_of_array))
     configs.append(Config(BASELINE, "nn.GRUCell", None, True,
                           lambda: nn.RNN(nn.GRUCell(d)),
                           LayerSpec(((d, 3 * d), (d, 3 * d)), 3, 1, d, d, d), _y_of_array))
@@ -347,10 +363,15 @@ def run(ts: Sequence[int] = FULL_TS, *, b: int = 8, d: int = 256, quick: bool = 
     # Speedup vs the baseline (same T and mode).
     base_ms = {(r["T"], r["mode"]): r["median_ms"] for r in rows
                if r["name"] == BASELINE and "median_ms" in r}
+    naive_ms = {(r["T"], r["mode"]): r["median_ms"] for r in rows
+                if r["name"] == NAIVE and "median_ms" in r}
     for r in rows:
         ref = base_ms.get((r["T"], r["mode"]))
         if ref is not None and "median_ms" in r:
             r["speedup_vs_baseline"] = ref / r["median_ms"]
+        ref = naive_ms.get((r["T"], r["mode"]))
+        if ref is not None and "median_ms" in r:
+            r["speedup_vs_naive"] = ref / r["median_ms"]
     results["layers"] = rows
 
     results["compile"] = measure_compile(configs, b, d, compile_t, compile_repeats, log)
@@ -452,6 +473,31 @@ def _row_lookup(rows):
     return {(r["name"], r["T"], r["mode"]): r for r in rows}
 
 
+def headline(results: Dict[str, Any]) -> List[str]:
+    """The issue's table: forward+backward of the default path (``auto``)
+    against the naive minGRU, the opt-in CPU kernels and ``nn.RNN(GRUCell)``."""
+    by = _row_lookup(results["layers"])
+    ts = results["settings"]["Ts"]
+    lines = [f"## Headline: forward+backward, `auto` vs the naive minGRU "
+             f"(malloc: {results['machine'].get('malloc')})", "",
+             "| T | layer | auto ms | naive minGRU ms | naive / auto | native ms | "
+             "auto / native | GRU / auto |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for t in ts:
+        naive = by.get((NAIVE, t, "fwdbwd"), {}).get("median_ms")
+        for fam in ("MinGRU", "MinLSTM", "GatedLinearRNN"):
+            auto = by.get((f"{fam}[auto]", t, "fwdbwd"), {})
+            if "median_ms" not in auto:
+                continue
+            nat = by.get((f"{fam}[native]", t, "fwdbwd"), {}).get("median_ms")
+            ratio = lambda a, b: "–" if a is None or b is None else f"{a / b:.2f}×"
+            lines.append(
+                f"| {t} | {fam} | {harness.fmt_ms(auto['median_ms'])} | {harness.fmt_ms(naive)} | "
+                f"{ratio(naive, auto['median_ms'])} | {harness.fmt_ms(nat)} | "
+                f"{ratio(auto['median_ms'], nat)} | "
+                f"{harness.fmt_ratio(auto.get('speedup_vs_baseline'))} |")
+    return lines + [""]
+
+
 def markdown_report(results: Dict[str, Any]) -> str:
     rows = results["layers"]
     ts = results["settings"]["Ts"]
@@ -475,6 +521,7 @@ def markdown_report(results: Dict[str, Any]) -> str:
         f"output (first-touch page faults included).",
         "",
     ]
+    lines += headline(results)
     for mode, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward (grad of sum(y) w.r.t. params and x)")):
         lines += [f"## {title}: median ms", ""]
         hdr = "| layer | " + " | ".join(f"T={t}" for t in ts) + " |"

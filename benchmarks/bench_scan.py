@@ -31,7 +31,7 @@ from flax_minrnn.ops import scan as scan_lib
 
 TS = (16, 32, 64, 128, 256, 1024, 4096)
 LINEAR_IMPLS = ("associative", "sequential", "chunked")
-ALL_IMPLS = LINEAR_IMPLS + ("log", "heinsen")
+ALL_IMPLS = LINEAR_IMPLS
 MODES = ("fwd", "fwdbwd")
 
 

@@ -20,9 +20,7 @@ implementation"): every "yes" works and every "no" raises an error that names
 ``scan_impl`` and what to use instead.
 """
 
-import functools
 import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +112,6 @@ def _case(name):
         return _scan_case("auto", seq_len=5)  # auto: sequential below T = 64
     if name == "MinGRU":
         return _layer_case(fm.MinGRU(d_h=4, **chunked))
-    if name == "MinGRU_seq":
-        return _layer_case(fm.MinGRU(d_h=4, scan_impl="auto", **F64), seq_len=5)
     if name == "MinLSTM":
         return _layer_case(fm.MinLSTM(d_h=4, d_model=3, **chunked))
     if name == "GatedLinearRNN_tied":
@@ -145,20 +141,21 @@ def _case(name):
     raise KeyError(name)
 
 
-MODULES = ["linear_scan", "linear_scan_seq", "MinGRU", "MinGRU_seq", "MinLSTM",
+MODULES = ["linear_scan", "linear_scan_seq", "MinGRU", "MinLSTM",
            "GatedLinearRNN_tied", "GatedLinearRNN_untied_assoc", "GatedLinearRNN_true",
            "RGLRU", "LM", "Griffin"]
 
 
 def _loss_fn(apply, theta, x, seed=5):
-    """A scalar of every output with fixed random weights (random cotangents)."""
+    """``loss(theta, x)``: a scalar of every float output with fixed random
+    weights (random cotangents)."""
     floats = lambda tree: [o for o in jax.tree.leaves(tree)
                            if jnp.issubdtype(o.dtype, jnp.floating)]
     rng = np.random.default_rng(seed)
     weights = [jnp.asarray(rng.normal(size=s.shape))
                for s in floats(jax.eval_shape(apply, theta, x))]
 
-    def loss(theta):
+    def loss(theta, x):
         return sum(jnp.sum(o * w) for o, w in zip(floats(apply(theta, x)), weights))
     return loss
 
@@ -180,75 +177,66 @@ def _close(got, want, tol=1e-6):
         assert np.max(np.abs(g - w)) <= tol * scale, (np.max(np.abs(g - w)), scale)
 
 
-@pytest.fixture(params=MODULES)
-def module(request):
-    apply, theta, inputs = _case(request.param)
+@pytest.mark.parametrize("name", MODULES)
+def test_every_transformation(name):
+    """All twelve transformations on one module, each against its reference."""
+    apply, theta, inputs = _case(name)
     x = inputs(1)[0]
-    return apply, theta, inputs, x, _loss_fn(apply, theta, x)
+    loss = _loss_fn(apply, theta, x)
+    f = jax.jit(loss)
+    grad = jax.jit(jax.grad(loss))
+    v, w = _direction(theta, 1), _direction(theta, 2)
 
-
-def test_jit_and_eval_shape(module):
-    apply, theta, _, x, _ = module
+    # jit and eval_shape, against the eager call.
     eager = apply(theta, x)
     _close(jax.jit(apply)(theta, x), eager, 1e-12)
-    shapes = jax.eval_shape(apply, theta, x)
-    for s, o in zip(jax.tree.leaves(shapes), jax.tree.leaves(eager)):
+    for s, o in zip(jax.tree.leaves(jax.eval_shape(apply, theta, x)), jax.tree.leaves(eager)):
         assert s.shape == o.shape and s.dtype == o.dtype
 
-
-def test_first_derivatives_grad_vjp_jvp_linearize(module):
-    apply, theta, _, x, loss = module
-    v = _direction(theta, 1)
-    want = _fd(loss, theta, v)
-    g = jax.jit(jax.grad(loss))(theta)
+    # First derivatives, against central differences along v.
+    want = _fd(lambda t: f(t, x), theta, v)
+    g = grad(theta, x)
     _close(jnp.dot(g, v), want)
-    _, pullback = jax.vjp(loss, theta)
-    _close(jnp.dot(pullback(jnp.ones(()))[0], v), want)
-    _close(jax.jvp(loss, (theta,), (v,))[1], want)
-    _, lin = jax.linearize(loss, theta)
-    _close(lin(v), want)
+    _close(jnp.dot(jax.jit(lambda t: jax.vjp(lambda q: loss(q, x), t)[1](1.0)[0])(theta), v),
+           want)
+    _close(jax.jit(lambda t, d: jax.jvp(lambda q: loss(q, x), (t,), (d,))[1])(theta, v), want)
+    _close(jax.jit(lambda t, d: jax.linearize(lambda q: loss(q, x), t)[1](d))(theta, v), want)
 
+    # Second derivatives: forward over reverse (Hessian-vector product) and
+    # reverse over reverse (grad of grad), against differences of grad.
+    hvp = jax.jit(lambda t, d: jax.jvp(lambda q: grad(q, x), (t,), (d,))[1])(theta, v)
+    _close(hvp, _fd(lambda t: grad(t, x), theta, v), 1e-5)
+    gg = jax.jit(jax.grad(lambda t: jnp.dot(grad(t, x), w)))(theta)
+    _close(jnp.dot(gg, v), jnp.dot(_fd(lambda t: grad(t, x), theta, v), w), 1e-5)
 
-def test_second_derivatives_hvp_and_grad_of_grad(module):
-    apply, theta, _, x, loss = module
-    v, w = _direction(theta, 2), _direction(theta, 3)
-    grad = jax.grad(loss)
-    # Hessian-vector product: forward over reverse.
-    _close(jax.jit(lambda t: jax.jvp(grad, (t,), (v,))[1])(theta), _fd(grad, theta, v), 1e-5)
-    # grad of grad: reverse over reverse.
-    inner = lambda t: jnp.dot(grad(t), w)
-    _close(jnp.dot(jax.jit(jax.grad(inner))(theta), v), _fd(inner, theta, v), 1e-5)
-
-
-def test_vmap_and_checkpoint(module):
-    apply, theta, inputs, x, loss = module
+    # vmap over inputs (forward and per-example gradients) against a loop.
     xs = inputs(3, seed=7)
-    batched = jax.vmap(apply, in_axes=(None, 0))(theta, jnp.stack(xs))
+    batched = jax.jit(jax.vmap(apply, in_axes=(None, 0)))(theta, jnp.stack(xs))
+    per_example = jax.jit(jax.vmap(grad, in_axes=(None, 0)))(theta, jnp.stack(xs))
     for i, xi in enumerate(xs):
         _close(jax.tree.map(lambda o: o[i], batched), apply(theta, xi), 1e-12)
-    per_example = jax.vmap(lambda xi: jax.grad(_loss_fn(apply, theta, xi))(theta))(jnp.stack(xs))
-    for i, xi in enumerate(xs):
-        _close(per_example[i], jax.grad(_loss_fn(apply, theta, xi))(theta), 1e-12)
-    _close(jax.grad(jax.checkpoint(loss))(theta), jax.grad(loss)(theta), 1e-12)
+        _close(per_example[i], grad(theta, xi), 1e-12)
 
+    # jax.checkpoint: the same gradient.
+    _close(jax.jit(jax.grad(jax.checkpoint(loss)))(theta, x), g, 1e-12)
 
-def test_shard_map_and_export(module):
-    apply, theta, _, x, loss = module
+    # shard_map over the batch (every device that divides it), forward and
+    # gradient, against the unsharded call.
     devices = jax.devices()
     n = 2 if len(devices) >= 2 and x.shape[0] % 2 == 0 else 1
     mesh = jax.make_mesh((n,), ("data",), devices=devices[:n])
     specs = jax.tree.map(lambda _: P("data"), jax.eval_shape(apply, theta, x))
     sharded = jax.shard_map(apply, mesh=mesh, in_specs=(P(), P("data")), out_specs=specs)
-    put = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))
-    theta_r, x_s = put(theta, P()), put(x, P("data"))
-    _close(jax.jit(sharded)(theta_r, x_s), apply(theta, x), 1e-12)
-    grad_sharded = jax.jit(jax.grad(lambda t: _loss_fn(sharded, theta, x_s)(t)))(theta_r)
-    _close(grad_sharded, jax.grad(loss)(theta), 1e-10)
-    # export: serialize, deserialize and call, forward and gradient.
-    for fun in (apply, jax.grad(loss)):
-        args = (theta, x) if fun is apply else (theta,)
-        restored = export.deserialize(export.export(jax.jit(fun))(*args).serialize())
-        _close(restored.call(*args), fun(*args), 1e-12)
+    theta_r = jax.device_put(theta, NamedSharding(mesh, P()))
+    x_s = jax.device_put(x, NamedSharding(mesh, P("data")))
+    _close(jax.jit(sharded)(theta_r, x_s), eager, 1e-12)
+    sharded_loss = _loss_fn(sharded, theta, x_s)
+    _close(jax.jit(jax.grad(sharded_loss))(theta_r, x_s), g, 1e-10)
+
+    # jax.export: serialize, deserialize and call, forward and gradient.
+    for fun, want_out in ((apply, eager), (jax.grad(loss), g)):
+        restored = export.deserialize(export.export(jax.jit(fun))(theta, x).serialize())
+        _close(restored.call(theta, x), want_out, 1e-12)
 
 
 # ----------------------------------------------------------------------------

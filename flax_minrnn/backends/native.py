@@ -332,8 +332,8 @@ def _tangent(static, res, lin):
     x, kernel, consts, params, h0 = res[:5]
 
     def fun(x, k, p, s):
-        h_last, h, _, _, _ = gated_lib.tiles_forward(coeffs, None, x, k, consts, p, s,
-                                                     reverse, tile, 0)
+        h_last, h, _, _, _, _ = gated_lib.tiles_forward(coeffs, None, x, k, consts, p, s,
+                                                        reverse, tile, 0)
         return h_last, h
 
     return jax.jvp(fun, (x, kernel, params, h0), lin)[1]

@@ -146,82 +146,119 @@ def _readout_spec(readout, h0, side_spec, params):
 
 
 def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: bool,
-                  tile: int, n_side: int):
+                  tile: int, n_side: int, keep: str = "all"):
     """The forward tile loop.
 
-    Returns ``(h_last, h, pre, side, y)``: the states; ``pre`` the columns of
-    ``x @ kernel`` that ``coeff_fn`` sees (``None`` without a kernel); ``side``
-    its last ``n_side`` columns (``None`` when ``n_side`` is 0); ``y`` the
-    readout of each step (``None`` without ``readout``).
+    Returns ``(h_last, h, pre, side, y, starts)``: the states (``None`` when
+    ``keep="starts"`` and there is a readout); ``pre`` the columns of
+    ``x @ kernel`` that ``coeff_fn`` sees and ``side`` its last ``n_side``
+    columns (``None`` without a kernel, without side columns, or with
+    ``keep="starts"``); ``y`` the readout of each step (``None`` without
+    ``readout``); ``starts`` the state before each tile, in visiting order
+    (``(num_tiles, *h0.shape)``, only with ``keep="starts"``).
     """
     batch, seq_len = jax.tree.leaves(x)[0].shape[:2]
     num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
-    h_buf = _buffer(h0, h0.dtype, (batch, seq_len) + h0.shape[1:])
-    pre_buf = side_buf = y_buf = y_spec = None
+    store = keep == "all"
+    h_buf = (_buffer(h0, h0.dtype, (batch, seq_len) + h0.shape[1:])
+             if store or readout is None else None)
+    pre_buf = side_buf = y_buf = y_spec = starts = None
+    if not store:
+        starts = _buffer(h0, h0.dtype, (num_full + bool(rem),) + h0.shape)
     if kernel is not None:
         p_dtype = jnp.result_type(x, kernel)
         n_rec = kernel.shape[1] - n_side
-        pre_buf = _buffer(x, p_dtype, (batch, seq_len, n_rec))
-        if n_side:
-            side_buf = _buffer(x, p_dtype, (batch, seq_len, n_side))
+        if store:
+            pre_buf = _buffer(x, p_dtype, (batch, seq_len, n_rec))
+            if n_side:
+                side_buf = _buffer(x, p_dtype, (batch, seq_len, n_side))
     if readout is not None:
         y_spec = _readout_spec(readout, h0, None if not n_side else
                                jax.ShapeDtypeStruct((batch, 1, n_side), p_dtype), params)
         y_buf = _buffer(h0, y_spec.dtype, (batch, seq_len) + y_spec.shape[2:])
 
-    def run_tile(h, bufs, start, length):
-        h_buf, pre_buf, side_buf, y_buf = bufs
-        pre, side = _take(x, start, length), None
-        if kernel is not None:
-            pre = jnp.einsum("bti,io->bto", pre, kernel)
-            if n_side:
-                pre, side = pre[..., :n_rec], pre[..., n_rec:]
-                side_buf = _put(side_buf, _stored(side), start)
+    def run_tile(h, bufs, index, start, length):
+        h_buf, pre_buf, side_buf, y_buf, starts = bufs
+        if starts is not None:
+            starts = jax.lax.dynamic_update_index_in_dim(starts, h, index, 0)
+        pre, side = _project(x, kernel, n_side, start, length)
+        if pre_buf is not None:
             pre_buf = _put(pre_buf, _stored(pre), start)
+            if side is not None:
+                side_buf = _put(side_buf, _stored(side), start)
         c_t = _take(consts, start, length)
         a, b = coeff_fn(pre, c_t, params)
-        # The states go straight into h_buf.
-        h, h_buf = scan_lib.sequential_into(a, h_buf, h, reverse, b=b, offset=start)
-        if readout is not None:
+        if h_buf is not None:
+            # The states go straight into h_buf.
+            h, h_buf = scan_lib.sequential_into(a, h_buf, h, reverse, b=b, offset=start)
             h_tile = jax.lax.dynamic_slice_in_dim(h_buf, start, length, 1)
+        else:
+            h, h_tile = scan_lib.sequential_into(a, b, h, reverse)
+        if readout is not None:
             y_buf = _put(y_buf, _stored(readout(h_tile, side, c_t, params)), start)
-        return h, (h_buf, pre_buf, side_buf, y_buf)
+        return h, (h_buf, pre_buf, side_buf, y_buf, starts)
 
     def body(i, carry):
-        return run_tile(*carry, full_start(i), tile)
+        return run_tile(*carry, i, full_start(i), tile)
 
-    carry = (h0, (h_buf, pre_buf, side_buf, y_buf))
+    carry = (h0, (h_buf, pre_buf, side_buf, y_buf, starts))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
-        carry = run_tile(*carry, rem_start, rem)
-    h_last, (h, pre, side, y) = carry
+        carry = run_tile(*carry, num_full, rem_start, rem)
+    h_last, (h, pre, side, y, starts) = carry
     if y is not None:
         y = _loaded(y, y_spec.dtype)
-    return h_last, h, pre, side, y
+    return h_last, h, pre, side, y, starts
+
+
+def _project(x, kernel, n_side: int, start, length: int):
+    """The tile's projection: ``(pre, side)`` (``x`` itself without a kernel)."""
+    x_t = _take(x, start, length)
+    if kernel is None:
+        return x_t, None
+    pre = jnp.einsum("bti,io->bto", x_t, kernel)
+    if not n_side:
+        return pre, None
+    n_rec = kernel.shape[1] - n_side
+    return pre[..., :n_rec], pre[..., n_rec:]
 
 
 def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, side_buf,
-                   g, g_last, reverse: bool, tile: int):
+                   g, g_last, reverse: bool, tile: int, n_side: int = 0, starts=None):
     """``(dx, dkernel, dparams, dh0)`` of :func:`tiles_forward` for the
     cotangents ``g`` of the outputs (the states, or the readout) and
-    ``g_last`` of the final state: the hand-written adjoint."""
-    seq_len = h.shape[1]
-    # The backward pass visits the tiles in the opposite order.
-    num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, not reverse)
+    ``g_last`` of the final state: the hand-written adjoint.
+
+    From the stored states and projections (``h``, ``pre_buf``,
+    ``side_buf``), or, given ``starts`` (the state before each tile), from
+    each tile's projection and states recomputed while it is in cache.
+    """
+    seq_len = g.shape[1]
+    # The forward pass's tiles, visited in the opposite order.
+    num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
     p_dtype = jnp.result_type(x, kernel) if kernel is not None else None
 
-    def run_tile(dh, dx, dkernel, dparams, start, length):
+    def run_tile(dh, dx, dkernel, dparams, index, start, length):
         x_t = _take(x, start, length)
         c_t = _take(consts, start, length)
-        pre = x_t if kernel is None else _loaded(_take(pre_buf, start, length), p_dtype)
-        (a, _), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
-        h_t = jax.lax.dynamic_slice_in_dim(h, start, length, 1)
+        if starts is None:
+            pre = x_t if kernel is None else _loaded(_take(pre_buf, start, length), p_dtype)
+            side_t = (None if side_buf is None
+                      else _loaded(_take(side_buf, start, length), p_dtype))
+        else:
+            pre, side_t = _project(x, kernel, n_side, start, length)
+        (a, b), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
+        if starts is None:
+            h_t = jax.lax.dynamic_slice_in_dim(h, start, length, 1)
+            h_first = _state_before(h, h0, start, length, reverse)
+        else:
+            # The tile's states again, from the state before it.
+            h_first = jax.lax.dynamic_index_in_dim(starts, index, 0, keepdims=False)
+            _, h_t = scan_lib.sequential_into(a, b, h_first, reverse)
         g_t, g_side = jax.lax.dynamic_slice_in_dim(g, start, length, 1), None
         if readout is not None:
             # The readout's gradient, tile by tile: its cotangent with respect
             # to the states drives the adjoint recurrence below.
-            side_t = (None if side_buf is None
-                      else _loaded(_take(side_buf, start, length), p_dtype))
             _, pull_out = jax.vjp(lambda s, q, p: readout(s, q, c_t, p), h_t, side_t, params)
             g_t, g_side, dp_out = pull_out(g_t)
             dparams = _add_grads(dparams, dp_out)
@@ -229,8 +266,7 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
         # the slice g_t in place; its final carry is the cotangent of the
         # state before the tile.
         dh, lam = scan_lib.sequential_into(a, g_t, dh, not reverse, adjoint=True)
-        h_prev = scan_lib.states_before(h_t, _state_before(h, h0, start, length, reverse),
-                                        reverse)
+        h_prev = scan_lib.states_before(h_t, h_first, reverse)
         dpre, dp = pullback((lam * h_prev, lam))
         if kernel is not None:
             if g_side is not None:
@@ -247,15 +283,16 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
         return dh, _put(dx, dx_t, start), dkernel, _add_grads(dparams, dp)
 
     def body(i, carry):
-        return run_tile(*carry, full_start(i), tile)
+        index = num_full - 1 - i  # the forward pass's visiting index
+        return run_tile(*carry, index, full_start(index), tile)
 
     dkernel = (None if kernel is None else
                jax.lax.full_like(kernel, 0, checks.accum_dtype(kernel.dtype)))
     dx = jax.tree.map(lambda v: _buffer(v, v.dtype, v.shape), x)
     carry = (g_last, dx, dkernel, _grad_sums(params))
+    if rem:  # the forward pass's last tile comes first
+        carry = run_tile(*carry, num_full, rem_start, rem)
     carry = jax.lax.fori_loop(0, num_full, body, carry)
-    if rem:
-        carry = run_tile(*carry, rem_start, rem)
     dh0, dx, dkernel, dparams = carry
     if kernel is not None:
         dkernel = dkernel.astype(kernel.dtype)
@@ -263,9 +300,16 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
             _grads_of(dparams, params), dh0)
 
 
+# What the forward pass keeps for the adjoint: "all" (the states and the
+# projections, whole-sequence buffers) or "starts" (the state before each
+# tile; the adjoint recomputes each tile's projection and states while it is
+# in cache).
+KEEP = "all"
+
+
 def _tiled_outputs(coeff_fn, readout, reverse, tile, n_side, x, kernel, consts, params, h0):
-    h_last, h, _, _, y = tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
-                                       reverse, tile, n_side)
+    h_last, h, _, _, y, _ = tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
+                                          reverse, tile, n_side)
     return h_last, (h if readout is None else y)
 
 
@@ -280,11 +324,11 @@ def _tiled_tangent(static, res, lin):
 
 def _tiled_adjoint(static, res, ct):
     """Reverse mode: the hand-written adjoint (:func:`tiles_backward`)."""
-    coeff_fn, readout, reverse, tile, _ = static
-    x, kernel, consts, params, h0, h, pre, side = res
+    coeff_fn, readout, reverse, tile, n_side = static
+    x, kernel, consts, params, h0, h, pre, side, starts = res
     g_last, g = ct
     return tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre, side,
-                          g, g_last, reverse, tile)
+                          g, g_last, reverse, tile, n_side, starts)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 7, 8, 9))
@@ -298,12 +342,14 @@ def _tiled(coeff_fn, readout, x, kernel, consts, params, h0, reverse: bool, tile
 def _tiled_jvp(coeff_fn, readout, reverse, tile, n_side, primals, tangents):
     x, kernel, consts, params, h0 = primals
     dx, dkernel, _, dparams, dh0 = tangents
-    h_last, h, pre, side, y = tiles_forward(coeff_fn, readout, x, kernel, consts, params,
-                                            h0, reverse, tile, n_side)
+    h_last, h, pre, side, y, starts = tiles_forward(coeff_fn, readout, x, kernel, consts,
+                                                    params, h0, reverse, tile, n_side, KEEP)
     static = (coeff_fn, readout, reverse, tile, n_side)
+    # The states are kept when they are the output anyway.
+    kept_h = h if KEEP == "all" else None
     tangent = linear_op(functools.partial(_tiled_tangent, static),
                         functools.partial(_tiled_adjoint, static),
-                        (x, kernel, consts, params, h0, h, pre, side),
+                        (x, kernel, consts, params, h0, kept_h, pre, side, starts),
                         (dx, dkernel, dparams, dh0))
     return (h_last, h if readout is None else y), tangent
 
