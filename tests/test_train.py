@@ -14,6 +14,7 @@ import textwrap
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -385,3 +386,31 @@ def test_two_stage_starts_where_stage_one_ended(char_run, tmp_path):
     trained = final_params(workdir)
     for k, v in loaded.items():  # Frozen.
         np.testing.assert_array_equal(trained[k], v, err_msg=k)
+
+
+def test_cpu_kernels_switch_only_the_auto_mingru_minlstm_scan():
+    """train.cpu_kernels turns the compiled CPU kernels on for MinGRU/MinLSTM
+    when model.scan_impl is 'auto' (on a CPU where they build), and nowhere
+    else; the model's parameters do not depend on it."""
+    from flax_minrnn.backends import native  # pylint: disable=import-outside-toplevel
+    base = config_lib.default_config()
+    on_cpu = "native" if native.available() else "auto"
+    cases = [
+        ({}, on_cpu),
+        ({"train.cpu_kernels": "off"}, "auto"),
+        ({"train.cpu_kernels": "on"}, "native"),
+        ({"model.scan_impl": "chunked"}, "chunked"),
+        ({"model.time_mixing": "glrnn"}, "auto"),
+        ({"model.time_mixing": "minlstm", "train.cpu_kernels": "on"}, "native"),
+    ]
+    for overrides, want in cases:
+        cfg = config_lib.apply_overrides(base, [f"{k}={v}" for k, v in overrides.items()])
+        assert train.training_scan_impl(cfg) == want, overrides
+        assert train.lm_config(cfg, 11).scan_impl == want
+    with pytest.raises(config_lib.ConfigError, match="train.cpu_kernels"):
+        config_lib.apply_overrides(base, ["train.cpu_kernels=yes"])
+    cfgs = [config_lib.apply_overrides(base, [f"train.cpu_kernels={m}"]) for m in ("on", "off")]
+    shapes = [jax.tree.map(lambda v: (v.shape, v.dtype), jax.eval_shape(
+        train.build_model(c, 11).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+        for c in cfgs]
+    assert shapes[0] == shapes[1]

@@ -39,6 +39,7 @@ CHOICES = {
     "model.architecture": ("lm", "griffin"),
     "model.time_mixing": ("mingru", "minlstm", "glrnn", "rglru"),
     "model.norm": ("rmsnorm", "layernorm"),
+    "train.cpu_kernels": ("auto", "on", "off"),
 }
 
 
@@ -169,6 +170,12 @@ def default_config() -> ConfigDict:
         sample_temperature=0.8,
         sample_top_k=0,
         progress_bar=True,
+        # The compiled CPU kernels (scan_impl='native') for MinGRU/MinLSTM
+        # time mixing when model.scan_impl is 'auto': 'auto' = on a CPU where
+        # they build (training needs only first derivatives; they measured
+        # faster there, benchmarks/README.md), 'on' = wherever they apply,
+        # 'off' = never.
+        cpu_kernels="auto",
     ))
     # Two-stage training: stage 2 initialises from the run in `workdir`.
     c.init_from = ConfigDict(dict(workdir="", load_regex=".*",

@@ -99,10 +99,33 @@ def lm_config(config: ml_collections.ConfigDict, vocab_size: int
     for key in ("d_h", "d_channel_mixing"):
         values[key] = values[key] or None
     values.update(_model_dtypes(config))
+    values["scan_impl"] = training_scan_impl(config)
     try:
         return LMConfig(vocab_size=int(vocab_size), **values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"Invalid model config: {e}") from e
+
+
+def training_scan_impl(config: ml_collections.ConfigDict) -> str:
+    """``model.scan_impl``, or ``'native'`` where ``train.cpu_kernels`` turns the
+    compiled CPU kernels on.
+
+    Only for ``model.scan_impl='auto'`` and MinGRU/MinLSTM time mixing: the
+    kernels compute the same function (the parameters do not change) with
+    first derivatives only, which is all training needs.  ``'auto'`` turns
+    them on when the default backend is the CPU and they build; ``'native'``
+    itself runs the pure-JAX tile loop wherever the kernels do not apply.
+    """
+    impl, mode = config.model.scan_impl, config.train.cpu_kernels
+    if (impl != "auto" or mode == "off"
+            or config.model.time_mixing not in ("mingru", "minlstm")):
+        return impl
+    if mode == "on":
+        return "native"
+    if jax.default_backend() != "cpu":
+        return impl
+    from flax_minrnn.backends import native  # pylint: disable=import-outside-toplevel
+    return "native" if native.available() else impl
 
 
 def _check_fields(values: Mapping[str, Any], cls, prefix: str) -> None:
