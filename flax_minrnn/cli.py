@@ -14,9 +14,9 @@ Subcommands::
     plot     --workdir DIR [--out PNG]
 
 ``train``, ``eval`` and ``generate`` take ``--malloc {tuned,default}``
-(default ``tuned``: calls :func:`flax_minrnn.runtime.tune_cpu_malloc` before
-the first JAX computation, which made CPU training steps about 1.5x faster,
-see benchmarks/README.md; ``default`` leaves glibc alone).
+(default ``tuned``: calls :func:`flax_minrnn.training.runtime.tune_cpu_malloc`
+before the first JAX computation, which makes CPU training steps faster, see
+benchmarks/README.md for the measurements; ``default`` leaves glibc alone).
 
 User errors (bad config keys or values, unknown prompt characters, missing
 files) and corrupt checkpoints print one message on stderr and exit with code

@@ -131,7 +131,7 @@ def linear_scan_pallas(a: Array, b: Array, h0: Array, *, reverse: bool = False,
         ``None`` picks enough for about ``_TARGET_PROGRAMS`` programs.
 
     Returns:
-      ``(h_last, h)`` as :func:`flax_minrnn.scan.linear_scan` (no masks or
+      ``(h_last, h)`` as :func:`flax_minrnn.ops.scan.linear_scan` (no masks or
       resets here: the caller folds them into ``a`` and ``b``).
     """
     if a.ndim != 3 or a.shape != b.shape or h0.shape != (a.shape[0], a.shape[2]):

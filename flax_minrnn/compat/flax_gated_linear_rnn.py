@@ -104,7 +104,7 @@ class GatedLinearRNNLM(nn.Module):
     Parameter names follow the package (``input_function``, ``wpe``,
     ``time_mixing_layers_{l}/{layer_norm_function, model}``,
     ``channel_mixing_layers_{l}/{layer_norm, dense_layers_0, dense_layers_1}``,
-    ``head``), except inside ``model`` (see :func:`flax_minrnn.migrate.from_flax_gated_linear_rnn`).
+    ``head``), except inside ``model`` (see :func:`flax_minrnn.training.migrate.from_flax_gated_linear_rnn`).
     """
 
     n_layer: int

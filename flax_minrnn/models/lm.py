@@ -1,4 +1,4 @@
-"""Language models built from the recurrent layers of :mod:`flax_minrnn.layers`.
+"""Language models built from the recurrent layers of :mod:`flax_minrnn.nn.recurrent`.
 
 :class:`LM` is a pre-norm residual stack (one ``LMConfig`` describes it)::
 
@@ -18,7 +18,7 @@ state of every layer, the last ``conv_width - 1`` inputs of every causal
 convolution, and the position of the next token.  Feeding a sequence in
 chunks, carrying the :class:`LMCarry` from one call to the next, gives the
 same logits as one call on the whole sequence; this is how
-:mod:`flax_minrnn.generate` decodes in ``O(1)`` per token.
+:mod:`flax_minrnn.models.generate` decodes in ``O(1)`` per token.
 
 :class:`GatedLinearRNNLM` reproduces the constructor and call signature of the
 ``flax-gated-linear-rnn`` package's language model on the same layers.
@@ -85,9 +85,9 @@ class LMConfig:
       use_tied_gates: ``glrnn`` only: ``f = 1 - i``.
       rglru_num_heads: ``rglru`` only: number of diagonal blocks of the
         RG-LRU's gate weights (must divide ``d_model``).
-      scan_impl: :class:`flax_minrnn.scan.ScanImpl` name of every layer.
+      scan_impl: :class:`flax_minrnn.ops.scan.ScanImpl` name of every layer.
       sequence_axis: mesh axis the time axis is split over in every layer's
-        scan (:func:`flax_minrnn.parallel.sequence_parallel_scan`, the mesh of
+        scan (:func:`flax_minrnn.ops.parallel.sequence_parallel_scan`, the mesh of
         ``jax.set_mesh``); ``None``: one device.  Never changes parameters;
         decode (one step per call) with ``None``.
       dtype: compute dtype (states and logits are float32, or float64 for float64).
@@ -284,7 +284,7 @@ class LM(nn.Module):
       config: an :class:`LMConfig`.
       use_head: ``False`` returns the final-normed hidden states
         ``(B, T, d_model)`` (float32) instead of logits: the backbone used by
-        :mod:`flax_minrnn.heads`.
+        :mod:`flax_minrnn.models.heads`.
     """
 
     config: LMConfig

@@ -103,10 +103,10 @@ def sequence_parallel_scan(
     reverse: bool = False,
     mesh: Optional[Mesh] = None,
 ) -> Tuple[Array, Array]:
-    """:func:`~flax_minrnn.scan.linear_scan` with the time axis split over a mesh axis.
+    """:func:`~flax_minrnn.ops.scan.linear_scan` with the time axis split over a mesh axis.
 
     Same arguments, validation and return value ``(h_last, h)`` as
-    :func:`flax_minrnn.scan.linear_scan` (``h_last`` is the true final state,
+    :func:`flax_minrnn.ops.scan.linear_scan` (``h_last`` is the true final state,
     replicated over ``axis_name``; ``h`` is split along time).  Call it on
     the global arrays, under ``jax.set_mesh(mesh)`` or with ``mesh``; other
     mesh axes (a data axis splitting the batch) stay automatic.
@@ -119,7 +119,7 @@ def sequence_parallel_scan(
            u_t = a_t u_{t-1} + b_t,   u_{kL-1} = 0      H_k = u_{kL+L-1}
            p_t = a_t p_{t-1},         p_{kL-1} = 1      A_k = p_{kL+L-1}
 
-       both with :func:`~flax_minrnn.scan.linear_scan` (``p`` is the scan
+       both with :func:`~flax_minrnn.ops.scan.linear_scan` (``p`` is the scan
        with ``b = 0`` and ``h0 = 1``).  Products may underflow to 0: they are
        only ever multiplied, never logged.
     2. Cross-shard combine of the ``n`` summaries ``(A_k, H_k)``, the same
@@ -144,20 +144,20 @@ def sequence_parallel_scan(
 
     Args:
       a, b, h0, impl, reset, seq_lengths, mask, reverse: as
-        :func:`flax_minrnn.scan.linear_scan` (``impl="auto"`` is resolved
+        :func:`flax_minrnn.ops.scan.linear_scan` (``impl="auto"`` is resolved
         for the per-shard length ``L``).
       axis_name: the mesh axis the time axis is split over.
       mesh: the mesh; ``None`` means the context mesh
         (``jax.sharding.get_abstract_mesh()``).
 
     Returns:
-      ``(h_last, h)`` as :func:`~flax_minrnn.scan.linear_scan`.
+      ``(h_last, h)`` as :func:`~flax_minrnn.ops.scan.linear_scan`.
 
     Raises:
-      ValueError: everything :func:`~flax_minrnn.scan.linear_scan` raises;
+      ValueError: everything :func:`~flax_minrnn.ops.scan.linear_scan` raises;
         ``axis_name`` not in the mesh; a time length not divisible by the
         axis size (the message names both).
-      TypeError: as :func:`~flax_minrnn.scan.linear_scan`.
+      TypeError: as :func:`~flax_minrnn.ops.scan.linear_scan`.
     """
     found = _context_mesh(axis_name, mesh)
     # Validation with linear_scan's own checks and messages (abstract: only

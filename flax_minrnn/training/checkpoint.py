@@ -553,7 +553,7 @@ class Checkpointer:
                 (concrete arrays included) restore with it, whatever the
                 sharding they were saved with: a state saved on 8 devices
                 restores on 1 or 4 when the target carries the new mesh's
-                shardings (``flax_minrnn.parallel.MeshPlan.put_state``).
+                shardings (``flax_minrnn.training.mesh.MeshPlan.put_state``).
                 Dtypes and leaf kinds (jax / numpy / Python scalar) are
                 always the saved ones.
 

@@ -127,7 +127,7 @@ def default_config() -> ConfigDict:
         scan_impl="auto",          # both architectures
         dtype="float32",           # both architectures
         param_dtype="float32",     # both architectures
-        # architecture='griffin': GriffinConfig fields (flax_minrnn.griffin);
+        # architecture='griffin': GriffinConfig fields (flax_minrnn.models.griffin);
         # vocab_size comes from the data, dtypes and scan_impl from above.
         griffin=ConfigDict(dict(
             num_hidden_layers=3,
@@ -180,7 +180,7 @@ def default_config() -> ConfigDict:
     # Two-stage training: stage 2 initialises from the run in `workdir`.
     c.init_from = ConfigDict(dict(workdir="", load_regex=".*",
                                   freeze_regex=""))
-    # Devices (flax_minrnn.parallel; README "Multi-device"). shape [] = one
+    # Devices (flax_minrnn.training.mesh; README "Multi-device"). shape [] = one
     # device, no mesh; e.g. shape [8] axis_names ["data"], or [2, 4] with
     # ["data", "seq"] and sequence_axis "seq". One size may be -1 (the rest).
     c.mesh = ConfigDict(dict(

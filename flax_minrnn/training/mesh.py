@@ -1,12 +1,12 @@
-"""Multi-device training and the sequence-parallel linear scan.
+"""Multi-device training: meshes, sharding rules and several hosts.
 
 Everything here is JAX's own SPMD machinery: a :class:`jax.sharding.Mesh` of
 devices with named axes, :class:`~jax.sharding.NamedSharding` to place
-arrays on it, :func:`jax.shard_map` for the one place where per-device code
-is written by hand (the sequence-parallel scan), and
-:func:`jax.distributed.initialize` for several hosts.  Nothing else.
+arrays on it, and :func:`jax.distributed.initialize` for several hosts.  The
+one place where per-device code is written by hand, the sequence-parallel
+scan, is :func:`flax_minrnn.ops.parallel.sequence_parallel_scan`.
 
-Three pieces:
+Two pieces:
 
 * **Meshes** (:func:`make_mesh`, :func:`plan_from_config`): a mesh built from
   a shape and axis names, validated against the devices there are; errors
@@ -18,13 +18,7 @@ Three pieces:
   ``fsdp=True``, every leaf is split along one dimension over the data axis
   (:func:`fsdp_spec`: its largest dimension divisible by the axis size; a
   leaf without one is replicated).
-* **The sequence-parallel scan** (:func:`sequence_parallel_scan`): the time
-  axis of ``h_t = a_t * h_{t-1} + b_t`` split over a mesh axis, with the
-  same contract as :func:`flax_minrnn.scan.linear_scan`.  The layers use it
-  when their ``sequence_axis`` field names a mesh axis
-  (:func:`layer_scan`).
-
-How a layer finds the mesh: a layer with ``sequence_axis="seq"`` reads the
+How a layer with a ``sequence_axis`` finds the mesh: a layer with ``sequence_axis="seq"`` reads the
 mesh of the context, ``jax.sharding.get_abstract_mesh()``, i.e. the one set
 by ``with jax.set_mesh(mesh):`` around the (jitted) call; without such a
 context, or when the mesh has no axis ``"seq"``, it raises ``ValueError``.

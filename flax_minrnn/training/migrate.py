@@ -83,7 +83,7 @@ def migrate_params(params: Params, target: nn.Module, *init_args,
         want = jax.eval_shape(target.init, PRNGKey(0), *init_args, **init_kwargs)['params']
 
     Then, leaf by leaf (paths are tuples of dict keys, at any nesting depth, so
-    this works for a single layer, a :class:`~flax_minrnn.wrappers.Stack` or a
+    this works for a single layer, a :class:`~flax_minrnn.nn.wrappers.Stack` or a
     whole model):
 
     * a path in both: the leaf of ``params`` is copied; its shape and dtype
@@ -177,7 +177,7 @@ def to_true_recurrence(params: Params, model: nn.Module, *init_args, **init_kwar
 
     ``migrate_params(params, model.clone(use_true_recurrence=True), ...)``.
     Only for modules with a ``use_true_recurrence`` field (the layers); for a
-    :class:`~flax_minrnn.wrappers.Stack` or your own model, construct the
+    :class:`~flax_minrnn.nn.wrappers.Stack` or your own model, construct the
     true-recurrence target and call :func:`migrate_params`.
 
     Args:

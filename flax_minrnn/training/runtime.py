@@ -53,13 +53,13 @@ def tune_cpu_malloc() -> bool:
     bit-identical.  Measured speed-ups are in ``benchmarks/README.md``
     (``--malloc tuned`` against ``--malloc default``).  The price: the process
     never returns freed memory to the system, so its resident size stays at
-    its peak; and XLA compiles about 1.6x slower, its compiler threads
-    sharing the one arena (benchmarks/README.md: 0.84-0.91 s instead of
-    0.52-0.59 s for MinGRU forward+backward at T = 4096).
+    its peak; and XLA compiles more slowly, its compiler threads sharing the
+    one arena (benchmarks/README.md has the compile times).
 
     The arena limit only binds threads that have not allocated yet, so call
-    this before JAX's first computation (importing jax is fine).  The CLI and
-    the benchmarks call it at start-up; a library import never does.
+    this before JAX's first computation (importing jax is fine).  The CLI
+    calls it at start-up (``--malloc tuned``, its default) and the benchmarks
+    with ``--malloc tuned``; a library import never does.
 
     Returns:
       True when the options were set; False (with a warning) when the C

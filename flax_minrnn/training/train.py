@@ -175,7 +175,7 @@ def griffin_config(config: ml_collections.ConfigDict, vocab_size: int
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int):
     """The model of ``config.model``: :class:`LM` or (``architecture='griffin'``)
-    :class:`~flax_minrnn.griffin.Griffin`."""
+    :class:`~flax_minrnn.models.griffin.Griffin`."""
     if config.model.architecture == "griffin":
         return Griffin(griffin_config(config, vocab_size))
     return LM(lm_config(config, vocab_size))
@@ -318,7 +318,7 @@ def make_train_step(model: LM, tx: optax.GradientTransformation,
 
     The dropout key of step ``step`` is ``fold_in(dropout_base, step)``.
     Metrics: loss, accuracy, grad_norm and ``finite`` (loss, gradients and
-    new params all finite).  With a ``plan`` (:mod:`flax_minrnn.parallel`)
+    new params all finite).  With a ``plan`` (:mod:`flax_minrnn.training.mesh`)
     the step runs on its mesh: params, optimizer state and batch as placed by
     the plan (the new state keeps the plan's shardings).
     """
@@ -433,7 +433,7 @@ def initial_params(config: ml_collections.ConfigDict, model: LM,
     """Fresh params, or (two-stage) params migrated from ``init_from``.
 
     With ``config.init_from.workdir`` set, loads that run's latest params,
-    migrates them onto ``model`` (``flax_minrnn.migrate.migrate_params``:
+    migrates them onto ``model`` (``flax_minrnn.training.migrate.migrate_params``:
     new ``recurrent_kernel``s start at zero) and keeps, for every param whose
     '/'-joined path matches ``init_from.load_regex``, the migrated value; the
     others keep their fresh initialisation.

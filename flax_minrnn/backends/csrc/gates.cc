@@ -1,11 +1,11 @@
-// XLA:CPU kernels (XLA FFI) for the tile loop of flax_minrnn.scan.
+// XLA:CPU kernels (XLA FFI) for the tile loop of flax_minrnn.ops.gated.
 //
 // One tile of the recurrence h_t = a_t * h_{t-1} + b_t with the gates of
 // MinGRU / MinLSTM computed from the pre-activations, forward and adjoint, in
-// one pass over the tile (the pure-JAX tile loop in scan.py runs the gates,
+// one pass over the tile (the pure-JAX tile loop in ops/gated.py runs the gates,
 // the recurrence, the copies into the whole-sequence buffers and the gates'
-// gradient as separate passes).  scan.py calls these through
-// flax_minrnn.native, which compiles this file on first use; the pure-JAX
+// gradient as separate passes).  backends/native.py calls these and
+// compiles this file on first use; the pure-JAX
 // path (impl="chunked") is the reference the tests compare against.
 //
 // Layout (row-major; the projections and their cotangents float32 or
