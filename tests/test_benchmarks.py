@@ -93,6 +93,7 @@ def test_bench_scan_tiny(tmp_path):
 def _gpu_bench_settings(**kw):
     from benchmarks.gpu import bench
     base = dict(ts=(16,), impls=("auto", "sequential", "pallas"),
+                corr_scan=(((2, 24, 8), True, "float32"), ((3, 7, 4), False, "bfloat16")),
                 lm_cases=(("mingru", "bfloat16"),),
                 paper_configs=(("selective_copying", bench.PAPER_CONFIGS[1][1]),))
     base.update(kw)

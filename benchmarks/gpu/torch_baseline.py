@@ -11,7 +11,8 @@ every measurement, so a run cut short keeps what it measured)::
 Timing is the same as the JAX side's: wall time of one call ended by
 ``torch.cuda.synchronize()``, median of at least ``--min-calls`` calls after
 one warm-up call.  A ``T`` whose warm-up call says that ``--min-calls`` calls
-would not fit in the time left is skipped (recorded, with the warm-up time).
+would take more than ``--case-cap-s`` or the time left is skipped (recorded,
+with the warm-up time).
 
 The GRU is the minGRU paper's baseline: ``torch.nn.GRU(d, d,
 batch_first=True)`` in float32 on ``(batch, T, d)``, gradients of
@@ -38,6 +39,15 @@ def _write(path: str, obj: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _get(fn: Callable[[], Any]) -> Any:
+    """``fn()`` as a JSON value, or the error's text (flags move between versions)."""
+    try:
+        v = fn()
+        return v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+    except Exception as e:  # noqa: BLE001 - informative only
+        return f"unavailable: {type(e).__name__}"
+
+
 def _timed(call: Callable[[], Any], sync: Callable[[], None], min_calls: int,
            left_s: float, target_s: float = 0.3, max_calls: int = 200) -> Dict[str, Any]:
     """Median wall ms of ``call`` after one warm-up call (or a skip record)."""
@@ -60,10 +70,12 @@ def _timed(call: Callable[[], Any], sync: Callable[[], None], min_calls: int,
 
 
 def run(ts: Sequence[int], batch: int, d: int, min_calls: int, copy_bytes: int,
-        budget_s: float, out: Optional[str] = None) -> Dict[str, Any]:
+        budget_s: float, out: Optional[str] = None, case_cap_s: float = 10.0
+        ) -> Dict[str, Any]:
     t_start = time.perf_counter()
     left = lambda: budget_s - (time.perf_counter() - t_start)
-    res: Dict[str, Any] = dict(status="running", batch=batch, d=d, min_calls=min_calls)
+    res: Dict[str, Any] = dict(status="running", batch=batch, d=d, min_calls=min_calls,
+                               case_cap_s=case_cap_s)
     save = (lambda: _write(out, res)) if out else (lambda: None)
     try:
         import torch  # pylint: disable=g-import-not-at-top
@@ -76,12 +88,13 @@ def run(ts: Sequence[int], batch: int, d: int, min_calls: int, copy_bytes: int,
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     res["machine"] = dict(
         torch_version=torch.__version__, cuda=torch.version.cuda, device=str(dev),
-        device_name=torch.cuda.get_device_name(0) if cuda else "cpu",
-        cudnn_available=bool(torch.backends.cudnn.is_available()),
-        cudnn_enabled=bool(torch.backends.cudnn.enabled),
-        cudnn_version=torch.backends.cudnn.version() if cuda else None,
-        cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),
-        matmul_allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+        device_name=_get(lambda: torch.cuda.get_device_name(0)) if cuda else "cpu",
+        cudnn_available=_get(torch.backends.cudnn.is_available),
+        cudnn_enabled=_get(lambda: torch.backends.cudnn.enabled),
+        cudnn_version=_get(torch.backends.cudnn.version) if cuda else None,
+        cudnn_allow_tf32=_get(lambda: torch.backends.cudnn.allow_tf32),
+        matmul_allow_tf32=_get(lambda: torch.backends.cuda.matmul.allow_tf32),
+        float32_matmul_precision=_get(torch.get_float32_matmul_precision),
         import_and_init_s=None)
     torch.zeros(1, device=dev)
     sync()
@@ -93,7 +106,7 @@ def run(ts: Sequence[int], batch: int, d: int, min_calls: int, copy_bytes: int,
         n = max(1, copy_bytes // 4)
         src = torch.ones(n, dtype=torch.float32, device=dev)
         dst = torch.empty_like(src)
-        r = _timed(lambda: dst.copy_(src), sync, min_calls, max(left(), 0.0))
+        r = _timed(lambda: dst.copy_(src), sync, min_calls, min(case_cap_s, max(left(), 0.0)))
         if r["status"] == "ok":
             moved = 2 * n * 4
             r.update(bytes_moved=moved, bytes_per_s_median=moved / (r["median_ms"] / 1e3),
@@ -123,7 +136,7 @@ def run(ts: Sequence[int], batch: int, d: int, min_calls: int, copy_bytes: int,
                 y, _ = gru(x)
                 return torch.autograd.grad(y, inputs, g)
 
-            row.update(_timed(call, sync, min_calls, left()))
+            row.update(_timed(call, sync, min_calls, min(case_cap_s, left())))
             del gru, x, g, inputs
         except Exception as e:  # noqa: BLE001 - one T failing keeps the others
             row.update(status="error", error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -143,8 +156,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--min-calls", type=int, default=20)
     p.add_argument("--copy-bytes", type=int, default=1 << 30)
     p.add_argument("--budget-s", type=float, default=60.0)
+    p.add_argument("--case-cap-s", type=float, default=10.0,
+                   help="most seconds of timed calls per T")
     a = p.parse_args(argv)
-    run(a.T, a.batch, a.d, a.min_calls, a.copy_bytes, a.budget_s, a.out)
+    run(a.T, a.batch, a.d, a.min_calls, a.copy_bytes, a.budget_s, a.out, a.case_cap_s)
     return 0
 
 
