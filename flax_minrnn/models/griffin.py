@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_minrnn.models import padding
 from flax_minrnn.nn import attention as attention_lib
 from flax_minrnn.nn import blocks
 from flax_minrnn.nn import dense as dense_lib
@@ -552,10 +553,10 @@ class Griffin(nn.Module):
         checks.check_leaf_shapes(carry, ref, batch)
         return jax.tree.map(lambda got, want: got.astype(want.dtype), carry, ref)
 
-    @nn.compact
     def __call__(self, tokens: Array, carry: Optional[GriffinCarry] = None, *,
                  training: bool = False, seq_lengths: Optional[Array] = None,
-                 reset: Optional[Array] = None) -> Tuple[GriffinCarry, Array]:
+                 reset: Optional[Array] = None,
+                 attention_mask: Optional[Array] = None) -> Tuple[GriffinCarry, Array]:
         """Runs the model on ``tokens``; returns ``(carry, logits)``.
 
         Args:
@@ -569,6 +570,10 @@ class Griffin(nn.Module):
             last valid token); logits at padded steps are meaningless.
           reset: bool ``(batch, T)``: a new document starts there (every state
             restarts and positions restart at 0).
+          attention_mask: ``(batch, T)`` 0/1 or bool (Hugging Face's): ones on
+            the tokens, one contiguous run per row, e.g. left padding.  Each
+            row gives what its unpadded tokens give (logits at padded steps
+            are meaningless); exclusive with ``seq_lengths``.
 
         Returns:
           ``(carry, logits)``: the new carry and float32 logits ``(batch, T,
@@ -579,6 +584,22 @@ class Griffin(nn.Module):
             ``carry``, ``seq_lengths`` or ``reset``.
         """
         del training  # no dropout in Griffin
+        if attention_mask is None:
+            return self._run(tokens, carry, seq_lengths, reset)
+        if seq_lengths is not None:
+            raise ValueError("pass either attention_mask or seq_lengths, not both")
+        checks.check_tokens(tokens, self.config.vocab_size)
+        if tuple(getattr(attention_mask, "shape", ())) != tuple(tokens.shape):
+            raise ValueError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, "
+                             f"got {getattr(attention_mask, 'shape', None)}")
+        lengths, starts = padding.mask_to_lengths(attention_mask)
+        if reset is not None:
+            reset = padding.align_left(jnp.asarray(reset), starts)
+        carry, logits = self._run(padding.align_left(tokens, starts), carry, lengths, reset)
+        return carry, padding.restore(logits, starts)
+
+    @nn.compact
+    def _run(self, tokens, carry, seq_lengths, reset) -> Tuple[GriffinCarry, Array]:
         cfg = self.config
         checks.check_tokens(tokens, cfg.vocab_size)
         batch, seq_len = tokens.shape
