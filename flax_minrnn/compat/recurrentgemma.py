@@ -42,7 +42,7 @@ from flax_minrnn.models import griffin as griffin_lib
 from flax_minrnn.ops import checks
 
 __all__ = ["from_recurrentgemma", "to_recurrentgemma", "config_from_recurrentgemma",
-           "config_to_recurrentgemma"]
+           "config_to_recurrentgemma", "check_params"]
 
 # What recurrentgemma.jax.Griffin hard-codes.
 _FIXED = dict(num_key_value_heads=1, conv1d_width=4, partial_rotary_factor=0.5,
@@ -216,12 +216,13 @@ def from_recurrentgemma(params, rg_config, **overrides) -> Tuple[griffin_lib.Gri
     if extra:
         raise ValueError(f"params has blocks {extra} beyond rg_config's "
                          f"{config.num_hidden_layers}")
-    _check_shapes(config, out)
+    check_params(config, out)
     return config, {"params": out}
 
 
-def _check_shapes(config: griffin_lib.GriffinConfig, params) -> None:
-    """Every converted tensor has the shape ``Griffin(config)`` declares."""
+def check_params(config: griffin_lib.GriffinConfig, params) -> None:
+    """Raises ``ValueError`` unless ``params`` (the inner dict) has exactly the
+    tensors of ``Griffin(config)``, with its shapes (checked abstractly)."""
     import jax  # pylint: disable=import-outside-toplevel
 
     want = jax.eval_shape(griffin_lib.Griffin(config).init, jax.random.key(0),
@@ -272,7 +273,7 @@ def to_recurrentgemma(config: griffin_lib.GriffinConfig, variables) -> Tuple[Any
     """
     rg_config = config_to_recurrentgemma(config)
     inner, _ = checks.unwrap_params(variables)
-    _check_shapes(config, inner)
+    check_params(config, inner)
     out = {"embedder": {"input_embedding": inner["embedder"]["embedding"]},
            "final_norm": {"scale": inner["final_norm"]["scale_delta"]}}
     e = config.mlp_width

@@ -34,8 +34,8 @@ and the buffer then keeps the last ``W`` valid tokens of the current document.
 cached ``[p - W, p - 1]`` (at most ``W`` tokens) and the tokens of its own call.
 
 Hugging Face's PyTorch ``RecurrentGemmaForCausalLM`` masks with ``(p - W, p]``
-(``W`` keys); it agrees with this module on sequences of at most ``W + 1``
-tokens per document and differs by the key at distance ``W`` beyond that.
+(``W`` keys); it agrees with this module on the first ``W`` tokens of a
+document and differs by the key at distance ``W`` after them.
 """
 
 from __future__ import annotations
