@@ -290,16 +290,17 @@ def generate(model, params, prompt: Array, max_new_tokens: Optional[int] = None,
     part of the output and of ``lengths``, later tokens are ``pad_id``.
 
     Args:
-      model: e.g. an :class:`flax_minrnn.lm.LM` (hashable; see module docstring).
+      model: e.g. an :class:`flax_minrnn.lm.LM` or :class:`flax_minrnn.Griffin`
+        (hashable; see module docstring).
       params: the parameter dict (``variables['params']``) or ``{'params': ...}``.
       prompt: int ``(batch, P)`` token ids, right-padded (``prompt_lengths``),
         or padded on either side as ``attention_mask`` says.
-      max_new_tokens: number of tokens to generate (``>= 0``); give it or
-        ``max_length``, not both.
+      max_new_tokens: number of tokens to generate (``>= 0``; default
+        ``None``); give it or ``max_length``, not both.
       rng: a PRNG key; needed only when sampling (default ``None``: greedy
         decoding must be asked for with ``do_sample=False`` or
         ``temperature=0``).
-      prompt_lengths: int ``(batch,)`` in ``[1, P]``; ``None``: all ``P``.
+      prompt_lengths: int ``(batch,)`` in ``[1, P]``; ``None`` (default): all ``P``.
       temperature: ``>= 0`` (default 1.0); ``0`` is greedy decoding.
       attention_mask: ``(batch, P)`` 0/1 or bool, Hugging Face's: ones on the
         prompt tokens, one contiguous run per row (left padding, e.g. from a
@@ -319,13 +320,13 @@ def generate(model, params, prompt: Array, max_new_tokens: Optional[int] = None,
         while fewer than this many tokens have been generated.
       stop_sequences: token-id sequences (default ``None``); a row stops once
         its tokens end with one of them (it may begin in the prompt).
-      top_k: ``>= 0``; ``0`` disables top-k.
-      top_p: in ``(0, 1]``; ``1`` disables nucleus sampling.
+      top_k: ``>= 0`` (default 0); ``0`` disables top-k.
+      top_p: in ``(0, 1]`` (default 1.0); ``1`` disables nucleus sampling.
       eos_id: an id or a sequence of ids (default ``None``); a row stops after
         emitting one (later tokens are ``pad_id``).  For a converted
         RecurrentGemma checkpoint: ``model.config.eos_token_id``.
-      return_logits: also return the raw logits of every step.
-      pad_id: filler after ``eos_id`` (default ``eos_id``).
+      return_logits: also return the raw logits of every step (default False).
+      pad_id: filler after ``eos_id`` (default ``None``: the first EOS id, else 0).
 
     Returns:
       A :class:`GenerateOutput` ``(tokens, lengths, logits)``.
