@@ -409,6 +409,22 @@ def test_local_attention_matches_naive_reference_chunked_and_with_resets():
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **F32)
 
 
+def test_local_attention_qkv_bias_matches_reference():
+    """attention_bias (Hugging Face): q, k, v biases, here non-zero."""
+    attn = LocalAttention(**ATT, qkv_bias=True)
+    x = _x((2, 8, 16), 15)
+    params = attn.init(jax.random.key(0), x)
+    keys = iter(jax.random.split(jax.random.key(1), 8))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v + jax.random.normal(next(keys), v.shape)
+        if "bias" in str(path) else v, params)
+    assert all("bias" in params["params"][n] for n in ("proj_q", "proj_k", "proj_v"))
+    _, y = attn.apply(params, x)
+    ref = _attention_ref(params, x, np.tile(np.arange(8.0), (2, 1)), np.zeros((2, 8)),
+                         np.ones((2, 8), bool))
+    np.testing.assert_allclose(y, ref, **F32)
+
+
 def test_local_attention_padding_caches_only_valid_tokens():
     attn = LocalAttention(**ATT)
     x, more = _x((2, 7, 16), 13), _x((2, 2, 16), 14)

@@ -149,11 +149,12 @@ class _Sampling(NamedTuple):
     temperature: Array
     top_k: Array
     top_p: Array
-    eos_id: Array  # int32 (n_eos,), -1 = none
+    eos_id: Array  # int32 () or (n_eos,), -1 = none
     pad_id: Array
-    repetition_penalty: Array
-    min_new_tokens: Array
-    stop: Array  # int32 (n_stop, longest), right-aligned, -1 = no token
+    # The Hugging Face options, off by default (NumPy defaults: no device work at import).
+    repetition_penalty: Array = np.float32(1.0)
+    min_new_tokens: Array = np.int32(0)
+    stop: Array = np.zeros((0, 1), np.int32)  # (n_stop, longest), right-aligned, -1 = no token
 
 
 class _Flags(NamedTuple):
@@ -186,8 +187,8 @@ def _process(logits, st: _State, step, s: _Sampling, flags: _Flags) -> Array:
         logits = jnp.where(st.seen, penalised, logits)
     if flags.use_min_new and flags.use_eos:
         vocab = logits.shape[-1]
-        is_eos = jnp.any(jnp.arange(vocab, dtype=jnp.int32)[:, None] == s.eos_id[None, :],
-                         axis=-1)
+        is_eos = jnp.any(jnp.arange(vocab, dtype=jnp.int32)[:, None]
+                         == jnp.reshape(s.eos_id, (1, -1)), axis=-1)
         forbid = (step < s.min_new_tokens) & is_eos
         logits = jnp.where(forbid[None, :], jnp.float32(-jnp.inf), logits)
     return logits
@@ -202,7 +203,7 @@ def _choose(logits, key, step, st: _State, s: _Sampling, flags: _Flags) -> _Stat
     lengths = st.lengths + (~st.done).astype(jnp.int32)
     done = st.done
     if flags.use_eos:
-        done = done | jnp.any(tok[:, None] == s.eos_id[None, :], axis=-1)
+        done = done | jnp.any(tok[:, None] == jnp.reshape(s.eos_id, (1, -1)), axis=-1)
     seen, tail = st.seen, st.tail
     if flags.use_penalty:
         seen = seen | (jnp.arange(seen.shape[1], dtype=jnp.int32)[None, :] == tok[:, None])
