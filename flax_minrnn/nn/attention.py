@@ -105,7 +105,8 @@ def apply_rope(x: Array, positions: Array, rot: int, base: float) -> Array:
       base: the RoPE base (``rope_theta``).
 
     Returns:
-      ``x`` rotated, same shape and dtype (angles computed in float32).
+      ``x`` rotated, same shape and dtype (angles computed in float32, the
+      rotation in float32, or float64 for float64 ``x``).
     """
     half = rot // 2
     inv_freq = jnp.exp(jnp.arange(half, dtype=jnp.float32)
@@ -113,8 +114,9 @@ def apply_rope(x: Array, positions: Array, rot: int, base: float) -> Array:
     lead = x.ndim - 1  # batch, time and the head axes
     pos = positions.astype(jnp.float32).reshape(positions.shape + (1,) * (lead - 2) + (1,))
     theta = pos * inv_freq.reshape((1,) * lead + (half,))
-    cos, sin = jnp.cos(theta), jnp.sin(theta)
-    xf = x.astype(jnp.float32)
+    accum = checks.accum_dtype(x.dtype)
+    cos, sin = jnp.cos(theta).astype(accum), jnp.sin(theta).astype(accum)
+    xf = x.astype(accum)
     x1, x2, rest = xf[..., :half], xf[..., half:rot], xf[..., rot:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.astype(x.dtype)
@@ -151,7 +153,8 @@ class LocalAttention(nn.Module):
       final_w_init_variance_scale: variance scale (fan-in) of ``proj_final``.
       qkv_bias: give ``proj_q``, ``proj_k`` and ``proj_v`` biases (Hugging
         Face's ``attention_bias``; the published models have none).
-      dtype: compute dtype (``None``: the input's); logits and softmax in float32.
+      dtype: compute dtype (``None``: the input's); logits and softmax in float32
+        (float64 for a float64 dtype).
       param_dtype: parameter dtype.
     """
 
@@ -253,9 +256,10 @@ class LocalAttention(nn.Module):
             key_doc = jnp.concatenate([jnp.zeros((batch, self.window), jnp.int32), doc], axis=1)
             mask = mask & (key_doc[:, None, :] == doc[:, :, None])
 
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
-        logits = logits * jnp.float32(1.0 / math.sqrt(head_dim))
-        logits = jnp.where(mask[:, None, None], logits, jnp.float32(_MASKED))
+        accum = checks.accum_dtype(dtype)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=accum)
+        logits = logits * jnp.asarray(1.0 / math.sqrt(head_dim), accum)
+        logits = jnp.where(mask[:, None, None], logits, jnp.asarray(_MASKED, accum))
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
         out = out.reshape(batch, seq_len, self.num_heads * head_dim)
