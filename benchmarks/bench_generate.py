@@ -1,6 +1,6 @@
-"""Decode throughput of :func:`flax_minrnn.generate.generate` vs recomputing the prefix.
+"""Decode throughput of :func:`flax_minrnn.models.generate.generate` vs recomputing the prefix.
 
-Two ways to produce ``N`` new tokens from a small :class:`~flax_minrnn.lm.LM`:
+Two ways to produce ``N`` new tokens from a small :class:`~flax_minrnn.models.lm.LM`:
 
 * ``carry`` (ours): parallel prefill, then one ``(batch, 1)`` step on the
   carry per token: ``O(1)`` work per token, ``O(N)`` in total;

@@ -10,7 +10,7 @@ float32, T in {16, 32, 64, 128, 256, 1024, 4096}; ``fwd`` = ``linear_scan``,
 VJP).  Inputs are positive (``a`` in (0, 1), ``b > 0``) so the log-space
 impls are in their domain too; ``auto`` can only pick among the linear-space
 impls (associative, sequential, chunked), so the winner per T is computed
-among those.  This is what justifies ``flax_minrnn.scan.default_impl``.
+among those.  This is what justifies ``flax_minrnn.ops.scan.default_impl``.
 """
 
 from __future__ import annotations

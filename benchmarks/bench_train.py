@@ -8,7 +8,7 @@ For each time mixing (MinGRU, MinLSTM, GatedLinearRNN, RG-LRU) and each scan
 implementation that runs on the backend, the model of
 ``configs/shakespeare.py`` (3 layers, d_model 128, batch 32 x 128
 characters) is trained with the trainer's own step
-(:func:`flax_minrnn.train.make_train_step`: forward, backward, AdamW update);
+(:func:`flax_minrnn.training.train.make_train_step`: forward, backward, AdamW update);
 the figure is ``batch * seq_len / median step time`` after a warm-up step,
 with ``block_until_ready``.  The data is the embedded corpus's first batch,
 reused, so input handling is not timed.

@@ -1,7 +1,7 @@
 """Tables, plots and results.json from run workdirs (issue #8 experiments).
 
 Reads each workdir's ``config.json`` and ``metrics.jsonl`` (written by
-``flax_minrnn.train``), plus, when present, ``timing.json`` (end-to-end
+``flax_minrnn.training.train``), plus, when present, ``timing.json`` (end-to-end
 seconds, written by ``experiments/run_all.sh``) and ``evals/<name>.json``
 (``flax-minrnn eval`` outputs, one extra table column each), and writes to
 ``--out``:

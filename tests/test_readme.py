@@ -45,3 +45,32 @@ def test_recurrentgemma_weights_example_runs(tmp_path, monkeypatch, capsys):
                         do_sample=False, eos_id=1)
     assert again.tokens.tolist() == out.tokens.tolist()
     assert str(out.tokens.tolist()[0][0]) in capsys.readouterr().out
+
+
+def _python_blocks(path):
+    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+
+
+def test_every_python_block_in_the_readmes_runs(capsys):
+    """Every ```python block of README.md and of the experiment READMEs runs
+    as written, in order, in one scope (a later block uses an earlier one's
+    names). The RecurrentGemma block needs a checkpoint on disk and is run by
+    the test above; the numbers the blocks state in comments are checked."""
+    root = README.parent
+    paths = [README] + sorted(root.glob("experiments/*/README.md"))
+    rg_block = _section_code("### RecurrentGemma weights")
+    ran = 0
+    scope = {}
+    for path in paths:
+        for code in _python_blocks(path):
+            if code == rg_block:
+                continue
+            with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+                exec(compile(code, str(path), "exec"), scope)  # pylint: disable=exec-used
+            ran += 1
+            # The counts the comments state are what the code gives.
+            for call, count in re.findall(r"^(fm\.count_params\(.*?\))\s*#\s*([\d_]+)", code, re.M):
+                assert eval(call, scope) == int(count), call  # pylint: disable=eval-used
+    assert ran >= 2
+    out = capsys.readouterr().out
+    assert "(2, 32)" in out  # the first block prints out.tokens.shape

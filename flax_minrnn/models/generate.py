@@ -20,7 +20,7 @@ different prompts, seeds, temperatures, ``top_k``/``top_p`` values and
 lengths and ``max_new_tokens`` reuse it too (:func:`bucket_length`).
 
 The model is any object with ``apply(variables, tokens, carry, seq_lengths=None)
--> (carry, logits)`` accepting ``carry=None`` (e.g. :class:`flax_minrnn.lm.LM`).
+-> (carry, logits)`` accepting ``carry=None`` (e.g. :class:`flax_minrnn.models.lm.LM`).
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ def generate(model, params, prompt: Array, max_new_tokens: Optional[int] = None,
     part of the output and of ``lengths``, later tokens are ``pad_id``.
 
     Args:
-      model: e.g. an :class:`flax_minrnn.lm.LM` or :class:`flax_minrnn.Griffin`
+      model: e.g. an :class:`flax_minrnn.models.lm.LM` or :class:`flax_minrnn.Griffin`
         (hashable; see module docstring).
       params: the parameter dict (``variables['params']``) or ``{'params': ...}``.
       prompt: int ``(batch, P)`` token ids, right-padded (``prompt_lengths``),

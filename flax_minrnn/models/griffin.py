@@ -4,10 +4,10 @@ Griffin (De et al. 2024, "Griffin: Mixing Gated Linear Recurrences with Local
 Attention for Efficient Language Models", arXiv 2402.19427) is the
 architecture of RecurrentGemma (Botev et al. 2024, arXiv 2404.07839; Hugging
 Face ``RecurrentGemmaForCausalLM``).  Everything here is built on this
-library's parts: the RG-LRU calls :func:`flax_minrnn.scan.linear_scan`, the
-temporal convolution is :class:`flax_minrnn.lm.CausalConv`, the norms and the
-gated MLP are those of :mod:`flax_minrnn.lm`, local attention is
-:class:`flax_minrnn.attention.LocalAttention`.
+library's parts: the RG-LRU calls :func:`flax_minrnn.ops.scan.linear_scan`, the
+temporal convolution is :class:`flax_minrnn.nn.blocks.CausalConv`, the norms and the
+gated MLP are those of :mod:`flax_minrnn.nn.blocks`, local attention is
+:class:`flax_minrnn.nn.attention.LocalAttention`.
 
 The model (:class:`Griffin`, configured by :class:`GriffinConfig`)::
 
@@ -31,7 +31,7 @@ convolution's last ``conv1d_width - 1`` inputs (recurrent blocks) or a ring
 buffer of ``attention_window_size`` keys, values and positions (attention
 blocks; a query sees itself and the ``attention_window_size`` previous
 tokens), plus the position of the next token.  Its size does not grow with
-the sequence, so :func:`flax_minrnn.generate.generate` runs the model
+the sequence, so :func:`flax_minrnn.models.generate.generate` runs the model
 unchanged, arbitrarily far past the attention window.
 
 Document starts: a token whose position is 0 (the first token of a fresh
@@ -120,7 +120,7 @@ class RecurrentBlock(nn.Module):
         u   = RGLRU(conv1d(W_x x + b_x))
         out = W_out (u * y) + b_out
 
-    ``conv1d`` is :class:`flax_minrnn.lm.CausalConv` (depthwise, causal, width
+    ``conv1d`` is :class:`flax_minrnn.nn.blocks.CausalConv` (depthwise, causal, width
     ``conv1d_width``, its state in the carry).  Usage::
 
         block = RecurrentBlock(lru_width=256, num_heads=4)
@@ -446,7 +446,7 @@ class GriffinCarry(NamedTuple):
 
     Attributes:
       blocks: per layer, a :class:`RecurrentState` (RG-LRU state, conv state)
-        or a :class:`flax_minrnn.attention.AttentionState` (ring buffer of
+        or a :class:`flax_minrnn.nn.attention.AttentionState` (ring buffer of
         keys, values and their positions).
       position: int32 ``(batch,)``: the absolute position of the next token.
     """
@@ -469,7 +469,7 @@ class ResidualBlock(nn.Module):
 
     Submodules: ``temporal_pre_norm``, ``recurrent_block`` or
     ``attention_block``, ``channel_pre_norm``, ``mlp_block``
-    (:class:`flax_minrnn.lm.ChannelMixing` with ``glu=True``).
+    (:class:`flax_minrnn.nn.blocks.ChannelMixing` with ``glu=True``).
     """
 
     config: GriffinConfig
@@ -518,7 +518,7 @@ class Griffin(nn.Module):
 
     Submodules: ``embedder`` (tied with the output), ``blocks_{i}``
     (:class:`ResidualBlock`), ``final_norm``.  Token ids are checked against
-    ``vocab_size`` when concrete (see :class:`flax_minrnn.lm.LM`).
+    ``vocab_size`` when concrete (see :class:`flax_minrnn.models.lm.LM`).
 
     Attributes:
       config: a :class:`GriffinConfig`.

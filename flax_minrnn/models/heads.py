@@ -1,4 +1,4 @@
-"""Task heads on the :class:`~flax_minrnn.lm.LM` backbone, and the losses.
+"""Task heads on the :class:`~flax_minrnn.models.lm.LM` backbone, and the losses.
 
 The backbone is ``LM(config, use_head=False)``: the same blocks as the
 language model, returning the final-normed hidden states ``z_t``
@@ -119,7 +119,7 @@ class SequenceClassifier(nn.Module):
     A row with ``L = 0`` pools zeros.
 
     Attributes:
-      config: the backbone's :class:`~flax_minrnn.lm.LMConfig`.
+      config: the backbone's :class:`~flax_minrnn.models.lm.LMConfig`.
       num_classes: number of classes.
       pooling: ``'last'`` or ``'mean'``.
       bidirectional: add a backward recurrence (module docstring).
@@ -160,7 +160,7 @@ class TokenClassifier(nn.Module):
     vector (the bias); mask them in the loss.
 
     Attributes:
-      config: the backbone's :class:`~flax_minrnn.lm.LMConfig`.
+      config: the backbone's :class:`~flax_minrnn.models.lm.LMConfig`.
       num_classes: number of classes.
       bidirectional: add a backward recurrence (module docstring).
     """

@@ -1,7 +1,7 @@
 """Seeded synthetic sequence tasks for causal (left-to-right) models.
 
 Pure NumPy. Every task serves batches in the format of
-:class:`~flax_minrnn.data.text.CharDataset`::
+:class:`~flax_minrnn.training.data.text.CharDataset`::
 
     {"inputs": int32 (B, T), "targets": int32 (B, T), "weights": float32 (B, T)}
 
