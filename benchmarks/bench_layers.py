@@ -633,7 +633,7 @@ def plot(results: Dict[str, Any], path: str) -> None:
                   "nn.GRUCell": "tab:red", "nn.OptimizedLSTMCell": "tab:purple",
                   "flax-gated-linear-rnn": "tab:brown"}
     impl_style = {"associative": ("-", "o"), "sequential": ("--", "s"), "chunked": ("-.", "^"),
-                  "auto": (":", "x"), "log": ("-", "d"), None: ("-", "*")}
+                  "auto": (":", "x"), "native": ("-", "d"), None: ("-", "*")}
     fig, axes = plt.subplots(1, 2, figsize=(16, 6), sharey=False)
     for ax, mode, title in zip(axes, MODES, ("forward", "forward + backward")):
         for name in dict.fromkeys(r["name"] for r in rows):

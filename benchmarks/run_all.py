@@ -5,7 +5,7 @@
 Run it on a quiet machine; it prints the markdown reports and writes
 ``bench_scan.{md,json}``, ``bench_layers.{md,json,png}``, ``bench_train.json``
 and ``bench_generate.json`` into ``--out`` (default ``benchmarks/results/``).
-On a GPU machine run ``benchmarks/bench_gpu.py`` as well.
+On a GPU machine run ``benchmarks/gpu/run.sh`` as well.
 """
 
 from __future__ import annotations

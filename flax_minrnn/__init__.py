@@ -13,6 +13,8 @@ configs, data, meshes, migration) -> ``cli``.
 """
 
 from flax_minrnn.compat.flax_gated_linear_rnn import GatedLinearRNNLM, from_flax_gated_linear_rnn
+from flax_minrnn.compat.hf import load_hf_recurrentgemma, save_hf_recurrentgemma
+from flax_minrnn.compat.recurrentgemma import from_recurrentgemma, to_recurrentgemma
 from flax_minrnn.models.generate import GenerateOutput, generate, sample_logits
 from flax_minrnn.models.griffin import (Griffin, GriffinCarry, GriffinConfig, count_params,
                                         griffin_2b_config, griffin_9b_config)
@@ -45,7 +47,8 @@ __all__ = [
     "LM", "LMConfig", "LMCarry", "GatedLinearRNNLM",
     # Griffin / RecurrentGemma
     "Griffin", "GriffinConfig", "GriffinCarry", "griffin_2b_config", "griffin_9b_config",
-    "count_params",
+    "count_params", "from_recurrentgemma", "to_recurrentgemma",
+    "load_hf_recurrentgemma", "save_hf_recurrentgemma",
     # heads
     "SequenceClassifier", "TokenClassifier", "causal_lm_loss", "weighted_cross_entropy",
     # generation

@@ -5,11 +5,13 @@ written, and that the JSON has the expected keys with positive numbers.  It
 does not check any speed.
 """
 
+import dataclasses
 import json
 import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 # The benchmarks package lives at the repository root, next to tests/.
@@ -54,9 +56,10 @@ def test_bench_layers_tiny(tmp_path):
             assert r["memory"]["temp_size_in_bytes"] >= 0
             assert _positive(r["memory"]["peak_bytes"])
             assert _positive(r["peak_ratio"])
-    assert any(r["impl"] == "log" for r in rows)
+    assert {r["impl"] for r in rows if not r["peer"]} == {
+        "associative", "sequential", "chunked", "auto", "native"}
     assert {r["name"] for r in rows if r["peer"]} == {
-        bench_layers.BASELINE, "nn.RNN(OptimizedLSTMCell)", "flax-gated-linear-rnn 1.0.3"}
+        bench_layers.NAIVE, bench_layers.BASELINE, "nn.RNN(OptimizedLSTMCell)", "flax-gated-linear-rnn 1.0.3"}
 
     for f in data["floors"]:
         for key in ("matmul_ms", "bytes", "bytes_ms", "floor_ms"):
@@ -88,14 +91,160 @@ def test_bench_scan_tiny(tmp_path):
         assert set(data["winners"][mode]["linear"].values()) <= set(bench_scan.LINEAR_IMPLS)
 
 
-def test_bench_gpu_quick_runs_on_cpu(tmp_path):
-    """The GPU script's harness on tiny sizes (on a CPU; it measures nothing)."""
-    from benchmarks import bench_gpu
-    res = bench_gpu.run(quick=True, log=lambda s: None)
-    assert {r["impl"] for r in res["scan"]} == set(bench_gpu.GPU_IMPLS)
-    assert all(_positive(r["fwd_ms"]) for r in res["scan"])
-    assert all(_positive(r["MinGRU[auto]"]) for r in res["layers"])
-    assert "| MinGRU[auto] |" in bench_gpu.markdown(res) or "MinGRU[auto]" in bench_gpu.markdown(res)
+def _gpu_bench_settings(**kw):
+    from benchmarks.gpu import bench
+    base = dict(ts=(16,), impls=("auto", "sequential", "pallas"),
+                corr_scan=(((2, 24, 8), True, "float32"), ((3, 7, 4), False, "bfloat16")),
+                lm_cases=(("mingru", "bfloat16"),),
+                paper_configs=(("selective_copying", bench.PAPER_CONFIGS[1][1]),))
+    base.update(kw)
+    return dataclasses.replace(bench.QUICK, **base)
+
+
+def test_gpu_bench_quick_end_to_end(tmp_path):
+    """benchmarks/gpu/bench.py at tiny sizes on the CPU: every section runs,
+    writes its three files, and the correctness section compared real values
+    (the Pallas kernel in Pallas's interpreter)."""
+    from benchmarks.gpu import bench
+    settings = _gpu_bench_settings()
+    bench.Run(settings, str(tmp_path), budget_s=900, log=lambda s: None).run()
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["results.json", "summary.md", "time_vs_T.png"]
+    with open(tmp_path / "time_vs_T.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((tmp_path / "results.json").read_text())
+    for key in ("meta", "plan", "sections", "machine", "bandwidth", "correctness", "scan",
+                "layers", "torch", "lm", "paper", "derived", "total_wall_s"):
+        assert key in data, key
+    assert {"jax", "jaxlib", "flax"} <= set(data["machine"]["versions"])
+    assert "nvidia_smi" in data["machine"]
+    assert data["plan"]["impls"] == ["auto", "sequential", "pallas"]
+    for name in ("setup", "correctness", "scan", "layers", "lm", "paper"):
+        assert data["sections"][name]["counts"] == {
+            "ok": data["sections"][name]["counts"].get("ok")}, (name, data["sections"][name])
+        assert _positive(data["plan"]["sections"][name]["est_core_s"])
+    assert _positive(data["bandwidth"]["jax"]["bytes_per_s_best"])
+
+    # Correctness: every implementation but the reference, on linear_scan and
+    # on each layer in both dtypes, compared element by element.
+    cases = data["correctness"]["cases"]
+    seen = {(c["kind"], c.get("layer"), c["impl"], c["dtype"]) for c in cases}
+    for impl in ("auto", "pallas"):
+        for dtype in ("float32", "bfloat16"):
+            assert ("linear_scan", None, impl, dtype) in seen
+            for layer in bench.LAYERS:
+                assert ("layer", layer, impl, dtype) in seen
+    assert not any(c["impl"] == "sequential" for c in cases)
+    assert any(c["kind"] == "linear_scan" and c["reverse"] for c in cases)
+    for c in cases:
+        assert c["status"] == "ok", c
+        assert c["n_compared"] > 0 and c["ref_max_abs"] > 0, c
+        assert 0 <= c["worst_rel_err"] <= bench.TOL[c["dtype"]], c
+        parts = c["parts"]
+        if c["kind"] == "layer":  # outputs, carry and every gradient
+            assert any(k.startswith("['dparams']") for k in parts)
+            assert {"['y']", "['carry']", "['dx']", "['dcarry0']"} <= set(parts)
+        else:
+            assert set(parts) == {"['h']", "['h_last']", "['da']", "['db']", "['dh0']"}
+        assert all(p["n"] > 0 and p["ref_max_abs"] > 0 for p in parts.values()), c
+        if c["dtype"] == "bfloat16":
+            assert c["state_dtype"] == "float32"
+
+    for r in data["scan"]["rows"]:
+        assert r["status"] == "ok"
+        for mode in ("fwd", "fwdbwd"):
+            assert _positive(r[mode]["median_ms"]) and _positive(r[mode]["fraction_of_copy"])
+            assert r[mode]["n"] >= settings.min_calls
+    rows = data["layers"]["rows"]
+    assert {(r["layer"], r["dtype"]) for r in rows} >= {
+        ("MinGRU", "float32"), ("MinGRU", "bfloat16"), (bench.GRUCELL, "float32"),
+        ("MinLSTM", "float32"), ("GatedLinearRNN", "float32")}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert _positive(r["median_ms"]) and _positive(r["floor_ms"]) and _positive(r["compile_s"])
+    if data["torch"]["status"] == "skipped":
+        assert "torch" in data["torch"]["reason"]
+    per_t = data["derived"]["per_T"]
+    assert [e["T"] for e in per_t] == [16]
+    for e in per_t:
+        assert _positive(e["GRUCell_over_MinGRU"]) and _positive(e["MinGRU_f32_over_bf16"])
+        assert _positive(e["floor_ms_float32"]) and e["floor_ms_bfloat16"] < e["floor_ms_float32"]
+    goals = data["derived"]["goals"]
+    assert goals["correctness"]["ok"] == goals["correctness"]["total"] == len(cases)
+    lm = data["lm"]["rows"]
+    assert len(lm) == 1 and lm[0]["finite"] and _positive(lm[0]["tokens_per_s"])
+    paper = data["paper"]["rows"]
+    assert len(paper) == 1 and paper[0]["steps_done"] == 2 and _positive(paper[0]["est_full_run_s"])
+    assert math.isfinite(paper[0]["loss_last10"])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Correctness vs sequential: %d/%d ok" % (len(cases), len(cases)) in summary
+
+
+def test_gpu_bench_correctness_catches_a_wrong_implementation(tmp_path, monkeypatch):
+    """A scan that is off by 1e-3 in one output is reported as a mismatch,
+    its layer counterpart and the exact ones stay ok."""
+    from benchmarks.gpu import bench
+    real = bench.scan_fwd_bwd
+
+    def broken(impl, reverse):
+        f = real(impl, reverse)
+        if impl != "chunked":
+            return f
+        return lambda *args: {**f(*args), "dh0": f(*args)["dh0"] + 1e-3}
+
+    monkeypatch.setattr(bench, "scan_fwd_bwd", broken)
+    monkeypatch.setattr(bench, "LAYERS", ("MinGRU",))
+    settings = _gpu_bench_settings(impls=("auto", "sequential", "chunked"),
+                                   corr_scan=(((2, 24, 8), False, "float32"),))
+    run = bench.Run(settings, str(tmp_path), budget_s=300, log=lambda s: None,
+                    sections=["correctness"])
+    res = run.run()
+    status = {(c["kind"], c["impl"], c["dtype"]): c for c in res["correctness"]["cases"]}
+    bad = status[("linear_scan", "chunked", "float32")]
+    assert bad["status"] == "mismatch" and bad["worst_part"] == "['dh0']"
+    assert status[("linear_scan", "auto", "float32")]["status"] == "ok"
+    assert status[("layer", "chunked", "float32")]["status"] == "ok"
+    assert res["derived"]["goals"]["correctness"]["mismatch"]
+    assert bench.main(["--summary", os.path.join(str(tmp_path), "results.json")]) == 0
+
+
+def test_gpu_bench_compare_flags_every_kind_of_difference():
+    from benchmarks.gpu import bench
+    rng = np.random.default_rng(0)
+    ref = {"h": rng.standard_normal((2, 5, 3)).astype(np.float32),
+           "g": {"w": rng.standard_normal((3, 3)).astype(np.float32)}}
+    same = bench.compare(ref, ref, 1e-4)
+    assert same["status"] == "ok" and same["worst_rel_err"] == 0 and same["n_compared"] == 39
+    scale = float(np.abs(ref["h"]).max())
+    off = {"h": ref["h"] + np.float32(2e-3 * scale), "g": ref["g"]}
+    r = bench.compare(off, ref, 1e-4)
+    assert r["status"] == "mismatch" and r["worst_part"] == "['h']"
+    assert abs(r["worst_rel_err"] - 2e-3) < 1e-5
+    assert bench.compare(off, ref, 1e-2)["status"] == "ok"
+    nan = {"h": np.where(np.arange(30).reshape(2, 5, 3) == 7, np.nan, ref["h"]).astype(np.float32),
+           "g": ref["g"]}
+    assert bench.compare(nan, ref, 1.0)["status"] == "mismatch"
+    wrong_dtype = {"h": ref["h"].astype(np.float16), "g": ref["g"]}
+    assert bench.compare(wrong_dtype, ref, 1.0)["status"] == "mismatch"
+    missing = {"h": ref["h"]}
+    assert bench.compare(missing, ref, 1.0)["status"] == "mismatch"
+
+
+def test_gpu_bench_schedule_and_skips():
+    """Unused time passes forward; a case that does not fit is recorded, not run."""
+    from benchmarks.gpu import bench
+    sched = bench.Schedule(100.0, start=0.0, caps=[("a", 10.0), ("b", 30.0), ("c", 10.0)])
+    assert [round(sched.cap(n), 6) for n in "abc"] == [20.0, 60.0, 20.0]
+    assert [round(sched.deadline(n), 6) for n in "abc"] == [20.0, 80.0, 100.0]
+    sec = bench.Section("b", deadline=bench.now() + 5.0, log=lambda s: None)
+    ran = []
+    rec = sec.run({"impl": "x"}, 60.0, ran.append)
+    assert not ran and rec["status"] == "skipped" and "budget" in rec["reason"]
+    rec = sec.run({"impl": "y"}, 0.1, lambda r: r.update(value=1))
+    assert rec["status"] == "ok" and rec["value"] == 1
+    rec = sec.run({"impl": "z"}, 0.1, lambda r: 1 / 0)
+    assert rec["status"] == "error" and "ZeroDivisionError" in rec["error"]
+    assert sec.counts == {"skipped": 1, "ok": 1, "error": 1}
 
 
 def test_bench_train_step_time_tiny():

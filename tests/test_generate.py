@@ -237,3 +237,167 @@ def test_decode_memory_does_not_grow_with_length(lm):
         temps.append(ma.temp_size_in_bytes)
     # Only the (batch, n) int32 output buffer may scale with n.
     assert temps[1] - temps[0] <= 2 * 3 * 4 * (256 - 16), temps
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face options: hand-computed tokens on the fake model, a float64 NumPy
+# re-implementation of the processors over no-cache full forwards, masks.
+
+
+def test_repetition_penalty_min_new_tokens_and_several_eos_by_hand():
+    greedy = lambda rows, first, n, **kw: generate(
+        _fake(rows), {}, jnp.asarray([[first]], jnp.int32), n, do_sample=False,
+        **kw).tokens.tolist()[0]
+    # Every row: token 2 scores 2.0, token 3 1.5, token 4 1.2, the rest 0.
+    rows = np.zeros((V, V))
+    rows[:, 2], rows[:, 3], rows[:, 4] = 2.0, 1.5, 1.2
+    assert greedy(rows, 2, 4) == [2, 2, 2, 2]
+    # Penalty 1.5, prompt 2: 2 -> 1.33 < 1.5 (3 unseen); then 2 -> 1.33 beats
+    # 3 -> 1.0 and 4 -> 1.2.
+    assert greedy(rows, 2, 4, repetition_penalty=1.5) == [3, 2, 2, 2]
+    # Penalty 2: 2 -> 1.0 < 1.5; then 4 (1.2) beats 2 (1.0) and 3 (0.75); then
+    # 2 (1.0) beats 3 (0.75), 4 (0.6) and the zeros.
+    assert greedy(rows, 2, 4, repetition_penalty=2.0) == [3, 4, 2, 2]
+    # Negative logits are multiplied, not divided: seen 6 goes from -1.0 to
+    # -2.0, below the unseen 7 at -1.2; then seen 7 is -2.4 and 6 wins.
+    neg = np.full((V, V), -3.0)
+    neg[:, 6], neg[:, 7] = -1.0, -1.2
+    assert greedy(neg, 6, 3) == [6, 6, 6]
+    assert greedy(neg, 6, 3, repetition_penalty=2.0) == [7, 6, 6]
+    # From token i: i + 1 scores 1.0, i itself 0.5, the rest -1.
+    step = np.full((V, V), -1.0)
+    for i in range(V):
+        step[i, (i + 1) % V], step[i, i] = 1.0, 0.5
+    assert greedy(step, 1, 6) == [2, 3, 4, 5, 6, 7]
+    # Two EOS ids: the first of them stops the row, the rest is the first EOS id.
+    out = generate(_fake(step), {}, jnp.asarray([[1]], jnp.int32), 6, do_sample=False,
+                   eos_id=[4, 3])
+    assert out.tokens.tolist() == [[2, 3, 4, 4, 4, 4]] and out.lengths.tolist() == [2]
+    # min_new_tokens=3 bans 3 and 4 for tokens 0..2: from 2 the best allowed is
+    # 2 itself (0.5), twice; token 3 (index 3) may be EOS again.
+    out = generate(_fake(step), {}, jnp.asarray([[1]], jnp.int32), 6, do_sample=False,
+                   eos_id=[4, 3], min_new_tokens=3)
+    assert out.tokens.tolist() == [[2, 2, 2, 3, 4, 4]] and out.lengths.tolist() == [4]
+
+
+def test_stop_sequences_and_max_length_by_hand():
+    rows = np.full((V, V), -1.0)
+    for i in range(V):
+        rows[i, (i + 1) % V] = 1.0
+    model = _fake(rows)
+    prompt = jnp.asarray([[3, 4], [7, 8]], jnp.int32)
+    out = generate(model, {}, prompt, 6, do_sample=False, stop_sequences=[[6, 7], [9]],
+                   pad_id=0)
+    # Row 0: 5 6 7 stops (6, 7); row 1: 9 stops at once.
+    assert out.tokens.tolist() == [[5, 6, 7, 0, 0, 0], [9, 0, 0, 0, 0, 0]]
+    assert out.lengths.tolist() == [3, 1]
+    # A stop sequence that begins in the prompt: (4, 5) ends at the first token.
+    out = generate(model, {}, prompt, 4, do_sample=False, stop_sequences=[[4, 5]], pad_id=0)
+    assert out.tokens.tolist() == [[5, 0, 0, 0], [9, 10, 0, 1]]
+    # max_length counts the prompt width: 2 + 3 new tokens.
+    a = generate(model, {}, prompt, max_length=5, do_sample=False)
+    b = generate(model, {}, prompt, 3, do_sample=False)
+    assert a.tokens.tolist() == b.tokens.tolist() == [[5, 6, 7], [9, 10, 0]]
+
+
+def _np_process(logits, seen, step, penalty, min_new, eos_ids):
+    """Hugging Face's processors in float64: repetition penalty, then min_new_tokens."""
+    logits = np.array(logits, np.float64)
+    pen = np.where(logits > 0, logits / penalty, logits * penalty)
+    logits = np.where(seen, pen, logits)
+    if step < min_new:
+        logits[eos_ids] = -np.inf
+    return logits
+
+
+def test_sampler_equals_a_no_cache_recompute(lm):
+    """Sampling with penalty, min_new_tokens, top-k and two EOS ids: every step
+    recomputed from full forwards of the whole sequences (no carry), processed
+    in NumPy, sampled with the same key (rows share a key per step, so the
+    batch is sampled together)."""
+    model, params = lm
+    prompt, lengths = _prompts()
+    n, eos, kw = 7, [4, 9], dict(temperature=0.8, top_k=6)
+    rng = jax.random.key(5)
+    out = generate(model, params, prompt, n, rng=rng, prompt_lengths=lengths, eos_id=eos,
+                   repetition_penalty=1.3, min_new_tokens=3, pad_id=0, **kw)
+    apply = jax.jit(model.apply)
+    seqs = [prompt[b, :L].tolist() for b, L in enumerate(lengths.tolist())]
+    done, want = [False] * 3, [[] for _ in range(3)]
+    for step in range(n):
+        buf = jnp.asarray([s + [0] * (16 - len(s)) for s in seqs], jnp.int32)
+        logits = np.asarray(apply({"params": params}, buf)[1])
+        proc = np.stack([_np_process(logits[b, len(s) - 1], np.isin(np.arange(V), s), step,
+                                     1.3, 3, eos) for b, s in enumerate(seqs)])
+        toks = np.asarray(sample_logits(jnp.asarray(proc, jnp.float32),
+                                        jax.random.fold_in(rng, step), **kw))
+        for b in range(3):
+            tok = 0 if done[b] else int(toks[b])
+            want[b].append(tok)
+            if not done[b]:
+                seqs[b].append(tok)
+                done[b] = tok in eos
+    assert out.tokens.tolist() == want
+    assert out.lengths.tolist() == [len(s) - L for s, L in zip(seqs, lengths.tolist())]
+
+
+@pytest.mark.parametrize("kind", ["lm", "griffin"])
+def test_left_padded_prompts_through_attention_mask(lm, kind):
+    if kind == "lm":
+        model, params = lm
+    else:
+        from flax_minrnn.models.griffin import Griffin, GriffinConfig
+        model = Griffin(GriffinConfig(vocab_size=V, num_hidden_layers=2, hidden_size=8,
+                                      intermediate_size=16, num_attention_heads=2,
+                                      attention_window_size=2, conv1d_width=2,
+                                      block_types=("recurrent", "attention")))
+        params = model.init(jax.random.key(1), jnp.zeros((1, 3), jnp.int32))["params"]
+    rows = [[1, 2, 3, 4, 5], [6, 7], [9, 8, 7]]
+    left = jnp.asarray([[0] * (5 - len(r)) + r for r in rows], jnp.int32)
+    mask = jnp.asarray([[0] * (5 - len(r)) + [1] * len(r) for r in rows], jnp.int32)
+    kw = dict(rng=jax.random.key(2), temperature=0.9, return_logits=True)
+    out = generate(model, params, left, 6, attention_mask=mask, **kw)
+    right, lengths = _prompts()
+    via_lengths = generate(model, params, right, 6, prompt_lengths=lengths, **kw)
+    via_right_mask = generate(model, params, right, 6, attention_mask=right != 0, **kw)
+    for other in (via_lengths, via_right_mask):
+        assert out.tokens.tolist() == other.tokens.tolist()
+        np.testing.assert_allclose(out.logits, other.logits, rtol=1e-6, atol=1e-6)
+    # Each row alone, unpadded (greedy: sampling keys are shared across a batch).
+    kw = dict(do_sample=False, return_logits=True)
+    out = generate(model, params, left, 6, attention_mask=mask, **kw)
+    for b, r in enumerate(rows):
+        alone = generate(model, params, jnp.asarray([r], jnp.int32), 6, **kw)
+        assert out.tokens[b].tolist() == alone.tokens[0].tolist()
+        np.testing.assert_allclose(out.logits[b], alone.logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_do_sample_false_is_greedy_and_option_errors(lm):
+    model, params = lm
+    prompt, lengths = _prompts()
+    greedy = generate(model, params, prompt, 5, prompt_lengths=lengths, temperature=0.0)
+    for kw in (dict(temperature=0.7, top_k=3, rng=jax.random.key(1)), dict(top_p=0.5)):
+        out = generate(model, params, prompt, 5, prompt_lengths=lengths, do_sample=False, **kw)
+        assert out.tokens.tolist() == greedy.tokens.tolist()
+    cases = [
+        (dict(rng=None), "rng"),
+        (dict(do_sample=True, temperature=0.0), "do_sample"),
+        (dict(do_sample="yes"), "do_sample"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(min_new_tokens=-1), "min_new_tokens"),
+        (dict(stop_sequences=[[]]), r"stop_sequences\[0\]"),
+        (dict(stop_sequences=[[1, V]]), r"stop_sequences\[0\]"),
+        (dict(stop_sequences="ab"), "stop_sequences"),
+        (dict(eos_id=[1, V]), "eos_id"),
+        (dict(eos_id=[]), "eos_id"),
+        (dict(attention_mask=jnp.asarray([[1, 0, 1, 0, 0]] * 3)), "attention_mask"),
+        (dict(attention_mask=prompt != 0, prompt_lengths=lengths), "attention_mask"),
+        (dict(max_length=6, max_new_tokens=2), "exactly one"),
+        (dict(max_length=4), "max_length"),
+    ]
+    for kw, match in cases:
+        kw = {"rng": jax.random.key(0), "max_new_tokens": 2, **kw}
+        if "max_length" in kw and kw["max_new_tokens"] == 2 and match == "max_length":
+            del kw["max_new_tokens"]
+        with pytest.raises(ValueError, match=match):
+            generate(model, params, prompt, **kw)

@@ -111,7 +111,8 @@ def rope_ref(v, pos, rot, theta):
 
 def attention_ref(p, x, positions, docs, valid, *, heads, kv, window, rot, theta=10000.0):
     """Naive sliding-window attention: query t sees valid keys s <= t of its
-    document with positions[s] > positions[t] - window."""
+    document with positions[s] >= positions[t] - window (itself and ``window``
+    earlier tokens, the reference implementation's window)."""
     batch, seq_len, width = x.shape
     hd = width // heads
     q = _dense(x, p["proj_q"]).reshape(batch, seq_len, heads, hd)
@@ -121,7 +122,7 @@ def attention_ref(p, x, positions, docs, valid, *, heads, kv, window, rot, theta
     for b in range(batch):
         for t in range(seq_len):
             seen = [s for s in range(t + 1) if valid[b, s] and docs[b, s] == docs[b, t]
-                    and positions[b, s] > positions[b, t] - window]
+                    and positions[b, s] >= positions[b, t] - window]
             for h in range(heads):
                 g = h // (heads // kv)
                 qt = rope_ref(q[b, t, h], positions[b, t], rot, theta)
@@ -132,8 +133,9 @@ def attention_ref(p, x, positions, docs, valid, *, heads, kv, window, rot, theta
     return _dense(out.reshape(batch, seq_len, width), p["proj_final"])
 
 
-def rmsnorm_ref(x, scale, eps):
-    return x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + eps) * scale
+def rmsnorm_ref(x, p, eps):
+    """RecurrentGemma's zero-centred RMSNorm: the factor is 1 + scale_delta."""
+    return x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + eps) * (1.0 + p["scale_delta"])
 
 
 def griffin_ref(params, tokens, cfg, reset=None):
@@ -141,7 +143,9 @@ def griffin_ref(params, tokens, cfg, reset=None):
     p = _np(params)
     batch, seq_len = tokens.shape
     emb = p["embedder"]["embedding"]
-    x = emb[np.asarray(tokens)] * math.sqrt(cfg.hidden_size)
+    # sqrt(hidden_size) rounded to bfloat16 (8 significant bits), as the references do.
+    mantissa, exponent = np.frexp(math.sqrt(cfg.hidden_size))
+    x = emb[np.asarray(tokens)] * np.ldexp(np.round(mantissa * 256) / 256, exponent)
     starts = np.zeros((batch, seq_len), bool)
     starts[:, 0] = True
     if reset is not None:
@@ -153,7 +157,7 @@ def griffin_ref(params, tokens, cfg, reset=None):
             positions[b, t] = 0 if starts[b, t] else positions[b, t - 1] + 1
     for i, kind in enumerate(cfg.layer_types):
         bp = p[f"blocks_{i}"]
-        u = rmsnorm_ref(x, bp["temporal_pre_norm"]["scale"], cfg.rms_norm_eps)
+        u = rmsnorm_ref(x, bp["temporal_pre_norm"], cfg.rms_norm_eps)
         if kind == "recurrent":
             x = x + recurrent_block_ref(bp["recurrent_block"], u, starts)
         else:
@@ -163,10 +167,10 @@ def griffin_ref(params, tokens, cfg, reset=None):
                                   window=cfg.attention_window_size,
                                   rot=int(cfg.head_dim * cfg.partial_rotary_factor),
                                   theta=cfg.rope_theta)
-        u = rmsnorm_ref(x, bp["channel_pre_norm"]["scale"], cfg.rms_norm_eps)
+        u = rmsnorm_ref(x, bp["channel_pre_norm"], cfg.rms_norm_eps)
         gate, value = np.split(_dense(u, bp["mlp_block"]["up"]), 2, axis=-1)
         x = x + _dense(_gelu(gate) * value, bp["mlp_block"]["down"])
-    x = rmsnorm_ref(x, p["final_norm"]["scale"], cfg.rms_norm_eps)
+    x = rmsnorm_ref(x, p["final_norm"], cfg.rms_norm_eps)
     logits = x @ emb.T
     cap = cfg.logits_soft_cap
     return cap * np.tanh(logits / cap) if cap else logits
@@ -406,6 +410,22 @@ def test_local_attention_matches_naive_reference_chunked_and_with_resets():
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **F32)
 
 
+def test_local_attention_qkv_bias_matches_reference():
+    """attention_bias (Hugging Face): q, k, v biases, here non-zero."""
+    attn = LocalAttention(**ATT, qkv_bias=True)
+    x = _x((2, 8, 16), 15)
+    params = attn.init(jax.random.key(0), x)
+    keys = iter(jax.random.split(jax.random.key(1), 8))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v + jax.random.normal(next(keys), v.shape)
+        if "bias" in str(path) else v, params)
+    assert all("bias" in params["params"][n] for n in ("proj_q", "proj_k", "proj_v"))
+    _, y = attn.apply(params, x)
+    ref = _attention_ref(params, x, np.tile(np.arange(8.0), (2, 1)), np.zeros((2, 8)),
+                         np.ones((2, 8), bool))
+    np.testing.assert_allclose(y, ref, **F32)
+
+
 def test_local_attention_padding_caches_only_valid_tokens():
     attn = LocalAttention(**ATT)
     x, more = _x((2, 7, 16), 13), _x((2, 2, 16), 14)
@@ -475,6 +495,11 @@ def _close_trees(a, b):
 
 def test_griffin_matches_float64_reference_with_resets(lm):
     model, params = lm
+    # Non-zero norm deltas (they start at zero), so the 1 + delta factor is tested.
+    keys = iter(jax.random.split(jax.random.key(9), 16))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v + 0.3 * jax.random.normal(next(keys), v.shape)
+        if "scale_delta" in str(path) else v, params)
     tokens = _tokens(2, 11, seed=1)
     reset = np.zeros((2, 11), bool)
     reset[1, 5] = True
@@ -625,6 +650,7 @@ def test_carry_structure_and_errors(lm):
 @pytest.mark.parametrize("kw", [
     dict(), dict(lru_width=24, num_key_value_heads=2, conv1d_width=1),
     dict(block_types=("attention",), num_hidden_layers=2, logits_soft_cap=None),
+    dict(attention_bias=True, num_key_value_heads=2),
 ])
 def test_param_count_closed_form_small(kw):
     cfg = _cfg(**kw)
@@ -667,6 +693,13 @@ def test_presets_build_abstractly_with_the_closed_form_count(preset, total, embe
     (dict(logits_soft_cap=-1.0), "logits_soft_cap"),
     (dict(scan_impl="log"), "scan_impl"),
     (dict(rope_theta=0.0), "rope_theta"),
+    (dict(hidden_activation="relu"), "hidden_activation"),
+    (dict(attention_dropout=0.1), "attention_dropout"),
+    (dict(attention_bias=1), "attention_bias"),
+    (dict(pad_token_id=V), "pad_token_id"),
+    (dict(bos_token_id=-1), "bos_token_id"),
+    (dict(eos_token_id=(1, V)), r"eos_token_id\[1\]"),
+    (dict(eos_token_id=()), "eos_token_id"),
 ])
 def test_bad_config_names_the_field(kw, field):
     with pytest.raises(ValueError, match=field):

@@ -1,7 +1,7 @@
 """The Pallas scan kernel against the float64 reference, in interpret mode.
 
 On a CPU Pallas runs the kernel in its interpreter, which checks the kernel's
-indexing and chunk logic exactly; ``benchmarks/gpu/check_pallas.py`` checks
+indexing and chunk logic exactly; ``benchmarks/gpu/bench.py`` checks
 the compiled kernel on a GPU.
 """
 

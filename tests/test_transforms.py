@@ -250,7 +250,11 @@ def readme_table():
     """{impl: {transformation: 'yes'|'no'}} from the README's table."""
     text = README.read_text(encoding="utf-8")
     start = text.index("<!-- transform-table -->")
-    lines = [l for l in text[start:].splitlines()[1:] if l.startswith("|")]
+    lines = []
+    for line in text[start:].splitlines()[1:]:
+        if not line.startswith("|"):
+            break
+        lines.append(line)
     header = [c.strip().strip("`") for c in lines[0].strip("|").split("|")]
     table = {}
     for line in lines[2:]:

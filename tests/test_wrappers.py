@@ -258,8 +258,12 @@ def test_stack_chunked_with_carry_equals_full():
 def test_stack_errors():
     x = _x()
     init = lambda m, *a, **k: m.init(jax.random.PRNGKey(0), x, *a, **k)
-    with pytest.raises(ValueError, match="residual=True needs.*layers\\[1\\] maps 4 features to 2"):
-        init(Stack([MinGRU(d_h=4), MinGRU(d_h=4, d_model=2)], residual=True))
+    # A width change under residual=True is projected now (see the torch-mingru
+    # test); malformed per-layer residual options are errors.
+    with pytest.raises(ValueError, match="residual must be a bool or a sequence of 2 bools"):
+        init(Stack([MinGRU(d_h=4), MinGRU(d_h=4)], residual=[True]))
+    with pytest.raises(ValueError, match="residual must be"):
+        init(Stack([MinGRU(d_h=4), MinGRU(d_h=4)], residual=[True, 1]))
     with pytest.raises(ValueError, match="norm must be"):
         init(Stack([MinGRU(d_h=4)], norm="batchnorm"))
     with pytest.raises(ValueError, match="dropout must lie"):
@@ -272,3 +276,85 @@ def test_stack_errors():
     variables = init(stack)
     with pytest.raises(ValueError, match="carry must be None or a tuple of 2 per-layer.*length 1"):
         _apply(stack, variables, x, (jnp.zeros((B, 4), jnp.float32),))
+
+
+# ----------------------------------------------------------------------------
+# torch-mingru's README configuration: input 3, hidden 64, 2 layers, residual
+# (the first layer's skip through an input projection), dropout.
+
+
+def _g(x):
+    return np.where(x >= 0, x + 0.5, 1.0 / (1.0 + np.exp(-x)))
+
+
+def _torch_mingru_ref(p, x, h0, num_layers):
+    """torch-mingru's MinGRU stack in float64, one step at a time: per layer
+    [gate, hidden] = x W + b, z = sigmoid(gate), h = (1 - z) h + z g(hidden),
+    out = h + skip, skip = x W_s + b_s on layer 0 (input 3 -> 64), x after."""
+    inp = np.asarray(x, np.float64)
+    finals = []
+    for l in range(num_layers):
+        w = np.asarray(p[f"rnn_{l}"]["in_proj"]["kernel"], np.float64)
+        b = np.asarray(p[f"rnn_{l}"]["in_proj"]["bias"], np.float64)
+        hidden = w.shape[1] // 2
+        h = np.array(h0[l], np.float64)
+        out = np.zeros(inp.shape[:2] + (hidden,))
+        for t in range(inp.shape[1]):
+            pre = inp[:, t] @ w + b
+            z = 1.0 / (1.0 + np.exp(-pre[:, :hidden]))
+            h = (1.0 - z) * h + z * _g(pre[:, hidden:])
+            out[:, t] = h
+        finals.append(h)
+        if l == 0:
+            skip = (inp @ np.asarray(p["skip_proj_0"]["kernel"], np.float64)
+                    + np.asarray(p["skip_proj_0"]["bias"], np.float64))
+        else:
+            skip = inp
+        inp = out + skip
+    return finals, inp
+
+
+def test_torch_mingru_readme_configuration_matches_float64_reference():
+    from flax_minrnn.nn.recurrent import g_activation
+    batch, seq_len, in_dims, hidden, layers = 4, 12, 3, 64, 2
+    stack = Stack([MinGRU(d_h=hidden, d_model=hidden, candidate_activation=g_activation)
+                   for _ in range(layers)], residual=True, dropout=0.25)
+    x = _x(20, (batch, seq_len, in_dims))
+    variables = _init(stack, jax.random.PRNGKey(21), x)
+    p = variables["params"]
+    assert p["skip_proj_0"]["kernel"].shape == (3, 64) and "skip_proj_1" not in p
+    # torch-mingru starts from g(0) = 0.5; its README also passes 0.5 explicitly.
+    h0 = tuple(jnp.full((batch, hidden), 0.5, jnp.float32) for _ in range(layers))
+    ref_c, ref_y = _torch_mingru_ref(p, x, np.full((layers, batch, hidden), 0.5), layers)
+    # Parallel (evaluation: dropout off).
+    c, y = _apply(stack, variables, x, h0)
+    np.testing.assert_allclose(y, ref_y, **TOL)
+    for a, b in zip(c, ref_c):
+        np.testing.assert_allclose(a, b, **TOL)
+    # Step by step, carrying the state, as the README's sequential pattern.
+    carry, steps = h0, []
+    for t in range(seq_len):
+        carry, y_t = _apply(stack, variables, x[:, t:t + 1], carry)
+        steps.append(y_t)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), ref_y, **TOL)
+    for a, b in zip(carry, ref_c):
+        np.testing.assert_allclose(a, b, **TOL)
+    # Training mode drops (part of) the first layer's output, never the last's.
+    _, y_train = stack.apply(variables, x, h0, deterministic=False,
+                             rngs={"dropout": jax.random.PRNGKey(3)})
+    assert not np.allclose(y_train, y)
+
+
+def test_stack_per_layer_residual():
+    x = _x(30)
+    layers = [MinGRU(d_h=6, d_model=5), MinGRU(d_h=5, d_model=5), MinGRU(d_h=4, d_model=5)]
+    stack = Stack(layers, residual=[False, True, True])
+    variables = _init(stack, jax.random.PRNGKey(2), x)
+    p = variables["params"]
+    assert set(p) == {"rnn_0", "rnn_1", "rnn_2"}  # widths 4 -> 5 without residual: no projection
+    _, y = _apply(stack, variables, x)
+    _, z0 = _apply(layers[0], {"params": p["rnn_0"]}, x)
+    _, z1 = _apply(layers[1], {"params": p["rnn_1"]}, z0)
+    x2 = z0 + z1
+    _, z2 = _apply(layers[2], {"params": p["rnn_2"]}, x2)
+    np.testing.assert_allclose(y, x2 + z2, **TOL)

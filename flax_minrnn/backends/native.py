@@ -47,12 +47,10 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
-from jax.interpreters import ad, batching, mlir
 
 from flax_minrnn.ops import gated as gated_lib
 from flax_minrnn.ops import scan as scan_lib
-from flax_minrnn.ops.linear import SecondOrderError, linear_op
+from flax_minrnn.ops.linear import SecondOrderError, linear_op, refuse_export
 
 __all__ = ["available", "unavailable_reason", "gated", "GATE_KINDS", "CANDIDATES"]
 
@@ -235,25 +233,6 @@ _SECOND_ORDER = ("scan_impl='native' has first derivatives only (its kernels are
 _EXPORT = ("scan_impl='native' cannot be exported with jax.export (its compiled kernels "
            "live in this process); use scan_impl='chunked', the same function in plain JAX")
 
-# An identity that refuses to be lowered for jax.export, placed in front of
-# every kernel call.
-_export_guard_p = jcore.Primitive("flax_minrnn_native_export_guard")
-_export_guard_p.def_impl(lambda x: x)
-_export_guard_p.def_abstract_eval(lambda x: x)
-ad.deflinear2(_export_guard_p, lambda ct, x: [ct])
-batching.primitive_batchers[_export_guard_p] = lambda args, dims: (_export_guard_p.bind(*args),
-                                                                   dims[0])
-
-
-def _export_guard_lowering(ctx, x):
-    if ctx.module_context.lowering_parameters.for_export:
-        raise ValueError(_EXPORT)
-    return [x]
-
-
-mlir.register_lowering(_export_guard_p, _export_guard_lowering)
-
-
 # ----------------------------------------------------------------------------
 # The layers' entry point (flax_minrnn.ops.gated.run, impl="native").
 
@@ -286,7 +265,7 @@ def _forward(spec: _Spec, x, kernel, params, h0, reverse: bool):
     """``(h_last, h, pre)``: one product for the whole sequence (its output is
     kept for the backward pass anyway) and one kernel call."""
     pre = jnp.einsum("bti,io->bto", x, kernel)
-    h_last, h = gates_forward(spec, _export_guard_p.bind(pre), _bias(params, kernel.shape[1]),
+    h_last, h = gates_forward(spec, refuse_export(pre, _EXPORT), _bias(params, kernel.shape[1]),
                               h0, reverse)
     return h_last, h, pre
 

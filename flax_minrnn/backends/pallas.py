@@ -5,7 +5,7 @@ An opt-in backend, reached only by naming it: ``impl="pallas"`` in
 layer.  On a GPU it compiles with Triton; elsewhere it runs in Pallas's
 interpreter (correct and slow: for tests).  The reference it must match is
 ``impl="sequential"``; ``tests/test_kernels.py`` compares the two (outputs
-and gradients, interpreted on the CPU) and ``benchmarks/gpu`` on a GPU.
+and gradients, interpreted on the CPU) and ``benchmarks/gpu/bench.py`` on a GPU.
 
 Algorithm (chunked, three launches; ``c`` steps per chunk, ``n = T / c``):
 
@@ -29,7 +29,9 @@ Derivatives: :mod:`flax_minrnn.ops.scan` differentiates every
 implementation through its own rules (the tangent and the adjoint are linear
 scans, which run on this kernel too, the adjoint with ``reverse=True``), so
 the kernel itself is never differentiated: ``grad``, ``jvp``, ``vmap`` and
-second derivatives all work.
+second derivatives all work.  ``jax.export`` does not (checked on an H200:
+the Triton call has no compatibility guarantee) and raises an error that
+names ``scan_impl='associative'``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from flax_minrnn.ops import checks
 from flax_minrnn.ops import scan as scan_lib
+from flax_minrnn.ops.linear import refuse_export
+
+# jax.export refuses the Triton custom call (no compatibility guarantee), so
+# the kernel refuses export everywhere, with the way out.
+_EXPORT = ("scan_impl='pallas' cannot be exported with jax.export (its Triton kernel is a "
+           "custom call without compatibility guarantees); use scan_impl='associative' "
+           "(what 'auto' picks on GPU), the same function in plain JAX")
 
 Array = jax.Array
 
@@ -150,12 +160,13 @@ def linear_scan_pallas(a: Array, b: Array, h0: Array, *, reverse: bool = False,
     row = pl.BlockSpec((1, 1, block_d), lambda i, j, k: (i, k, j))
     params = dict(interpret=interpret, compiler_params=_compiler_params(interpret))
 
+    a, b, h0 = checks.same_varying(a, b, h0)
     if n == 1:
         h_init = h0[:, None]
     else:
         e, p = pl.pallas_call(
             functools.partial(_summary_kernel, chunk=chunk, reverse=reverse),
-            out_shape=(jax.ShapeDtypeStruct((batch, n, d), a.dtype),) * 2,
+            out_shape=(checks.shape_like((batch, n, d), a.dtype, a),) * 2,
             grid=grid, in_specs=[tile, tile], out_specs=(row, row),
             name="linear_scan_chunk_summary", **params)(a, b)
         # Pass 2: the state entering each chunk, in scan order.
@@ -166,7 +177,7 @@ def linear_scan_pallas(a: Array, b: Array, h0: Array, *, reverse: bool = False,
             h_init = jnp.concatenate([h0[:, None], after[:, :-1]], axis=1)
     h = pl.pallas_call(
         functools.partial(_scan_kernel, chunk=chunk, reverse=reverse),
-        out_shape=jax.ShapeDtypeStruct(a.shape, a.dtype),
+        out_shape=checks.shape_like(a.shape, a.dtype, a),
         grid=grid, in_specs=[tile, tile, row], out_specs=tile,
         name="linear_scan_chunk_scan", **params)(a, b, h_init)
     return (h[:, 0] if reverse else h[:, -1]), h
@@ -178,7 +189,13 @@ def forward(a: Array, b: Array, h0: Array, reverse: bool):
     batch, seq_len = a.shape[:2]
     if batch == 0 or math.prod(a.shape[2:]) == 0:
         return jnp.zeros(h0.shape, a.dtype), jnp.zeros(a.shape, a.dtype)
-    flat = lambda x: x.reshape(batch, seq_len, -1)
+    interpret = not pallas_available()
+    if interpret and any(checks.varying_axes(x) for x in (a, b, h0)):
+        raise NotImplementedError(
+            "scan_impl='pallas' is interpreted off a GPU, and JAX's Pallas interpreter "
+            "cannot run inside shard_map (with check_vma); use scan_impl='chunked' or "
+            "'associative' there, or run on a GPU")
+    flat = lambda x: refuse_export(x.reshape(batch, seq_len, -1), _EXPORT)
     h_last, h = linear_scan_pallas(flat(a), flat(b), h0.reshape(batch, -1), reverse=reverse,
-                                   interpret=not pallas_available())
+                                   interpret=interpret)
     return h_last.reshape(h0.shape), h.reshape(a.shape)

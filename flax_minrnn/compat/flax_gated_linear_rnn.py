@@ -1,8 +1,16 @@
 """The API of the ``flax-gated-linear-rnn`` package on this library's layers.
 
-:class:`GatedLinearRNNLM` reproduces the constructor and call signature of
-that package's language model, and :func:`from_flax_gated_linear_rnn`
-converts the parameters of its ``GatedLinearRNN`` layer.
+The package's public names are exported here with its constructors and call
+signatures, so its README snippets run after changing one import line::
+
+    from flax_gated_linear_rnn import GatedLinearRNN, GatedLinearRNNLM       # before
+    from flax_minrnn.compat.flax_gated_linear_rnn import GatedLinearRNN, GatedLinearRNNLM
+
+* :class:`GatedLinearRNN`: :class:`flax_minrnn.GatedLinearRNN` (same
+  constructor fields and ``apply(params, x, carry=None) -> (carry, y)``);
+* :class:`GatedLinearRNNLM`: the package's language model;
+* :func:`from_flax_gated_linear_rnn`: converts the package's parameters, of
+  one ``GatedLinearRNN`` layer or of a whole ``GatedLinearRNNLM``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ from flax_minrnn.ops import checks
 Array = jax.Array
 Params = Any
 
-__all__ = ["GatedLinearRNNLM", "from_flax_gated_linear_rnn"]
+__all__ = ["GatedLinearRNN", "GatedLinearRNNLM", "from_flax_gated_linear_rnn"]
+
+GatedLinearRNN = layers_lib.GatedLinearRNN
 
 
 class _PackageTimeMixing(nn.Module):
@@ -200,7 +210,14 @@ def _dense_leaves(d, name: str, *, bias: bool) -> Dict[str, Any]:
 
 
 def from_flax_gated_linear_rnn(params: Params) -> Params:
-    """Converts ``flax_gated_linear_rnn.GatedLinearRNN`` params to ours.
+    """Converts the package's parameters: a ``GatedLinearRNN`` layer or a whole
+    ``GatedLinearRNNLM``.
+
+    A language model's tree (it has ``input_function``) keeps every name
+    (:class:`GatedLinearRNNLM` uses the package's) except inside each
+    ``time_mixing_layers_{l}/model``, converted as a layer (below), and a
+    learned ``wpe/embedding``, which becomes ``wpe/table/embedding``.  Build
+    the model with the same constructor arguments as the package's.
 
     The package's layer (version 1.0.3) computes, with ``W`` its ``proj`` and
     ``U`` its ``model/recurrent_proj`` (true-recurrence mode only)::
@@ -233,6 +250,9 @@ def from_flax_gated_linear_rnn(params: Params) -> Params:
         gated linear RNN.
     """
     inner, wrapped = checks.unwrap_params(params)
+    if "input_function" in inner:
+        result = _lm_from_package(inner)
+        return {"params": result} if wrapped else result
     keys = set(inner)
     if not {"proj", "out_proj"} <= keys or not keys <= {"proj", "out_proj", "model"}:
         raise ValueError(
@@ -261,3 +281,20 @@ def from_flax_gated_linear_rnn(params: Params) -> Params:
         result[layers_lib.RECURRENT_KERNEL] = rec["kernel"]
     return {"params": result} if wrapped else result
 
+
+def _lm_from_package(inner: Mapping) -> Dict[str, Any]:
+    """``GatedLinearRNNLM`` params of the package -> ours (see the caller)."""
+    out = {}
+    for key, value in inner.items():
+        if key.startswith("time_mixing_layers_"):
+            if not isinstance(value, Mapping) or "model" not in value:
+                raise ValueError(f"params['{key}'] must hold 'model' (the GatedLinearRNN) and "
+                                 f"'layer_norm_function'")
+            out[key] = {**value, "model": from_flax_gated_linear_rnn(value["model"])}
+        elif key == "wpe":
+            if set(value) != {"embedding"}:
+                raise ValueError(f"params['wpe'] must be {{'embedding': ...}}, got {sorted(value)}")
+            out[key] = {"table": dict(value)}
+        else:
+            out[key] = value
+    return out

@@ -11,13 +11,16 @@ gated MLP are those of :mod:`flax_minrnn.lm`, local attention is
 
 The model (:class:`Griffin`, configured by :class:`GriffinConfig`)::
 
-    x^0  = embed(tokens) * sqrt(hidden_size)            (embeddings_scale_by_sqrt_dim)
+    x^0  = embed(tokens) * bf16(sqrt(hidden_size))      (embeddings_scale_by_sqrt_dim)
     x'   = x^l + temporal^l(rmsnorm(x^l))                recurrent or local attention
     x^{l+1} = x' + W_down (gelu(W_gate u) * (W_up u)),   u = rmsnorm(x')
     logits  = cap * tanh(rmsnorm(x^L) E^T / cap)         tied embeddings, soft cap
 
-with ``temporal^l`` chosen by ``block_types`` (cycled over the layers).  The
-recurrent temporal block::
+with ``temporal^l`` chosen by ``block_types`` (cycled over the layers),
+``rmsnorm(x) = x / sqrt(mean(x^2) + eps) * (1 + scale_delta)`` (the
+zero-centred layout of the published checkpoints) and ``bf16(.)`` rounding to
+bfloat16, as both reference implementations do (``sqrt(2560)`` is used as
+``50.5``).  The recurrent temporal block::
 
     y = gelu(W_y x)
     u = RGLRU(conv1d(W_x x))
@@ -26,7 +29,8 @@ recurrent temporal block::
 Decoding state (:class:`GriffinCarry`): per block the RG-LRU state and the
 convolution's last ``conv1d_width - 1`` inputs (recurrent blocks) or a ring
 buffer of ``attention_window_size`` keys, values and positions (attention
-blocks), plus the position of the next token.  Its size does not grow with
+blocks; a query sees itself and the ``attention_window_size`` previous
+tokens), plus the position of the next token.  Its size does not grow with
 the sequence, so :func:`flax_minrnn.generate.generate` runs the model
 unchanged, arbitrarily far past the attention window.
 
@@ -46,7 +50,9 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from flax_minrnn.models import padding
 from flax_minrnn.nn import attention as attention_lib
 from flax_minrnn.nn import blocks
 from flax_minrnn.nn import dense as dense_lib
@@ -60,9 +66,19 @@ Dtype = Any
 
 __all__ = ["RGLRU", "RecurrentBlock", "RecurrentState", "GriffinConfig", "GriffinCarry",
            "Griffin", "ResidualBlock", "griffin_2b_config", "griffin_9b_config",
-           "count_params", "BLOCK_TYPES"]
+           "count_params", "embedding_scale", "BLOCK_TYPES", "HIDDEN_ACTIVATIONS"]
 
 BLOCK_TYPES = ("recurrent", "attention")
+HIDDEN_ACTIVATIONS = ("gelu_pytorch_tanh",)
+
+
+def _check_token_id(name: str, value, vocab_size: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= value < vocab_size:
+        raise ValueError(f"{name} must be None or a token id in [0, vocab_size={vocab_size}), "
+                         f"got {value!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -199,8 +215,11 @@ class GriffinConfig:
       num_key_value_heads: key/value heads (1: multi-query attention); divides
         ``num_attention_heads``.
       lru_width: RG-LRU width (``None``: ``hidden_size``).
-      attention_window_size: local attention window ``W >= 1`` (a query sees
-        itself and the ``W - 1`` previous tokens); also the cache size.
+      attention_window_size: local attention window ``W >= 1``: a query sees
+        itself and the ``W`` previous tokens of its document, as in the
+        reference implementation (Hugging Face's PyTorch model sees ``W - 1``
+        previous tokens; see :mod:`flax_minrnn.nn.attention`); also the number
+        of cache slots.
       conv1d_width: temporal width of the recurrent blocks' convolution (``>= 1``).
       logits_soft_cap: ``logits = cap * tanh(logits / cap)``; ``None`` or 0: off.
       rms_norm_eps: epsilon of the RMSNorms.
@@ -214,8 +233,17 @@ class GriffinConfig:
         projection of every temporal block and MLP (``None``: ``2 /
         num_hidden_layers``, as in the published configs).
       embeddings_scale_by_sqrt_dim: multiply the embeddings by
-        ``sqrt(hidden_size)`` (computed in the compute dtype; the reference
-        implementations round it to bfloat16).
+        ``sqrt(hidden_size)`` rounded to bfloat16 (as both reference
+        implementations do, so converted checkpoints give the same logits).
+      hidden_activation: activation of the MLP gate and of the recurrent
+        block's ``y`` branch; only ``'gelu_pytorch_tanh'`` (the tanh
+        approximation of GELU, Hugging Face's name) is supported.
+      attention_bias: biases on the attention's ``q``, ``k``, ``v``
+        projections (the published models have none).
+      attention_dropout: only ``0.0`` is supported (Griffin has no dropout).
+      pad_token_id, eos_token_id, bos_token_id: special token ids (``None``:
+        none), carried for tokenizers, :func:`flax_minrnn.generate` and
+        checkpoint conversion; ``eos_token_id`` may be a tuple of ids.
       scan_impl: the RG-LRU's scan implementation (a
         :class:`flax_minrnn.ops.scan.ScanImpl` name).
       dtype: compute dtype (states and logits are float32 regardless).
@@ -239,6 +267,12 @@ class GriffinConfig:
     w_init_variance_scale: float = 0.01
     final_w_init_variance_scale: Optional[float] = None
     embeddings_scale_by_sqrt_dim: bool = True
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    pad_token_id: Optional[int] = None
+    eos_token_id: Any = None
+    bos_token_id: Optional[int] = None
     scan_impl: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -282,9 +316,27 @@ class GriffinConfig:
         if self.final_w_init_variance_scale is not None:
             checks.check_positive_number("final_w_init_variance_scale", self.final_w_init_variance_scale)
         attention_lib.rotary_dim(self.head_dim, self.partial_rotary_factor)
-        if not isinstance(self.embeddings_scale_by_sqrt_dim, bool):
-            raise ValueError(f"embeddings_scale_by_sqrt_dim must be a bool, "
-                             f"got {self.embeddings_scale_by_sqrt_dim!r}")
+        for name in ("embeddings_scale_by_sqrt_dim", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.hidden_activation not in HIDDEN_ACTIVATIONS:
+            raise ValueError(f"hidden_activation must be one of {list(HIDDEN_ACTIVATIONS)} "
+                             f"(the tanh approximation of GELU), got {self.hidden_activation!r}")
+        if isinstance(self.attention_dropout, bool) or self.attention_dropout != 0:
+            raise ValueError(f"attention_dropout must be 0.0 (Griffin has no dropout), "
+                             f"got {self.attention_dropout!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            _check_token_id(name, getattr(self, name), self.vocab_size)
+        eos = self.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            if not eos:
+                raise ValueError("eos_token_id must be None, an id or a non-empty tuple of ids, "
+                                 "got an empty sequence")
+            for i, value in enumerate(eos):
+                _check_token_id(f"eos_token_id[{i}]", value, self.vocab_size)
+            object.__setattr__(self, "eos_token_id", tuple(int(v) for v in eos))  # hashable
+        else:
+            _check_token_id("eos_token_id", eos, self.vocab_size)
         scan_lib.resolve_impl(self.scan_impl, 1, name="scan_impl")
 
     @property
@@ -320,7 +372,8 @@ def _recurrent_gemma(overrides: dict, **shape) -> GriffinConfig:
                   conv1d_width=4, logits_soft_cap=30.0, rms_norm_eps=1e-6,
                   block_types=("recurrent", "recurrent", "attention"),
                   partial_rotary_factor=0.5, rope_theta=10000.0, w_init_variance_scale=0.01,
-                  embeddings_scale_by_sqrt_dim=True, **shape)
+                  embeddings_scale_by_sqrt_dim=True, pad_token_id=0, eos_token_id=1,
+                  bos_token_id=2, **shape)
     values.update(overrides)
     return GriffinConfig(**values)
 
@@ -350,6 +403,12 @@ def griffin_9b_config(**overrides) -> GriffinConfig:
                             intermediate_size=24_576, num_attention_heads=16, lru_width=4096)
 
 
+def embedding_scale(hidden_size: int) -> float:
+    """``sqrt(hidden_size)`` rounded to bfloat16, the embedding multiplier of
+    both reference implementations (``embeddings_scale_by_sqrt_dim``)."""
+    return float(np.asarray(math.sqrt(hidden_size), jnp.bfloat16).astype(np.float32))
+
+
 def count_params(config: GriffinConfig) -> int:
     """The number of parameters of ``Griffin(config)``, in closed form.
 
@@ -362,6 +421,7 @@ def count_params(config: GriffinConfig) -> int:
         recurrent block    3 H L + 2 L + H (W_y, W_x, W_out) + K L + L (conv)
                            + L (Lambda) + 2 (L^2 / n + L) (block-diagonal gates)
         attention block    H n d + 2 H g d (q, k, v) + n d H + H (output)
+                           (+ n d + 2 g d with attention_bias)
         final norm         H
     """
     h, l, e = config.hidden_size, config.state_width, config.mlp_width
@@ -370,7 +430,8 @@ def count_params(config: GriffinConfig) -> int:
     per_layer = 2 * h + 3 * h * e + 2 * e + h
     temporal = {
         "recurrent": 3 * h * l + 2 * l + h + k * l + l + l + 2 * (l * l // n + l),
-        "attention": h * n * d + 2 * h * g * d + n * d * h + h,
+        "attention": (h * n * d + 2 * h * g * d + n * d * h + h
+                      + (n * d + 2 * g * d if config.attention_bias else 0)),
     }
     layers = sum(per_layer + temporal[kind] for kind in config.layer_types)
     return config.vocab_size * h + layers + h
@@ -394,6 +455,12 @@ class GriffinCarry(NamedTuple):
     position: Array
 
 
+def _norm(cfg: GriffinConfig, name: str) -> blocks.Norm:
+    """RecurrentGemma's RMSNorm: ``x / sqrt(mean(x^2) + eps) * (1 + scale_delta)``."""
+    return blocks.Norm("rmsnorm", cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype,
+                       zero_centered=True, name=name)
+
+
 class ResidualBlock(nn.Module):
     """One Griffin residual block::
 
@@ -412,8 +479,7 @@ class ResidualBlock(nn.Module):
     def __call__(self, x: Array, state, *, positions: Array, starts: Array,
                  seq_lengths: Optional[Array]) -> Tuple[Any, Array]:
         cfg = self.config
-        norm = lambda name: blocks.Norm(  # pylint: disable=protected-access
-            "rmsnorm", cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        norm = lambda name: _norm(cfg, name)
         u = norm("temporal_pre_norm")(x)
         if self.block_type == "recurrent":
             state, y = RecurrentBlock(
@@ -427,7 +493,8 @@ class ResidualBlock(nn.Module):
                 num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
                 window=cfg.attention_window_size,
                 partial_rotary_factor=cfg.partial_rotary_factor, rope_theta=cfg.rope_theta,
-                final_w_init_variance_scale=cfg.final_init_scale, dtype=cfg.dtype,
+                final_w_init_variance_scale=cfg.final_init_scale,
+                qkv_bias=cfg.attention_bias, dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype, name="attention_block")(
                 u, state, positions=positions, seq_lengths=seq_lengths, reset=starts)
         x = x + y.astype(x.dtype)
@@ -487,10 +554,10 @@ class Griffin(nn.Module):
         checks.check_leaf_shapes(carry, ref, batch)
         return jax.tree.map(lambda got, want: got.astype(want.dtype), carry, ref)
 
-    @nn.compact
     def __call__(self, tokens: Array, carry: Optional[GriffinCarry] = None, *,
                  training: bool = False, seq_lengths: Optional[Array] = None,
-                 reset: Optional[Array] = None) -> Tuple[GriffinCarry, Array]:
+                 reset: Optional[Array] = None,
+                 attention_mask: Optional[Array] = None) -> Tuple[GriffinCarry, Array]:
         """Runs the model on ``tokens``; returns ``(carry, logits)``.
 
         Args:
@@ -504,6 +571,10 @@ class Griffin(nn.Module):
             last valid token); logits at padded steps are meaningless.
           reset: bool ``(batch, T)``: a new document starts there (every state
             restarts and positions restart at 0).
+          attention_mask: ``(batch, T)`` 0/1 or bool (Hugging Face's): ones on
+            the tokens, one contiguous run per row, e.g. left padding.  Each
+            row gives what its unpadded tokens give (logits at padded steps
+            are meaningless); exclusive with ``seq_lengths``.
 
         Returns:
           ``(carry, logits)``: the new carry and float32 logits ``(batch, T,
@@ -514,6 +585,22 @@ class Griffin(nn.Module):
             ``carry``, ``seq_lengths`` or ``reset``.
         """
         del training  # no dropout in Griffin
+        if attention_mask is None:
+            return self._run(tokens, carry, seq_lengths, reset)
+        if seq_lengths is not None:
+            raise ValueError("pass either attention_mask or seq_lengths, not both")
+        checks.check_tokens(tokens, self.config.vocab_size)
+        if tuple(getattr(attention_mask, "shape", ())) != tuple(tokens.shape):
+            raise ValueError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, "
+                             f"got {getattr(attention_mask, 'shape', None)}")
+        lengths, starts = padding.mask_to_lengths(attention_mask)
+        if reset is not None:
+            reset = padding.align_left(jnp.asarray(reset), starts)
+        carry, logits = self._run(padding.align_left(tokens, starts), carry, lengths, reset)
+        return carry, padding.restore(logits, starts)
+
+    @nn.compact
+    def _run(self, tokens, carry, seq_lengths, reset) -> Tuple[GriffinCarry, Array]:
         cfg = self.config
         checks.check_tokens(tokens, cfg.vocab_size)
         batch, seq_len = tokens.shape
@@ -531,7 +618,7 @@ class Griffin(nn.Module):
                          name="embedder")
         x = embed(tokens)
         if cfg.embeddings_scale_by_sqrt_dim:
-            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
+            x = x * jnp.asarray(embedding_scale(cfg.hidden_size), x.dtype)
         positions = blocks.token_positions(carry.position, seq_len, reset)
         # Position 0 starts a document (a fresh sequence or a reset).
         starts = positions == 0
@@ -540,8 +627,7 @@ class Griffin(nn.Module):
             state, x = ResidualBlock(cfg, kind, name=f"blocks_{i}")(
                 x, carry.blocks[i], positions=positions, starts=starts, seq_lengths=seq_lengths)
             states.append(state)
-        x = blocks.Norm("rmsnorm", cfg.rms_norm_eps, cfg.dtype,  # pylint: disable=protected-access
-                         cfg.param_dtype, name="final_norm")(x)
+        x = _norm(cfg, "final_norm")(x)
         logits = embed.attend(x).astype(checks.accum_dtype(cfg.dtype))
         if cfg.logits_soft_cap:
             cap = jnp.asarray(cfg.logits_soft_cap, logits.dtype)

@@ -3,9 +3,12 @@
 The backbone is ``LM(config, use_head=False)``: the same blocks as the
 language model, returning the final-normed hidden states ``z_t``
 (``(batch, time, d_model)``).  Padding is given by ``attention_mask``
-(``(batch, time)`` bool/int, right padding: ones then zeros) or
-``seq_lengths`` (``(batch,)``); padded steps change no state, so every head
-is invariant to the amount of padding.
+(``(batch, time)`` bool/int, Hugging Face's: ones on the tokens, one
+contiguous run per row, so left padding (zeros then ones) and right padding
+both work) or ``seq_lengths`` (``(batch,)``, right padding); padded steps
+change no state, so every head is invariant to the amount and side of
+padding (a left-padded row is moved to the front, run, and its per-token
+outputs moved back; see :mod:`flax_minrnn.models.padding`).
 
 Bidirectional heads add a backward recurrence: a second backbone
 (``backward``) reads each row's valid prefix reversed,
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flax_minrnn.models import padding
 from flax_minrnn.models.lm import LM, LMConfig
 from flax_minrnn.nn import dense as dense_lib
 from flax_minrnn.ops import checks
@@ -72,19 +76,25 @@ def reverse_valid(x: Array, seq_lengths: Array) -> Array:
 
 
 class _Features(nn.Module):
-    """Backbone features ``(batch, time, d)`` and the valid lengths."""
+    """Backbone features ``(batch, time, d)`` with each row's tokens moved to
+    the front, the valid lengths, and where each row's tokens started."""
 
     config: LMConfig
     bidirectional: bool = False
 
     @nn.compact
     def __call__(self, tokens, *, attention_mask=None, seq_lengths=None,
-                 training: bool = False) -> Tuple[Array, Array]:
+                 training: bool = False) -> Tuple[Array, Array, Array]:
         batch, seq_len = tokens.shape[:2]
         if attention_mask is not None and seq_lengths is not None:
             raise ValueError("pass either attention_mask or seq_lengths, not both")
+        starts = jnp.zeros((batch,), jnp.int32)
         if attention_mask is not None:
-            seq_lengths = lengths_from_mask(attention_mask)
+            if tuple(getattr(attention_mask, "shape", ())) != (batch, seq_len):
+                raise ValueError(f"attention_mask must have the tokens' shape "
+                                 f"{(batch, seq_len)}, got {getattr(attention_mask, 'shape', None)}")
+            seq_lengths, starts = padding.mask_to_lengths(attention_mask)
+            tokens = padding.align_left(tokens, starts)
         lengths = (jnp.full((batch,), seq_len, jnp.int32) if seq_lengths is None
                    else checks.check_seq_lengths(seq_lengths, batch, seq_len).astype(jnp.int32))
         _, z = LM(self.config, use_head=False, name="backbone")(
@@ -94,7 +104,7 @@ class _Features(nn.Module):
                 reverse_valid(tokens, lengths), training=training, seq_lengths=lengths)
             z = jnp.concatenate([z, reverse_valid(zb, lengths)], axis=-1)
         valid = checks.lengths_to_mask(lengths, seq_len)
-        return jnp.where(valid[:, :, None], z, jnp.zeros((), z.dtype)), lengths
+        return jnp.where(valid[:, :, None], z, jnp.zeros((), z.dtype)), lengths, starts
 
 
 class SequenceClassifier(nn.Module):
@@ -128,7 +138,7 @@ class SequenceClassifier(nn.Module):
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        z, lengths = _Features(self.config, self.bidirectional, name="features")(
+        z, lengths, _ = _Features(self.config, self.bidirectional, name="features")(
             tokens, attention_mask=attention_mask, seq_lengths=seq_lengths, training=training)
         d = self.config.d_model
         if self.pooling == "mean":
@@ -164,9 +174,10 @@ class TokenClassifier(nn.Module):
                  training: bool = False) -> Array:
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        z, _ = _Features(self.config, self.bidirectional, name="features")(
+        z, _, starts = _Features(self.config, self.bidirectional, name="features")(
             tokens, attention_mask=attention_mask, seq_lengths=seq_lengths, training=training)
-        return dense_lib.Dense(self.num_classes, name="classifier")(z).astype(jnp.float32)
+        logits = dense_lib.Dense(self.num_classes, name="classifier")(z).astype(jnp.float32)
+        return padding.restore(logits, starts)  # logits[b, t] belongs to tokens[b, t]
 
 
 # ----------------------------------------------------------------------------

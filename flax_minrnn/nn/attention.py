@@ -2,10 +2,11 @@
 
 The temporal block of Griffin's attention layers (De et al. 2024, "Griffin",
 arXiv 2402.19427).  For a query at absolute position ``p`` the keys it sees
-are those of the same document with positions in ``(p - W, p]`` (itself and
-the ``W - 1`` previous tokens; ``W = window``)::
+are those of the same document with positions in ``[p - W, p]`` (itself and
+the ``W`` previous tokens; ``W = window``), as in the reference implementation
+(google-deepmind/recurrentgemma), whose published weights were trained so::
 
-    q, k, v   = x W_q, x W_k, x W_v                 (no biases)
+    q, k, v   = x W_q, x W_k, x W_v                 (biases only with qkv_bias)
     q, k      = rope(q, p), rope(k, p)              on the first rotary dims of each head
     s_{t,j}   = q_t . k_j / sqrt(head_dim)          j in window(t), same document, valid
     y_t       = W_o concat_heads(softmax_j(s_{t,j}) v_j) + b_o
@@ -29,10 +30,12 @@ runs the same code: the new keys are appended to the buffer's, the mask is
 computed from absolute positions (so a multi-token call with a filled cache,
 i.e. chunked prefill, and a one-token decode step are the same computation),
 and the buffer then keeps the last ``W`` valid tokens of the current document.
+``W`` slots suffice for ``W + 1`` visible keys: a query at ``p`` needs the
+cached ``[p - W, p - 1]`` (at most ``W`` tokens) and the tokens of its own call.
 
-Note: the reference implementations (google-deepmind/recurrentgemma) admit
-keys in ``[p - W, p]`` (``W + 1`` tokens); here the window is ``W`` tokens,
-exactly what the ``W``-slot buffer holds.
+Hugging Face's PyTorch ``RecurrentGemmaForCausalLM`` masks with ``(p - W, p]``
+(``W`` keys); it agrees with this module on the first ``W`` tokens of a
+document and differs by the key at distance ``W`` after them.
 """
 
 from __future__ import annotations
@@ -102,7 +105,8 @@ def apply_rope(x: Array, positions: Array, rot: int, base: float) -> Array:
       base: the RoPE base (``rope_theta``).
 
     Returns:
-      ``x`` rotated, same shape and dtype (angles computed in float32).
+      ``x`` rotated, same shape and dtype (angles computed in float32, the
+      rotation in float32, or float64 for float64 ``x``).
     """
     half = rot // 2
     inv_freq = jnp.exp(jnp.arange(half, dtype=jnp.float32)
@@ -110,8 +114,9 @@ def apply_rope(x: Array, positions: Array, rot: int, base: float) -> Array:
     lead = x.ndim - 1  # batch, time and the head axes
     pos = positions.astype(jnp.float32).reshape(positions.shape + (1,) * (lead - 2) + (1,))
     theta = pos * inv_freq.reshape((1,) * lead + (half,))
-    cos, sin = jnp.cos(theta), jnp.sin(theta)
-    xf = x.astype(jnp.float32)
+    accum = checks.accum_dtype(x.dtype)
+    cos, sin = jnp.cos(theta).astype(accum), jnp.sin(theta).astype(accum)
+    xf = x.astype(accum)
     x1, x2, rest = xf[..., :half], xf[..., half:rot], xf[..., rot:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.astype(x.dtype)
@@ -133,18 +138,23 @@ class LocalAttention(nn.Module):
         cache, y2 = attn.apply(params, x2, cache)        # continue (any length)
 
     Parameters: ``proj_q`` ``(width, num_heads * head_dim)``, ``proj_k``,
-    ``proj_v`` ``(width, num_kv_heads * head_dim)`` (no biases), ``proj_final``
+    ``proj_v`` ``(width, num_kv_heads * head_dim)`` (biases only with
+    ``qkv_bias``), ``proj_final``
     ``(num_heads * head_dim, width)`` with a bias.
 
     Attributes:
       num_heads: query heads; must divide the input width (``head_dim =
         width / num_heads``).
       num_kv_heads: key/value heads; must divide ``num_heads``.
-      window: ``W >= 1``: a query sees itself and the ``W - 1`` previous tokens.
+      window: ``W >= 1``: a query sees itself and the ``W`` previous tokens
+        (``W`` is also the number of cache slots).
       partial_rotary_factor: fraction of each head's dimensions rotated.
       rope_theta: RoPE base.
       final_w_init_variance_scale: variance scale (fan-in) of ``proj_final``.
-      dtype: compute dtype (``None``: the input's); logits and softmax in float32.
+      qkv_bias: give ``proj_q``, ``proj_k`` and ``proj_v`` biases (Hugging
+        Face's ``attention_bias``; the published models have none).
+      dtype: compute dtype (``None``: the input's); logits and softmax in float32
+        (float64 for a float64 dtype).
       param_dtype: parameter dtype.
     """
 
@@ -154,6 +164,7 @@ class LocalAttention(nn.Module):
     partial_rotary_factor: float = 0.5
     rope_theta: float = 10000.0
     final_w_init_variance_scale: float = 1.0
+    qkv_bias: bool = False
     dtype: Optional[Any] = None
     param_dtype: Any = jnp.float32
 
@@ -221,9 +232,9 @@ class LocalAttention(nn.Module):
         fan_in = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
         kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
         x = x.astype(dtype)
-        q = dense(self.num_heads * head_dim, "proj_q", False, fan_in)(x)
-        k = dense(kv * head_dim, "proj_k", False, fan_in)(x)
-        v = dense(kv * head_dim, "proj_v", False, fan_in)(x)
+        q = dense(self.num_heads * head_dim, "proj_q", self.qkv_bias, fan_in)(x)
+        k = dense(kv * head_dim, "proj_k", self.qkv_bias, fan_in)(x)
+        v = dense(kv * head_dim, "proj_v", self.qkv_bias, fan_in)(x)
         q = apply_rope(q.reshape(batch, seq_len, kv, groups, head_dim), positions, rot,
                        self.rope_theta)
         k = apply_rope(k.reshape(batch, seq_len, kv, head_dim), positions, rot, self.rope_theta)
@@ -237,7 +248,7 @@ class LocalAttention(nn.Module):
         key_ok = jnp.concatenate([carry.positions >= 0, new_valid], axis=1)
         q_pos = positions[:, :, None]
         mask = (key_ok[:, None, :] & (key_pos[:, None, :] <= q_pos)
-                & (key_pos[:, None, :] > q_pos - self.window))
+                & (key_pos[:, None, :] >= q_pos - self.window))
         doc = None
         if reset is not None:
             # Document of every key: the cache belongs to document 0.
@@ -245,9 +256,10 @@ class LocalAttention(nn.Module):
             key_doc = jnp.concatenate([jnp.zeros((batch, self.window), jnp.int32), doc], axis=1)
             mask = mask & (key_doc[:, None, :] == doc[:, :, None])
 
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
-        logits = logits * jnp.float32(1.0 / math.sqrt(head_dim))
-        logits = jnp.where(mask[:, None, None], logits, jnp.float32(_MASKED))
+        accum = checks.accum_dtype(dtype)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=accum)
+        logits = logits * jnp.asarray(1.0 / math.sqrt(head_dim), accum)
+        logits = jnp.where(mask[:, None, None], logits, jnp.asarray(_MASKED, accum))
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
         out = out.reshape(batch, seq_len, self.num_heads * head_dim)

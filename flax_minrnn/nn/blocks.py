@@ -114,19 +114,29 @@ class Norm(nn.Module):
     Parameters ``scale`` (ones) and ``bias`` (zeros, layernorm), the layout of
     ``flax.linen.RMSNorm`` / ``LayerNorm``.  Written out (instead of using
     those) so that bfloat16 parameters work under strict dtype promotion.
+
+    With ``zero_centered=True`` the parameter is ``scale_delta`` (zeros) and
+    the factor is ``1 + scale_delta`` (computed in float32), the layout of
+    RecurrentGemma's and Gemma's RMSNorm: a checkpoint stored that way
+    converts by copying, bit for bit, in both directions.
     """
 
     kind: str
     eps: float
     dtype: Any
     param_dtype: Any
+    zero_centered: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d = x.shape[-1]
         f = checks.accum_dtype(x.dtype)
         x = x.astype(f)
-        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+        if self.zero_centered:
+            delta = self.param("scale_delta", nn.initializers.zeros, (d,), self.param_dtype)
+            scale = jnp.asarray(1.0, f) + delta.astype(f)
+        else:
+            scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype).astype(f)
         eps = jnp.asarray(self.eps, f)
         if self.kind == "rmsnorm":
             y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)

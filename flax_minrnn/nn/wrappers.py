@@ -5,7 +5,8 @@
 * :class:`Bidirectional` runs a forward and a backward layer (separate
   weights) over the whole sequence and merges their time-aligned outputs.
 * :class:`Stack` chains layers, optionally with pre-norm, residual
-  connections and dropout between layers.
+  connections (per layer, projected where a layer changes the width) and
+  dropout between layers.
 
 All wrappers take the layers' call signature ``(x, carry=None, *,
 seq_lengths=None, mask=None, reset=None) -> (carry, y)``; carries of wrappers
@@ -17,13 +18,13 @@ layer is constructed inside another module's ``@nn.compact`` method):
 
 * ``RNNCell``: ``{'rnn': <layer params>}``;
 * ``Bidirectional``: ``{'fwd': ..., 'bwd': ...}``;
-* ``Stack``: ``{'rnn_0': ..., 'rnn_1': ..., 'norms_0': ..., ...}``.
+* ``Stack``: ``{'rnn_0': ..., 'rnn_1': ..., 'norms_0': ..., 'skip_proj_0': ...}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -232,6 +233,29 @@ class Bidirectional(nn.Module):
 _NORMS = {"rmsnorm": nn.RMSNorm, "layernorm": nn.LayerNorm}
 
 
+def _per_layer_residual(residual, n: int) -> Tuple[bool, ...]:
+    if isinstance(residual, bool):
+        return (residual,) * n
+    if isinstance(residual, (tuple, list)) and len(residual) == n \
+            and all(isinstance(r, bool) for r in residual):
+        return tuple(residual)
+    raise ValueError(f"residual must be a bool or a sequence of {n} bools (one per layer), "
+                     f"got {residual!r}")
+
+
+class _SkipProjection(nn.Module):
+    """``x W + b`` (``W``: lecun normal, ``b``: zeros), mapping a residual to a
+    layer's output width, which is known only when the layer has run."""
+
+    @nn.compact
+    def __call__(self, x: Array, features: int) -> Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        y = jnp.einsum("...i,ij->...j", x, kernel.astype(x.dtype))
+        return y + bias.astype(x.dtype)[(None,) * (x.ndim - 1)]
+
+
 class Stack(nn.Module):
     """Layers applied one after the other (a multi-layer RNN).
 
@@ -240,8 +264,13 @@ class Stack(nn.Module):
         u^l     = norm_l(x^l)                  (pre-norm; identity if norm=None)
         c^l, z^l = layer_l(u^l, carry^l)
         z^l     = dropout(z^l)                 (not after the last layer)
-        x^{l+1} = x^l + z^l   (residual=True)   or   z^l
+        x^{l+1} = s_l(x^l) + z^l  (residual[l])   or   z^l
         y       = x^L
+
+    where the skip ``s_l`` is the identity, or, when layer ``l`` changes the
+    width (e.g. a first layer reading 3 input features into 64), the input
+    projection ``s_l(x) = x W_l + b_l`` (parameters ``skip_proj_<l>``, created
+    only then), as torch-mingru's ``residual=True`` does for its first layer.
 
     Every layer gets the same ``seq_lengths``/``mask``/``reset``.  The carry is
     the tuple ``(c^0, .., c^{L-1})``, so a long sequence can be processed in
@@ -254,10 +283,12 @@ class Stack(nn.Module):
         carry, y = stack.apply(variables, x, deterministic=False,
                                rngs={"dropout": key})              # training
 
-    Like torch-mingru's ``MinGRU(..., num_layers, dropout, residual)``;
-    ``dropout`` acts on each layer's output (the residual branch when
-    ``residual=True``) and needs a ``'dropout'`` rng when ``deterministic``
-    is False.
+    Like torch-mingru's ``MinGRU(input_dims, hidden_dims, num_layers,
+    dropout, residual)``, which is ``Stack([MinGRU(d_h=H, d_model=H,
+    candidate_activation=g_activation)] * L, residual=True, dropout=p)``
+    started from ``carry = 0.5`` (its ``g(0)``); ``dropout`` acts on each
+    layer's output (the residual branch; torch-mingru drops the sum) and needs
+    a ``'dropout'`` rng when ``deterministic`` is False.
 
     Attributes:
       layers: the layers (cloned; parameters under ``'rnn_<l>'``): modules
@@ -265,7 +296,8 @@ class Stack(nn.Module):
         mask, reset) -> (carry, y)``, e.g. MinGRU, MinLSTM, GatedLinearRNN or
         :class:`Bidirectional`.
       dropout: dropout rate in ``[0, 1)`` between layers.
-      residual: add each layer's input to its output (widths must match).
+      residual: add each layer's input (projected where the layer changes the
+        width) to its output: a bool for every layer, or one bool per layer.
       norm: ``None``, ``'rmsnorm'`` or ``'layernorm'``: pre-norm on each
         layer's input (parameters under ``'norms_<l>'``).
       eps: epsilon of the norm.
@@ -273,7 +305,7 @@ class Stack(nn.Module):
 
     layers: Sequence[nn.Module]
     dropout: float = 0.0
-    residual: bool = False
+    residual: Union[bool, Sequence[bool]] = False
     norm: Optional[str] = None
     eps: float = 1e-5
 
@@ -292,7 +324,9 @@ class Stack(nn.Module):
                 f"norm must be None, 'rmsnorm' or 'layernorm', got {self.norm!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}")
+        self._residual = _per_layer_residual(self.residual, len(self.layers))
         self.rnn = [layer.clone() for layer in self.layers]
+        self.skip_proj = [_SkipProjection() for _ in self.layers]
         if self.norm is not None:
             self.norms = [_NORMS[self.norm](epsilon=self.eps) for _ in self.layers]
         self.drop = nn.Dropout(rate=self.dropout)
@@ -326,12 +360,8 @@ class Stack(nn.Module):
             new_carries.append(c)
             if self.dropout > 0.0 and i < n - 1:
                 z = self.drop(z, deterministic=deterministic)
-            if self.residual:
-                if z.shape != x.shape:
-                    raise ValueError(
-                        f"residual=True needs every layer's output width to equal its "
-                        f"input width: layers[{i}] maps {x.shape[-1]} features to "
-                        f"{z.shape[-1]} (set d_model / use_out_proj, or residual=False)")
-                z = x + z.astype(x.dtype)
+            if self._residual[i]:
+                skip = x if z.shape[-1] == x.shape[-1] else self.skip_proj[i](x, z.shape[-1])
+                z = skip.astype(z.dtype) + z
             x = z
         return tuple(new_carries), x

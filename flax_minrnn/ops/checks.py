@@ -269,7 +269,7 @@ def unwrap_params(params, name: str = "params") -> Tuple[Dict, bool]:
 
 
 
-def _varying_axes(x) -> frozenset:
+def varying_axes(x) -> frozenset:
     """The manual mesh axes ``x`` varies over (inside ``shard_map``)."""
     aval = jax.typeof(x)
     mat = getattr(aval, "manual_axis_type", None)
@@ -288,12 +288,29 @@ def same_varying(*trees):
     the trees are returned unchanged.
     """
     leaves = [leaf for tree in trees for leaf in jax.tree.leaves(tree)]
-    axes = frozenset().union(*(_varying_axes(leaf) for leaf in leaves))
+    axes = frozenset().union(*(varying_axes(leaf) for leaf in leaves))
     if not axes:
         return trees
 
     def cast(leaf):
-        missing = tuple(sorted(axes - _varying_axes(leaf)))
+        missing = tuple(sorted(axes - varying_axes(leaf)))
         return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
 
     return tuple(jax.tree.map(cast, tree) for tree in trees)
+
+
+def shape_like(shape, dtype, like) -> jax.ShapeDtypeStruct:
+    """A ``ShapeDtypeStruct`` that varies over the same manual mesh axes as
+    ``like``, for kernels (``pallas_call``) that declare their outputs.
+
+    Inside ``shard_map`` with ``check_vma`` an output type must say how it
+    varies across the mesh; outside it this is a plain ``ShapeDtypeStruct``.
+    """
+    aval = jax.typeof(like)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+    vma = getattr(aval, "vma", None)
+    if vma:
+        return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+    return jax.ShapeDtypeStruct(shape, dtype)

@@ -35,7 +35,7 @@ from jax.interpreters import ad, batching, mlir
 
 from flax_minrnn.ops import checks
 
-__all__ = ["linear_op", "matmul", "SecondOrderError"]
+__all__ = ["linear_op", "matmul", "SecondOrderError", "refuse_export"]
 
 
 class SecondOrderError(NotImplementedError):
@@ -89,6 +89,10 @@ def linear_op(fun: Callable[[Any, Any], Any], transpose: Callable[[Any, Any], An
     Returns:
       ``fun(residuals, x)``.
     """
+    # Inside shard_map, an operand replicated over a mesh axis (a weight) and
+    # one split over it (the batch) must vary alike; the cast's transpose sums
+    # the replicated operand's cotangent over that axis.
+    residuals, x = checks.same_varying(residuals, x)
     res_flat, res_tree = jax.tree.flatten(residuals)
     lin_flat, lin_tree = jax.tree.flatten(x)
     out_tree = jax.tree.structure(jax.eval_shape(fun, residuals, x))
@@ -231,3 +235,32 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """
     dtype = jnp.result_type(x, w)
     return _matmul(x.astype(dtype), w.astype(dtype))
+
+
+# ----------------------------------------------------------------------------
+# Backends that jax.export cannot serialise.
+
+
+_refuse_export_p = jcore.Primitive("flax_minrnn_refuse_export")
+_refuse_export_p.def_impl(lambda x, *, message: x)
+_refuse_export_p.def_abstract_eval(lambda x, *, message: x)
+ad.deflinear2(_refuse_export_p, lambda ct, x, *, message: [ct])
+batching.primitive_batchers[_refuse_export_p] = (
+    lambda args, dims, *, message: (_refuse_export_p.bind(*args, message=message), dims[0]))
+
+
+def _refuse_export_lowering(ctx, x, *, message):
+    if ctx.module_context.lowering_parameters.for_export:
+        raise ValueError(message)
+    return [x]
+
+
+mlir.register_lowering(_refuse_export_p, _refuse_export_lowering)
+
+
+def refuse_export(x: jax.Array, message: str) -> jax.Array:
+    """``x`` itself, except that lowering it for :mod:`jax.export` raises
+    ``ValueError(message)``: placed in front of a kernel that cannot be
+    serialised, so the error names the way out instead of a custom-call
+    target."""
+    return _refuse_export_p.bind(x, message=message)

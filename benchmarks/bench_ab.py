@@ -1,0 +1,162 @@
+"""Interleaved A/B of this checkout's layers against another commit's, in one process.
+
+Run::
+
+    python -m benchmarks.bench_ab --base 93fcfe8            # vs that commit's scan_impl="auto"
+    python -m benchmarks.bench_ab --base HEAD~3 --T 1024 4096 --rounds 9
+
+The package of ``--base`` is exported with ``git archive`` into a temporary
+folder and imported under another name (``flax_minrnn_base``), so both
+versions run side by side in the same plain process (nothing tuned unless
+``--malloc tuned``).  Per layer and T, forward+backward (``grad`` of
+``sum(y)`` w.r.t. parameters and input, B = 8, d = 256, float32) of:
+
+* ``head[auto]`` and ``head[native]``: this checkout;
+* ``base[auto]``: the base commit's default;
+* the naive minGRU of :mod:`benchmarks.bench_layers` (one fused ``Dense`` and
+  ``lax.scan``).
+
+The rounds are interleaved (every variant once per round, in turn) and the
+report gives medians and ratios.  Parameters are shared (the param trees are
+identical across the versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import harness
+from benchmarks.bench_layers import NaiveMinGRU, make_input
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def export_base(commit: str, dest: pathlib.Path) -> str:
+    """Exports ``flax_minrnn/`` of ``commit`` as the package ``flax_minrnn_base``."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "flax_minrnn"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    src, out = dest / "flax_minrnn", dest / "flax_minrnn_base"
+    src.rename(out)
+    for path in out.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        path.write_text(re.sub(r"\bflax_minrnn\b", "flax_minrnn_base", text), encoding="utf-8")
+    sys.path.insert(0, str(dest))
+    return "flax_minrnn_base"
+
+
+def _fwdbwd(module):
+    def loss(params, x):
+        return jnp.sum(module.apply(params, x)[1].astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _naive_fwdbwd(module):
+    def loss(params, x):
+        return jnp.sum(module.apply(params, x).astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 256,
+        log=print) -> Dict:
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    base = importlib.import_module(export_base(base_commit, tmp))
+    head = importlib.import_module("flax_minrnn")
+    results = {"machine": harness.machine_info(), "base": base_commit, "B": b, "D": d,
+               "rounds": rounds, "rows": []}
+    for t in ts:
+        x = make_input(b, t, d)
+        for family in ("MinGRU", "MinLSTM", "GatedLinearRNN"):
+            kw = dict(d_h=d, d_model=d) if family == "GatedLinearRNN" else dict(d_h=d)
+            variants = {
+                "head[auto]": _fwdbwd(getattr(head, family)(scan_impl="auto", **kw)),
+                "base[auto]": _fwdbwd(getattr(base, family)(scan_impl="auto", **kw)),
+            }
+            if family != "GatedLinearRNN":
+                variants["head[native]"] = _fwdbwd(getattr(head, family)(scan_impl="native",
+                                                                         **kw))
+            if family == "MinGRU":
+                naive = NaiveMinGRU(d)
+                variants["naive"] = _naive_fwdbwd(naive)
+            params = getattr(head, family)(**kw).init(jax.random.PRNGKey(0), x[:, :4])
+            naive_params = NaiveMinGRU(d).init(jax.random.PRNGKey(0), x[:, :4])
+            args = {k: ((naive_params if k == "naive" else params), x) for k in variants}
+            compiled = {}
+            for k, f in variants.items():
+                t0 = time.perf_counter()
+                compiled[k] = f.lower(*args[k]).compile()
+                jax.block_until_ready(compiled[k](*args[k]))
+                log(f"T={t} {family} {k}: compiled in {time.perf_counter() - t0:.2f} s")
+            times: Dict[str, List[float]] = {k: [] for k in variants}
+            for _ in range(rounds):
+                for k in variants:
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(compiled[k](*args[k]))
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+            med = {k: float(np.median(v)) for k, v in times.items()}
+            row = dict(T=t, family=family, median_ms=med, all_ms=times)
+            results["rows"].append(row)
+            log(f"T={t} {family}: " + "  ".join(f"{k} {v:.1f} ms" for k, v in med.items()))
+    return results
+
+
+def report(results: Dict) -> str:
+    lines = [f"# A/B against {results['base']} (B={results['B']}, d={results['D']}, "
+             f"fwd+bwd, median of {results['rounds']} interleaved rounds, "
+             f"malloc {results['machine'].get('malloc')})", "",
+             f"Machine: {results['machine']['cpu_model']} ({results['machine']['cpu_count']} "
+             f"CPUs), jax {results['machine']['jax_version']}.", "",
+             "| T | layer | head auto ms | base auto ms | head/base | head native ms | "
+             "naive ms | naive/head |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    naive = {r["T"]: r["median_ms"].get("naive") for r in results["rows"]
+             if r["family"] == "MinGRU"}
+    for r in results["rows"]:
+        m = r["median_ms"]
+        nv = naive.get(r["T"])
+        head_ms = m["head[auto]"]
+        speedup = "–" if nv is None else f"{nv / head_ms:.2f}"
+        lines.append(
+            f"| {r['T']} | {r['family']} | {head_ms:.1f} | {m['base[auto]']:.1f} | "
+            f"{head_ms / m['base[auto]']:.2f} | "
+            f"{harness.fmt_ms(m.get('head[native]'))} | {harness.fmt_ms(nv)} | {speedup} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="the commit to compare against (required)")
+    p.add_argument("--T", type=int, nargs="+", default=[1024, 4096],
+                   help="sequence lengths (default: 1024 4096)")
+    p.add_argument("--rounds", type=int, default=9,
+                   help="interleaved rounds per length and layer (default: 9)")
+    p.add_argument("--out", default=None,
+                   help="write the JSON and the Markdown table here (default: print only)")
+    harness.add_malloc_flag(p)
+    args = p.parse_args(argv)
+    harness.apply_malloc(args.malloc)
+    results = run(args.base, args.T, args.rounds)
+    text = report(results)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        harness.write_json(os.path.join(args.out, "bench_ab.json"), results)
+        with open(os.path.join(args.out, "bench_ab.md"), "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
