@@ -35,7 +35,7 @@ ConfigDict = ml_collections.ConfigDict
 FREE_FORM = ("data.task_kwargs",)
 # Allowed values of enumerated string fields.
 CHOICES = {
-    "data.name": ("char", "selective_copying", "parity", "mqar"),
+    "data.name": ("char", "selective_copying", "parity", "mqar", "s5"),
     "model.architecture": ("lm", "griffin"),
     "model.time_mixing": ("mingru", "minlstm", "glrnn", "rglru"),
     "model.norm": ("rmsnorm", "layernorm"),
@@ -96,7 +96,7 @@ def default_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     c.data = ConfigDict(dict(
-        name="char",               # 'char'|'selective_copying'|'parity'|'mqar'
+        name="char",               # 'char'|'selective_copying'|'parity'|'mqar'|'s5'
         path="",                   # '' = embedded Tiny Shakespeare
         seq_len=128,
         batch_size=32,
