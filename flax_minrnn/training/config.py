@@ -205,7 +205,8 @@ def default_config() -> ConfigDict:
     # One command for both stages (flax_minrnn.training.two_stage): with
     # stage2 (a list of "key=value" overrides) non-empty, the run trains this
     # config as stage 1 in workdir/stage1, then stage 2 (true recurrence,
-    # initialised from stage 1, plus the overrides) in workdir/stage2.
+    # initialised from stage 1, plus the overrides) in workdir/stage2. On the
+    # command line the overrides are comma-separated, so none may hold a comma.
     c.two_stage = ConfigDict(dict(stage2=[]))
     # Devices (flax_minrnn.training.mesh; README "Multi-device"). shape [] = one
     # device, no mesh; e.g. shape [8] axis_names ["data"], or [2, 4] with

@@ -102,6 +102,15 @@ from flax.core import unfreeze
 from flax_minrnn.nn.recurrent import RECURRENT_KERNEL, GatedRecurrence
 
 STAGE1_DIR, STAGE2_DIR = "stage1", "stage2"
+# Stage-2 overrides of each recipe with example values (configs/two_stage_*.py).
+RECIPE_OVERRIDES = {
+    "zeros": [],
+    "lr": ["optim.recurrent_lr_multiplier=10"],
+    "random": ["init_from.recurrent_init=random", "init_from.recurrent_init_scale=0.1"],
+    "blend": ["init_from.recurrent_init=random", "init_from.recurrent_init_scale=0.5",
+              "init_from.compensate_bias=false", "train.recurrence_blend_steps=200"],
+    "tbptt": ["train.tbptt_length=16"],
+}
 
 
 def has_recurrent_kernels(params) -> bool:
