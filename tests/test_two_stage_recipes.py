@@ -261,6 +261,15 @@ def test_two_stage_killed_in_each_stage_resumes_bit_exactly(two_stage_run, tmp_p
     m = train.train_and_evaluate(config, workdir, stop_at_step=4)   # Stage 2, step 1.
     assert (m["stage"], m["step"]) == (2, 1)
     assert "max |logit difference|" in capsys.readouterr().out
+    # load_run gives the function at the saved step: U * alpha(1) = U / 2.
+    s2 = os.path.join(workdir, ts.STAGE2_DIR)
+    _, loaded, _, _ = train.load_run(s2)
+    loaded = {jax.tree_util.keystr(p): np.asarray(x)
+              for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+    raw = final_params(s2)
+    for k, v in raw.items():
+        want = v * np.float32(0.5) if "recurrent_kernel" in k else v
+        np.testing.assert_array_equal(loaded[k], want, err_msg=k)
     m = train.train_and_evaluate(config, workdir)
     assert (m["stage"], m["step"]) == (2, 3)
     for d in (ts.STAGE1_DIR, ts.STAGE2_DIR):
