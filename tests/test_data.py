@@ -318,7 +318,7 @@ def test_mqar_more_queries_than_pairs():
 
 def test_make_task_errors():
     with pytest.raises(ValueError,
-                       match="'copy'.*char, mqar, parity, selective_copying"):
+                       match="'copy'.*char, mqar, parity, s5, selective_copying"):
         make_task("copy")
     with pytest.raises(TypeError, match="seq_len"):
         make_task("parity", seq_len=16)

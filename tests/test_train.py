@@ -31,6 +31,7 @@ SMALL_TASKS = {
     "parity": ["data.task_kwargs.max_len=6"],
     "mqar": ["data.task_kwargs.num_kv_pairs=4",
              "data.task_kwargs.num_queries=4"],
+    "s5": ["data.task_kwargs.max_len=6"],
 }
 
 

@@ -24,9 +24,10 @@ path for every ``T >= 1``):
 In true-recurrence mode (``use_true_recurrence=True``) the pre-activations
 also see the previous state, ``pre_t = in_proj(x_t) + h_{t-1} @ U`` with a
 recurrent kernel ``U`` initialised to zero, so the layer runs one step at a
-time; each step calls the same gate function and the same scan (with
-``T = 1``).  With ``U = 0`` both modes compute the same function, which is
-what two-stage training relies on (:mod:`flax_minrnn.training.migrate`).
+time (:func:`flax_minrnn.ops.true_recurrence.true_recurrence_with_readout`,
+the same gate function, a hand-written backward pass; ``T = 1`` decodes).
+With ``U = 0`` both modes compute the same function, which is what
+two-stage training relies on (:mod:`flax_minrnn.training.migrate`).
 
 Options shared by all layers (call arguments): ``carry`` (``None`` = zeros),
 ``seq_lengths`` or ``mask`` (padded steps keep the state; their outputs are
@@ -50,6 +51,7 @@ from flax_minrnn.ops import checks
 from flax_minrnn.ops import gated as gated_lib
 from flax_minrnn.ops import parallel as parallel_lib
 from flax_minrnn.ops import scan as scan_lib
+from flax_minrnn.ops import true_recurrence as true_recurrence_lib
 
 Array = jax.Array
 Dtype = Any
@@ -255,11 +257,9 @@ class GatedRecurrence(nn.Module):
             return y
 
         if self.use_true_recurrence:
-            h_last, h, o = self._true_recurrence(x_c, kernel, h0, valid, reset, d_h, n_proj,
-                                                 dtype, coeffs, cols, params,
-                                                 output_gate is not None)
-            # Rematerialised in the backward pass, which keeps only h and o.
-            y = jax.checkpoint(readout)(h, o, params)
+            h_last, y = self._true_recurrence(x_c, kernel, h0, valid, reset, d_h, n_proj,
+                                              dtype, coeffs, readout, params,
+                                              kernel.shape[1] - split)
         elif self.sequence_axis is not None:
             # The time axis is split over a mesh axis.
             a, b = coeffs(dense_lib.matmul(x_c, cols(kernel, True)), params)
@@ -281,36 +281,17 @@ class GatedRecurrence(nn.Module):
         return h_last, _zero_invalid(y, valid)
 
     def _true_recurrence(self, x_c, kernel, h0, valid, reset, d_h, n_proj, dtype, coeffs,
-                         cols, params, has_out: bool):
-        """True-recurrence mode: the gates see ``h_{t-1}``; one step at a time.
-        Returns ``(h_last, h, o)`` (``o`` the output-only columns, unbiased, or
-        ``None``)."""
-        batch, seq_len, _ = x_c.shape
+                         readout, params, n_side: int):
+        """True-recurrence mode: the gates (and the output gate) see ``h_{t-1}``
+        through ``recurrent_kernel``; :func:`flax_minrnn.ops.true_recurrence.
+        true_recurrence_with_readout`, one step at a time (the same call for
+        ``T = 1`` decodes).  Returns ``(h_last, y)``."""
         recurrent = self.param(RECURRENT_KERNEL, nn.initializers.zeros,
                                (d_h, n_proj * d_h), self.param_dtype).astype(dtype)
-        pre = dense_lib.matmul(x_c, kernel)
-        ones = jnp.ones((batch, seq_len), bool)
-        valid_ = ones if valid is None else valid
-        boundary = (jnp.zeros_like(ones) if reset is None
-                    else scan_lib.reset_boundaries(reset, self.reverse))
-
-        def step(h, inputs):
-            pre_t, valid_t, boundary_t = inputs
-            # A document boundary at a valid step: the state (and so the
-            # gates' view of it) restarts from zero, as in linear_scan.
-            h_in = jnp.where((boundary_t & valid_t)[:, None], jnp.zeros((), h.dtype), h)
-            pre_t = pre_t.astype(h.dtype) + jnp.dot(h_in.astype(dtype),
-                                                    recurrent).astype(h.dtype)
-            a, b = coeffs(cols(pre_t, True)[:, None], params)
-            h_next, h_out = scan_lib.linear_scan(a, b, h_in, impl="sequential",
-                                                 mask=valid_t[:, None])
-            return h_next, (h_out[:, 0], cols(pre_t, False) if has_out else None)
-
-        time_major = lambda t: jnp.swapaxes(t, 0, 1)
-        h_last, (h, o) = jax.lax.scan(
-            step, h0, (time_major(pre), time_major(valid_), time_major(boundary)),
+        return true_recurrence_lib.true_recurrence_with_readout(
+            coeffs, readout, x_c, h0, recurrent_kernel=recurrent, kernel=kernel,
+            side_features=n_side, params=params, reset=reset, mask=valid,
             reverse=self.reverse)
-        return h_last, time_major(h), None if o is None else time_major(o)
 
 
 class _Expanded(GatedRecurrence):

@@ -35,11 +35,12 @@ ConfigDict = ml_collections.ConfigDict
 FREE_FORM = ("data.task_kwargs",)
 # Allowed values of enumerated string fields.
 CHOICES = {
-    "data.name": ("char", "selective_copying", "parity", "mqar"),
+    "data.name": ("char", "selective_copying", "parity", "mqar", "s5"),
     "model.architecture": ("lm", "griffin"),
     "model.time_mixing": ("mingru", "minlstm", "glrnn", "rglru"),
     "model.norm": ("rmsnorm", "layernorm"),
     "train.cpu_kernels": ("auto", "on", "off"),
+    "init_from.recurrent_init": ("zeros", "random"),
 }
 
 
@@ -80,10 +81,16 @@ RANGES = {
     "train.sample_length": _at_least(1),
     "train.sample_temperature": _at_least(0),
     "train.sample_top_k": _at_least(0),
+    # Two-stage recipes (flax_minrnn.training.two_stage).
+    "optim.recurrent_lr_multiplier": _above(0),
+    "train.stop_at_eval_accuracy": _between(0, 1, high_open=False),
+    "train.tbptt_length": _at_least(0),
+    "train.recurrence_blend_steps": _at_least(0),
+    "init_from.recurrent_init_scale": _at_least(0),
 }
 # List-valued keys and the type of their elements (overrides: "2,4"). Lists,
 # not tuples, so that the config JSON holds the same values.
-SEQUENCES = {"mesh.shape": int, "mesh.axis_names": str}
+SEQUENCES = {"mesh.shape": int, "mesh.axis_names": str, "two_stage.stage2": str}
 CONFIG_FILENAME = "config.json"
 
 
@@ -96,7 +103,7 @@ def default_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     c.data = ConfigDict(dict(
-        name="char",               # 'char'|'selective_copying'|'parity'|'mqar'
+        name="char",               # 'char'|'selective_copying'|'parity'|'mqar'|'s5'
         path="",                   # '' = embedded Tiny Shakespeare
         seq_len=128,
         batch_size=32,
@@ -157,6 +164,8 @@ def default_config() -> ConfigDict:
         b2=0.95,
         grad_clip=1.0,
         no_decay_regex="(bias|scale|embedding)",
+        # Two-stage: learning-rate multiplier of every recurrent_kernel.
+        recurrent_lr_multiplier=1.0,
     ))
     c.train = ConfigDict(dict(
         num_steps=1000,
@@ -176,10 +185,29 @@ def default_config() -> ConfigDict:
         # faster there, benchmarks/README.md), 'on' = wherever they apply,
         # 'off' = never.
         cpu_kernels="auto",
+        # Stop once an eval's accuracy reaches this value (0 = never).
+        stop_at_eval_accuracy=0.0,
+        # Two-stage recipes (flax_minrnn.training.two_stage): truncated
+        # backpropagation through time every tbptt_length steps (0 = full);
+        # recurrent kernels scaled by a factor ramped from 0 to 1 over the
+        # first recurrence_blend_steps steps (0 = off).
+        tbptt_length=0,
+        recurrence_blend_steps=0,
     ))
     # Two-stage training: stage 2 initialises from the run in `workdir`.
+    # recurrent_init: the new recurrent kernels start at 'zeros' (the same
+    # function) or 'random' (N(0, (recurrent_init_scale / sqrt(d_h))^2), with
+    # the in_proj bias compensating the mean state when compensate_bias);
+    # flax_minrnn.training.two_stage says when to use which.
     c.init_from = ConfigDict(dict(workdir="", load_regex=".*",
-                                  freeze_regex=""))
+                                  freeze_regex="", recurrent_init="zeros",
+                                  recurrent_init_scale=0.1, compensate_bias=True))
+    # One command for both stages (flax_minrnn.training.two_stage): with
+    # stage2 (a list of "key=value" overrides) non-empty, the run trains this
+    # config as stage 1 in workdir/stage1, then stage 2 (true recurrence,
+    # initialised from stage 1, plus the overrides) in workdir/stage2. On the
+    # command line the overrides are comma-separated, so none may hold a comma.
+    c.two_stage = ConfigDict(dict(stage2=[]))
     # Devices (flax_minrnn.training.mesh; README "Multi-device"). shape [] = one
     # device, no mesh; e.g. shape [8] axis_names ["data"], or [2, 4] with
     # ["data", "seq"] and sequence_axis "seq". One size may be -1 (the rest).

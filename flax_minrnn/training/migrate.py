@@ -10,8 +10,14 @@ that mode every layer gains one parameter, ``recurrent_kernel`` ``U`` of shape
     pre_t = in_proj(x_t) + h_{t-1} @ U
 
 With ``U = 0`` both modes compute the same function, so :func:`migrate_params`
-fills the missing ``recurrent_kernel`` leaves with zeros: the migrated model's
-outputs equal the old ones right after the switch.  Going back is only
+fills the missing ``recurrent_kernel`` leaves with zeros by default: the
+migrated model's outputs equal the old ones right after the switch.  With
+``recurrent_init='random'`` it draws ``U ~ N(0, (scale / sqrt(d_h))^2)``
+instead and, given each layer's mean state (``state_means``, from
+:func:`flax_minrnn.training.two_stage.mean_states`), subtracts
+``E[h_{t-1}] U`` from the layer's ``in_proj`` bias so the start stays close to
+the old function (:mod:`flax_minrnn.training.two_stage`, recipe 3, says how
+close and when to use which).  Going back is only
 lossless while ``U`` is still zero; a non-zero ``U`` is refused unless
 ``allow_drop_nonzero=True``.
 
@@ -36,7 +42,7 @@ the same fused block order (candidate, input gate, [forget gate], output gate).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -75,7 +81,10 @@ def _is_all_zero(leaf, path: Path) -> bool:
 
 
 def migrate_params(params: Params, target: nn.Module, *init_args,
-                   allow_drop_nonzero: bool = False, **init_kwargs) -> Params:
+                   allow_drop_nonzero: bool = False, recurrent_init: str = "zeros",
+                   recurrent_init_scale: float = 0.1, rng: Optional[jax.Array] = None,
+                   state_means: Optional[Mapping[Path, Any]] = None,
+                   **init_kwargs) -> Params:
     """Maps ``params`` onto the parameter structure of ``target``.
 
     The target structure is built abstractly (no FLOPs, no memory)::
@@ -89,8 +98,14 @@ def migrate_params(params: Params, target: nn.Module, *init_args,
     * a path in both: the leaf of ``params`` is copied; its shape and dtype
       must equal the target's;
     * only in the target: a leaf named ``recurrent_kernel`` is filled with
-      zeros (``U = 0`` leaves the function unchanged); any other missing leaf
-      is an error;
+      zeros (``U = 0`` leaves the function unchanged; the default,
+      ``recurrent_init='zeros'``) or, with ``recurrent_init='random'``, drawn
+      from ``N(0, (recurrent_init_scale / sqrt(d_h))^2)`` (``d_h`` its first
+      dimension; when to use it: :mod:`flax_minrnn.training.two_stage`).
+      With ``state_means`` the layer's ``in_proj/bias`` becomes
+      ``b - state_means[layer] @ U``, so that ``pre_t = in_proj(x_t) + b +
+      (h_{t-1} - E[h_{t-1}]) U`` moves only by the state's deviation from
+      its mean; any other missing leaf is an error;
     * only in ``params``: a leaf named ``recurrent_kernel`` is dropped if it is
       all zeros (or with ``allow_drop_nonzero=True``, which changes the
       function); any other extra leaf is an error.
@@ -104,6 +119,16 @@ def migrate_params(params: Params, target: nn.Module, *init_args,
         ``x``; only shapes and dtypes matter: ``jax.ShapeDtypeStruct`` works).
       allow_drop_nonzero: drop non-zero ``recurrent_kernel`` leaves instead of
         raising.
+      recurrent_init: ``'zeros'`` (the same function) or ``'random'``, how
+        missing ``recurrent_kernel`` leaves start.
+      recurrent_init_scale: ``s >= 0``: the random ``U`` has standard deviation
+        ``s / sqrt(d_h)``.
+      rng: PRNG key of the random ``U`` (required for ``'random'``); the
+        leaves take ``fold_in(rng, i)``, ``i`` their index in sorted path
+        order.
+      state_means: ``{layer path: E[h_{t-1}] (d_h,)}`` for every layer that
+        gets a random ``U`` (the layer path is the ``recurrent_kernel``'s
+        path without its last name); ``None``: no bias compensation.
       **init_kwargs: keyword arguments of ``target.init``.
 
     Returns:
@@ -126,6 +151,17 @@ def migrate_params(params: Params, target: nn.Module, *init_args,
     want = traverse_util.flatten_dict(unfreeze(variables["params"]))
     have = traverse_util.flatten_dict(source)
 
+    if recurrent_init not in ("zeros", "random"):
+        raise ValueError(f"recurrent_init must be 'zeros' or 'random', got {recurrent_init!r}")
+    if recurrent_init == "random":
+        if rng is None:
+            raise ValueError("recurrent_init='random' needs rng (a PRNG key)")
+        if not recurrent_init_scale >= 0:
+            raise ValueError(f"recurrent_init_scale must be >= 0, got {recurrent_init_scale!r}")
+    elif state_means is not None:
+        raise ValueError("state_means (bias compensation) needs recurrent_init='random'")
+    new_kernels = sorted(p for p in want if p not in have and p[-1] == RECURRENT_KERNEL)
+
     errors: List[str] = []
     out = {}
     for path, spec in want.items():
@@ -139,7 +175,13 @@ def migrate_params(params: Params, target: nn.Module, *init_args,
                     f"target expects shape {tuple(spec.shape)} dtype {jnp.dtype(spec.dtype).name}")
             out[path] = leaf
         elif path[-1] == RECURRENT_KERNEL:
-            out[path] = jnp.zeros(spec.shape, spec.dtype)
+            if recurrent_init == "zeros":
+                out[path] = jnp.zeros(spec.shape, spec.dtype)
+            else:
+                key = jax.random.fold_in(rng, new_kernels.index(path))
+                std = float(recurrent_init_scale) / np.sqrt(spec.shape[0])
+                out[path] = (std * jax.random.normal(key, spec.shape, jnp.float32)
+                             ).astype(spec.dtype)
         else:
             errors.append(f"{_path_str(path)}: missing from params (target expects shape "
                           f"{tuple(spec.shape)} dtype {jnp.dtype(spec.dtype).name})")
@@ -154,11 +196,38 @@ def migrate_params(params: Params, target: nn.Module, *init_args,
                     "allow_drop_nonzero=True to drop it anyway)")
         else:
             errors.append(f"{_path_str(path)}: in params but not in the target")
+    if state_means is not None and not errors:
+        _compensate_biases(out, new_kernels, state_means, errors)
     if errors:
         raise ValueError(
             f"params do not fit target {type(target).__name__}:\n  " + "\n  ".join(errors))
     result = traverse_util.unflatten_dict(out)
     return {"params": result} if wrapped else result
+
+
+def _compensate_biases(out: Dict[Path, Any], new_kernels: List[Path],
+                       state_means: Mapping[Path, Any], errors: List[str]) -> None:
+    """``in_proj/bias <- bias - mean @ U`` for every new random ``U`` (in place)."""
+    for path in new_kernels:
+        layer = tuple(path[:-1])
+        bias_path = layer + ("in_proj", "bias")
+        if layer not in state_means:
+            errors.append(f"{_path_str(path)}: no state mean for layer {_path_str(layer)} "
+                          "(state_means)")
+            continue
+        if bias_path not in out:
+            errors.append(f"{_path_str(path)}: bias compensation needs "
+                          f"{_path_str(bias_path)} (a layer with use_bias=True)")
+            continue
+        u = jnp.asarray(out[path], jnp.float32)
+        mean = jnp.asarray(state_means[layer], jnp.float32)
+        if mean.shape != (u.shape[0],):
+            errors.append(f"{_path_str(path)}: state mean has shape {tuple(mean.shape)}, "
+                          f"expected ({u.shape[0]},)")
+            continue
+        bias = out[bias_path]
+        shift = jnp.matmul(mean, u, precision=jax.lax.Precision.HIGHEST)
+        out[bias_path] = (jnp.asarray(bias, jnp.float32) - shift).astype(jnp.asarray(bias).dtype)
 
 
 def _clone_mode(model: nn.Module, use_true_recurrence: bool, fn: str) -> nn.Module:

@@ -58,6 +58,7 @@ from flax_minrnn.models.lm import LM, LMConfig
 from flax_minrnn.training import checkpoint as ckpt_lib
 from flax_minrnn.training import config as config_lib
 from flax_minrnn.training import mesh as parallel_lib
+from flax_minrnn.training import two_stage as two_stage_lib
 from flax_minrnn.training.config import ConfigError
 from flax_minrnn.training.data import CharDataset, CharVocab, load_text, make_task
 
@@ -264,6 +265,12 @@ def make_optimizer(config: ml_collections.ConfigDict, params,
     ``optim.no_decay_regex``; params matching ``init_from.freeze_regex`` get
     zero updates (``optax.set_to_zero``). ``schedule_steps``: see
     :func:`learning_rate_schedule`.
+
+    ``optim.recurrent_lr_multiplier = m`` multiplies the final update of
+    every ``recurrent_kernel`` by ``m`` (learning rate ``m * lr`` for ``U``,
+    weight decay included; two-stage recipe 2,
+    :mod:`flax_minrnn.training.two_stage`). ``m = 1`` adds no transform, so
+    the optimizer state keeps its structure.
     """
     o = config.optim
     no_decay = _regex("optim.no_decay_regex", o.no_decay_regex)
@@ -274,6 +281,19 @@ def make_optimizer(config: ml_collections.ConfigDict, params,
         optax.adamw(learning_rate_schedule(config, schedule_steps),
                     b1=o.b1, b2=o.b2,
                     weight_decay=o.weight_decay, mask=decay_mask))
+    m = o.recurrent_lr_multiplier
+    if not m > 0:
+        raise ConfigError(f"Config key 'optim.recurrent_lr_multiplier' must be > 0, "
+                          f"got {m!r}.")
+    if m != 1:
+        if not two_stage_lib.has_recurrent_kernels(params):
+            raise ConfigError(
+                "optim.recurrent_lr_multiplier is set but the model has no "
+                "recurrent_kernel (it needs model.use_true_recurrence=True).")
+        rec = two_stage_lib.recurrent_mask(params)
+        tx = optax.chain(tx, optax.multi_transform(
+            {"recurrent": optax.scale(m), "other": optax.identity()},
+            jax.tree.map(lambda r: "recurrent" if r else "other", rec)))
     freeze = _regex("init_from.freeze_regex", config.init_from.freeze_regex)
     if freeze is None:
         return tx
@@ -313,10 +333,16 @@ def on_mesh(model: LM, plan: "parallel_lib.MeshPlan | None") -> LM:
 
 def make_train_step(model: LM, tx: optax.GradientTransformation,
                     dropout_base: jax.Array,
-                    plan: "parallel_lib.MeshPlan | None" = None) -> Callable:
+                    plan: "parallel_lib.MeshPlan | None" = None, *,
+                    blend_steps: int = 0, tbptt_length: int = 0) -> Callable:
     """Returns ``train_step(params, opt_state, batch, step) -> (p, s, m)``.
 
     The dropout key of step ``step`` is ``fold_in(dropout_base, step)``.
+    ``blend_steps > 0``: the loss sees every ``recurrent_kernel`` times
+    ``min(1, step / blend_steps)`` (recipe 4 of
+    :mod:`flax_minrnn.training.two_stage`); ``tbptt_length > 0``: truncated
+    BPTT every ``tbptt_length`` steps (recipe 5,
+    :func:`~flax_minrnn.training.two_stage.truncated_apply`).
     Metrics: loss, accuracy, grad_norm and ``finite`` (loss, gradients and
     new params all finite).  With a ``plan`` (:mod:`flax_minrnn.training.mesh`)
     the step runs on its mesh: params, optimizer state and batch as placed by
@@ -328,8 +354,16 @@ def make_train_step(model: LM, tx: optax.GradientTransformation,
         key = jax.random.fold_in(dropout_base, step)
 
         def loss_fn(p):
-            _, logits = model.apply({"params": p}, batch["inputs"],
-                                    training=True, rngs={"dropout": key})
+            if blend_steps:
+                p = two_stage_lib.blend_params(
+                    p, two_stage_lib.blend_alpha(step, blend_steps))
+            if tbptt_length:
+                logits = two_stage_lib.truncated_apply(
+                    model, p, batch["inputs"], tbptt_length, training=True,
+                    dropout_key=key)
+            else:
+                _, logits = model.apply({"params": p}, batch["inputs"],
+                                        training=True, rngs={"dropout": key})
             loss, total = weighted_cross_entropy(logits, batch["targets"],
                                                  batch["weights"])
             return loss, (logits, total)
@@ -429,14 +463,22 @@ def _checkpoint_dir(workdir: str) -> str:
 
 def initial_params(config: ml_collections.ConfigDict, model: LM,
                    example_tokens: np.ndarray,
-                   vocab: CharVocab | None = None):
+                   vocab: CharVocab | None = None, *,
+                   batch_tokens: np.ndarray | None = None):
     """Fresh params, or (two-stage) params migrated from ``init_from``.
 
     With ``config.init_from.workdir`` set, loads that run's latest params,
     migrates them onto ``model`` (``flax_minrnn.training.migrate.migrate_params``:
-    new ``recurrent_kernel``s start at zero) and keeps, for every param whose
+    new ``recurrent_kernel``s start at zero, or random with
+    ``init_from.recurrent_init='random'``) and keeps, for every param whose
     '/'-joined path matches ``init_from.load_regex``, the migrated value; the
     others keep their fresh initialisation.
+
+    A random ``U`` (recipe 3 of :mod:`flax_minrnn.training.two_stage`) is
+    drawn from the init stream folded with 1; with
+    ``init_from.compensate_bias`` the biases absorb the mean stage-1 state on
+    ``batch_tokens`` (default ``example_tokens``), and the measured
+    ``max |logit difference|`` to the source model on that batch is printed.
 
     Raises:
         ConfigError: The source run has another vocabulary or nothing
@@ -458,8 +500,27 @@ def initial_params(config: ml_collections.ConfigDict, model: LM,
     twin = LM(dataclasses.replace(model.config, dropout=0.0,
                                   embedding_dropout=0.0)) \
         if isinstance(model, LM) else model
+    init = config.init_from
+    kwargs = {}
+    source_model = None
+    if init.recurrent_init == "random":
+        tokens = example_tokens if batch_tokens is None else batch_tokens
+        kwargs = dict(recurrent_init="random",
+                      recurrent_init_scale=init.recurrent_init_scale,
+                      rng=jax.random.fold_in(key, 1))
+        source_model = _associative_twin(twin)
+        if init.compensate_bias:
+            kwargs["state_means"] = two_stage_lib.mean_states(
+                source_model, unfreeze(loaded), tokens, training=False)
     migrated = unfreeze(migrate_params(unfreeze(loaded), twin,
-                                       example_tokens))
+                                       example_tokens, **kwargs))
+    if source_model is not None:
+        gap = two_stage_lib.init_logit_gap(source_model, unfreeze(loaded), twin,
+                                           migrated, tokens)
+        blend = (" (before the recurrence blend, i.e. at alpha = 1)"
+                 if config.train.recurrence_blend_steps else "")
+        _write(f"init_from.recurrent_init='random': max |logit difference| to "
+               f"{source!r} on the first training batch{blend}: {gap:.4g}")
     load = _regex("init_from.load_regex", config.init_from.load_regex)
     flat_new = traverse_util.flatten_dict(params, sep="/")
     flat_mig = traverse_util.flatten_dict(migrated, sep="/")
@@ -471,6 +532,47 @@ def initial_params(config: ml_collections.ConfigDict, model: LM,
     out = {k: jnp.asarray(flat_mig[k], dtype=flat_new[k].dtype)
            if chosen[k] else v for k, v in flat_new.items()}
     return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _associative_twin(model):
+    """``model`` (an LM) in associative mode: the stage-1 model."""
+    if not isinstance(model, LM):
+        raise ConfigError("init_from.recurrent_init='random' needs "
+                          "model.architecture='lm'")
+    return LM(dataclasses.replace(model.config, use_true_recurrence=False))
+
+
+def check_recipes(config: ml_collections.ConfigDict, params) -> None:
+    """Raises ConfigError for a two-stage recipe field that would do nothing.
+
+    (``optim.recurrent_lr_multiplier`` is checked by :func:`make_optimizer`.)
+    """
+    t, init, m = config.train, config.init_from, config.model
+    true_rec = m.architecture == "lm" and m.use_true_recurrence
+    if t.recurrence_blend_steps and not two_stage_lib.has_recurrent_kernels(params):
+        raise ConfigError("train.recurrence_blend_steps needs a model with recurrent "
+                          "kernels (model.use_true_recurrence=True).")
+    if init.recurrent_init != "zeros" and not (true_rec and init.workdir):
+        raise ConfigError("init_from.recurrent_init='random' needs init_from.workdir "
+                          "and model.use_true_recurrence=True (it sets the new "
+                          "recurrent kernels of stage 2).")
+    if (init.recurrent_init == "random" and init.compensate_bias
+            and t.recurrence_blend_steps):
+        raise ConfigError(
+            "init_from.compensate_bias=True with train.recurrence_blend_steps: the "
+            "blend starts at alpha=0, exactly the stage-1 function only with the "
+            "stage-1 biases; set init_from.compensate_bias=false (the blend keeps the "
+            "start exact) or train.recurrence_blend_steps=0.")
+    if t.tbptt_length:
+        if m.architecture != "lm":
+            raise ConfigError("train.tbptt_length needs model.architecture='lm'")
+        if config.mesh.sequence_axis:
+            raise ConfigError("train.tbptt_length cannot be used with "
+                              "mesh.sequence_axis (time is split over devices)")
+        if m.dropout or m.embedding_dropout:
+            raise ConfigError("train.tbptt_length needs model.dropout=0 and "
+                              "model.embedding_dropout=0 (its two forward passes "
+                              "must see the same dropout masks)")
 
 
 # ----------------------------------------------------------------------------
@@ -580,9 +682,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             Either way, steps newer than the one resumed from are moved to
             ``checkpoints/superseded/`` (never deleted).
 
+    With ``two_stage.stage2`` set, runs both stages instead
+    (:func:`flax_minrnn.training.two_stage.run_two_stage`; ``stop_at_step``
+    then counts the updates of both stages).
+
     Returns:
         Final metrics: step, train_loss, train_accuracy, eval_loss,
-        eval_accuracy, wall_time (and sample for char tasks).
+        eval_accuracy, wall_time, finished (num_steps or
+        ``train.stop_at_eval_accuracy`` reached) (and sample for char tasks).
 
     Raises:
         ConfigError: Bad config or a mismatched workdir.
@@ -594,6 +701,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     import tqdm  # pylint: disable=g-import-not-at-top
     config = config_lib.validate(config)
+    if config.two_stage.stage2:
+        if step is not None or fallback_to_last_good:
+            raise ValueError("step and fallback_to_last_good apply to one-stage runs; "
+                             "pass the stage's workdir and config")
+        return two_stage_lib.run_two_stage(config, workdir, stop_at_step=stop_at_step)
     t = config.train
     if step is not None and fallback_to_last_good:
         raise ValueError("give step or fallback_to_last_good, not both")
@@ -621,13 +733,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         base = jax.random.key(config.seed)
         example = _example_tokens(dataset)
         if latest is None:
-            params = initial_params(config, model, example, vocab)
+            params = initial_params(config, model, example, vocab,
+                                    batch_tokens=dataset.train_batch(0)["inputs"])
         else:  # Only the structure matters: restored below.
             params = unfreeze(jax.eval_shape(
                 lambda: model.init(jax.random.key(0), example,
                                    training=False))["params"])
             params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                   params)
+        check_recipes(config, params)
         tx = make_optimizer(config, params)  # The schedule is set below.
         state = {"params": params, "opt_state": tx.init(params), "step": 0,
                  "rng": jax.random.key_data(base), "data_position": 0}
@@ -635,11 +749,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             state.update(plan.put_state({k: state[k] for k in
                                          ("params", "opt_state")}),
                          rng=plan.replicate(state["rng"]))
-        elapsed0, schedule_steps = 0.0, t.num_steps
+        elapsed0, schedule_steps, stopped_early = 0.0, t.num_steps, False
         if latest is not None:
             resumed, state, meta = _resume(ckpt, state, step,
                                            fallback_to_last_good)
             elapsed0 = float(meta.get("elapsed", 0.0))
+            stopped_early = bool(meta.get("stopped_early"))
             schedule_steps = saved_schedule_steps(meta, t.num_steps)
             tx = make_optimizer(config, params, schedule_steps)
             _write(f"Resuming {workdir} from step {resumed}.")
@@ -651,7 +766,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         metadata = {"config": config_lib.config_to_json(config),
                     "vocab": vocab.to_json() if vocab is not None else None,
                     "vocab_size": int(dataset.vocab_size),
-                    "schedule_steps": int(schedule_steps)}
+                    "schedule_steps": int(schedule_steps),
+                    "stopped_early": stopped_early}
         return _loop(config, workdir, ckpt, model, tx, dataset, vocab, state,
                      metadata, elapsed0, resumed=latest is not None,
                      stop_at_step=stop_at_step, tqdm_cls=tqdm.tqdm, plan=plan)
@@ -736,7 +852,12 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
     base = jax.random.wrap_key_data(jnp.asarray(np.asarray(state["rng"])))
     train_step = make_train_step(model, tx,
                                  jax.random.fold_in(base, _DROPOUT_STREAM),
-                                 plan)
+                                 plan, blend_steps=t.recurrence_blend_steps,
+                                 tbptt_length=t.tbptt_length)
+    # The function at `step` (recurrence blend: U scaled by alpha(step)).
+    effective = lambda p, s: (p if not t.recurrence_blend_steps else
+                              two_stage_lib.blend_params(p, two_stage_lib.blend_alpha(
+                                  s, t.recurrence_blend_steps)))
     eval_step = make_eval_step(model, plan)
     place = (lambda batch: batch) if plan is None else plan.put_batch
     sample_base = jax.random.fold_in(base, _SAMPLE_STREAM)
@@ -755,7 +876,7 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
     last_saved = step if resumed else None
 
     def run_eval():
-        m = evaluate_batches(eval_step, params, eval_data)
+        m = evaluate_batches(eval_step, effective(params, step), eval_data)
         logger.log(dict(step=step, split="eval", loss=m["eval_loss"],
                         accuracy=m["eval_accuracy"],
                         lr=_lr(schedule, step - 1),
@@ -768,7 +889,7 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
 
     def sample():
         key = jax.random.fold_in(sample_base, step)
-        text = _sample_text(model, params, vocab, t.sample_prompt,
+        text = _sample_text(model, effective(params, step), vocab, t.sample_prompt,
                             t.sample_length, key,
                             temperature=t.sample_temperature,
                             top_k=t.sample_top_k)
@@ -778,10 +899,14 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
         _write(f"--- sample at step {step} ---\n{text}\n---")
         final["sample"] = text
 
+    stopped_early = bool(metadata.get("stopped_early"))
+    reached = lambda m: bool(t.stop_at_eval_accuracy and m is not None
+                             and m["eval_accuracy"] >= t.stop_at_eval_accuracy)
+
     def save(eval_metrics):
         nonlocal last_saved
         meta = dict(metadata, step=step, data_position=step,
-                    elapsed=wall())
+                    elapsed=wall(), stopped_early=stopped_early)
         ckpt.save(step, {"params": params, "opt_state": opt_state,
                          "step": step, "rng": rng_data,
                          "data_position": step},
@@ -793,11 +918,16 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
     bar = tqdm_cls(total=t.num_steps, initial=step, disable=not t.progress_bar,
                    dynamic_ncols=True, desc="train")
     try:
-        if not resumed or step >= t.num_steps:
-            run_eval()
+        if not resumed or step >= t.num_steps or stopped_early:
+            first = run_eval()
+            if reached(first) and not stopped_early:
+                stopped_early = True
+                _write(f"step {step}: eval accuracy {first['eval_accuracy']:.4f} "
+                       f">= train.stop_at_eval_accuracy; stopping.")
+                save(first)
         window_loss, window_acc, window_n, window_time = [], [], 0, 0.0
-        while step < t.num_steps and (stop_at_step is None
-                                      or step < stop_at_step):
+        while step < t.num_steps and not stopped_early and (
+                stop_at_step is None or step < stop_at_step):
             tic = time.perf_counter()
             batch = dataset.train_batch(step)
             new_params, new_opt_state, m = train_step(
@@ -837,18 +967,26 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
             eval_metrics = None
             if step % t.eval_every == 0 or step == t.num_steps:
                 eval_metrics = run_eval()
+                if reached(eval_metrics):
+                    stopped_early = True
+                    _write(f"step {step}: eval accuracy "
+                           f"{eval_metrics['eval_accuracy']:.4f} >= "
+                           "train.stop_at_eval_accuracy; stopping.")
+                    save(eval_metrics)
+                    break
             if (vocab is not None and t.sample_every > 0
                     and step % t.sample_every == 0 and step != t.num_steps):
                 sample()
             if (step % t.checkpoint_every == 0 or step == t.num_steps
                     or step == stop_at_step):
                 save(eval_metrics)
-        if step >= t.num_steps and vocab is not None:
+        if (step >= t.num_steps or stopped_early) and vocab is not None:
             sample()
     finally:
         bar.close()
         logger.close()
-    final.update(step=step, wall_time=wall())
+    final.update(step=step, wall_time=wall(),
+                 finished=bool(step >= t.num_steps or stopped_early))
     return final
 
 
@@ -863,6 +1001,8 @@ def load_run(workdir: str, step: int | None = None):
     metadata (config and vocabulary), so it works in a fresh process.
     ``vocab`` is None for synthetic tasks. The whole step is read and checked
     against its checksums (:func:`flax_minrnn.training.checkpoint.load_params`).
+    With ``train.recurrence_blend_steps`` the recurrent kernels come scaled
+    by the blend factor of the saved step (the function the run was at).
 
     Raises:
         FileNotFoundError: No checkpoints in ``workdir``, or no such step.
@@ -884,6 +1024,9 @@ def _load_run(workdir: str, step: int | None = None):
         vocab_size = int(meta["vocab_size"])
     else:
         vocab_size = build_dataset(config, vocab).vocab_size
+    if config.train.recurrence_blend_steps:  # The function at the saved step.
+        params = two_stage_lib.blend_params(params, two_stage_lib.blend_alpha(
+            int(meta.get("step", 0)), config.train.recurrence_blend_steps))
     return build_model(config, vocab_size), params, vocab, config, meta
 
 

@@ -7,7 +7,7 @@ batches on every call).
 """
 
 from flax_minrnn.training.data.synthetic import (TASKS, AssociativeRecall, Parity,
-                                        SelectiveCopying, make_task)
+                                        S5WordProblem, SelectiveCopying, make_task)
 from flax_minrnn.training.data.text import (SHAKESPEARE_SHA256, CharDataset, CharVocab,
                                    load_text, sha256_of_text)
 
@@ -16,6 +16,7 @@ __all__ = [
     "CharDataset",
     "CharVocab",
     "Parity",
+    "S5WordProblem",
     "SHAKESPEARE_SHA256",
     "SelectiveCopying",
     "TASKS",

@@ -36,6 +36,19 @@ Pinned definitions (``B`` = batch size):
   uses lengths in ``[eval_min_len, eval_max_len]`` (default
   ``[max_len + 1, 2 * max_len]``) padded to ``eval_max_len + 1`` (or
   ``pad_to``).
+* **S5 word problem** (state tracking; Merrill, Petty & Sabharwal 2024,
+  "The Illusion of State in State-Space Models"). The 120 permutations of
+  ``{0, .., 4}`` are numbered in lexicographic order of their one-line
+  notation (0 = the identity); token ``1 + k`` is permutation ``k`` and 0 is
+  padding; ``vocab_size = 121``. A sequence is ``n`` i.i.d. uniform
+  permutations ``g_1 .. g_n`` (``n`` uniform on ``[min_len, max_len]``),
+  padded with 0 up to ``T = max_len`` (or ``pad_to``). The target at
+  position ``t`` is the token of the product ``g_t o ... o g_1`` (apply
+  ``g_1`` first, i.e. ``(g o f)(i) = g(f(i))``), weight 1, at every position
+  (``running=True``, the default) or only at the last one
+  (``running=False``). Evaluation uses lengths in ``[eval_min_len,
+  eval_max_len]`` (default ``[max_len + 1, 2 * max_len]``) padded to
+  ``eval_max_len`` (or ``pad_to``).
 * **Multi-query associative recall** (MQAR; Zoology, Arora et al. 2023).
   ``P = num_kv_pairs``, ``Q = num_queries``. Tokens: 0 = unused, keys
   ``1..num_keys``, values ``num_keys + 1 .. num_keys + num_values``;
@@ -211,6 +224,93 @@ class Parity(_SyntheticTask):
         return _batch(inputs, targets, weights)
 
 
+def _permutations(n: int) -> np.ndarray:
+    """The permutations of ``range(n)`` in lexicographic order, ``(n!, n)``."""
+    import itertools  # pylint: disable=import-outside-toplevel
+    return np.asarray(list(itertools.permutations(range(n))), np.int64)
+
+
+class S5WordProblem(_SyntheticTask):
+    """The word problem of the symmetric group S5: track a product of permutations.
+
+    See the module docstring for the pinned definition. ``table[g, f]`` is
+    the index of ``g o f`` and ``perms[k]`` the one-line notation of
+    permutation ``k``.
+    """
+
+    PAD = 0
+    N = 5
+
+    def __init__(self, min_len: int = 1, max_len: int = 16,
+                 batch_size: int = 32, seed: int = 0,
+                 eval_min_len: int | None = None,
+                 eval_max_len: int | None = None,
+                 pad_to: int | None = None, running: bool = True):
+        """Configures the task.
+
+        Args:
+          min_len: Shortest training sequence (>= 1).
+          max_len: Longest training sequence (>= min_len).
+          batch_size: Rows per batch.
+          seed: Non-negative seed.
+          eval_min_len: Shortest evaluation sequence; default ``max_len + 1``.
+          eval_max_len: Longest evaluation sequence; default
+            ``max(2 * max_len, eval_min_len)``.
+          pad_to: Length of every sequence (train and eval), at least
+            ``max(max_len, eval_max_len)``; default ``max_len`` for training
+            and ``eval_max_len`` for evaluation batches.
+          running: Predict the product at every position (else only at the
+            last one).
+        """
+        super().__init__(batch_size, seed)
+        self.min_len = check_int("min_len", min_len)
+        self.max_len = check_int("max_len", max_len, minimum=self.min_len)
+        self.eval_min_len = check_int(
+            "eval_min_len", self.max_len + 1 if eval_min_len is None
+            else eval_min_len)
+        self.eval_max_len = check_int(
+            "eval_max_len", max(2 * self.max_len, self.eval_min_len)
+            if eval_max_len is None else eval_max_len,
+            minimum=self.eval_min_len)
+        if pad_to is not None:
+            pad_to = check_int("pad_to", pad_to,
+                               minimum=max(self.max_len, self.eval_max_len))
+        self.pad_to = pad_to
+        self.running = bool(running)
+        self.perms = _permutations(self.N)
+        index = {tuple(p): k for k, p in enumerate(self.perms)}
+        # (g o f)(i) = g[f[i]]
+        self.table = np.asarray([[index[tuple(g[f])] for f in self.perms]
+                                 for g in self.perms], np.int64)
+        self.vocab_size = 1 + len(self.perms)
+        self.seq_len = pad_to or self.max_len
+        self.eval_seq_len = pad_to or self.eval_max_len
+
+    def _sample(self, rng, train):
+        lo, hi, T = ((self.min_len, self.max_len, self.seq_len) if train else
+                     (self.eval_min_len, self.eval_max_len, self.eval_seq_len))
+        B = self.batch_size
+        lengths = rng.integers(lo, hi + 1, size=B)
+        valid = np.arange(T)[None, :] < lengths[:, None]
+        g = rng.integers(0, len(self.perms), size=(B, T))
+        prod = np.zeros((B, T), np.int64)
+        state = np.zeros(B, np.int64)  # the identity
+        for t in range(T):
+            state = self.table[g[:, t], state]
+            prod[:, t] = state
+        inputs = np.where(valid, g + 1, self.PAD)
+        targets = np.where(valid, prod + 1, self.PAD)
+        weights = valid.astype(np.float32)
+        if not self.running:
+            rows = np.arange(B)
+            weights = np.zeros((B, T), np.float32)
+            weights[rows, lengths - 1] = 1.0
+            last = targets[rows, lengths - 1]
+            targets = np.zeros_like(targets)
+            targets[rows, lengths - 1] = last
+        return _batch(inputs, targets, weights)
+
+
 class AssociativeRecall(_SyntheticTask):
     """Multi-query associative recall (MQAR).
 
@@ -263,6 +363,7 @@ TASKS = {
     "selective_copying": SelectiveCopying,
     "parity": Parity,
     "mqar": AssociativeRecall,
+    "s5": S5WordProblem,
 }
 
 
@@ -270,7 +371,7 @@ def make_task(name: str, **kwargs):
     """Builds a task by name.
 
     Args:
-      name: One of ``TASKS``: 'char', 'selective_copying', 'parity', 'mqar'.
+      name: One of ``TASKS``: 'char', 'selective_copying', 'parity', 'mqar', 's5'.
       **kwargs: The task class's constructor arguments. For 'char', pass
         either ``text`` or ``path`` (a file; ``None``/``""`` = the embedded
         Tiny Shakespeare, the default).
