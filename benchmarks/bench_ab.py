@@ -14,7 +14,7 @@ versions run side by side in the same plain process (nothing tuned unless
 * ``head[auto]`` and ``head[native]``: this checkout;
 * ``base[auto]``: the base commit's default;
 * the naive minGRU of :mod:`benchmarks.bench_layers` (one fused ``Dense`` and
-  ``lax.scan``).
+  ``lax.scan``) and ``nn.RNN(GRUCell)`` of the same width (with the MinGRU rows).
 
 The rounds are interleaved (every variant once per round, in turn) and the
 report gives medians and ratios.  Parameters are shared (the param trees are
@@ -34,6 +34,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +71,12 @@ def _naive_fwdbwd(module):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
+def _gru_fwdbwd(module):
+    def loss(params, x):
+        return jnp.sum(module.apply(params, x).astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
 def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 256,
         log=print) -> Dict:
     tmp = pathlib.Path(tempfile.mkdtemp())
@@ -91,9 +98,15 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
             if family == "MinGRU":
                 naive = NaiveMinGRU(d)
                 variants["naive"] = _naive_fwdbwd(naive)
+                gru = nn.RNN(nn.GRUCell(features=d))
+                variants["gru"] = _gru_fwdbwd(gru)
             params = getattr(head, family)(**kw).init(jax.random.PRNGKey(0), x[:, :4])
-            naive_params = NaiveMinGRU(d).init(jax.random.PRNGKey(0), x[:, :4])
-            args = {k: ((naive_params if k == "naive" else params), x) for k in variants}
+            peer_params = {}
+            if family == "MinGRU":
+                peer_params["naive"] = NaiveMinGRU(d).init(jax.random.PRNGKey(0), x[:, :4])
+                peer_params["gru"] = nn.RNN(nn.GRUCell(features=d)).init(
+                    jax.random.PRNGKey(0), x[:, :4])
+            args = {k: (peer_params.get(k, params), x) for k in variants}
             compiled = {}
             for k, f in variants.items():
                 t0 = time.perf_counter()
@@ -120,18 +133,24 @@ def report(results: Dict) -> str:
              f"Machine: {results['machine']['cpu_model']} ({results['machine']['cpu_count']} "
              f"CPUs), jax {results['machine']['jax_version']}.", "",
              "| T | layer | head auto ms | base auto ms | head/base | head native ms | "
-             "naive ms | naive/head |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "naive ms | naive/head | GRU ms | GRU/head |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     naive = {r["T"]: r["median_ms"].get("naive") for r in results["rows"]
              if r["family"] == "MinGRU"}
+    gru = {r["T"]: r["median_ms"].get("gru") for r in results["rows"]
+           if r["family"] == "MinGRU"}
     for r in results["rows"]:
         m = r["median_ms"]
         nv = naive.get(r["T"])
         head_ms = m["head[auto]"]
+        gv = gru.get(r["T"])
         speedup = "–" if nv is None else f"{nv / head_ms:.2f}"
+        gru_ratio = "–" if gv is None else f"{gv / head_ms:.1f}"
         lines.append(
             f"| {r['T']} | {r['family']} | {head_ms:.1f} | {m['base[auto]']:.1f} | "
             f"{head_ms / m['base[auto]']:.2f} | "
-            f"{harness.fmt_ms(m.get('head[native]'))} | {harness.fmt_ms(nv)} | {speedup} |")
+            f"{harness.fmt_ms(m.get('head[native]'))} | {harness.fmt_ms(nv)} | {speedup} | "
+            f"{harness.fmt_ms(gv)} | {gru_ratio} |")
     return "\n".join(lines)
 
 
