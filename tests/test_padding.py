@@ -44,10 +44,11 @@ def test_griffin_left_padding_equals_unpadded_rows():
                                   attention_window_size=2, conv1d_width=3))
     tokens, mask = _left()
     variables = model.init(jax.random.key(0), tokens)
-    carry, logits = jax.jit(model.apply)(variables, tokens, attention_mask=mask)
+    apply = jax.jit(model.apply)
+    carry, logits = apply(variables, tokens, attention_mask=mask)
     width = tokens.shape[1]
     for b, row in enumerate(ROWS):
-        alone_carry, alone = model.apply(variables, jnp.asarray([row], jnp.int32))
+        alone_carry, alone = apply(variables, jnp.asarray([row], jnp.int32))
         np.testing.assert_allclose(logits[b, width - len(row):], alone[0], **F32)
         for x, y in zip(jax.tree.leaves(carry), jax.tree.leaves(alone_carry)):
             np.testing.assert_allclose(np.asarray(x[b], np.float32),
@@ -55,9 +56,9 @@ def test_griffin_left_padding_equals_unpadded_rows():
     # The carry continues: one more token after the padded call equals the
     # unpadded rows continued.
     nxt = jnp.asarray([[1], [2], [3]], jnp.int32)
-    _, more = model.apply(variables, nxt, carry)
+    _, more = apply(variables, nxt, carry)
     for b, row in enumerate(ROWS):
-        _, alone = model.apply(variables, jnp.asarray([row + [int(nxt[b, 0])]], jnp.int32))
+        _, alone = apply(variables, jnp.asarray([row + [int(nxt[b, 0])]], jnp.int32))
         np.testing.assert_allclose(more[b, 0], alone[0, -1], **F32)
     with pytest.raises(ValueError, match="attention_mask or seq_lengths"):
         model.apply(variables, tokens, attention_mask=mask,

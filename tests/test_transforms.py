@@ -301,13 +301,14 @@ def test_readme_table_is_true(impl):
     t = jnp.asarray(np.random.default_rng(1).normal(size=params.shape), jnp.float32)
     for name, transform in TRANSFORMS.items():
         if row[name] == "yes":
-            got = transform(loss_of(impl), params, t)
-            want = transform(loss_of("sequential"), params, t)
+            got = jax.jit(lambda p, d: transform(loss_of(impl), p, d))(params, t)
+            want = jax.jit(lambda p, d: transform(loss_of("sequential"), p, d))(params, t)
             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
                 np.testing.assert_allclose(g, w, rtol=2e-3, atol=1e-4 * np.abs(w).max(),
                                            err_msg=name)
         else:
             with pytest.raises(Exception, match=r"scan_impl='%s'.*use scan_impl='\w+'" % impl):
-                jax.block_until_ready(transform(loss_of(impl), params, t))
+                jax.block_until_ready(
+                    jax.jit(lambda p, d: transform(loss_of(impl), p, d))(params, t))
     assert row["jit"] == "yes"
     jax.jit(loss_of(impl))(params)
