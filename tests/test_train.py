@@ -397,7 +397,8 @@ def test_cpu_kernels_switch_only_the_auto_mingru_minlstm_scan():
     base = config_lib.default_config()
     on_cpu = "native" if native.available() else "auto"
     cases = [
-        ({}, on_cpu),
+        ({}, "auto"),  # off by default: plain JAX
+        ({"train.cpu_kernels": "auto"}, on_cpu),
         ({"train.cpu_kernels": "off"}, "auto"),
         ({"train.cpu_kernels": "on"}, "native"),
         ({"model.scan_impl": "chunked"}, "chunked"),

@@ -1,7 +1,7 @@
 """Compiled XLA:CPU kernels for the gates of MinGRU and MinLSTM (``scan_impl="native"``).
 
 An opt-in backend: nothing reaches it unless ``scan_impl="native"`` is named
-(the trainer's ``model.native_kernels`` config field names it).
+(the trainer's ``train.cpu_kernels`` config field names it).
 ``csrc/gates.cc`` holds XLA FFI handlers for the gates and recurrence of
 MinGRU and MinLSTM: a forward pass over the whole sequence (bias, gates,
 candidate and recurrence in one pass after one product ``x @ W``) and the

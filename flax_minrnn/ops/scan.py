@@ -192,8 +192,7 @@ def _associative(a, b, h0, reverse):
 
 
 # Steps per iteration of the loop: XLA:CPU pays a fixed cost per while-loop
-# iteration, which a short unrolled block of steps amortises
-# (benchmarks/README.md has the measurements behind the value).
+# iteration, which a short unrolled block of steps amortises.
 _UNROLL = 8
 
 

@@ -180,11 +180,11 @@ def default_config() -> ConfigDict:
         sample_top_k=0,
         progress_bar=True,
         # The compiled CPU kernels (scan_impl='native') for MinGRU/MinLSTM
-        # time mixing when model.scan_impl is 'auto': 'auto' = on a CPU where
-        # they build (training needs only first derivatives; they measured
-        # faster there, benchmarks/README.md), 'on' = wherever they apply,
-        # 'off' = never.
-        cpu_kernels="auto",
+        # time mixing when model.scan_impl is 'auto', an opt-in: 'off' =
+        # never (the default: plain JAX, results independent of a compiler),
+        # 'auto' = on a CPU where they build (training needs only first
+        # derivatives), 'on' = wherever they apply.
+        cpu_kernels="off",
         # Stop once an eval's accuracy reaches this value (0 = never).
         stop_at_eval_accuracy=0.0,
         # Two-stage recipes (flax_minrnn.training.two_stage): truncated

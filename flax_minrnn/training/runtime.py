@@ -53,8 +53,8 @@ def tune_cpu_malloc() -> bool:
     bit-identical.  Measured speed-ups are in ``benchmarks/README.md``
     (``--malloc tuned`` against ``--malloc default``).  The price: the process
     never returns freed memory to the system, so its resident size stays at
-    its peak; and XLA compiles more slowly, its compiler threads sharing the
-    one arena (benchmarks/README.md has the compile times).
+    its peak; and XLA may compile more slowly, its compiler threads sharing
+    the one arena.
 
     The arena limit only binds threads that have not allocated yet, so call
     this before JAX's first computation (importing jax is fine).  The CLI
