@@ -26,17 +26,12 @@ the longer evaluation strings (41..80) improves in stage 2.
 """
 
 from flax_minrnn.training.config import default_config
-from flax_minrnn.training.two_stage import RECIPE_OVERRIDES
+from flax_minrnn.training.two_stage import RECIPE_OVERRIDES, parse_recipe_arg
 
 
 def get_config(arg=None):
     """Returns the config for ``arg`` = ``<time mixing>[,<recipe>]``."""
-    time_mixing, *rest = (arg or "mingru").split(",")
-    recipe = rest[0] if rest else "zeros"
-    if time_mixing not in ("mingru", "minlstm", "glrnn") or len(rest) > 1 \
-            or recipe not in RECIPE_OVERRIDES:
-        raise ValueError(f"arg must be <mingru|minlstm|glrnn>[,<{'|'.join(RECIPE_OVERRIDES)}>]"
-                         f", got {arg!r}")
+    time_mixing, recipe = parse_recipe_arg(arg)
     config = default_config()
     config.data.name = "parity"
     config.data.batch_size = 64

@@ -113,6 +113,18 @@ RECIPE_OVERRIDES = {
 }
 
 
+def parse_recipe_arg(arg) -> tuple[str, str]:
+    """``"<time mixing>[,<recipe>]"`` (a two-stage config's argument) as
+    ``(time_mixing, recipe)``; the recipe defaults to ``"zeros"``."""
+    time_mixing, *rest = (arg or "mingru").split(",")
+    recipe = rest[0] if rest else "zeros"
+    if time_mixing not in ("mingru", "minlstm", "glrnn") or len(rest) > 1 \
+            or recipe not in RECIPE_OVERRIDES:
+        raise ValueError(f"arg must be <mingru|minlstm|glrnn>[,<{'|'.join(RECIPE_OVERRIDES)}>]"
+                         f", got {arg!r}")
+    return time_mixing, recipe
+
+
 def has_recurrent_kernels(params) -> bool:
     """Whether any leaf of ``params`` is a ``recurrent_kernel``."""
     return any(p[-1] == RECURRENT_KERNEL

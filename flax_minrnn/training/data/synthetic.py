@@ -155,7 +155,28 @@ class SelectiveCopying(_SyntheticTask):
         return _batch(inputs, targets, weights)
 
 
-class Parity(_SyntheticTask):
+class _LengthGeneralisationTask(_SyntheticTask):
+    """A task trained on lengths ``min_len..max_len`` and evaluated on longer ones."""
+
+    def _set_lengths(self, min_len, max_len, eval_min_len, eval_max_len, pad_to,
+                     extra: int) -> None:
+        """Checks and sets the lengths; ``pad_to`` must hold the longest
+        sequence plus ``extra`` positions."""
+        self.min_len = check_int("min_len", min_len)
+        self.max_len = check_int("max_len", max_len, minimum=self.min_len)
+        self.eval_min_len = check_int(
+            "eval_min_len", self.max_len + 1 if eval_min_len is None else eval_min_len)
+        self.eval_max_len = check_int(
+            "eval_max_len", max(2 * self.max_len, self.eval_min_len)
+            if eval_max_len is None else eval_max_len,
+            minimum=self.eval_min_len)
+        if pad_to is not None:
+            pad_to = check_int("pad_to", pad_to,
+                               minimum=max(self.max_len, self.eval_max_len) + extra)
+        self.pad_to = pad_to
+
+
+class Parity(_LengthGeneralisationTask):
     """Parity of a bit string; train short, evaluate long.
 
     See the module docstring for the pinned definition.
@@ -185,19 +206,7 @@ class Parity(_SyntheticTask):
           running: Also predict the parity so far at every bit position.
         """
         super().__init__(batch_size, seed)
-        self.min_len = check_int("min_len", min_len)
-        self.max_len = check_int("max_len", max_len, minimum=self.min_len)
-        self.eval_min_len = check_int(
-            "eval_min_len", self.max_len + 1 if eval_min_len is None
-            else eval_min_len)
-        self.eval_max_len = check_int(
-            "eval_max_len", max(2 * self.max_len, self.eval_min_len)
-            if eval_max_len is None else eval_max_len,
-            minimum=self.eval_min_len)
-        if pad_to is not None:
-            pad_to = check_int("pad_to", pad_to,
-                               minimum=max(self.max_len, self.eval_max_len) + 1)
-        self.pad_to = pad_to
+        self._set_lengths(min_len, max_len, eval_min_len, eval_max_len, pad_to, extra=1)
         self.running = bool(running)
         self.vocab_size = 4
         self.seq_len = pad_to or self.max_len + 1
@@ -230,7 +239,7 @@ def _permutations(n: int) -> np.ndarray:
     return np.asarray(list(itertools.permutations(range(n))), np.int64)
 
 
-class S5WordProblem(_SyntheticTask):
+class S5WordProblem(_LengthGeneralisationTask):
     """The word problem of the symmetric group S5: track a product of permutations.
 
     See the module docstring for the pinned definition. ``table[g, f]`` is
@@ -263,19 +272,7 @@ class S5WordProblem(_SyntheticTask):
             last one).
         """
         super().__init__(batch_size, seed)
-        self.min_len = check_int("min_len", min_len)
-        self.max_len = check_int("max_len", max_len, minimum=self.min_len)
-        self.eval_min_len = check_int(
-            "eval_min_len", self.max_len + 1 if eval_min_len is None
-            else eval_min_len)
-        self.eval_max_len = check_int(
-            "eval_max_len", max(2 * self.max_len, self.eval_min_len)
-            if eval_max_len is None else eval_max_len,
-            minimum=self.eval_min_len)
-        if pad_to is not None:
-            pad_to = check_int("pad_to", pad_to,
-                               minimum=max(self.max_len, self.eval_max_len))
-        self.pad_to = pad_to
+        self._set_lengths(min_len, max_len, eval_min_len, eval_max_len, pad_to, extra=0)
         self.running = bool(running)
         self.perms = _permutations(self.N)
         index = {tuple(p): k for k, p in enumerate(self.perms)}
