@@ -1,4 +1,4 @@
-"""Packaging: the licence is shipped."""
+"""Packaging: the licence is shipped, and CI runs the README's test command."""
 
 import hashlib
 import pathlib
@@ -44,3 +44,16 @@ def test_wheel_ships_the_license(tmp_path):
         lines = z.read(metadata).decode().splitlines()
     assert "License-Expression: Apache-2.0" in lines
     assert "License-File: LICENSE" in lines
+
+
+def test_ci_runs_the_readme_test_command():
+    """``.ci/run`` runs the README's second command (pip's ``-q`` aside)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2, commands
+    readme_tests = commands[1].split(" && ", 2)[2]  # after the venv's creation and activation
+    ci = [line for line in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line.startswith("pip install")]
+    assert len(ci) == 1, ci
+    assert ci[0].replace("pip install -q ", "pip install ") == readme_tests
