@@ -193,8 +193,8 @@ def test_gradients_match_autodiff_of_a_plain_loop(kind, reverse, masks, with_h0)
         return f
 
     kw = dict(valid=valid, reset=reset, reverse=reverse)
-    want = jax.grad(loss(lambda *a: jax_loop(kind, *a, **kw)), argnums=(0, 1, 2, 3, 4))(
-        x, kernel, u, bias, h0)
+    want = jax.jit(jax.grad(loss(lambda *a: jax_loop(kind, *a, **kw)),
+                            argnums=(0, 1, 2, 3, 4)))(x, kernel, u, bias, h0)
     got = jax.jit(jax.grad(loss(lambda *a: _op(kind, *a, mask=valid, reset=reset,
                                                reverse=reverse)),
                            argnums=(0, 1, 2, 3, 4)))(x, kernel, u, bias, h0)
@@ -226,14 +226,14 @@ def test_side_columns_and_readout():
 
     np_last, np_h, np_side = np_reference(kind, x, kernel, u, bias, h0, valid=valid,
                                           reset=reset, n_side=n_side)
-    got_last, got_y = op(x, kernel, u, bias, h0)
+    got_last, got_y = jax.jit(op)(x, kernel, u, bias, h0)
     np.testing.assert_allclose(got_last, np_last, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got_y, np.tanh(np_h[..., :n_side]) * np_side + 0.25,
                                rtol=1e-12, atol=1e-12)
     w = jnp.asarray(np.random.default_rng(7).normal(size=got_y.shape))
     loss = lambda fn: lambda *a: jnp.sum(fn(*a)[1] * w) + jnp.sum(fn(*a)[0] ** 2)
-    got = jax.grad(loss(op), argnums=(0, 1, 2, 3, 4))(x, kernel, u, bias, h0)
-    want = jax.grad(loss(ref), argnums=(0, 1, 2, 3, 4))(x, kernel, u, bias, h0)
+    got = jax.jit(jax.grad(loss(op), argnums=(0, 1, 2, 3, 4)))(x, kernel, u, bias, h0)
+    want = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2, 3, 4)))(x, kernel, u, bias, h0)
     for g, wv in zip(got, want):
         np.testing.assert_allclose(g, wv, rtol=1e-10, atol=1e-12)
 
@@ -248,10 +248,12 @@ def test_block_size_changes_nothing(monkeypatch, unroll):
     valid, reset = _masks(9)
     f = lambda *a: _op("lstm", *a, mask=valid, reset=reset)
     base = jax.jit(f)(x, kernel, u, bias, h0)
-    g_base = jax.grad(lambda k: jnp.sum(f(x, k, u, bias, h0)[1] ** 2))(kernel)
+    # A fresh jax.jit each time: traced again, so it sees the block size set.
+    grad = lambda: jax.jit(jax.grad(lambda k: jnp.sum(f(x, k, u, bias, h0)[1] ** 2)))(kernel)
+    g_base = grad()
     monkeypatch.setattr(tr, "_UNROLL", unroll)
     other = jax.jit(f)(x, kernel, u, bias, h0)
-    g_other = jax.grad(lambda k: jnp.sum(f(x, k, u, bias, h0)[1] ** 2))(kernel)
+    g_other = grad()
     for a, b in zip(base, other):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(g_other, g_base, rtol=1e-12, atol=1e-13)
@@ -262,13 +264,15 @@ def test_token_by_token_and_chunks_equal_one_call(reverse):
     """Decoding (T = 1 calls with the carry) and chunks with the carry give
     the states of one call; so do their gradients (forward direction)."""
     x, kernel, u, bias, h0 = _inputs("gru", seed=10)
-    full_last, full_h = _op("gru", x, kernel, u, bias, h0, reverse=reverse)
+    # One jitted function for every call (compiled once per chunk length).
+    op = jax.jit(lambda x, u, h: _op("gru", x, kernel, u, bias, h, reverse=reverse))
+    full_last, full_h = op(x, u, h0)
     for bounds in ([(t, t + 1) for t in range(T)], [(0, 5), (5, 6), (6, 13)]):
         if reverse:
             bounds = [(T - e, T - s) for s, e in bounds]
         h, outs = h0, {}
         for s, e in bounds:
-            h, out = _op("gru", x[:, s:e], kernel, u, bias, h, reverse=reverse)
+            h, out = op(x[:, s:e], u, h)
             outs[s] = out
         np.testing.assert_allclose(h, full_last, rtol=1e-13, atol=1e-13)
         np.testing.assert_allclose(jnp.concatenate([outs[s] for s in sorted(outs)], 1),
@@ -279,14 +283,13 @@ def test_token_by_token_and_chunks_equal_one_call(reverse):
     def chunked(u):
         h, outs = h0, []
         for s, e in [(0, 5), (5, 6), (6, 13)]:
-            h, out = _op("gru", x[:, s:e], kernel, u, bias, h)
+            h, out = op(x[:, s:e], u, h)
             outs.append(out)
         return jnp.sum(jnp.concatenate(outs, 1) ** 2) + jnp.sum(h)
 
-    whole = lambda u: jnp.sum(_op("gru", x, kernel, u, bias, h0)[1] ** 2) + jnp.sum(
-        _op("gru", x, kernel, u, bias, h0)[0])
-    np.testing.assert_allclose(jax.grad(chunked)(u), jax.grad(whole)(u), rtol=1e-11,
-                               atol=1e-13)
+    whole = lambda u: jnp.sum(op(x, u, h0)[1] ** 2) + jnp.sum(op(x, u, h0)[0])
+    np.testing.assert_allclose(jax.jit(jax.grad(chunked))(u), jax.jit(jax.grad(whole))(u),
+                               rtol=1e-11, atol=1e-13)
 
 
 # ----------------------------------------------------------------------------
@@ -326,16 +329,19 @@ def test_forward_mode_and_second_derivatives_against_differences():
     _, loss, theta, x = _flat_case()
     rng = np.random.default_rng(20)
     v, w = (jnp.asarray(rng.normal(size=theta.shape)) for _ in range(2))
-    f = lambda t: loss(t, x)
-    grad = jax.grad(f)
+    # Jitted once and reused: the differences evaluate f and grad twice each
+    # (eager op-by-op dispatch would compile every primitive separately).
+    f = jax.jit(lambda t: loss(t, x))
+    grad = jax.jit(jax.grad(f))
     want = _fd(f, theta, v)
-    _close(jnp.dot(jax.jit(grad)(theta), v), want, 1e-7)
+    _close(jnp.dot(grad(theta), v), want, 1e-7)
     _close(jax.jit(lambda t: jax.jvp(f, (t,), (v,))[1])(theta), want, 1e-7)
-    _close(jax.linearize(f, theta)[1](v), want, 1e-7)
+    _close(jax.jit(lambda t: jax.linearize(f, t)[1](v))(theta), want, 1e-7)
+    fd_grad = _fd(grad, theta, v)
     hvp = jax.jit(lambda t: jax.jvp(grad, (t,), (v,))[1])(theta)
-    _close(hvp, _fd(grad, theta, v), 1e-5)
-    gg = jax.grad(lambda t: jnp.dot(grad(t), w))(theta)
-    _close(jnp.dot(gg, v), jnp.dot(_fd(grad, theta, v), w), 1e-5)
+    _close(hvp, fd_grad, 1e-5)
+    gg = jax.jit(jax.grad(lambda t: jnp.dot(grad(t), w)))(theta)
+    _close(jnp.dot(gg, v), jnp.dot(fd_grad, w), 1e-5)
 
 
 def test_vmap_checkpoint_and_export():
@@ -343,15 +349,18 @@ def test_vmap_checkpoint_and_export():
     rng = np.random.default_rng(21)
     xs = jnp.asarray(rng.normal(size=(3, B, T, D_IN)))
     grad = jax.grad(loss)
+    # The references, jitted once and reused for every example.
+    apply_ref, grad_ref = jax.jit(apply), jax.jit(grad)
     batched = jax.jit(jax.vmap(apply, in_axes=(None, 0)))(theta, xs)
     per_example = jax.jit(jax.vmap(grad, in_axes=(None, 0)))(theta, xs)
     for i in range(3):
-        _close(jax.tree.map(lambda o: o[i], batched), apply(theta, xs[i]), 1e-13)
-        _close(per_example[i], grad(theta, xs[i]), 1e-12)
-    _close(jax.grad(jax.checkpoint(loss))(theta, xs[0]), grad(theta, xs[0]), 1e-13)
-    for fun in (apply, grad):
+        _close(jax.tree.map(lambda o: o[i], batched), apply_ref(theta, xs[i]), 1e-13)
+        _close(per_example[i], grad_ref(theta, xs[i]), 1e-12)
+    _close(jax.jit(jax.grad(jax.checkpoint(loss)))(theta, xs[0]), grad_ref(theta, xs[0]),
+           1e-13)
+    for fun, ref in ((apply, apply_ref), (grad, grad_ref)):
         restored = export.deserialize(export.export(jax.jit(fun))(theta, xs[0]).serialize())
-        _close(restored.call(theta, xs[0]), fun(theta, xs[0]), 1e-13)
+        _close(restored.call(theta, xs[0]), ref(theta, xs[0]), 1e-13)
 
 
 # ----------------------------------------------------------------------------
