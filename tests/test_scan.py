@@ -399,14 +399,14 @@ def test_gated_scan_matches_reference_outputs_and_gradients(rng, request, impl, 
                               reset=jnp.asarray(reset), seq_lengths=jnp.asarray(lengths),
                               reverse=reverse)
         args = (x, h0, bias)
-    h_last, h = run(*args)
+    h_last, h = jax.jit(run)(*args)
     assert rel_err(h, ref) <= 1e-5 and rel_err(h_last, ref_last) <= 1e-5
 
     def loss(*args):
         h_last, h = run(*args)
         return jnp.sum(h * g) + jnp.sum(h_last * g_last)
 
-    ours = jax.grad(loss, tuple(range(len(args))))(*args)
+    ours = jax.jit(jax.grad(loss, tuple(range(len(args)))))(*args)
     # Reference gradient: float64 autodiff of a plain jnp loop (no library code).
     x64, h064 = np.asarray(x, np.float64), np.asarray(h0, np.float64)
     with jax.enable_x64(True):
@@ -518,8 +518,8 @@ def test_gated_scan_with_readout_matches_reference(rng, request, impl, reverse, 
         return jnp.sum(y * g) + jnp.sum(h_last * g_last)
 
     args = (x, h0, kernel, params)
-    h_last, y = run(*args)
-    ours = jax.grad(loss, (0, 1, 2, 3))(*args)
+    h_last, y = jax.jit(run)(*args)
+    ours = jax.jit(jax.grad(loss, (0, 1, 2, 3)))(*args)
     with jax.enable_x64(True):
         def ref_run(x, h0, kernel, params):
             pre = jnp.einsum("bti,io->bto", x, kernel)
@@ -536,11 +536,13 @@ def test_gated_scan_with_readout_matches_reference(rng, request, impl, reverse, 
 
         def ref_loss(*args):
             h_last, y = ref_run(*args)
-            return jnp.sum(y * g.astype(np.float64)) + jnp.sum(h_last * g_last.astype(np.float64))
+            loss = jnp.sum(y * g.astype(np.float64)) + jnp.sum(h_last * g_last.astype(np.float64))
+            return loss, (h_last, y)
 
         args64 = jax.tree.map(lambda v: jnp.asarray(np.asarray(v, np.float64)), args)
-        want_last, want_y = jax.jit(ref_run)(*args64)
-        want = jax.jit(jax.grad(ref_loss, (0, 1, 2, 3)))(*args64)
+        # Outputs and gradient of the unrolled loop in one compiled function.
+        (_, (want_last, want_y)), want = jax.jit(
+            jax.value_and_grad(ref_loss, (0, 1, 2, 3), has_aux=True))(*args64)
     assert y.shape == (batch, seq_len, d_out) and y.dtype == jnp.float32
     assert rel_err(y, want_y) <= 1e-5 and rel_err(h_last, want_last) <= 1e-5
     for path, got in jax.tree_util.tree_leaves_with_path(ours):
