@@ -83,22 +83,24 @@ def test_all_impls_and_modes_agree(name):
     x = _x(1)
     params = _init(layer, x)
     h0 = _h0(layer, x, "neg" if name != "mingru_g_proj" else "pos")
-    ref_c, ref_y = layer.apply(params, x, h0)
-    outs = {impl: layer.clone(scan_impl=impl).apply(params, x, h0) for impl in IMPLS + ["auto"]}
+    apply = jax.jit(layer.apply)  # One compiled function per shape, reused below.
+    ref_c, ref_y = apply(params, x, h0)
+    outs = {impl: jax.jit(layer.clone(scan_impl=impl).apply)(params, x, h0)
+            for impl in IMPLS + ["auto"]}
     tl = layer.clone(use_true_recurrence=True)
     tp = _true_params(layer, params, x)
     tp["params"]["recurrent_kernel"] = jnp.zeros_like(tp["params"]["recurrent_kernel"])
-    outs["true_recurrence_U0"] = tl.apply(tp, x, h0)
+    outs["true_recurrence_U0"] = jax.jit(tl.apply)(tp, x, h0)
     # Token by token with the carry.
     c, ys = h0, []
     for t in range(T):
-        c, y = layer.apply(params, x[:, t:t + 1], c)
+        c, y = apply(params, x[:, t:t + 1], c)
         ys.append(y)
     outs["token_by_token"] = (c, jnp.concatenate(ys, 1))
     # Chunked at arbitrary split points.
     c, ys = h0, []
     for lo, hi in [(0, 4), (4, 5), (5, 11), (11, T)]:
-        c, y = layer.apply(params, x[:, lo:hi], c)
+        c, y = apply(params, x[:, lo:hi], c)
         ys.append(y)
     outs["chunked_carry"] = (c, jnp.concatenate(ys, 1))
     for key, (c, y) in outs.items():
@@ -112,10 +114,11 @@ def test_true_recurrence_chunked_and_token_by_token(name):
     x = _x(2)
     params = _true_params(LAYERS[name](), _init(LAYERS[name](), x), x)
     h0 = _h0(layer, x, "pos")
-    ref_c, ref_y = layer.apply(params, x, h0)
+    apply = jax.jit(layer.apply)
+    ref_c, ref_y = apply(params, x, h0)
     c, ys = h0, []
     for lo, hi in [(0, 1), (1, 7), (7, T)]:
-        c, y = layer.apply(params, x[:, lo:hi], c)
+        c, y = apply(params, x[:, lo:hi], c)
         ys.append(y)
     np.testing.assert_allclose(c, ref_c, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jnp.concatenate(ys, 1), ref_y, rtol=1e-5, atol=1e-6)
@@ -133,12 +136,13 @@ def test_seq_lengths_and_reverse(name, true_rec):
     for reverse in (False, True):
         layer = base.clone(use_true_recurrence=true_rec, reverse=reverse)
         h0 = _h0(layer, x, "pos")
-        carry, y = layer.apply(params, x, h0, seq_lengths=jnp.asarray(lengths))
+        apply = jax.jit(layer.apply)
+        carry, y = apply(params, x, h0, seq_lengths=jnp.asarray(lengths))
         for i, n in enumerate(lengths):
             if n == 0:
                 np.testing.assert_array_equal(carry[i], h0[i])
             else:
-                ci, yi = layer.apply(params, x[i:i + 1, :n], h0[i:i + 1])
+                ci, yi = apply(params, x[i:i + 1, :n], h0[i:i + 1])
                 np.testing.assert_allclose(carry[i], ci[0], rtol=1e-5, atol=1e-6)
                 np.testing.assert_allclose(y[i, :n], yi[0], rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(y[i, n:], 0.0)
@@ -167,9 +171,10 @@ def test_reset_equals_separate_documents(name, true_rec):
     reset = np.zeros((1, T), bool)
     reset[0, starts] = True
     h0 = _h0(layer, x, "neg")
-    _, y = layer.apply(params, x, h0, reset=jnp.asarray(reset))
+    apply = jax.jit(layer.apply)
+    _, y = apply(params, x, h0, reset=jnp.asarray(reset))
     for lo, hi in zip(starts, starts[1:] + [T]):
-        _, yd = layer.apply(params, x[:, lo:hi])  # each document from zeros
+        _, yd = apply(params, x[:, lo:hi])  # each document from zeros
         np.testing.assert_allclose(y[:, lo:hi], yd, rtol=1e-5, atol=1e-6)
 
 
@@ -199,7 +204,7 @@ def test_chunked_tiles_equal_sequential_outputs_and_gradients(name, reverse, mon
             c, y = layer.clone(scan_impl=impl).apply(p, xx, hh, seq_lengths=lengths,
                                                      reset=reset)
             return jnp.sum(y * g_y) + jnp.sum(c * g_c), (c, y)
-        return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(params, x, h0)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(params, x, h0)
 
     (grads, out), (grads_ref, out_ref) = run("chunked"), run("sequential")
     for got, want in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((out_ref, grads_ref))):
@@ -208,10 +213,10 @@ def test_chunked_tiles_equal_sequential_outputs_and_gradients(name, reverse, mon
     # Split == full: the sequence in two calls (7 + 6 steps, cut inside a
     # tile) with the carry equals one call (forward only: the carry order).
     if not reverse:
-        chunked = layer.clone(scan_impl="chunked")
-        c, y1 = chunked.apply(params, x[:, :7], h0)
-        c, y2 = chunked.apply(params, x[:, 7:], c)
-        c_full, y_full = chunked.apply(params, x, h0)
+        chunked = jax.jit(layer.clone(scan_impl="chunked").apply)
+        c, y1 = chunked(params, x[:, :7], h0)
+        c, y2 = chunked(params, x[:, 7:], c)
+        c_full, y_full = chunked(params, x, h0)
         np.testing.assert_allclose(c, c_full, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y_full, rtol=1e-5, atol=1e-6)
 
@@ -235,7 +240,7 @@ def test_chunked_tiles_bfloat16_match_sequential(make, monkeypatch):
         def loss(p, xx):
             c, y = layer.clone(scan_impl=impl).apply(p, xx)
             return jnp.sum(y.astype(jnp.float32) * g_y), y
-        return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
 
     (grads, y), (grads_ref, y_ref) = run("chunked"), run("sequential")
     assert y.dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
@@ -463,17 +468,16 @@ def test_nan_and_inf_in_padding_change_nothing(name, impl):
                         jnp.asarray(np.where(rng.uniform(size=x.shape) < 0.5, np.nan, np.inf),
                                     jnp.float32), x)
     clean = jnp.where(jnp.asarray(pad)[:, :, None], 0.0, x)
-    params = layer.init(jax.random.PRNGKey(0), clean)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(0), clean)
     g_y = jnp.asarray(rng.normal(size=jax.eval_shape(layer.apply, params, x)[1].shape),
                       jnp.float32)
 
-    def run(inputs):
-        def loss(p):
-            c, y = layer.apply(p, inputs, seq_lengths=lengths)
-            return jnp.sum(y * g_y) + jnp.sum(c), (c, y)
-        return jax.grad(loss, has_aux=True)(params)
+    def loss(p, inputs):
+        c, y = layer.apply(p, inputs, seq_lengths=lengths)
+        return jnp.sum(y * g_y) + jnp.sum(c), (c, y)
 
-    got, want = run(garbage), run(clean)
+    run = jax.jit(jax.grad(loss, has_aux=True))  # Compiled once, for both inputs.
+    got, want = run(params, garbage), run(params, clean)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert bool(jnp.all(jnp.isfinite(a)))
         np.testing.assert_array_equal(a, b)
