@@ -58,7 +58,7 @@ def _layer_case(layer, d_in=3, seq_len=9, batch=2):
         return [jnp.asarray(rng.normal(size=(batch, seq_len, d_in))) for _ in range(n)]
 
     x = inputs(1)[0]
-    params = layer.init(jax.random.PRNGKey(0), x)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
     theta, unravel = ravel_pytree(params)
 
     def apply(theta, x):
@@ -94,7 +94,7 @@ def _token_case(model, vocab, seq_len=9, batch=2):
                 for _ in range(n)]
 
     tokens = inputs(1)[0]
-    params = model.init(jax.random.PRNGKey(0), tokens)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
     theta, unravel = ravel_pytree(params)
 
     def apply(theta, tokens):
@@ -179,7 +179,9 @@ def _close(got, want, tol=1e-6):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_every_transformation(name):
-    """All twelve transformations on one module, each against its reference."""
+    """All twelve transformations on one module, each against its reference.
+    Transformations with the same arguments share one jitted function (one
+    compilation); each result is still checked on its own."""
     apply, theta, inputs = _case(name)
     x = inputs(1)[0]
     loss = _loss_fn(apply, theta, x)
@@ -189,7 +191,8 @@ def test_every_transformation(name):
 
     # jit and eval_shape, against the eager call.
     eager = apply(theta, x)
-    _close(jax.jit(apply)(theta, x), eager, 1e-12)
+    jitted = jax.jit(apply)
+    _close(jitted(theta, x), eager, 1e-12)
     for s, o in zip(jax.tree.leaves(jax.eval_shape(apply, theta, x)), jax.tree.leaves(eager)):
         assert s.shape == o.shape and s.dtype == o.dtype
 
@@ -197,24 +200,31 @@ def test_every_transformation(name):
     want = _fd(lambda t: f(t, x), theta, v)
     g = grad(theta, x)
     _close(jnp.dot(g, v), want)
-    _close(jnp.dot(jax.jit(lambda t: jax.vjp(lambda q: loss(q, x), t)[1](1.0)[0])(theta), v),
-           want)
-    _close(jax.jit(lambda t, d: jax.jvp(lambda q: loss(q, x), (t,), (d,))[1])(theta, v), want)
-    _close(jax.jit(lambda t, d: jax.linearize(lambda q: loss(q, x), t)[1](d))(theta, v), want)
+    vjp, jvp, lin = jax.jit(lambda t, d: (
+        jax.vjp(lambda q: loss(q, x), t)[1](1.0)[0],
+        jax.jvp(lambda q: loss(q, x), (t,), (d,))[1],
+        jax.linearize(lambda q: loss(q, x), t)[1](d)))(theta, v)
+    _close(jnp.dot(vjp, v), want)
+    _close(jvp, want)
+    _close(lin, want)
 
     # Second derivatives: forward over reverse (Hessian-vector product) and
     # reverse over reverse (grad of grad), against differences of grad.
-    hvp = jax.jit(lambda t, d: jax.jvp(lambda q: grad(q, x), (t,), (d,))[1])(theta, v)
-    _close(hvp, _fd(lambda t: grad(t, x), theta, v), 1e-5)
-    gg = jax.jit(jax.grad(lambda t: jnp.dot(grad(t, x), w)))(theta)
-    _close(jnp.dot(gg, v), jnp.dot(_fd(lambda t: grad(t, x), theta, v), w), 1e-5)
+    hvp, gg = jax.jit(lambda t, d: (
+        jax.jvp(lambda q: grad(q, x), (t,), (d,))[1],
+        jax.grad(lambda q: jnp.dot(grad(q, x), w))(t)))(theta, v)
+    fd_grad = _fd(lambda t: grad(t, x), theta, v)
+    _close(hvp, fd_grad, 1e-5)
+    _close(jnp.dot(gg, v), jnp.dot(fd_grad, w), 1e-5)
 
-    # vmap over inputs (forward and per-example gradients) against a loop.
+    # vmap over inputs (forward and per-example gradients) against a loop of
+    # the jitted calls (the jitted call equals the eager one, above).
     xs = inputs(3, seed=7)
-    batched = jax.jit(jax.vmap(apply, in_axes=(None, 0)))(theta, jnp.stack(xs))
-    per_example = jax.jit(jax.vmap(grad, in_axes=(None, 0)))(theta, jnp.stack(xs))
+    batched, per_example = jax.jit(lambda t, xs: (
+        jax.vmap(apply, in_axes=(None, 0))(t, xs),
+        jax.vmap(grad, in_axes=(None, 0))(t, xs)))(theta, jnp.stack(xs))
     for i, xi in enumerate(xs):
-        _close(jax.tree.map(lambda o: o[i], batched), apply(theta, xi), 1e-12)
+        _close(jax.tree.map(lambda o: o[i], batched), jitted(theta, xi), 1e-12)
         _close(per_example[i], grad(theta, xi), 1e-12)
 
     # jax.checkpoint: the same gradient.
@@ -229,9 +239,11 @@ def test_every_transformation(name):
     sharded = jax.shard_map(apply, mesh=mesh, in_specs=(P(), P("data")), out_specs=specs)
     theta_r = jax.device_put(theta, NamedSharding(mesh, P()))
     x_s = jax.device_put(x, NamedSharding(mesh, P("data")))
-    _close(jax.jit(sharded)(theta_r, x_s), eager, 1e-12)
     sharded_loss = _loss_fn(sharded, theta, x_s)
-    _close(jax.jit(jax.grad(sharded_loss))(theta_r, x_s), g, 1e-10)
+    out_s, g_s = jax.jit(lambda t, xx: (sharded(t, xx), jax.grad(sharded_loss)(t, xx)))(
+        theta_r, x_s)
+    _close(out_s, eager, 1e-12)
+    _close(g_s, g, 1e-10)
 
     # jax.export: serialize, deserialize and call, forward and gradient.
     for fun, want_out in ((apply, eager), (jax.grad(loss), g)):
