@@ -351,7 +351,7 @@ def test_left_padded_prompts_through_attention_mask(lm, kind):
                                       intermediate_size=16, num_attention_heads=2,
                                       attention_window_size=2, conv1d_width=2,
                                       block_types=("recurrent", "attention")))
-        params = model.init(jax.random.key(1), jnp.zeros((1, 3), jnp.int32))["params"]
+        params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 3), jnp.int32))["params"]
     rows = [[1, 2, 3, 4, 5], [6, 7], [9, 8, 7]]
     left = jnp.asarray([[0] * (5 - len(r)) + r for r in rows], jnp.int32)
     mask = jnp.asarray([[0] * (5 - len(r)) + [1] * len(r) for r in rows], jnp.int32)

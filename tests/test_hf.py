@@ -29,7 +29,8 @@ def _config(**kw):
 
 
 def _random_variables(config, seed=0):
-    variables = fm.Griffin(config).init(jax.random.key(seed), jnp.zeros((1, 3), jnp.int32))
+    variables = jax.jit(fm.Griffin(config).init)(jax.random.key(seed),
+                                                 jnp.zeros((1, 3), jnp.int32))
     leaves, tree = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     return jax.tree.unflatten(tree, [x + (0.3 * jax.random.normal(k, x.shape)).astype(x.dtype)
