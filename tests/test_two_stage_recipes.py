@@ -1,6 +1,7 @@
 """Two-stage training recipes (flax_minrnn.training.two_stage, issue 19)."""
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -34,15 +35,20 @@ def _tokens(shape=(3, 11), seed=1):
     return jax.random.randint(jax.random.key(seed), shape, 0, VOCAB)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(model):
+    return jax.jit(model.apply)  # One compiled forward per model, reused.
+
+
 def _logits(model, params, tokens):
-    return model.apply({"params": params}, tokens)[1]
+    return _jitted_apply(model)({"params": params}, tokens)[1]
 
 
 @pytest.mark.parametrize("time_mixing", ["mingru", "glrnn"])
 def test_zero_and_blended_starts_are_the_stage1_function(time_mixing):
     m1, m2 = _models(time_mixing)
     tok = _tokens()
-    p1 = unfreeze(m1.init(jax.random.key(0), tok)["params"])
+    p1 = unfreeze(jax.jit(m1.init)(jax.random.key(0), tok)["params"])
     zero = migrate_params(p1, m2, tok)
     # Recipe 1: U = 0 is the stage-1 function (sequential vs parallel scan:
     # float rounding only, as in test_migrate).
@@ -85,7 +91,7 @@ def test_random_init_bias_compensation_and_measured_gap():
     # The mean state against a float64 loop (one bare layer).
     layer = MinGRU(d_h=6)
     x = jax.random.normal(jax.random.key(2), (4, 9, 5)) + 1.0
-    lp = unfreeze(layer.init(jax.random.key(3), x)["params"])
+    lp = unfreeze(jax.jit(layer.init)(jax.random.key(3), x)["params"])
     lp["in_proj"]["bias"] = jax.random.normal(jax.random.key(4), (12,))
     means = ts.mean_states(layer, lp, x)
     h = _mingru_states_numpy(lp, x)
@@ -109,7 +115,7 @@ def test_random_init_bias_compensation_and_measured_gap():
     # Whole model: measure max |logit difference| at init on a batch.
     m1, m2 = _models()
     tok = _tokens((8, 16))
-    p1 = unfreeze(m1.init(jax.random.key(0), tok)["params"])
+    p1 = unfreeze(jax.jit(m1.init)(jax.random.key(0), tok)["params"])
     means = ts.mean_states(m1, p1, tok)
     assert set(means) == {("blocks_0", "temporal_mixing"), ("blocks_1", "temporal_mixing")}
 
@@ -179,7 +185,7 @@ def test_tbptt_gradient_is_full_or_truncated():
     _, m2 = _models(positional_encoding="learned", max_seq_length=32)
     tok = _tokens((3, 10))
     m1 = LM(dataclasses.replace(m2.config, use_true_recurrence=False))
-    p = migrate_params(unfreeze(m1.init(jax.random.key(0), tok)["params"]), m2, tok,
+    p = migrate_params(unfreeze(jax.jit(m1.init)(jax.random.key(0), tok)["params"]), m2, tok,
                        recurrent_init="random", recurrent_init_scale=1.0, rng=jax.random.key(1))
 
     def grads(L):
