@@ -238,14 +238,14 @@ def test_fallbacks_run_chunked_bit_for_bit(name):
     make, kw = FALLBACKS[name]
     layer = make()
     x = _x(10)
-    params = layer.init(jax.random.PRNGKey(0), x)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
     assert not _runs_kernels(layer.clone(scan_impl="native"), params, x, **kw)
 
     def run(impl):
         def loss(p, xx):
             c, y = layer.clone(scan_impl=impl).apply(p, xx, **kw)
             return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(c), (c, y)
-        return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
 
     for a, b in zip(jax.tree.leaves(run("native")), jax.tree.leaves(run("chunked"))):
         np.testing.assert_array_equal(a, b)
