@@ -43,7 +43,7 @@ def test_griffin_left_padding_equals_unpadded_rows():
                                   intermediate_size=32, num_attention_heads=2,
                                   attention_window_size=2, conv1d_width=3))
     tokens, mask = _left()
-    variables = model.init(jax.random.key(0), tokens)
+    variables = jax.jit(model.init)(jax.random.key(0), tokens)
     apply = jax.jit(model.apply)
     carry, logits = apply(variables, tokens, attention_mask=mask)
     width = tokens.shape[1]
@@ -73,13 +73,14 @@ def test_classifiers_left_padding_equals_unpadded_rows(bidirectional):
     width = tokens.shape[1]
     seq = SequenceClassifier(cfg, num_classes=3, pooling="last", bidirectional=bidirectional)
     tok = TokenClassifier(cfg, num_classes=4, bidirectional=bidirectional)
-    seq_vars = seq.init(jax.random.key(0), tokens)
-    tok_vars = tok.init(jax.random.key(1), tokens)
-    seq_out = seq.apply(seq_vars, tokens, attention_mask=mask)
-    tok_out = tok.apply(tok_vars, tokens, attention_mask=mask)
+    seq_vars = jax.jit(seq.init)(jax.random.key(0), tokens)
+    tok_vars = jax.jit(tok.init)(jax.random.key(1), tokens)
+    seq_apply, tok_apply = jax.jit(seq.apply), jax.jit(tok.apply)
+    seq_out = seq_apply(seq_vars, tokens, attention_mask=mask)
+    tok_out = tok_apply(tok_vars, tokens, attention_mask=mask)
     assert tok_out.shape == (3, width, 4)
     for b, row in enumerate(ROWS):
         one = jnp.asarray([row], jnp.int32)
-        np.testing.assert_allclose(seq_out[b], seq.apply(seq_vars, one)[0], **F32)
-        np.testing.assert_allclose(tok_out[b, width - len(row):], tok.apply(tok_vars, one)[0],
+        np.testing.assert_allclose(seq_out[b], seq_apply(seq_vars, one)[0], **F32)
+        np.testing.assert_allclose(tok_out[b, width - len(row):], tok_apply(tok_vars, one)[0],
                                    **F32)

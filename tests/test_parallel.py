@@ -43,8 +43,12 @@ TESTS = REPO / "tests"
 
 
 def _env(n_devices: int) -> dict:
+    # Keeps the inherited XLA flags (conftest's compile settings) but the device count.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={n_devices}")
     return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{TESTS}", JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+                XLA_FLAGS=" ".join(flags))
 
 
 def _run(n_devices: int, args, timeout: int = 900) -> str:
@@ -56,21 +60,20 @@ def _run(n_devices: int, args, timeout: int = 900) -> str:
     return proc.stdout
 
 
-def _pytest_on_8_devices(module: str) -> None:
+def _pytest_on_8_devices(*modules: str) -> None:
     _run(8, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-             "-o", "python_files=multidevice_*.py", str(TESTS / module)])
+             "-o", "python_files=multidevice_*.py", *(str(TESTS / m) for m in modules)])
 
 
 # ----------------------------------------------------------------------------
 # Several devices (subprocesses).
 
 
-def test_sequence_parallel_scan_on_2_4_8_shards():
-    _pytest_on_8_devices("multidevice_scan.py")
-
-
-def test_sharded_layers_lm_and_train_step_on_8_devices():
-    _pytest_on_8_devices("multidevice_train.py")
+def test_scan_layers_lm_and_train_step_sharded_on_8_devices():
+    """multidevice_scan.py (sequence-parallel scan on 2, 4 and 8 shards) and
+    multidevice_train.py (sharded layers, LM and train step), in one
+    8-device process."""
+    _pytest_on_8_devices("multidevice_scan.py", "multidevice_train.py")
 
 
 def _flat(params) -> dict:
