@@ -3,13 +3,16 @@
 import os
 
 # Compile settings for the tests only. The tests' shapes are tiny, so XLA's
-# compile time dominates their run time; these settings shorten it without
-# changing what is computed. They go into the environment, so the
-# subprocesses the tests start (CLI, multi-device, kill-and-resume) inherit
-# them. The benchmarks and the library itself keep XLA's defaults.
+# compile time dominates their run time; these settings shorten it. They
+# compute the same functions, but rounding can differ in the last bit from
+# one compiled program to another, so a test that claims bit-equality
+# compares outputs of one executable (or exact inputs). They go into the
+# environment, so the subprocesses the tests start (CLI, multi-device,
+# kill-and-resume) inherit them. The benchmarks and the library itself keep
+# XLA's defaults.
 #   * XLA:CPU's newer fusion emitters compile more slowly than the classic
 #     ones at these sizes;
-#   * most optimisations off (as ``jax_disable_most_optimizations`` below).
+#   * JAX_DISABLE_MOST_OPTIMIZATIONS turns off XLA's heavier passes.
 _TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 if _TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_TEST_XLA_FLAGS}".strip()

@@ -189,10 +189,6 @@ def test_tbptt_gradient_is_full_or_truncated():
                        recurrent_init="random", recurrent_init_scale=1.0, rng=jax.random.key(1))
 
     loss_of = lambda L: lambda q: _loss(ts.truncated_apply(m2, q, tok, L), tok)
-
-    def grads(L):
-        return jax.jit(jax.value_and_grad(loss_of(L)))(p)
-
     untruncated = lambda q: _loss(m2.apply({"params": q}, tok)[1], tok)
     full_value, full = jax.jit(jax.value_and_grad(untruncated))(p)
     # L = 0 or L >= T: full BPTT. The very same program as the untruncated
@@ -201,7 +197,7 @@ def test_tbptt_gradient_is_full_or_truncated():
     for L in (0, 10):
         assert str(jax.make_jaxpr(loss_of(L))(p)) == program
     for L in (3,):  # Three chunks of 3 and a tail of 1.
-        value, g = grads(L)
+        value, g = jax.jit(jax.value_and_grad(loss_of(L)))(p)
         assert value == full_value  # Forward values are exactly untruncated.
         ref = jax.jit(jax.grad(
             lambda q: _loss(_reference_truncated_logits(m2, q, tok, L), tok)))(p)
