@@ -1,6 +1,9 @@
 """Test configuration: strict numerics so silent broadcasting is an error."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Compile settings for the tests only. The tests' shapes are tiny, so XLA's
 # compile time dominates their run time; these settings shorten it. They
@@ -12,7 +15,19 @@ import os
 # XLA's defaults.
 #   * XLA:CPU's newer fusion emitters compile more slowly than the classic
 #     ones at these sizes;
-#   * JAX_DISABLE_MOST_OPTIMIZATIONS turns off XLA's heavier passes.
+#   * JAX_DISABLE_MOST_OPTIMIZATIONS turns off XLA's heavier passes;
+#   * a compilation cache shared by the xdist workers and the subprocesses,
+#     fresh for each session (removed at exit) and keeping every program
+#     however fast it compiled: many tests compile the same programs (the
+#     same tiny train step in several runs, the same CLI command in several
+#     processes), and a cached program is the same executable, so it
+#     computes bit-identically.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="flax_minrnn_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 _TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 if _TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_TEST_XLA_FLAGS}".strip()

@@ -31,6 +31,26 @@ def make_inputs(rng, shape, *, positive=False, h0_sign="pos"):
     return f32(a), f32(b), f32(h0)
 
 
+def _masked_loop(a, b, h0, reset, mask, reverse):
+    """Plain ``lax.scan`` of ``h = where(edge, 0, h) * a_t + b_t`` with padding
+    (no library code; run in float64 as the autodiff reference). ``reset``
+    and ``mask`` are NumPy (batch, T); going backward, the reset edge of step
+    ``t`` is ``reset[:, t + 1]``."""
+    edges = reset if not reverse else np.concatenate(
+        [reset[:, 1:], np.zeros_like(reset[:, :1])], axis=1)
+
+    def step(h, xs):
+        a_t, b_t, e_t, m_t = xs
+        h_new = jnp.where(e_t[:, None], 0.0, h) * a_t + b_t
+        h = jnp.where(m_t[:, None], h_new, h)
+        return h, jnp.where(m_t[:, None], h, 0.0)
+
+    h, outs = jax.lax.scan(step, h0, (jnp.swapaxes(a, 0, 1), jnp.swapaxes(b, 0, 1),
+                                      jnp.asarray(edges.T), jnp.asarray(mask.T)),
+                           reverse=reverse)
+    return h, jnp.swapaxes(outs, 0, 1)
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("impl, seq_len", [
     (impl, t) for impl in ALL_IMPLS for t in (1, 7, 64, 333)] + [
@@ -411,20 +431,11 @@ def test_gated_scan_matches_reference_outputs_and_gradients(rng, request, impl, 
         return jnp.sum(h * g) + jnp.sum(h_last * g_last)
 
     ours = jax.jit(jax.grad(loss, tuple(range(len(args)))))(*args)
-    # Reference gradient: float64 autodiff of a plain jnp loop (no library code).
+    # Reference gradient: float64 autodiff of a plain lax.scan loop (no library code).
     x64, h064 = np.asarray(x, np.float64), np.asarray(h0, np.float64)
     with jax.enable_x64(True):
         def loop(x, h0, bias):
-            a, b = _jnp_gates(x, bias)
-            h, outs = h0, [None] * seq_len
-            order = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
-            for t in order:
-                edge = (reset[:, t] if not reverse else
-                        (reset[:, t + 1] if t + 1 < seq_len else np.zeros(batch, bool)))
-                h_new = jnp.where(edge[:, None], 0.0, h) * a[:, t] + b[:, t]
-                h = jnp.where(mask[:, t, None], h_new, h)
-                outs[t] = jnp.where(mask[:, t, None], h, 0.0)
-            return h, jnp.stack(outs, 1)
+            return _masked_loop(*_jnp_gates(x, bias), h0, reset, mask, reverse)
         g64, gl64 = np.asarray(g, np.float64), np.asarray(g_last, np.float64)
         def ref_loss(x, h0, bias):
             h_last, h = loop(x, h0, bias)
@@ -528,15 +539,8 @@ def test_gated_scan_with_readout_matches_reference(rng, request, impl, reverse, 
         def ref_run(x, h0, kernel, params):
             pre = jnp.einsum("bti,io->bto", x, kernel)
             a, b = coeff_fn(pre[..., :2 * feat], params)
-            h, outs = h0, [None] * seq_len
-            for t in (range(seq_len - 1, -1, -1) if reverse else range(seq_len)):
-                edge = (reset[:, t] if not reverse else
-                        (reset[:, t + 1] if t + 1 < seq_len else np.zeros(batch, bool)))
-                h_new = jnp.where(edge[:, None], 0.0, h) * a[:, t] + b[:, t]
-                h = jnp.where(mask[:, t, None], h_new, h)
-                outs[t] = jnp.where(mask[:, t, None], h, 0.0)
-            return h, _readout(jnp.stack(outs, 1), pre[..., 2 * feat:] if side else None,
-                               params)
+            h, outs = _masked_loop(a, b, h0, reset, mask, reverse)
+            return h, _readout(outs, pre[..., 2 * feat:] if side else None, params)
 
         def ref_loss(*args):
             h_last, y = ref_run(*args)
@@ -544,7 +548,7 @@ def test_gated_scan_with_readout_matches_reference(rng, request, impl, reverse, 
             return loss, (h_last, y)
 
         args64 = jax.tree.map(lambda v: jnp.asarray(np.asarray(v, np.float64)), args)
-        # Outputs and gradient of the unrolled loop in one compiled function.
+        # Outputs and gradient of the loop in one compiled function.
         (_, (want_last, want_y)), want = jax.jit(
             jax.value_and_grad(ref_loss, (0, 1, 2, 3), has_aux=True))(*args64)
     assert y.shape == (batch, seq_len, d_out) and y.dtype == jnp.float32
