@@ -8,14 +8,15 @@
 #   RUNS=/work/runs PY=.venv/bin/python experiments/run_all.sh parity_two_stage
 #
 # Experiments (CPU): selective_copying_small, shakespeare, parity_two_stage,
-# shakespeare_2000, selective_copying_ablation, selective_copying_ablation_10k,
-# shakespeare_medium.
+# two_stage, two_stage_shakespeare, two_stage_s5, shakespeare_2000,
+# selective_copying_ablation, selective_copying_ablation_10k, shakespeare_medium.
 # GPU-sized (not in the default list): selective_copying_ablation_gpu,
 # shakespeare_large.
 #
 # Each training writes its workdir under $RUNS (default: runs/); a finished
 # run leaves $WORKDIR/timing.json (end-to-end seconds of the train command)
-# and is skipped when the script is run again. After each experiment,
+# and is skipped when the script is run again (so is one that failed under
+# RECORD_FAILURES, which leaves $WORKDIR/failed.json). After each experiment,
 # experiments/report.py rewrites experiments/<name>/results.json, its PNG and
 # the table in its README from the workdirs' metrics.jsonl.
 set -euo pipefail
@@ -31,14 +32,26 @@ train() {  # train CONFIG WORKDIR [key=value ...]
     echo "== $workdir: done already (timing.json), skipped"
     return
   fi
+  if [[ -f "$workdir/failed.json" ]]; then
+    echo "== $workdir: failed before (failed.json), skipped"
+    return
+  fi
   echo "== train $config -> $workdir $*"
-  local t0 t1
+  local t0 t1 rc=0
   t0=$(date +%s.%N)
   "$PY" -m flax_minrnn train --config "$config" --workdir "$workdir" "$@" \
-    train.progress_bar=false
+    train.progress_bar=false || rc=$?
+  if [[ $rc -ne 0 ]]; then
+    # RECORD_FAILURES (set by an experiment): a run that fails (e.g. diverges)
+    # is a result; record it and go on.
+    [[ -n "${RECORD_FAILURES:-}" ]] || return $rc
+    printf '{"exit_code": %d}\n' "$rc" > "$workdir/failed.json"
+    echo "== $workdir: failed with exit code $rc (recorded in failed.json)"
+    return
+  fi
   t1=$(date +%s.%N)
   printf '{"end_to_end_s": %.1f, "host": "%s", "cpus": %s}\n' \
-    "$(echo "$t1 - $t0" | bc)" "$(hostname)" "$(nproc)" > "$workdir/timing.json"
+    "$(awk "BEGIN { print $t1 - $t0 }")" "$(hostname)" "$(nproc)" > "$workdir/timing.json"
 }
 
 evaluate() {  # evaluate WORKDIR NAME [key=value ...]: WORKDIR/evals/NAME.json
@@ -139,9 +152,66 @@ parity_two_stage() {
     --title "Parity: associative (stage 1), fine-tuned with true recurrence (stage 2), true recurrence from scratch" "${runs[@]}"
 }
 
+# Issue 19: two-stage training against the true recurrence from scratch, on
+# parity (configs/two_stage_parity.py). The recipe screen runs on MinGRU with
+# seed 0; then scratch, today's recipe (zeros) and the screen's best run on
+# seeds 0-2 for all three layers. TWO_STAGE_BEST overrides the pick.
+two_stage() {
+  local dir="$RUNS/two_stage" recipe tm seed best RECORD_FAILURES=1
+  for recipe in scratch zeros lr random blend tbptt; do
+    train "configs/two_stage_parity.py:mingru,$recipe" "$dir/mingru_${recipe}_seed0" seed=0
+  done
+  best=${TWO_STAGE_BEST:-$("$PY" experiments/two_stage/report.py best "$dir")}
+  echo "== two_stage: the screen's best recipe is $best"
+  for tm in mingru minlstm glrnn; do
+    for seed in 0 1 2; do
+      for recipe in scratch zeros "$best"; do
+        train "configs/two_stage_parity.py:$tm,$recipe" "$dir/${tm}_${recipe}_seed$seed" "seed=$seed"
+      done
+    done
+  done
+  "$PY" experiments/two_stage/report.py report "$dir" --out experiments/two_stage
+}
+
+# Issue 19 on text: after stage 1 (configs/shakespeare.py at T = 256, 500
+# updates), does a short stage 2 (configs/shakespeare_stage2.py, 100 updates)
+# lower the validation loss below stage 1 continued for the same time? The
+# continuation's number of updates comes from the two stages' measured
+# throughput (equal seconds inside training steps). Seeds 0-2.
+two_stage_shakespeare() {
+  local dir n seed
+  for seed in 0 1 2; do
+    dir="$RUNS/two_stage_shakespeare/seed$seed"
+    local s1=(data.seq_len=256 train.eval_every=50 train.log_every=25
+              train.checkpoint_every=500 "seed=$seed")
+    train configs/shakespeare.py "$dir/stage1" "${s1[@]}" train.num_steps=500
+    train configs/shakespeare_stage2.py "$dir/stage2" "init_from.workdir=$dir/stage1" \
+      data.seq_len=256 train.num_steps=100 train.eval_every=25 train.log_every=25 "seed=$seed"
+    n=$("$PY" experiments/two_stage/report.py equal-steps "$dir")
+    if [[ ! -d "$dir/continued" ]]; then
+      cp -r "$dir/stage1" "$dir/continued"
+      rm -f "$dir/continued/timing.json"
+    fi
+    train configs/shakespeare.py "$dir/continued" "${s1[@]}" "train.num_steps=$((500 + n))"
+  done
+  "$PY" experiments/two_stage/report.py shakespeare "$RUNS/two_stage_shakespeare" \
+    --out experiments/two_stage
+}
+
+# Issue 19 on the S5 word problem (configs/two_stage_s5.py), MinGRU, seed 0:
+# the true recurrence from scratch and both stages with zero U.
+two_stage_s5() {
+  local dir="$RUNS/two_stage_s5" recipe RECORD_FAILURES=1
+  for recipe in scratch zeros; do
+    train "configs/two_stage_s5.py:mingru,$recipe" "$dir/mingru_${recipe}_seed0" seed=0
+  done
+  "$PY" experiments/two_stage/report.py report "$dir" --out experiments/two_stage --name s5 \
+    --title "S5 word problem, trained on 1..16 permutations, evaluated on 64..128"
+}
+
 if [[ $# -eq 0 ]]; then
-  set -- selective_copying_small shakespeare parity_two_stage shakespeare_2000 \
-    selective_copying_ablation selective_copying_ablation_10k shakespeare_medium
+  set -- selective_copying_small shakespeare parity_two_stage two_stage two_stage_shakespeare \
+    two_stage_s5 shakespeare_2000 selective_copying_ablation selective_copying_ablation_10k shakespeare_medium
 fi
 for experiment in "$@"; do
   "$experiment"

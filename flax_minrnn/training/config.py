@@ -461,7 +461,8 @@ SHRINK: dict[str, Any] = {
 def shrink(config: ConfigDict) -> ConfigDict:
     """Returns a validated, locked copy with tiny sizes (smoke tests).
 
-    ``data.task_kwargs`` is left alone.
+    ``data.task_kwargs`` is left alone; a two-stage config's stage 2 gets
+    the shrunk ``train.num_steps`` too.
     """
     result = validate(config)
     for dotted, value in SHRINK.items():
@@ -470,6 +471,9 @@ def shrink(config: ConfigDict) -> ConfigDict:
         for key in parents:
             node = node[key]
         node[leaf] = value(node[leaf]) if callable(value) else value
+    if result.two_stage.stage2:  # Stage 2's overrides come last: shrink its length too.
+        result.two_stage.stage2 = [*result.two_stage.stage2,
+                                   f"train.num_steps={SHRINK['train.num_steps']}"]
     return result
 
 

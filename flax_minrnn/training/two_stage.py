@@ -114,16 +114,42 @@ RECIPE_OVERRIDES = {
 }
 
 
+SCRATCH = "scratch"  # The baseline: one stage, true recurrence from the start.
+
+
 def parse_recipe_arg(arg) -> tuple[str, str]:
     """``"<time mixing>[,<recipe>]"`` (a two-stage config's argument) as
-    ``(time_mixing, recipe)``; the recipe defaults to ``"zeros"``."""
+    ``(time_mixing, recipe)``; the recipe defaults to ``"zeros"``.
+
+    ``recipe`` is a key of :data:`RECIPE_OVERRIDES`, or :data:`SCRATCH` for
+    the baseline the two stages are measured against: one stage that trains
+    the true recurrence from the start (the config decides its budget).
+    """
     time_mixing, *rest = (arg or "mingru").split(",")
     recipe = rest[0] if rest else "zeros"
+    choices = [*RECIPE_OVERRIDES, SCRATCH]
     if time_mixing not in ("mingru", "minlstm", "glrnn") or len(rest) > 1 \
-            or recipe not in RECIPE_OVERRIDES:
-        raise ValueError(f"arg must be <mingru|minlstm|glrnn>[,<{'|'.join(RECIPE_OVERRIDES)}>]"
+            or recipe not in choices:
+        raise ValueError(f"arg must be <mingru|minlstm|glrnn>[,<{'|'.join(choices)}>]"
                          f", got {arg!r}")
     return time_mixing, recipe
+
+
+def set_strategy(config, strategy: str, budget: int):
+    """Makes ``config`` (stage 1, as configured) run ``strategy`` and returns it.
+
+    A recipe (a key of :data:`RECIPE_OVERRIDES`) sets ``two_stage.stage2``:
+    stage 2 trains for up to ``budget`` updates with the recipe's overrides.
+    :data:`SCRATCH` instead trains the true recurrence from the start, for up
+    to ``budget`` updates: the baseline, with stage 2's budget and the same
+    stopping rule (``train.stop_at_eval_accuracy``).
+    """
+    if strategy == SCRATCH:
+        config.model.use_true_recurrence = True
+        config.train.num_steps = budget
+    else:
+        config.two_stage.stage2 = [f"train.num_steps={budget}", *RECIPE_OVERRIDES[strategy]]
+    return config
 
 
 def has_recurrent_kernels(params) -> bool:
