@@ -66,6 +66,7 @@ def linear_recurrence_vjp(a, h0, h, g, g_last, *, reverse=False):
     return da, db, dh0
 
 
+@jax.jit
 def log_space_scan(a, b, h0=None):
     """The paper's log-space scan (forward, float32): an associative scan of
     ``(log a, log h)`` with a ``logaddexp`` combine.  Domain: ``a, b, h0 >= 0``;
@@ -80,6 +81,7 @@ def log_space_scan(a, b, h0=None):
     return jnp.exp(jax.lax.associative_scan(combine, (la, lb), axis=1)[1])
 
 
+@jax.jit
 def heinsen_scan(a, b):
     """The minGRU paper appendix's form (Heinsen): ``cumsum(log a)`` plus a
     ``logcumsumexp``, forward, from a zero state.  Domain ``a > 0, b >= 0``;
