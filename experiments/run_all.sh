@@ -161,6 +161,9 @@ two_stage() {
   for recipe in scratch zeros lr random blend tbptt; do
     train "configs/two_stage_parity.py:mingru,$recipe" "$dir/mingru_${recipe}_seed0" seed=0
   done
+  # The lr recipe's example multiplier (10) instead of the config's 3.
+  train "configs/two_stage_parity.py:mingru,lr" "$dir/mingru_lr10_seed0" seed=0 \
+    "two_stage.stage2=train.num_steps=1000,optim.recurrent_lr_multiplier=10"
   best=${TWO_STAGE_BEST:-$("$PY" experiments/two_stage/report.py best "$dir")}
   echo "== two_stage: the screen's best recipe is $best"
   for tm in mingru minlstm glrnn; do

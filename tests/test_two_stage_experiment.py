@@ -47,7 +47,10 @@ def test_parity_config_of_each_strategy(recipe):
         assert stage2.model.use_true_recurrence and stage2.train.num_steps == 1000
         # Both stages stop at the same accuracy as the baseline.
         assert stage1.train.stop_at_eval_accuracy == stage2.train.stop_at_eval_accuracy == 0.99
-        assert list(config.two_stage.stage2)[1:] == ts.RECIPE_OVERRIDES[recipe]
+        extra = ["optim.recurrent_lr_multiplier=3"] if recipe == "lr" else []
+        assert list(config.two_stage.stage2)[1:] == ts.RECIPE_OVERRIDES[recipe] + extra
+        if recipe == "lr":  # The config's multiplier wins over the recipe's example.
+            assert stage2.optim.recurrent_lr_multiplier == 3
 
 
 @pytest.mark.parametrize("arg", ["mingru,fast", "gru", "mingru,zeros,lr"])
@@ -182,14 +185,17 @@ def test_run_all_two_stage_grid_resumes_and_records_failures(tmp_path):
     stdout, trained = run()
     runs = tmp_path / "runs" / "two_stage"
     names = {os.path.relpath(w, runs) for w in trained}
-    screen = {f"mingru_{r}_seed0" for r in ("scratch", "zeros", "lr", "random", "blend", "tbptt")}
+    screen = {f"mingru_{r}_seed0"
+              for r in ("scratch", "zeros", "lr", "random", "blend", "tbptt", "lr10")}
     grid = {f"{tm}_{r}_seed{s}" for tm in ("mingru", "minlstm", "glrnn")
             for r in ("scratch", "zeros") for s in range(3)}
     assert len(trained) == len(names) == len(screen | grid)
     assert names == screen | grid
     assert "the screen's best recipe is zeros" in stdout
-    assert json.loads((runs / "mingru_lr_seed0" / "failed.json").read_text()) == {"exit_code": 1}
-    assert not (runs / "mingru_lr_seed0" / "timing.json").exists()
-    assert all((runs / n / "timing.json").exists() for n in names - {"mingru_lr_seed0"})
+    failed = {"mingru_lr_seed0", "mingru_lr10_seed0"}  # The fake fails the lr recipe.
+    for name in failed:
+        assert json.loads((runs / name / "failed.json").read_text()) == {"exit_code": 1}
+        assert not (runs / name / "timing.json").exists()
+    assert all((runs / n / "timing.json").exists() for n in names - failed)
     stdout, trained = run()
     assert trained == [] and "failed before (failed.json), skipped" in stdout
