@@ -27,7 +27,7 @@ represent parity; the true recurrence (gates see ``h_{t-1}``) can.
 Command (both stages in ``<workdir>/stage1`` and ``<workdir>/stage2``;
 rerun the same command to resume after a kill)::
 
-    python -m flax_minrnn train --config configs/two_stage_parity.py:mingru,lr \\
+    python -m flax_minrnn train --config configs/two_stage_parity.py:mingru,lr \
         --workdir runs/two_stage_parity/mingru_lr
 
 Time mixing: ``mingru`` | ``minlstm`` | ``glrnn``; strategy default ``zeros``.

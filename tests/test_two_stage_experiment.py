@@ -61,10 +61,13 @@ def test_bad_strategy_names_the_choices(arg):
 
 
 def _write_run(path, records, batch=2, max_len=9, seq_len=None):
-    os.makedirs(path, exist_ok=True)
-    data = {"batch_size": batch, "seq_len": seq_len or 1, "task_kwargs": {"max_len": max_len}}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"data": data}, f)
+    """A run's config.json and metrics.jsonl: parity with ``max_len`` (a
+    training sequence of ``max_len + 1`` tokens) or, given ``seq_len``, the
+    char task with windows of ``seq_len``."""
+    task = ([f"data.seq_len={seq_len}"] if seq_len else
+            ["data.name=parity", f"data.task_kwargs.max_len={max_len}"])
+    config_lib.save_config(str(path), config_lib.apply_overrides(
+        config_lib.default_config(), [f"data.batch_size={batch}", *task]))
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

@@ -45,9 +45,12 @@ def _records(path: str) -> list[dict[str, Any]]:
 
 
 def _tokens_per_step(path: str) -> int:
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        data = json.load(f)["data"]
-    return int(data["batch_size"]) * (int(data["task_kwargs"]["max_len"]) + 1)
+    """Tokens of one training batch of the run in ``path``: its saved
+    config's batch size times its task's training sequence length."""
+    from flax_minrnn.training import config as config_lib  # pylint: disable=import-outside-toplevel
+    from flax_minrnn.training import train  # pylint: disable=import-outside-toplevel
+    config = config_lib.load_saved_config(path)
+    return config.data.batch_size * int(train.build_dataset(config).seq_len)
 
 
 def stage_curve(path: str, t0: float = 0.0, w0: float = 0.0) -> list[dict[str, float]]:
@@ -235,9 +238,7 @@ def shakespeare_result(seed_dir: str) -> dict[str, Any]:
     after = [r for r in cont if r["step"] > start["step"]]
     rate1 = steady_tokens_per_sec(os.path.join(seed_dir, "stage1"))
     rate2 = steady_tokens_per_sec(os.path.join(seed_dir, "stage2"))
-    with open(os.path.join(seed_dir, "stage1", "config.json"), encoding="utf-8") as f:
-        data = json.load(f)["data"]
-    per_step = int(data["batch_size"]) * int(data["seq_len"])
+    per_step = _tokens_per_step(os.path.join(seed_dir, "stage1"))
     steps2, steps_c = s2[-1]["step"], after[-1]["step"] - start["step"]
     return dict(
         stage1=dict(step=start["step"], eval_loss=start["loss"]),
