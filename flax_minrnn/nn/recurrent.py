@@ -240,7 +240,18 @@ class GatedRecurrence(nn.Module):
         gate_fn = self.gate_fn()
 
         def biased(p: Array, b: Optional[Array]) -> Array:
-            return dense_lib.add_bias(p.astype(s_dtype), None if b is None else b.astype(s_dtype))
+            # Block by block of d_h columns, the blocks the gate functions
+            # split p into: a tile reloaded from its per-block buffers
+            # (gated_lib._column_groups) then needs no concatenation.
+            p = p.astype(s_dtype)
+            if b is None:
+                return p
+            b = b.astype(s_dtype)
+            blocks = p.shape[-1] // d_h
+            if blocks <= 1 or p.shape[-1] % d_h:
+                return dense_lib.add_bias(p, b)
+            return jnp.concatenate([dense_lib.add_bias(q, c) for q, c in
+                                    zip(jnp.split(p, blocks, -1), jnp.split(b, blocks))], -1)
 
         # Everything traced that the coefficients and the readout use.
         params = (cols(bias, True), None if output_gate is None else cols(bias, False),

@@ -105,6 +105,26 @@ def _buffer(like: Array, dtype, shape) -> Array:
     return jax.lax.full_like(like, 0, jnp.uint16 if _is_half(dtype) else dtype, shape)
 
 
+def _column_groups(n_rec: int, h0: Array) -> int:
+    """Into how many buffers the forward pass stores the ``n_rec`` projection
+    columns that ``coeff_fn`` sees: one per state-width group of columns
+    (``[k, h~]`` of minGRU, say) when they divide evenly, else one.
+
+    XLA:CPU evaluates a fusion that reads two column ranges of one sliced
+    buffer element by element (it does not vectorize it), and every gate
+    function reads several; from separate buffers the slices of the
+    reloaded tile resolve to whole operands.
+    """
+    width = h0.shape[-1] if h0.ndim == 2 else 0
+    return n_rec // width if width and n_rec % width == 0 else 1
+
+
+def _load_columns(bufs, start, length: int, dtype) -> Array:
+    """A tile of the projection columns stored by :func:`tiles_forward`."""
+    parts = [_loaded(b, dtype) for b in _take(bufs, start, length)]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
 def _state_before(h, h0, start, length: int, reverse: bool):
     """The state before the first step (in scan order) of steps
     ``[start, start + length)`` of the states ``h`` (``h0`` at the edge)."""
@@ -151,7 +171,8 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
 
     Returns ``(h_last, h, pre, side, y, starts)``: the states (``None`` when
     ``keep="starts"`` and there is a readout); ``pre`` the columns of
-    ``x @ kernel`` that ``coeff_fn`` sees and ``side`` its last ``n_side``
+    ``x @ kernel`` that ``coeff_fn`` sees, as a tuple of buffers of
+    consecutive column groups (:func:`_column_groups`), and ``side`` its last ``n_side``
     columns (``None`` without a kernel, without side columns, or with
     ``keep="starts"``); ``y`` the readout of each step (``None`` without
     ``readout``); ``starts`` the state before each tile, in visiting order
@@ -169,7 +190,9 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
         p_dtype = jnp.result_type(x, kernel)
         n_rec = kernel.shape[1] - n_side
         if store:
-            pre_buf = _buffer(x, p_dtype, (batch, seq_len, n_rec))
+            groups = _column_groups(n_rec, h0)
+            pre_buf = tuple(_buffer(x, p_dtype, (batch, seq_len, n_rec // groups))
+                            for _ in range(groups))
             if n_side:
                 side_buf = _buffer(x, p_dtype, (batch, seq_len, n_side))
     if readout is not None:
@@ -183,7 +206,8 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
             starts = jax.lax.dynamic_update_index_in_dim(starts, h, index, 0)
         pre, side = _project(x, kernel, n_side, start, length)
         if pre_buf is not None:
-            pre_buf = _put(pre_buf, _stored(pre), start)
+            parts = jnp.split(pre, len(pre_buf), axis=-1)
+            pre_buf = _put(pre_buf, tuple(_stored(p) for p in parts), start)
             if side is not None:
                 side_buf = _put(side_buf, _stored(side), start)
         c_t = _take(consts, start, length)
@@ -242,7 +266,7 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
         x_t = _take(x, start, length)
         c_t = _take(consts, start, length)
         if starts is None:
-            pre = x_t if kernel is None else _loaded(_take(pre_buf, start, length), p_dtype)
+            pre = x_t if kernel is None else _load_columns(pre_buf, start, length, p_dtype)
             side_t = (None if side_buf is None
                       else _loaded(_take(side_buf, start, length), p_dtype))
         else:
