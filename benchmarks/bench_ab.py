@@ -14,7 +14,12 @@ versions run side by side in the same plain process (nothing tuned unless
 * ``head[auto]`` and ``head[native]``: this checkout;
 * ``base[auto]``: the base commit's default;
 * the naive minGRU of :mod:`benchmarks.bench_layers` (one fused ``Dense`` and
-  ``lax.scan``) and ``nn.RNN(GRUCell)`` of the same width (with the MinGRU rows).
+  ``lax.scan``) and ``nn.RNN(GRUCell)`` of the same width (with the MinGRU rows);
+* ``products``: the layer's input-projection products alone (``x W``, ``g
+  W^T``, ``x^T g`` for a fixed cotangent ``g``), in the tile loop of the
+  chunked scan and nothing else (:func:`products_fwdbwd`).  No implementation
+  that computes those products with XLA runs faster, so ``naive / products``
+  bounds what ``naive / head`` can reach on the machine.
 
 The rounds are interleaved (every variant once per round, in turn) and the
 report gives medians and ratios.  Parameters are shared (the param trees are
@@ -40,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
+from flax_minrnn.ops import gated as gated_lib
 from benchmarks.bench_layers import NaiveMinGRU, make_input
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -57,6 +63,45 @@ def export_base(commit: str, dest: pathlib.Path) -> str:
         path.write_text(re.sub(r"\bflax_minrnn\b", "flax_minrnn_base", text), encoding="utf-8")
     sys.path.insert(0, str(dest))
     return "flax_minrnn_base"
+
+
+# Columns of in_proj per family (d_h = d): MinGRU [z, h~], MinLSTM [f, i, h~],
+# GatedLinearRNN (tied gates) [candidate, input gate, output gate].
+PROJECTED = {"MinGRU": 2, "MinLSTM": 3, "GatedLinearRNN": 3}
+
+
+def products_fwdbwd(b: int, t: int, d: int, n: int):
+    """``f(x, kernel, g) -> (pre, dx, dkernel)``: the products of a layer's
+    forward+backward alone, ``pre = x @ kernel`` (kernel ``(d, n)``), ``dx = g
+    @ kernel.T`` and ``dkernel = x.T @ g``, tile by tile as the chunked scan
+    runs them (same tile size; the forward stores ``pre``, the backward visits
+    the tiles in reverse and accumulates ``dkernel``)."""
+    tile = gated_lib.tile_size(b * n * 4, t)
+    if t % tile:
+        tile = t
+    tiles = t // tile
+
+    def run(x, kernel, g):
+        def forward(i, pre):
+            x_t = jax.lax.dynamic_slice_in_dim(x, i * tile, tile, 1)
+            return jax.lax.dynamic_update_slice_in_dim(
+                pre, jnp.einsum("bti,io->bto", x_t, kernel), i * tile, 1)
+
+        def backward(i, carry):
+            dx, dk = carry
+            start = (tiles - 1 - i) * tile
+            x_t = jax.lax.dynamic_slice_in_dim(x, start, tile, 1)
+            g_t = jax.lax.dynamic_slice_in_dim(g, start, tile, 1)
+            dx = jax.lax.dynamic_update_slice_in_dim(
+                dx, jnp.einsum("bto,io->bti", g_t, kernel), start, 1)
+            return dx, dk + jnp.einsum("bti,bto->io", x_t, g_t)
+
+        pre = jax.lax.fori_loop(0, tiles, forward, jnp.zeros((b, t, n), x.dtype))
+        dx, dk = jax.lax.fori_loop(0, tiles, backward,
+                                   (jnp.zeros_like(x), jnp.zeros_like(kernel)))
+        return pre, dx, dk
+
+    return jax.jit(run)
 
 
 def _fwdbwd(module):
@@ -95,6 +140,7 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
             if family != "GatedLinearRNN":
                 variants["head[native]"] = _fwdbwd(getattr(head, family)(scan_impl="native",
                                                                          **kw))
+            variants["products"] = products_fwdbwd(b, t, d, PROJECTED[family] * d)
             if family == "MinGRU":
                 naive = NaiveMinGRU(d)
                 variants["naive"] = _naive_fwdbwd(naive)
@@ -107,6 +153,9 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
                 peer_params["gru"] = nn.RNN(nn.GRUCell(features=d)).init(
                     jax.random.PRNGKey(0), x[:, :4])
             args = {k: (peer_params.get(k, params), x) for k in variants}
+            n_cols = PROJECTED[family] * d
+            args["products"] = (x, make_input(1, d, n_cols, seed=1)[0],
+                                make_input(b, t, n_cols, seed=2))
             compiled = {}
             for k, f in variants.items():
                 t0 = time.perf_counter()
@@ -132,9 +181,12 @@ def report(results: Dict) -> str:
              f"malloc {results['machine'].get('malloc')})", "",
              f"Machine: {results['machine']['cpu_model']} ({results['machine']['cpu_count']} "
              f"CPUs), jax {results['machine']['jax_version']}.", "",
+             "`products`: the layer's input-projection products alone, in the same tile "
+             "loop; naive/products and GRU/products bound naive/head and GRU/head.", "",
              "| T | layer | head auto ms | base auto ms | head/base | head native ms | "
-             "naive ms | naive/head | GRU ms | GRU/head |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "naive ms | naive/head | GRU ms | GRU/head | products ms | naive/products | "
+             "GRU/products |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     naive = {r["T"]: r["median_ms"].get("naive") for r in results["rows"]
              if r["family"] == "MinGRU"}
     gru = {r["T"]: r["median_ms"].get("gru") for r in results["rows"]
@@ -146,11 +198,15 @@ def report(results: Dict) -> str:
         gv = gru.get(r["T"])
         speedup = "–" if nv is None else f"{nv / head_ms:.2f}"
         gru_ratio = "–" if gv is None else f"{gv / head_ms:.1f}"
+        prod = m.get("products")
+        bound = "–" if nv is None or prod is None else f"{nv / prod:.2f}"
+        gru_bound = "–" if gv is None or prod is None else f"{gv / prod:.1f}"
         lines.append(
             f"| {r['T']} | {r['family']} | {head_ms:.1f} | {m['base[auto]']:.1f} | "
             f"{head_ms / m['base[auto]']:.2f} | "
             f"{harness.fmt_ms(m.get('head[native]'))} | {harness.fmt_ms(nv)} | {speedup} | "
-            f"{harness.fmt_ms(gv)} | {gru_ratio} |")
+            f"{harness.fmt_ms(gv)} | {gru_ratio} | {harness.fmt_ms(prod)} | {bound} | "
+            f"{gru_bound} |")
     return "\n".join(lines)
 
 

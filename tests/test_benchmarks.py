@@ -261,3 +261,19 @@ def test_bench_generate_main_quick(tmp_path, capsys):
     bench_generate.main(["--quick", "--malloc", "default", "--out", str(out), "--recompute-steps", "2"])
     data = json.loads(out.read_text())
     assert data["rows"] and all(_positive(r["carry_tokens_per_s"]) for r in data["rows"])
+
+
+def test_bench_ab_products_are_the_layer_products():
+    """The ``products`` bound of bench_ab computes ``x W``, ``g W^T`` and
+    ``x^T g`` over every tile (here 4 tiles of 32 steps), checked in float64."""
+    from benchmarks import bench_ab
+
+    b, t, d, n = 2, 128, 8, 24
+    rng = np.random.default_rng(0)
+    x, w, g = (rng.standard_normal(s).astype(np.float32)
+               for s in ((b, t, d), (d, n), (b, t, n)))
+    pre, dx, dk = bench_ab.products_fwdbwd(b, t, d, n)(x, w, g)
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+    np.testing.assert_allclose(pre, x64 @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dk, np.einsum("bti,bto->io", x64, g64), rtol=1e-5, atol=1e-4)
