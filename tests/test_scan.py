@@ -640,3 +640,20 @@ class TestGatedScanErrors:
     def test_h0_shape(self):
         with pytest.raises(ValueError, match="h0 must have shape"):
             gated_scan(lambda x, p: (x, x), jnp.ones((2, 5, 3)), jnp.ones((2, 4)))
+
+
+def test_chunked_stores_projection_blocks_of_the_state_width():
+    """The tile loop keeps one buffer per state-width block of projection
+    columns (2 for minGRU's [k, h~], 3 for minLSTM's), and one buffer when
+    the columns do not split into at most four such blocks."""
+    h0 = jnp.zeros((2, 8))
+    assert gated_lib._column_groups(16, h0) == 2
+    assert gated_lib._column_groups(24, h0) == 3
+    assert gated_lib._column_groups(20, h0) == 1  # not a multiple of 8
+    assert gated_lib._column_groups(40, h0) == 1  # five blocks
+    assert gated_lib._column_groups(16, jnp.zeros((2, 4, 4))) == 1  # a 2-D state
+    x = jnp.zeros((2, 64, 5))
+    _, _, pre, _, _, _ = gated_lib.tiles_forward(
+        lambda p, c, q: tuple(jnp.split(p, 2, axis=-1)), None, x, jnp.ones((5, 16)),
+        (None, None), None, h0, False, 16, 0)
+    assert isinstance(pre, tuple) and [p.shape for p in pre] == [(2, 64, 8)] * 2

@@ -105,18 +105,25 @@ def _buffer(like: Array, dtype, shape) -> Array:
     return jax.lax.full_like(like, 0, jnp.uint16 if _is_half(dtype) else dtype, shape)
 
 
+# More blocks than any gate function splits into (MinLSTM and the untied
+# GatedLinearRNN use three) would only add buffers to the loop.
+_MAX_COLUMN_GROUPS = 4
+
+
 def _column_groups(n_rec: int, h0: Array) -> int:
     """Into how many buffers the forward pass stores the ``n_rec`` projection
     columns that ``coeff_fn`` sees: one per state-width group of columns
     (``[k, h~]`` of minGRU, say) when they divide evenly, else one.
 
-    XLA:CPU evaluates a fusion that reads two column ranges of one sliced
-    buffer element by element (it does not vectorize it), and every gate
-    function reads several; from separate buffers the slices of the
+    XLA:CPU runs a fusion that reads two column ranges of one sliced buffer
+    several times slower than one that reads whole operands, and every gate
+    function reads several ranges; from separate buffers the slices of the
     reloaded tile resolve to whole operands.
     """
     width = h0.shape[-1] if h0.ndim == 2 else 0
-    return n_rec // width if width and n_rec % width == 0 else 1
+    if not width or n_rec % width or n_rec // width > _MAX_COLUMN_GROUPS:
+        return 1
+    return n_rec // width
 
 
 def _load_columns(bufs, start, length: int, dtype) -> Array:
