@@ -179,9 +179,9 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
     Returns ``(h_last, h, pre, side, y, starts)``: the states (``None`` when
     ``keep="starts"`` and there is a readout); ``pre`` the columns of
     ``x @ kernel`` that ``coeff_fn`` sees, as a tuple of buffers of
-    consecutive column groups (:func:`_column_groups`), and ``side`` its last ``n_side``
-    columns (``None`` without a kernel, without side columns, or with
-    ``keep="starts"``); ``y`` the readout of each step (``None`` without
+    consecutive column groups (:func:`_column_groups`), and ``side`` its
+    last ``n_side`` columns (``None`` without a kernel, without side
+    columns, or with ``keep="starts"``); ``y`` the readout of each step (``None`` without
     ``readout``); ``starts`` the state before each tile, in visiting order
     (``(num_tiles, *h0.shape)``, only with ``keep="starts"``).
     """
