@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from flax_minrnn.ops import gated as gated_lib
 from benchmarks.bench_layers import NaiveMinGRU, make_input
+from flax_minrnn.ops import gated as gated_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -74,8 +74,9 @@ def products_fwdbwd(b: int, t: int, d: int, n: int):
     """``f(x, kernel, g) -> (pre, dx, dkernel)``: the products of a layer's
     forward+backward alone, ``pre = x @ kernel`` (kernel ``(d, n)``), ``dx = g
     @ kernel.T`` and ``dkernel = x.T @ g``, tile by tile as the chunked scan
-    runs them (same tile size; the forward stores ``pre``, the backward visits
-    the tiles in reverse and accumulates ``dkernel``)."""
+    runs them (same tile size, or one tile when ``t`` is not a multiple of it;
+    the forward stores ``pre``, the backward visits the tiles in reverse and
+    accumulates ``dkernel``)."""
     tile = gated_lib.tile_size(b * n * 4, t)
     if t % tile:
         tile = t
@@ -140,7 +141,8 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
             if family != "GatedLinearRNN":
                 variants["head[native]"] = _fwdbwd(getattr(head, family)(scan_impl="native",
                                                                          **kw))
-            variants["products"] = products_fwdbwd(b, t, d, PROJECTED[family] * d)
+            n_cols = PROJECTED[family] * d
+            variants["products"] = products_fwdbwd(b, t, d, n_cols)
             if family == "MinGRU":
                 naive = NaiveMinGRU(d)
                 variants["naive"] = _naive_fwdbwd(naive)
@@ -153,7 +155,6 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
                 peer_params["gru"] = nn.RNN(nn.GRUCell(features=d)).init(
                     jax.random.PRNGKey(0), x[:, :4])
             args = {k: (peer_params.get(k, params), x) for k in variants}
-            n_cols = PROJECTED[family] * d
             args["products"] = (x, make_input(1, d, n_cols, seed=1)[0],
                                 make_input(b, t, n_cols, seed=2))
             compiled = {}

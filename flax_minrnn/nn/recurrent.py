@@ -246,12 +246,9 @@ class GatedRecurrence(nn.Module):
             p = p.astype(s_dtype)
             if b is None:
                 return p
-            b = b.astype(s_dtype)
             blocks = p.shape[-1] // d_h
-            if blocks <= 1 or p.shape[-1] % d_h:
-                return dense_lib.add_bias(p, b)
-            return jnp.concatenate([dense_lib.add_bias(q, c) for q, c in
-                                    zip(jnp.split(p, blocks, -1), jnp.split(b, blocks))], -1)
+            return jnp.concatenate([dense_lib.add_bias(q, c) for q, c in zip(
+                jnp.split(p, blocks, -1), jnp.split(b.astype(s_dtype), blocks))], -1)
 
         # Everything traced that the coefficients and the readout use.
         params = (cols(bias, True), None if output_gate is None else cols(bias, False),

@@ -128,8 +128,7 @@ def _column_groups(n_rec: int, h0: Array) -> int:
 
 def _load_columns(bufs, start, length: int, dtype) -> Array:
     """A tile of the projection columns stored by :func:`tiles_forward`."""
-    parts = [_loaded(b, dtype) for b in _take(bufs, start, length)]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    return jnp.concatenate([_loaded(b, dtype) for b in _take(bufs, start, length)], axis=-1)
 
 
 def _state_before(h, h0, start, length: int, reverse: bool):
@@ -181,9 +180,10 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
     ``x @ kernel`` that ``coeff_fn`` sees, as a tuple of buffers of
     consecutive column groups (:func:`_column_groups`), and ``side`` its
     last ``n_side`` columns (``None`` without a kernel, without side
-    columns, or with ``keep="starts"``); ``y`` the readout of each step (``None`` without
-    ``readout``); ``starts`` the state before each tile, in visiting order
-    (``(num_tiles, *h0.shape)``, only with ``keep="starts"``).
+    columns, or with ``keep="starts"``); ``y`` the readout of each step
+    (``None`` without ``readout``); ``starts`` the state before each tile,
+    in visiting order (``(num_tiles, *h0.shape)``, only with
+    ``keep="starts"``).
     """
     batch, seq_len = jax.tree.leaves(x)[0].shape[:2]
     num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
