@@ -435,8 +435,27 @@ def test_normalized_gates_exact_and_finite():
     np.testing.assert_allclose(np.asarray(f_n), ref_f, rtol=1e-6, atol=1e-30)
     np.testing.assert_allclose(np.asarray(i_n), ref_i, rtol=1e-6, atol=1e-30)
     np.testing.assert_allclose(f_n + i_n, 1.0, rtol=1e-6)
-    g = jax.grad(lambda a, b: jnp.sum(normalized_gates(a, b)[0]), argnums=(0, 1))(k_f, k_i)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in g)
+    # The derivative, against float64: d f_n/dk_f = f_n i_n sigmoid(-k_f),
+    # d f_n/dk_i = -f_n i_n sigmoid(-k_i), and i_n = 1 - f_n.  Random
+    # cotangents (grad) and tangents (jvp) so every term is exercised; exact
+    # to rounding in relative terms, also where f_n is tiny.
+    sig_neg = lambda k: np.exp(log_sig(-k))
+    slope_f = ref_f * ref_i * sig_neg(kf64)
+    slope_i = -ref_f * ref_i * sig_neg(ki64)
+    rng = np.random.default_rng(0)
+    w, t_f, t_i = (rng.standard_normal(k_f.shape).astype(np.float32) for _ in range(3))
+    _, pullback = jax.vjp(normalized_gates, k_f, k_i)
+    zero = np.zeros_like(w)
+    # One output's cotangent at a time: a sum over both would cancel in the
+    # float32 sum itself (d i_n = -d f_n), not in the gates.
+    for cot, sign in (((w, zero), 1.0), ((zero, w), -1.0)):
+        g_f, g_i = pullback(tuple(map(jnp.asarray, cot)))
+        np.testing.assert_allclose(np.asarray(g_f), sign * w * slope_f, rtol=1e-5, atol=1e-30)
+        np.testing.assert_allclose(np.asarray(g_i), sign * w * slope_i, rtol=1e-5, atol=1e-30)
+    _, (d_f, d_i) = jax.jvp(normalized_gates, (k_f, k_i), (jnp.asarray(t_f), jnp.asarray(t_i)))
+    want = slope_f * t_f + slope_i * t_i
+    np.testing.assert_allclose(np.asarray(d_f), want, rtol=1e-5, atol=1e-30)
+    np.testing.assert_allclose(np.asarray(d_i), -want, rtol=1e-5, atol=1e-30)
 
 
 # ----------------------------------------------------------------------------

@@ -71,6 +71,13 @@ def _sigmoid_pair_jvp(primals, tangents):
     return (z, one_minus_z), (slope * dk, -slope * dk)
 
 
+def _scaled_exps(k_f: Array, k_i: Array) -> Tuple[Array, Array, Array]:
+    """``(e0, u, v) = exp(-m) * (1, exp(-k_f), exp(-k_i))``, ``m = max(0, -k_f, -k_i)``."""
+    m = jnp.maximum(0.0, jnp.maximum(-k_f, -k_i))
+    return jnp.exp(-m), jnp.exp(-k_f - m), jnp.exp(-k_i - m)
+
+
+@jax.custom_jvp
 def normalized_gates(k_f: Array, k_i: Array) -> Tuple[Array, Array]:
     """minLSTM's ``(f / (f + i), i / (f + i))`` for ``f = sigmoid(k_f)``, ``i = sigmoid(k_i)``.
 
@@ -85,15 +92,30 @@ def normalized_gates(k_f: Array, k_i: Array) -> Tuple[Array, Array]:
     (the denominator is in ``[1, 4]``): three ``exp`` and one reciprocal, no
     cancellation, exact to rounding for every finite input, both logits
     hugely negative included (where the ratio depends on ``k_f - k_i``).
-    The result does not depend on ``m``, so its gradient is taken with ``m``
-    held constant.
+
+    The derivative is written out, as a sum of products of these exact terms
+    (``r = 1 / (2 + u + v)``, both scaled alike, so ``u r`` and ``v r`` do not
+    depend on ``m``)::
+
+        d f_n = f_n (u r) dk_f - i_n (v r) dk_i,    d i_n = -d f_n
+
+    which equals ``f_n i_n (sigmoid(-k_f) dk_f - sigmoid(-k_i) dk_i)``;
+    autodiff of the expression above instead subtracts nearly equal terms
+    where ``f_n`` is tiny.
     """
-    m = jax.lax.stop_gradient(jnp.maximum(0.0, jnp.maximum(-k_f, -k_i)))
-    e0 = jnp.exp(-m)
-    u = jnp.exp(-k_f - m)
-    v = jnp.exp(-k_i - m)
+    e0, u, v = _scaled_exps(k_f, k_i)
     r = 1.0 / (2.0 * e0 + u + v)
     return (e0 + v) * r, (e0 + u) * r
+
+
+@normalized_gates.defjvp
+def _normalized_gates_jvp(primals, tangents):
+    (k_f, k_i), (dk_f, dk_i) = primals, tangents
+    e0, u, v = _scaled_exps(k_f, k_i)
+    r = 1.0 / (2.0 * e0 + u + v)
+    f_n, i_n = (e0 + v) * r, (e0 + u) * r
+    d = f_n * (u * r) * dk_f - i_n * (v * r) * dk_i
+    return (f_n, i_n), (d, -d)
 
 
 def mingru_gates(pre: Array, candidate_activation: Optional[Callable] = None) -> Gates:

@@ -21,7 +21,7 @@
 //   1  MinLSTM: [kf, ki, p]  u = exp(-kf), v = exp(-ki), a = (1+v)/(2+u+v),
 //                            b = (1+u)/(2+u+v) * c(p), evaluated with all three
 //                            terms scaled by exp(-m), m = max(0, -kf, -ki)
-//                            (no overflow; as layers.normalized_gates)
+//                            (no overflow; as nn.gates.normalized_gates)
 //   2  MinLSTM without normalisation: a = sigmoid(kf), b = sigmoid(ki) * c(p)
 // Candidate (attribute `cand`): 0 identity, 1 g(p) = p + 0.5 (p >= 0),
 // sigmoid(p) (p < 0).
