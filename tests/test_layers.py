@@ -437,7 +437,7 @@ def test_normalized_gates_exact_and_finite():
     np.testing.assert_allclose(f_n + i_n, 1.0, rtol=1e-6)
     # The derivative, against float64: d f_n/dk_f = f_n i_n sigmoid(-k_f),
     # d f_n/dk_i = -f_n i_n sigmoid(-k_i), and i_n = 1 - f_n.  Random
-    # cotangents (grad) and tangents (jvp) so every term is exercised; exact
+    # cotangents (vjp) and tangents (jvp) so every term is exercised; exact
     # to rounding in relative terms, also where f_n is tiny.
     sig_neg = lambda k: np.exp(log_sig(-k))
     slope_f = ref_f * ref_i * sig_neg(kf64)

@@ -71,10 +71,13 @@ def _sigmoid_pair_jvp(primals, tangents):
     return (z, one_minus_z), (slope * dk, -slope * dk)
 
 
-def _scaled_exps(k_f: Array, k_i: Array) -> Tuple[Array, Array, Array]:
-    """``(e0, u, v) = exp(-m) * (1, exp(-k_f), exp(-k_i))``, ``m = max(0, -k_f, -k_i)``."""
+def _normalized_terms(k_f: Array, k_i: Array) -> Tuple[Array, Array, Array, Array]:
+    """``(f_n, i_n, u r, v r)`` of :func:`normalized_gates` (``u``, ``v`` and
+    ``r`` scaled by ``exp(-m)`` and ``exp(m)``, ``m = max(0, -k_f, -k_i)``)."""
     m = jnp.maximum(0.0, jnp.maximum(-k_f, -k_i))
-    return jnp.exp(-m), jnp.exp(-k_f - m), jnp.exp(-k_i - m)
+    e0, u, v = jnp.exp(-m), jnp.exp(-k_f - m), jnp.exp(-k_i - m)
+    r = 1.0 / (2.0 * e0 + u + v)
+    return (e0 + v) * r, (e0 + u) * r, u * r, v * r
 
 
 @jax.custom_jvp
@@ -103,18 +106,14 @@ def normalized_gates(k_f: Array, k_i: Array) -> Tuple[Array, Array]:
     autodiff of the expression above instead subtracts nearly equal terms
     where ``f_n`` is tiny.
     """
-    e0, u, v = _scaled_exps(k_f, k_i)
-    r = 1.0 / (2.0 * e0 + u + v)
-    return (e0 + v) * r, (e0 + u) * r
+    return _normalized_terms(k_f, k_i)[:2]
 
 
 @normalized_gates.defjvp
 def _normalized_gates_jvp(primals, tangents):
     (k_f, k_i), (dk_f, dk_i) = primals, tangents
-    e0, u, v = _scaled_exps(k_f, k_i)
-    r = 1.0 / (2.0 * e0 + u + v)
-    f_n, i_n = (e0 + v) * r, (e0 + u) * r
-    d = f_n * (u * r) * dk_f - i_n * (v * r) * dk_i
+    f_n, i_n, ur, vr = _normalized_terms(k_f, k_i)
+    d = f_n * ur * dk_f - i_n * vr * dk_i
     return (f_n, i_n), (d, -d)
 
 
