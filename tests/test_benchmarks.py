@@ -277,3 +277,35 @@ def test_bench_ab_products_are_the_layer_products():
     np.testing.assert_allclose(pre, x64 @ w64, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dk, np.einsum("bti,bto->io", x64, g64), rtol=1e-5, atol=1e-4)
+
+
+def test_bench_faults_counts_first_touch_and_reports(tmp_path):
+    from benchmarks import bench_faults
+
+    # The counter sees the first touch of fresh pages, and not a second touch.
+    n_bytes = 4 << 20
+    block = bench_faults.fresh_block(n_bytes)
+    a = np.frombuffer(block, np.uint8)
+    f0 = bench_faults._minflt()
+    a[::bench_faults.PAGE] = 1
+    first = bench_faults._minflt() - f0
+    f0 = bench_faults._minflt()
+    a[::bench_faults.PAGE] = 2
+    second = bench_faults._minflt() - f0
+    del a
+    block.close()
+    assert first >= n_bytes // bench_faults.PAGE // 2, first
+    assert second < first // 8, (first, second)
+    assert _positive(bench_faults.fault_cost_us(n_bytes=4 << 20, rounds=2))
+
+    res = bench_faults.run([16], calls=1, b=2, d=8, log=lambda s: None)
+    assert [(r["layer"], r["T"]) for r in res["rows"]] == [
+        (name, 16) for name in bench_faults.LAYERS]
+    for r in res["rows"]:
+        assert _positive(r["median_ms"]) and r["faults_per_call"] >= 0
+        assert r["temp_bytes"] is None or r["temp_bytes"] >= 0
+    text = bench_faults.report(res)
+    assert text.count("\n| 16 |") == len(bench_faults.LAYERS)
+    assert bench_faults.main(["--T", "16", "--calls", "1", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "bench_faults.json") as fh:
+        assert {r["layer"] for r in json.load(fh)["rows"]} == set(bench_faults.LAYERS)
