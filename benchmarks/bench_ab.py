@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pathlib
 import re
 import subprocess
@@ -202,35 +201,29 @@ def report(results: Dict) -> str:
         prod = m.get("products")
         bound = "–" if nv is None or prod is None else f"{nv / prod:.2f}"
         gru_bound = "–" if gv is None or prod is None else f"{gv / prod:.1f}"
-        lines.append(
-            f"| {r['T']} | {r['family']} | {head_ms:.1f} | {m['base[auto]']:.1f} | "
-            f"{head_ms / m['base[auto]']:.2f} | "
-            f"{harness.fmt_ms(m.get('head[native]'))} | {harness.fmt_ms(nv)} | {speedup} | "
-            f"{harness.fmt_ms(gv)} | {gru_ratio} | {harness.fmt_ms(prod)} | {bound} | "
-            f"{gru_bound} |")
+        lines.append(harness.md_row([
+            r["T"], r["family"], f"{head_ms:.1f}", f"{m['base[auto]']:.1f}",
+            f"{head_ms / m['base[auto]']:.2f}", harness.fmt_ms(m.get("head[native]")),
+            harness.fmt_ms(nv), speedup, harness.fmt_ms(gv), gru_ratio, harness.fmt_ms(prod),
+            bound, gru_bound]))
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="the commit to compare against (required)")
-    p.add_argument("--T", type=int, nargs="+", default=[1024, 4096],
-                   help="sequence lengths (default: 1024 4096)")
+    harness.add_lengths_flag(p)
     p.add_argument("--rounds", type=int, default=9,
                    help="interleaved rounds per length and layer (default: 9)")
     p.add_argument("--out", default=None,
                    help="write the JSON and the Markdown table here (default: print only)")
     harness.add_malloc_flag(p)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     harness.apply_malloc(args.malloc)
     results = run(args.base, args.T, args.rounds)
-    text = report(results)
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        harness.write_json(os.path.join(args.out, "bench_ab.json"), results)
-        with open(os.path.join(args.out, "bench_ab.md"), "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    harness.emit_report(results, report(results), args.out, "bench_ab")
     return 0
 
 

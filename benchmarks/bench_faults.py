@@ -144,18 +144,16 @@ def report(results: Dict) -> str:
     for r in results["rows"]:
         temp = r["temp_bytes"]
         fault_ms = r["faults_per_call"] * cost / 1e3
-        lines.append(
-            f"| {r['T']} | {r['layer']} | "
-            f"{'–' if temp is None else f'{temp / 2**20:.1f}'} | "
-            f"{r['faults_per_call']:.0f} | {r['faults_per_call'] * PAGE / 2**20:.1f} | "
-            f"{r['median_ms']:.1f} | {fault_ms:.1f} | {fault_ms / r['median_ms']:.0%} |")
+        lines.append(harness.md_row([
+            r["T"], r["layer"], "–" if temp is None else f"{temp / 2**20:.1f}",
+            f"{r['faults_per_call']:.0f}", f"{r['faults_per_call'] * PAGE / 2**20:.1f}",
+            f"{r['median_ms']:.1f}", f"{fault_ms:.1f}", f"{fault_ms / r['median_ms']:.0%}"]))
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--T", type=int, nargs="+", default=[1024, 4096],
-                   help="sequence lengths (default: 1024 4096)")
+    harness.add_lengths_flag(p)
     p.add_argument("--calls", type=int, default=10,
                    help="timed calls per row, after three warm-up calls (default: 10)")
     p.add_argument("--out", default=None,
@@ -166,10 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--calls must be at least 1, got {args.calls}")
     harness.apply_malloc(args.malloc)
     results = run(args.T, args.calls)
-    text = report(results)
-    print(text)
-    if args.out:
-        harness.write_report(results, args.out, "bench_faults", text)
+    harness.emit_report(results, report(results), args.out, "bench_faults")
     return 0
 
 

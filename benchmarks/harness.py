@@ -191,6 +191,13 @@ def matmul_ms(m: int, k: int, n: int, which: str, repeats: Repeats,
 _malloc_setting = "default"
 
 
+def add_lengths_flag(parser, default: Sequence[int] = (1024, 4096)) -> None:
+    """``--T T [T ...]``: the sequence lengths to measure."""
+    parser.add_argument("--T", type=int, nargs="+", default=list(default),
+                        help="sequence lengths (default: "
+                             f"{' '.join(str(t) for t in default)})")
+
+
 def add_malloc_flag(parser) -> None:
     """``--malloc {default,tuned}`` (default ``default``) on a benchmark's parser.
 
@@ -271,6 +278,14 @@ def write_report(res: Any, out_dir: str, stem: str, markdown: str) -> Dict[str, 
     return paths
 
 
+def emit_report(res: Any, markdown: str, out_dir: Optional[str], stem: str) -> None:
+    """Prints ``markdown``; with ``out_dir``, also writes it and ``res``
+    there (:func:`write_report`)."""
+    print(markdown)
+    if out_dir:
+        write_report(res, out_dir, stem, markdown)
+
+
 def print_report(markdown: str, paths: Dict[str, str], wall_s: float) -> None:
     """Prints a report and where it was written."""
     print()
@@ -286,6 +301,11 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+def md_row(cells: Sequence[Any]) -> str:
+    """One Markdown table row of ``cells``."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def fmt_ms(ms: Optional[float]) -> str:
