@@ -249,6 +249,38 @@ def test_chunked_tiles_bfloat16_match_sequential(make, monkeypatch):
         np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * np.abs(want).max())
 
 
+# What forward+backward keeps per time step, in whole-sequence buffers of
+# (batch, d_h) floats: the projection blocks the adjoint reads (minGRU [k, h~],
+# minLSTM [k_f, k_i, h~], GatedLinearRNN [candidate, input gate] and the
+# output gate's columns) and the states.
+_KEPT_BLOCKS = {"mingru": 3, "minlstm": 4, "glrnn_tied": 4}
+
+
+@pytest.mark.parametrize("name", list(_KEPT_BLOCKS))
+def test_chunked_memory_grows_by_the_kept_blocks_and_the_program_not_at_all(name, monkeypatch):
+    """With a fixed tile, doubling T adds exactly the kept blocks to XLA's
+    temporaries (memory linear in T, nothing else stored per step) and leaves
+    the compiled program the same size (compile time does not grow with T)."""
+    monkeypatch.setattr(gated_lib, "_TILE_MIN", 64)
+    monkeypatch.setattr(gated_lib, "_TILE_MAX", 64)
+    d_h = 16
+    make = {"mingru": MinGRU, "minlstm": MinLSTM, "glrnn_tied": GatedLinearRNN}[name]
+    layer = make(d_h=d_h, scan_impl="chunked")
+
+    def compiled(t):
+        x = _x(0, (B, t, d_h))
+        params = _init(layer, x[:, :4])
+        g = _x(1, (B, t, d_h))
+        loss = lambda p, xx: jnp.sum(layer.apply(p, xx)[1] * g)
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+
+    small, large = compiled(512), compiled(1024)
+    grown = (large.memory_analysis().temp_size_in_bytes
+             - small.memory_analysis().temp_size_in_bytes)
+    assert grown == _KEPT_BLOCKS[name] * B * 512 * d_h * 4, grown
+    assert len(large.as_text().splitlines()) == len(small.as_text().splitlines())
+
+
 @pytest.mark.parametrize("name", ["mingru", "minlstm", "glrnn_tied"])
 def test_gradients_match_float64_reference(name):
     """Gradients w.r.t. x, h0 and in_proj kernel, with random cotangents on the
