@@ -277,7 +277,10 @@ def test_chunked_memory_grows_by_the_kept_blocks_and_the_program_not_at_all(name
     small, large = compiled(512), compiled(1024)
     grown = (large.memory_analysis().temp_size_in_bytes
              - small.memory_analysis().temp_size_in_bytes)
-    assert grown == _KEPT_BLOCKS[name] * B * 512 * d_h * 4, grown
+    # In blocks of 512 more steps; any other per-step buffer adds at least half
+    # a block (a 16-bit one), so half a block either way is the resolution.
+    blocks = grown / (B * 512 * d_h * 4)
+    assert abs(blocks - _KEPT_BLOCKS[name]) < 0.5, blocks
     assert len(large.as_text().splitlines()) == len(small.as_text().splitlines())
 
 
