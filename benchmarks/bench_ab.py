@@ -104,21 +104,13 @@ def products_fwdbwd(b: int, t: int, d: int, n: int):
     return jax.jit(run)
 
 
-def _fwdbwd(module):
+def fwdbwd(module, pair: bool = True):
+    """Jitted ``grad`` of ``sum(y)`` w.r.t. parameters and input, where ``y``
+    is the output of ``module.apply`` (its second element when ``pair``: our
+    layers return ``(carry, y)``, the peers ``y`` alone)."""
     def loss(params, x):
-        return jnp.sum(module.apply(params, x)[1].astype(jnp.float32))
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
-
-
-def _naive_fwdbwd(module):
-    def loss(params, x):
-        return jnp.sum(module.apply(params, x).astype(jnp.float32))
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
-
-
-def _gru_fwdbwd(module):
-    def loss(params, x):
-        return jnp.sum(module.apply(params, x).astype(jnp.float32))
+        out = module.apply(params, x)
+        return jnp.sum((out[1] if pair else out).astype(jnp.float32))
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
@@ -134,19 +126,19 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
         for family in ("MinGRU", "MinLSTM", "GatedLinearRNN"):
             kw = dict(d_h=d, d_model=d) if family == "GatedLinearRNN" else dict(d_h=d)
             variants = {
-                "head[auto]": _fwdbwd(getattr(head, family)(scan_impl="auto", **kw)),
-                "base[auto]": _fwdbwd(getattr(base, family)(scan_impl="auto", **kw)),
+                "head[auto]": fwdbwd(getattr(head, family)(scan_impl="auto", **kw)),
+                "base[auto]": fwdbwd(getattr(base, family)(scan_impl="auto", **kw)),
             }
             if family != "GatedLinearRNN":
-                variants["head[native]"] = _fwdbwd(getattr(head, family)(scan_impl="native",
+                variants["head[native]"] = fwdbwd(getattr(head, family)(scan_impl="native",
                                                                          **kw))
             n_cols = PROJECTED[family] * d
             variants["products"] = products_fwdbwd(b, t, d, n_cols)
             if family == "MinGRU":
                 naive = NaiveMinGRU(d)
-                variants["naive"] = _naive_fwdbwd(naive)
+                variants["naive"] = fwdbwd(naive, pair=False)
                 gru = nn.RNN(nn.GRUCell(features=d))
-                variants["gru"] = _gru_fwdbwd(gru)
+                variants["gru"] = fwdbwd(gru, pair=False)
             params = getattr(head, family)(**kw).init(jax.random.PRNGKey(0), x[:, :4])
             peer_params = {}
             if family == "MinGRU":
@@ -212,15 +204,10 @@ def report(results: Dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="the commit to compare against (required)")
-    harness.add_lengths_flag(p)
-    p.add_argument("--rounds", type=int, default=9,
+    p.add_argument("--rounds", type=harness.positive_int, default=9,
                    help="interleaved rounds per length and layer (default: 9)")
-    p.add_argument("--out", default=None,
-                   help="write the JSON and the Markdown table here (default: print only)")
-    harness.add_malloc_flag(p)
+    harness.add_report_flags(p, "bench_ab")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be at least 1, got {args.rounds}")
     harness.apply_malloc(args.malloc)
     results = run(args.base, args.T, args.rounds)
     harness.emit_report(results, report(results), args.out, "bench_ab")

@@ -13,9 +13,9 @@ and the naive minGRU of :mod:`benchmarks.bench_layers`) and T, for ``grad`` of
 * ``faults/call``: minor page faults per call (``getrusage``, after three
   warm-up calls), and the MiB they cover (4 KiB pages);
 * ``ms``: median wall time per call;
-* ``fault ms``: faults times the cost of one fault on this machine, measured
-  here by writing a fresh 32 MiB NumPy array against rewriting one already
-  touched (:func:`fault_cost_us`).
+* ``fault ms``: faults times the cost of one 4 KiB fault on this machine,
+  measured here by filling a fresh 32 MiB anonymous ``mmap`` against refilling
+  an array already touched (:func:`fault_cost_us`).
 
 Why it matters: the buffer assignment of XLA:CPU puts every temporary of an
 executable in one block, allocated on each call.  glibc's ``malloc`` serves a
@@ -35,14 +35,14 @@ import resource
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import flax_minrnn
 from benchmarks import harness
+from benchmarks.bench_ab import fwdbwd
 from benchmarks.bench_layers import NaiveMinGRU, make_input
 
 PAGE = 4096
@@ -87,22 +87,12 @@ def fault_cost_us(n_bytes: int = 32 << 20, rounds: int = 9) -> float:
     return extra / per_round * 1e6
 
 
-def _fwdbwd(name: str, d: int):
-    module = NaiveMinGRU(d) if name == "naive" else getattr(flax_minrnn, name)(d_h=d)
-
-    def loss(params, x):
-        out = module.apply(params, x)
-        return jnp.sum(out if name == "naive" else out[1])
-
-    return module, jax.jit(jax.grad(loss, argnums=(0, 1)))
-
-
 def measure(name: str, b: int, t: int, d: int, calls: int) -> Dict:
     """One row: temporaries, faults and time of ``name``'s forward+backward."""
     x = make_input(b, t, d)
-    module, fn = _fwdbwd(name, d)
+    module = NaiveMinGRU(d) if name == "naive" else getattr(flax_minrnn, name)(d_h=d)
     params = module.init(jax.random.PRNGKey(0), x[:, :4])
-    compiled = fn.lower(params, x).compile()
+    compiled = fwdbwd(module, pair=name != "naive").lower(params, x).compile()
     mem = harness.memory_stats(compiled) or {}
     for _ in range(3):
         jax.block_until_ready(compiled(params, x))
@@ -153,15 +143,10 @@ def report(results: Dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    harness.add_lengths_flag(p)
-    p.add_argument("--calls", type=int, default=10,
+    p.add_argument("--calls", type=harness.positive_int, default=10,
                    help="timed calls per row, after three warm-up calls (default: 10)")
-    p.add_argument("--out", default=None,
-                   help="write bench_faults.json and bench_faults.md here (default: print only)")
-    harness.add_malloc_flag(p)
+    harness.add_report_flags(p, "bench_faults")
     args = p.parse_args(argv)
-    if args.calls < 1:
-        p.error(f"--calls must be at least 1, got {args.calls}")
     harness.apply_malloc(args.malloc)
     results = run(args.T, args.calls)
     harness.emit_report(results, report(results), args.out, "bench_faults")

@@ -7,6 +7,7 @@ call is never counted).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -191,11 +192,23 @@ def matmul_ms(m: int, k: int, n: int, which: str, repeats: Repeats,
 _malloc_setting = "default"
 
 
-def add_lengths_flag(parser, default: Sequence[int] = (1024, 4096)) -> None:
-    """``--T T [T ...]``: the sequence lengths to measure."""
-    parser.add_argument("--T", type=int, nargs="+", default=list(default),
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_report_flags(parser, stem: str, lengths: Sequence[int] = (1024, 4096)) -> None:
+    """``--T``, ``--out`` and ``--malloc`` of a script that reports through
+    :func:`emit_report` under the name ``stem``."""
+    parser.add_argument("--T", type=int, nargs="+", default=list(lengths),
                         help="sequence lengths (default: "
-                             f"{' '.join(str(t) for t in default)})")
+                             f"{' '.join(str(t) for t in lengths)})")
+    parser.add_argument("--out", default=None,
+                        help=f"write {stem}.json and {stem}.md here (default: print only)")
+    add_malloc_flag(parser)
 
 
 def add_malloc_flag(parser) -> None:

@@ -258,8 +258,8 @@ _KEPT_BLOCKS = {"mingru": 3, "minlstm": 4, "glrnn_tied": 4}
 
 @pytest.mark.parametrize("name", list(_KEPT_BLOCKS))
 def test_chunked_memory_grows_by_the_kept_blocks_and_the_program_not_at_all(name, monkeypatch):
-    """With a fixed tile, doubling T adds exactly the kept blocks to XLA's
-    temporaries (memory linear in T, nothing else stored per step) and leaves
+    """With a fixed tile, doubling T adds the kept blocks to XLA's temporaries
+    and nothing else (memory linear in T, no other per-step buffer) and leaves
     the compiled program the same size (compile time does not grow with T)."""
     monkeypatch.setattr(gated_lib, "_TILE_MIN", 64)
     monkeypatch.setattr(gated_lib, "_TILE_MAX", 64)
