@@ -16,8 +16,8 @@ versions run side by side in the same plain process (nothing tuned unless
 * the naive minGRU of :mod:`benchmarks.bench_layers` (one fused ``Dense`` and
   ``lax.scan``) and ``nn.RNN(GRUCell)`` of the same width (with the MinGRU rows);
 * ``products``: the layer's input-projection products alone (``x W``, ``g
-  W^T``, ``x^T g`` for a fixed cotangent ``g``), in the tile loop of the
-  chunked scan and nothing else (:func:`products_fwdbwd`).  No implementation
+  W^T``, ``x^T g`` for a fixed cotangent ``g``), as the chunked scan runs
+  them and nothing else (:func:`products_fwdbwd`).  No implementation
   that computes those products with XLA runs faster, so ``naive / products``
   bounds what ``naive / head`` can reach on the machine.
 
@@ -72,20 +72,20 @@ PROJECTED = {"MinGRU": 2, "MinLSTM": 3, "GatedLinearRNN": 3}
 def products_fwdbwd(b: int, t: int, d: int, n: int):
     """``f(x, kernel, g) -> (pre, dx, dkernel)``: the products of a layer's
     forward+backward alone, ``pre = x @ kernel`` (kernel ``(d, n)``), ``dx = g
-    @ kernel.T`` and ``dkernel = x.T @ g``, tile by tile as the chunked scan
-    runs them (same tile size, or one tile when ``t`` is not a multiple of it;
-    the forward stores ``pre``, the backward visits the tiles in reverse and
-    accumulates ``dkernel``)."""
+    @ kernel.T`` and ``dkernel = x.T @ g``, as the chunked scan runs them: the
+    forward for the whole sequence, one product per ``d``-wide block of
+    columns (``pre`` is the tuple of blocks), the backward tile by tile (same
+    tile size, or one tile when ``t`` is not a multiple of it), visiting the
+    tiles in reverse and accumulating ``dkernel``."""
     tile = gated_lib.tile_size(b * n * 4, t)
     if t % tile:
         tile = t
     tiles = t // tile
+    width = d if n % d == 0 else n
 
     def run(x, kernel, g):
-        def forward(i, pre):
-            x_t = jax.lax.dynamic_slice_in_dim(x, i * tile, tile, 1)
-            return jax.lax.dynamic_update_slice_in_dim(
-                pre, jnp.einsum("bti,io->bto", x_t, kernel), i * tile, 1)
+        pre = tuple(jnp.einsum("bti,io->bto", x, kernel[:, lo:lo + width])
+                    for lo in range(0, n, width))
 
         def backward(i, carry):
             dx, dk = carry
@@ -96,7 +96,6 @@ def products_fwdbwd(b: int, t: int, d: int, n: int):
                 dx, jnp.einsum("bto,io->bti", g_t, kernel), start, 1)
             return dx, dk + jnp.einsum("bti,bto->io", x_t, g_t)
 
-        pre = jax.lax.fori_loop(0, tiles, forward, jnp.zeros((b, t, n), x.dtype))
         dx, dk = jax.lax.fori_loop(0, tiles, backward,
                                    (jnp.zeros_like(x), jnp.zeros_like(kernel)))
         return pre, dx, dk

@@ -7,11 +7,14 @@ and :func:`gated_scan_with_readout` adds a per-step readout
 projection).  The layers of :mod:`flax_minrnn.nn` run on these.
 
 With ``impl="chunked"`` (what ``"auto"`` picks on CPU from ``T = 64``) the
-time axis is cut into tiles of a few dozen steps, visited in scan order; a
-tile's projection, coefficients, recurrence and readout run one after another
-while the tile is in cache (a whole-sequence pass over ``B * T * D`` floats
-misses the cache from ``T ~ 1024`` on).  Its derivatives follow the scheme of
-:mod:`flax_minrnn.ops.scan`: a ``jax.custom_jvp`` whose tangent is a
+projection ``x @ kernel``, which the adjoint needs, is computed for the whole
+sequence and kept; then the time axis is cut into tiles of a few dozen
+steps, visited in scan order, and a tile's coefficients, recurrence and
+readout run one after another while the tile is in cache (a whole-sequence
+pass over ``B * T * D`` floats misses the cache from ``T ~ 1024`` on).  With
+``keep="starts"`` the projection is not kept but computed tile by tile, in
+the forward pass and again in the adjoint.  The derivatives follow the
+scheme of :mod:`flax_minrnn.ops.scan`: a ``jax.custom_jvp`` whose tangent is a
 :func:`flax_minrnn.ops.linear.linear_op`, so that
 
 * reverse mode runs a hand-written adjoint that visits the tiles in reverse
@@ -193,30 +196,29 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
     pre_buf = side_buf = y_buf = y_spec = starts = None
     if not store:
         starts = _buffer(h0, h0.dtype, (num_full + bool(rem),) + h0.shape)
-    if kernel is not None:
-        p_dtype = jnp.result_type(x, kernel)
-        n_rec = kernel.shape[1] - n_side
-        if store:
-            groups = _column_groups(n_rec, h0)
-            pre_buf = tuple(_buffer(x, p_dtype, (batch, seq_len, n_rec // groups))
-                            for _ in range(groups))
-            if n_side:
-                side_buf = _buffer(x, p_dtype, (batch, seq_len, n_side))
+    p_dtype = None if kernel is None else jnp.result_type(x, kernel)
+    if store and kernel is not None:
+        # The projection is kept for the adjoint anyway, so it is computed
+        # for the whole sequence, one product per stored buffer: one large
+        # product runs faster than one per tile, and the tile loop then
+        # copies no slices of x.
+        pre_buf, side_buf = _project_stored(x, kernel, n_side, _column_groups(
+            kernel.shape[1] - n_side, h0))
     if readout is not None:
         y_spec = _readout_spec(readout, h0, None if not n_side else
                                jax.ShapeDtypeStruct((batch, 1, n_side), p_dtype), params)
         y_buf = _buffer(h0, y_spec.dtype, (batch, seq_len) + y_spec.shape[2:])
 
     def run_tile(h, bufs, index, start, length):
-        h_buf, pre_buf, side_buf, y_buf, starts = bufs
+        h_buf, y_buf, starts = bufs
         if starts is not None:
             starts = jax.lax.dynamic_update_index_in_dim(starts, h, index, 0)
-        pre, side = _project(x, kernel, n_side, start, length)
         if pre_buf is not None:
-            parts = jnp.split(pre, len(pre_buf), axis=-1)
-            pre_buf = _put(pre_buf, tuple(_stored(p) for p in parts), start)
-            if side is not None:
-                side_buf = _put(side_buf, _stored(side), start)
+            pre = _load_columns(pre_buf, start, length, p_dtype)
+            side = (None if side_buf is None
+                    else _loaded(_take(side_buf, start, length), p_dtype))
+        else:
+            pre, side = _project(x, kernel, n_side, start, length)
         c_t = _take(consts, start, length)
         a, b = coeff_fn(pre, c_t, params)
         if h_buf is not None:
@@ -227,19 +229,34 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
             h, h_tile = scan_lib.sequential_into(a, b, h, reverse)
         if readout is not None:
             y_buf = _put(y_buf, _stored(readout(h_tile, side, c_t, params)), start)
-        return h, (h_buf, pre_buf, side_buf, y_buf, starts)
+        return h, (h_buf, y_buf, starts)
 
     def body(i, carry):
         return run_tile(*carry, i, full_start(i), tile)
 
-    carry = (h0, (h_buf, pre_buf, side_buf, y_buf, starts))
+    carry = (h0, (h_buf, y_buf, starts))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
         carry = run_tile(*carry, num_full, rem_start, rem)
-    h_last, (h, pre, side, y, starts) = carry
+    h_last, (h, y, starts) = carry
     if y is not None:
         y = _loaded(y, y_spec.dtype)
-    return h_last, h, pre, side, y, starts
+    return h_last, h, pre_buf, side_buf, y, starts
+
+
+def _project_stored(x, kernel, n_side: int, groups: int):
+    """``x @ kernel`` for the whole sequence, in :func:`_stored` form: the
+    ``groups`` buffers of the columns ``coeff_fn`` sees and the buffer of the
+    last ``n_side`` columns (``None`` without side columns), each its own
+    product."""
+    n_rec = kernel.shape[1] - n_side
+    width = n_rec // groups
+
+    def product(lo, hi):
+        return _stored(jnp.einsum("bti,io->bto", x, kernel[:, lo:hi]))
+
+    pre = tuple(product(k * width, (k + 1) * width) for k in range(groups))
+    return pre, (product(n_rec, n_rec + n_side) if n_side else None)
 
 
 def _project(x, kernel, n_side: int, start, length: int):
