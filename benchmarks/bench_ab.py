@@ -172,8 +172,9 @@ def report(results: Dict) -> str:
              f"malloc {results['machine'].get('malloc')})", "",
              f"Machine: {results['machine']['cpu_model']} ({results['machine']['cpu_count']} "
              f"CPUs), jax {results['machine']['jax_version']}.", "",
-             "`products`: the layer's input-projection products alone, in the same tile "
-             "loop; naive/products and GRU/products bound naive/head and GRU/head.", "",
+             "`products`: the layer's input-projection products alone, as the chunked "
+             "scan runs them; naive/products and GRU/products bound naive/head and "
+             "GRU/head.", "",
              "| T | layer | head auto ms | base auto ms | head/base | head native ms | "
              "naive ms | naive/head | GRU ms | GRU/head | products ms | naive/products | "
              "GRU/products |",

@@ -18,8 +18,8 @@ path for every ``T >= 1``):
    and MinLSTM when ``d_h != d_model``) or
    ``out_proj(hidden_activation(h) * gate_activation(o))`` (GatedLinearRNN,
    ``o`` from ``in_proj``'s last block).  With ``scan_impl="chunked"`` (what
-   ``"auto"`` picks on CPU) projection, gates, recurrence and readout run
-   tile by tile.
+   ``"auto"`` picks on CPU) the projection is computed for the whole
+   sequence, and gates, recurrence and readout run tile by tile.
 
 In true-recurrence mode (``use_true_recurrence=True``) the pre-activations
 also see the previous state, ``pre_t = in_proj(x_t) + h_{t-1} @ U`` with a
@@ -277,8 +277,8 @@ class GatedRecurrence(nn.Module):
             o = None if output_gate is None else dense_lib.matmul(x_c, cols(kernel, False))
             y = jax.checkpoint(readout)(h, o, params)
         else:
-            # Projection, gates, recurrence and readout in one call (tile by
-            # tile with scan_impl="chunked").
+            # Projection, gates, recurrence and readout in one call (with
+            # scan_impl="chunked", all but the projection tile by tile).
             run = functools.partial(gated_lib.run, coeffs, x_c, h0, kernel, params, impl,
                                     reset=reset, seq_lengths=None, mask=valid,
                                     reverse=self.reverse, gate_name=self.gate_name())
