@@ -284,6 +284,35 @@ def test_chunked_memory_grows_by_the_kept_blocks_and_the_program_not_at_all(name
     assert len(large.as_text().splitlines()) == len(small.as_text().splitlines())
 
 
+@pytest.mark.parametrize("name", list(_KEPT_BLOCKS))
+def test_chunked_plain_call_keeps_no_whole_sequence_buffer(name, monkeypatch):
+    """Without differentiation nothing is kept for an adjoint: with a fixed
+    tile, doubling T adds less than one block of (batch, d_h) floats per step
+    to XLA's temporaries (the projection runs tile by tile; the outputs are
+    not temporaries), and the result equals the one under ``jax.grad``'s
+    forward pass, which computes the projection for the whole sequence."""
+    monkeypatch.setattr(gated_lib, "_TILE_MIN", 64)
+    monkeypatch.setattr(gated_lib, "_TILE_MAX", 64)
+    d_h = 16
+    make = {"mingru": MinGRU, "minlstm": MinLSTM, "glrnn_tied": GatedLinearRNN}[name]
+    layer = make(d_h=d_h, scan_impl="chunked")
+
+    def compiled(t):
+        x = _x(0, (B, t, d_h))
+        params = _init(layer, x[:, :4])
+        return jax.jit(layer.apply).lower(params, x).compile(), params, x
+
+    (small, _, _), (large, params, x) = compiled(512), compiled(1024)
+    grown = (large.memory_analysis().temp_size_in_bytes
+             - small.memory_analysis().temp_size_in_bytes)
+    assert grown / (B * 512 * d_h * 4) < 0.5, grown
+    plain = large(params, x)
+    (_, traced), _ = jax.value_and_grad(
+        lambda p: (lambda c, y: (jnp.sum(y), (c, y)))(*layer.apply(p, x)), has_aux=True)(params)
+    for got, want in zip(jax.tree.leaves(plain), jax.tree.leaves(traced)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["mingru", "minlstm", "glrnn_tied"])
 def test_gradients_match_float64_reference(name):
     """Gradients w.r.t. x, h0 and in_proj kernel, with random cotangents on the

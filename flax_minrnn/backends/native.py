@@ -312,7 +312,7 @@ def _tangent(static, res, lin):
 
     def fun(x, k, p, s):
         h_last, h, _, _, _, _ = gated_lib.tiles_forward(coeffs, None, x, k, consts, p, s,
-                                                        reverse, tile, 0)
+                                                        reverse, tile, 0, "none")
         return h_last, h
 
     return jax.jvp(fun, (x, kernel, params, h0), lin)[1]

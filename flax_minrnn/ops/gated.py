@@ -7,13 +7,13 @@ and :func:`gated_scan_with_readout` adds a per-step readout
 projection).  The layers of :mod:`flax_minrnn.nn` run on these.
 
 With ``impl="chunked"`` (what ``"auto"`` picks on CPU from ``T = 64``) the
-projection ``x @ kernel``, which the adjoint needs, is computed for the whole
-sequence and kept; then the time axis is cut into tiles of a few dozen
-steps, visited in scan order, and a tile's coefficients, recurrence and
-readout run one after another while the tile is in cache (a whole-sequence
-pass over ``B * T * D`` floats misses the cache from ``T ~ 1024`` on).  With
-``keep="starts"`` the projection is not kept but computed tile by tile, in
-the forward pass and again in the adjoint.  The derivatives follow the
+time axis is cut into tiles of a few dozen steps, visited in scan order, and
+a tile's coefficients, recurrence and readout run one after another while
+the tile is in cache (a whole-sequence pass over ``B * T * D`` floats misses
+the cache from ``T ~ 1024`` on).  Where the adjoint will need the projection
+``x @ kernel`` (under reverse mode), it is computed for the whole sequence
+before the loop and kept; otherwise (a plain call, forward mode) it is
+computed tile by tile and never stored whole.  The derivatives follow the
 scheme of :mod:`flax_minrnn.ops.scan`: a ``jax.custom_jvp`` whose tangent is a
 :func:`flax_minrnn.ops.linear.linear_op`, so that
 
@@ -175,26 +175,34 @@ def _readout_spec(readout, h0, side_spec, params):
 
 
 def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: bool,
-                  tile: int, n_side: int, keep: str = "all"):
+                  tile: int, n_side: int, keep: str):
     """The forward tile loop.
 
+    ``keep`` says what the adjoint will need: ``"all"`` (the states and the
+    projection, which is then computed for the whole sequence before the
+    loop), ``"starts"`` (the state before each tile), or ``"none"`` (nothing:
+    the outputs alone, for the primal and forward mode).  Without ``"all"``
+    the projection is computed tile by tile and never stored whole.
+
     Returns ``(h_last, h, pre, side, y, starts)``: the states (``None`` when
-    ``keep="starts"`` and there is a readout); ``pre`` the columns of
-    ``x @ kernel`` that ``coeff_fn`` sees, as a tuple of buffers of
+    there is a readout and ``keep`` is not ``"all"``); ``pre`` the columns
+    of ``x @ kernel`` that ``coeff_fn`` sees, as a tuple of buffers of
     consecutive column groups (:func:`_column_groups`), and ``side`` its
-    last ``n_side`` columns (``None`` without a kernel, without side
-    columns, or with ``keep="starts"``); ``y`` the readout of each step
+    last ``n_side`` columns (both only with ``keep="all"`` and a kernel;
+    ``side`` only with side columns); ``y`` the readout of each step
     (``None`` without ``readout``); ``starts`` the state before each tile,
     in visiting order (``(num_tiles, *h0.shape)``, only with
     ``keep="starts"``).
     """
+    if keep not in ("all", "starts", "none"):
+        raise ValueError(f"keep must be 'all', 'starts' or 'none', got {keep!r}")
     batch, seq_len = jax.tree.leaves(x)[0].shape[:2]
     num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
     store = keep == "all"
     h_buf = (_buffer(h0, h0.dtype, (batch, seq_len) + h0.shape[1:])
              if store or readout is None else None)
     pre_buf = side_buf = y_buf = y_spec = starts = None
-    if not store:
+    if keep == "starts":
         starts = _buffer(h0, h0.dtype, (num_full + bool(rem),) + h0.shape)
     p_dtype = None if kernel is None else jnp.result_type(x, kernel)
     if store and kernel is not None:
@@ -357,7 +365,7 @@ KEEP = "all"
 
 def _tiled_outputs(coeff_fn, readout, reverse, tile, n_side, x, kernel, consts, params, h0):
     h_last, h, _, _, y, _ = tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
-                                          reverse, tile, n_side)
+                                          reverse, tile, n_side, "none")
     return h_last, (h if readout is None else y)
 
 
