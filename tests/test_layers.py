@@ -256,16 +256,21 @@ def test_chunked_tiles_bfloat16_match_sequential(make, monkeypatch):
 _KEPT_BLOCKS = {"mingru": 3, "minlstm": 4, "glrnn_tied": 4}
 
 
+def _tiled_layer(name, d_h, monkeypatch):
+    """A ``chunked`` layer whose tiles are 64 steps at every T."""
+    monkeypatch.setattr(gated_lib, "_TILE_MIN", 64)
+    monkeypatch.setattr(gated_lib, "_TILE_MAX", 64)
+    make = {"mingru": MinGRU, "minlstm": MinLSTM, "glrnn_tied": GatedLinearRNN}[name]
+    return make(d_h=d_h, scan_impl="chunked")
+
+
 @pytest.mark.parametrize("name", list(_KEPT_BLOCKS))
 def test_chunked_memory_grows_by_the_kept_blocks_and_the_program_not_at_all(name, monkeypatch):
     """With a fixed tile, doubling T adds the kept blocks to XLA's temporaries
     and nothing else (memory linear in T, no other per-step buffer) and leaves
     the compiled program the same size (compile time does not grow with T)."""
-    monkeypatch.setattr(gated_lib, "_TILE_MIN", 64)
-    monkeypatch.setattr(gated_lib, "_TILE_MAX", 64)
     d_h = 16
-    make = {"mingru": MinGRU, "minlstm": MinLSTM, "glrnn_tied": GatedLinearRNN}[name]
-    layer = make(d_h=d_h, scan_impl="chunked")
+    layer = _tiled_layer(name, d_h, monkeypatch)
 
     def compiled(t):
         x = _x(0, (B, t, d_h))
@@ -291,11 +296,8 @@ def test_chunked_plain_call_keeps_no_whole_sequence_buffer(name, monkeypatch):
     to XLA's temporaries (the projection runs tile by tile; the outputs are
     not temporaries), and the result equals the one under ``jax.grad``'s
     forward pass, which computes the projection for the whole sequence."""
-    monkeypatch.setattr(gated_lib, "_TILE_MIN", 64)
-    monkeypatch.setattr(gated_lib, "_TILE_MAX", 64)
     d_h = 16
-    make = {"mingru": MinGRU, "minlstm": MinLSTM, "glrnn_tied": GatedLinearRNN}[name]
-    layer = make(d_h=d_h, scan_impl="chunked")
+    layer = _tiled_layer(name, d_h, monkeypatch)
 
     def compiled(t):
         x = _x(0, (B, t, d_h))
