@@ -10,10 +10,10 @@ With ``impl="chunked"`` (what ``"auto"`` picks on CPU from ``T = 64``) the
 time axis is cut into tiles of a few dozen steps, visited in scan order, and
 a tile's coefficients, recurrence and readout run one after another while
 the tile is in cache (a whole-sequence pass over ``B * T * D`` floats misses
-the cache from ``T ~ 1024`` on).  Where the adjoint will need the projection
-``x @ kernel`` (under reverse mode), it is computed for the whole sequence
-before the loop and kept; otherwise (a plain call, forward mode) it is
-computed tile by tile and never stored whole.  The derivatives follow the
+the cache from ``T ~ 1024`` on).  Under differentiation (the ``custom_jvp``
+rule below, whose residuals reverse mode reads) the projection ``x @ kernel``
+is computed for the whole sequence before the loop and kept; a plain call
+computes it tile by tile and stores it nowhere.  The derivatives follow the
 scheme of :mod:`flax_minrnn.ops.scan`: a ``jax.custom_jvp`` whose tangent is a
 :func:`flax_minrnn.ops.linear.linear_op`, so that
 
@@ -181,7 +181,8 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
     ``keep`` says what the adjoint will need: ``"all"`` (the states and the
     projection, which is then computed for the whole sequence before the
     loop), ``"starts"`` (the state before each tile), or ``"none"`` (nothing:
-    the outputs alone, for the primal and forward mode).  Without ``"all"``
+    the outputs alone, for a plain call and for the tangent that forward
+    mode derives from the loop).  Without ``"all"``
     the projection is computed tile by tile and never stored whole.
 
     Returns ``(h_last, h, pre, side, y, starts)``: the states (``None`` when
@@ -221,12 +222,7 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
         h_buf, y_buf, starts = bufs
         if starts is not None:
             starts = jax.lax.dynamic_update_index_in_dim(starts, h, index, 0)
-        if pre_buf is not None:
-            pre = _load_columns(pre_buf, start, length, p_dtype)
-            side = (None if side_buf is None
-                    else _loaded(_take(side_buf, start, length), p_dtype))
-        else:
-            pre, side = _project(x, kernel, n_side, start, length)
+        pre, side = _tile_projection(x, kernel, n_side, pre_buf, side_buf, start, length)
         c_t = _take(consts, start, length)
         a, b = coeff_fn(pre, c_t, params)
         if h_buf is not None:
@@ -267,6 +263,17 @@ def _project_stored(x, kernel, n_side: int, groups: int):
     return pre, (product(n_rec, n_rec + n_side) if n_side else None)
 
 
+def _tile_projection(x, kernel, n_side: int, pre_buf, side_buf, start, length: int):
+    """A tile's ``(pre, side)``: read from the buffers of
+    :func:`_project_stored` when the projection was kept, else computed
+    (:func:`_project`)."""
+    if pre_buf is None:
+        return _project(x, kernel, n_side, start, length)
+    p_dtype = jnp.result_type(x, kernel)
+    side = None if side_buf is None else _loaded(_take(side_buf, start, length), p_dtype)
+    return _load_columns(pre_buf, start, length, p_dtype), side
+
+
 def _project(x, kernel, n_side: int, start, length: int):
     """The tile's projection: ``(pre, side)`` (``x`` itself without a kernel)."""
     x_t = _take(x, start, length)
@@ -297,12 +304,7 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
     def run_tile(dh, dx, dkernel, dparams, index, start, length):
         x_t = _take(x, start, length)
         c_t = _take(consts, start, length)
-        if starts is None:
-            pre = x_t if kernel is None else _load_columns(pre_buf, start, length, p_dtype)
-            side_t = (None if side_buf is None
-                      else _loaded(_take(side_buf, start, length), p_dtype))
-        else:
-            pre, side_t = _project(x, kernel, n_side, start, length)
+        pre, side_t = _tile_projection(x, kernel, n_side, pre_buf, side_buf, start, length)
         (a, b), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
         if starts is None:
             h_t = jax.lax.dynamic_slice_in_dim(h, start, length, 1)
