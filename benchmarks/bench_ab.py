@@ -4,6 +4,7 @@ Run::
 
     python -m benchmarks.bench_ab --base 93fcfe8            # vs that commit's scan_impl="auto"
     python -m benchmarks.bench_ab --base HEAD~3 --T 1024 4096 --rounds 9
+    python -m benchmarks.bench_ab --base HEAD~1 --transform jvp   # forward mode
 
 The package of ``--base`` is exported with ``git archive`` into a temporary
 folder and imported under another name (``flax_minrnn_base``), so both
@@ -20,6 +21,10 @@ versions run side by side in the same plain process (nothing tuned unless
   them and nothing else (:func:`products_fwdbwd`).  No implementation
   that computes those products with XLA runs faster, so ``naive / products``
   bounds what ``naive / head`` can reach on the machine.
+
+With ``--transform jvp`` every variant runs forward mode instead
+(``jax.jvp`` of ``y`` for fixed random tangents of the parameters and the
+input), and there is no ``products`` column.
 
 The rounds are interleaved (every variant once per round, in turn) and the
 report gives medians and ratios.  Parameters are shared (the param trees are
@@ -113,31 +118,54 @@ def fwdbwd(module, pair: bool = True):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
+def forward_mode(module, pair: bool = True):
+    """Jitted ``jax.jvp`` of ``y`` (as in :func:`fwdbwd`) at ``(params, x)``
+    along the tangents ``(d_params, d_x)``: ``(y, dy)``."""
+    def apply(params, x):
+        out = module.apply(params, x)
+        return out[1] if pair else out
+    return jax.jit(lambda params, x, d_params, d_x: jax.jvp(apply, (params, x),
+                                                             (d_params, d_x)))
+
+
+TRANSFORMS = {"grad": fwdbwd, "jvp": forward_mode}
+
+
+def _tangents(params, x):
+    """Fixed random tangents like ``(params, x)``."""
+    leaves, tree = jax.tree.flatten((params, x))
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    return jax.tree.unflatten(tree, [jax.random.normal(k, v.shape, v.dtype)
+                                     for k, v in zip(keys, leaves)])
+
+
 def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 256,
-        log=print) -> Dict:
+        log=print, transform: str = "grad") -> Dict:
     tmp = pathlib.Path(tempfile.mkdtemp())
     base = importlib.import_module(export_base(base_commit, tmp))
     head = importlib.import_module("flax_minrnn")
     results = {"machine": harness.machine_info(), "base": base_commit, "B": b, "D": d,
-               "rounds": rounds, "rows": []}
+               "rounds": rounds, "transform": transform, "rows": []}
+    build = TRANSFORMS[transform]
     for t in ts:
         x = make_input(b, t, d)
         for family in ("MinGRU", "MinLSTM", "GatedLinearRNN"):
             kw = dict(d_h=d, d_model=d) if family == "GatedLinearRNN" else dict(d_h=d)
             variants = {
-                "head[auto]": fwdbwd(getattr(head, family)(scan_impl="auto", **kw)),
-                "base[auto]": fwdbwd(getattr(base, family)(scan_impl="auto", **kw)),
+                "head[auto]": build(getattr(head, family)(scan_impl="auto", **kw)),
+                "base[auto]": build(getattr(base, family)(scan_impl="auto", **kw)),
             }
             if family != "GatedLinearRNN":
-                variants["head[native]"] = fwdbwd(getattr(head, family)(scan_impl="native",
+                variants["head[native]"] = build(getattr(head, family)(scan_impl="native",
                                                                          **kw))
             n_cols = PROJECTED[family] * d
-            variants["products"] = products_fwdbwd(b, t, d, n_cols)
+            if transform == "grad":
+                variants["products"] = products_fwdbwd(b, t, d, n_cols)
             if family == "MinGRU":
                 naive = NaiveMinGRU(d)
-                variants["naive"] = fwdbwd(naive, pair=False)
+                variants["naive"] = build(naive, pair=False)
                 gru = nn.RNN(nn.GRUCell(features=d))
-                variants["gru"] = fwdbwd(gru, pair=False)
+                variants["gru"] = build(gru, pair=False)
             params = getattr(head, family)(**kw).init(jax.random.PRNGKey(0), x[:, :4])
             peer_params = {}
             if family == "MinGRU":
@@ -145,8 +173,11 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
                 peer_params["gru"] = nn.RNN(nn.GRUCell(features=d)).init(
                     jax.random.PRNGKey(0), x[:, :4])
             args = {k: (peer_params.get(k, params), x) for k in variants}
-            args["products"] = (x, make_input(1, d, n_cols, seed=1)[0],
-                                make_input(b, t, n_cols, seed=2))
+            if transform == "jvp":
+                args = {k: v + _tangents(*v) for k, v in args.items()}
+            else:
+                args["products"] = (x, make_input(1, d, n_cols, seed=1)[0],
+                                    make_input(b, t, n_cols, seed=2))
             compiled = {}
             for k, f in variants.items():
                 t0 = time.perf_counter()
@@ -167,8 +198,9 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
 
 
 def report(results: Dict) -> str:
+    what = {"grad": "fwd+bwd", "jvp": "jvp"}[results.get("transform", "grad")]
     lines = [f"# A/B against {results['base']} (B={results['B']}, d={results['D']}, "
-             f"fwd+bwd, median of {results['rounds']} interleaved rounds, "
+             f"{what}, median of {results['rounds']} interleaved rounds, "
              f"malloc {results['machine'].get('malloc')})", "",
              f"Machine: {results['machine']['cpu_model']} ({results['machine']['cpu_count']} "
              f"CPUs), jax {results['machine']['jax_version']}.", "",
@@ -206,10 +238,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--base", required=True, help="the commit to compare against (required)")
     p.add_argument("--rounds", type=harness.positive_int, default=9,
                    help="interleaved rounds per length and layer (default: 9)")
+    p.add_argument("--transform", choices=sorted(TRANSFORMS), default="grad",
+                   help="what every variant runs: grad (forward+backward, the default) or "
+                        "jvp (forward mode)")
     harness.add_report_flags(p, "bench_ab")
     args = p.parse_args(argv)
     harness.apply_malloc(args.malloc)
-    results = run(args.base, args.T, args.rounds)
+    results = run(args.base, args.T, args.rounds, transform=args.transform)
     harness.emit_report(results, report(results), args.out, "bench_ab")
     return 0
 

@@ -653,7 +653,7 @@ def test_chunked_stores_projection_blocks_of_the_state_width():
     assert gated_lib._column_groups(40, h0) == 1  # five blocks
     assert gated_lib._column_groups(16, jnp.zeros((2, 4, 4))) == 1  # a 2-D state
     x = jnp.zeros((2, 64, 5))
-    _, _, pre, _, _, _ = gated_lib.tiles_forward(
+    _, _, pre, _, _ = gated_lib.tiles_forward(
         lambda p, c, q: tuple(jnp.split(p, 2, axis=-1)), None, x, jnp.ones((5, 16)),
         (None, None), None, h0, False, 16, 0, "all")
     assert isinstance(pre, tuple) and [p.shape for p in pre] == [(2, 64, 8)] * 2

@@ -306,16 +306,12 @@ def _backward(spec: _Spec, reverse: bool, tile: int, x, kernel, params, h0, h, p
 
 
 def _tangent(static, res, lin):
-    """Forward mode: the tangent of the pure-JAX tile loop."""
+    """Forward mode: the tangent loop of ``"chunked"``, from the kernel's
+    states and projection."""
     coeffs, reverse, tile = static
-    x, kernel, consts, params, h0 = res[:5]
-
-    def fun(x, k, p, s):
-        h_last, h, _, _, _, _ = gated_lib.tiles_forward(coeffs, None, x, k, consts, p, s,
-                                                        reverse, tile, 0, "none")
-        return h_last, h
-
-    return jax.jvp(fun, (x, kernel, params, h0), lin)[1]
+    x, kernel, consts, params, h0, h, pre = res
+    return gated_lib.tiles_tangent(coeffs, None, x, kernel, consts, params, h0, h, (pre,), None,
+                                   *lin, reverse, tile)
 
 
 def _adjoint(spec, static, res, ct):

@@ -178,33 +178,28 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
                   tile: int, n_side: int, keep: str):
     """The forward tile loop.
 
-    ``keep`` says what the adjoint will need: ``"all"`` (the states and the
-    projection, which is then computed for the whole sequence before the
-    loop), ``"starts"`` (the state before each tile), or ``"none"`` (nothing:
-    the outputs alone, for a plain call and for the tangent that forward
-    mode derives from the loop).  Without ``"all"``
-    the projection is computed tile by tile and never stored whole.
+    ``keep`` says what the derivatives will need: ``"all"`` (the states and
+    the projection, which is then computed for the whole sequence before the
+    loop), or ``"none"`` (nothing: the outputs alone, for a plain call).
+    Without ``"all"`` the projection is computed tile by tile and never
+    stored whole.
 
-    Returns ``(h_last, h, pre, side, y, starts)``: the states (``None`` when
-    there is a readout and ``keep`` is not ``"all"``); ``pre`` the columns
-    of ``x @ kernel`` that ``coeff_fn`` sees, as a tuple of buffers of
-    consecutive column groups (:func:`_column_groups`), and ``side`` its
-    last ``n_side`` columns (both only with ``keep="all"`` and a kernel;
-    ``side`` only with side columns); ``y`` the readout of each step
-    (``None`` without ``readout``); ``starts`` the state before each tile,
-    in visiting order (``(num_tiles, *h0.shape)``, only with
-    ``keep="starts"``).
+    Returns ``(h_last, h, pre, side, y)``: the states (``None`` when there is
+    a readout and ``keep`` is ``"none"``); ``pre`` the columns of
+    ``x @ kernel`` that ``coeff_fn`` sees, as a tuple of buffers of
+    consecutive column groups (:func:`_column_groups`), and ``side`` its last
+    ``n_side`` columns (both only with ``keep="all"`` and a kernel; ``side``
+    only with side columns); ``y`` the readout of each step (``None``
+    without ``readout``).
     """
-    if keep not in ("all", "starts", "none"):
-        raise ValueError(f"keep must be 'all', 'starts' or 'none', got {keep!r}")
+    if keep not in ("all", "none"):
+        raise ValueError(f"keep must be 'all' or 'none', got {keep!r}")
     batch, seq_len = jax.tree.leaves(x)[0].shape[:2]
     num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
     store = keep == "all"
     h_buf = (_buffer(h0, h0.dtype, (batch, seq_len) + h0.shape[1:])
              if store or readout is None else None)
-    pre_buf = side_buf = y_buf = y_spec = starts = None
-    if keep == "starts":
-        starts = _buffer(h0, h0.dtype, (num_full + bool(rem),) + h0.shape)
+    pre_buf = side_buf = y_buf = y_spec = None
     p_dtype = None if kernel is None else jnp.result_type(x, kernel)
     if store and kernel is not None:
         # The projection is kept for the adjoint anyway, so it is computed
@@ -218,10 +213,8 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
                                jax.ShapeDtypeStruct((batch, 1, n_side), p_dtype), params)
         y_buf = _buffer(h0, y_spec.dtype, (batch, seq_len) + y_spec.shape[2:])
 
-    def run_tile(h, bufs, index, start, length):
-        h_buf, y_buf, starts = bufs
-        if starts is not None:
-            starts = jax.lax.dynamic_update_index_in_dim(starts, h, index, 0)
+    def run_tile(h, bufs, start, length):
+        h_buf, y_buf = bufs
         pre, side = _tile_projection(x, kernel, n_side, pre_buf, side_buf, start, length)
         c_t = _take(consts, start, length)
         a, b = coeff_fn(pre, c_t, params)
@@ -233,19 +226,19 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
             h, h_tile = scan_lib.sequential_into(a, b, h, reverse)
         if readout is not None:
             y_buf = _put(y_buf, _stored(readout(h_tile, side, c_t, params)), start)
-        return h, (h_buf, y_buf, starts)
+        return h, (h_buf, y_buf)
 
     def body(i, carry):
-        return run_tile(*carry, i, full_start(i), tile)
+        return run_tile(*carry, full_start(i), tile)
 
-    carry = (h0, (h_buf, y_buf, starts))
+    carry = (h0, (h_buf, y_buf))
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     if rem:
-        carry = run_tile(*carry, num_full, rem_start, rem)
-    h_last, (h, y, starts) = carry
+        carry = run_tile(*carry, rem_start, rem)
+    h_last, (h, y) = carry
     if y is not None:
         y = _loaded(y, y_spec.dtype)
-    return h_last, h, pre_buf, side_buf, y, starts
+    return h_last, h, pre_buf, side_buf, y
 
 
 def _project_stored(x, kernel, n_side: int, groups: int):
@@ -287,32 +280,24 @@ def _project(x, kernel, n_side: int, start, length: int):
 
 
 def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, side_buf,
-                   g, g_last, reverse: bool, tile: int, n_side: int = 0, starts=None):
+                   g, g_last, reverse: bool, tile: int, n_side: int = 0):
     """``(dx, dkernel, dparams, dh0)`` of :func:`tiles_forward` for the
     cotangents ``g`` of the outputs (the states, or the readout) and
-    ``g_last`` of the final state: the hand-written adjoint.
-
-    From the stored states and projections (``h``, ``pre_buf``,
-    ``side_buf``), or, given ``starts`` (the state before each tile), from
-    each tile's projection and states recomputed while it is in cache.
+    ``g_last`` of the final state: the hand-written adjoint, from the stored
+    states and projections (``h``, ``pre_buf``, ``side_buf``).
     """
     seq_len = g.shape[1]
     # The forward pass's tiles, visited in the opposite order.
     num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
     p_dtype = jnp.result_type(x, kernel) if kernel is not None else None
 
-    def run_tile(dh, dx, dkernel, dparams, index, start, length):
+    def run_tile(dh, dx, dkernel, dparams, start, length):
         x_t = _take(x, start, length)
         c_t = _take(consts, start, length)
         pre, side_t = _tile_projection(x, kernel, n_side, pre_buf, side_buf, start, length)
-        (a, b), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
-        if starts is None:
-            h_t = jax.lax.dynamic_slice_in_dim(h, start, length, 1)
-            h_first = _state_before(h, h0, start, length, reverse)
-        else:
-            # The tile's states again, from the state before it.
-            h_first = jax.lax.dynamic_index_in_dim(starts, index, 0, keepdims=False)
-            _, h_t = scan_lib.sequential_into(a, b, h_first, reverse)
+        (a, _), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
+        h_t = jax.lax.dynamic_slice_in_dim(h, start, length, 1)
+        h_first = _state_before(h, h0, start, length, reverse)
         g_t, g_side = jax.lax.dynamic_slice_in_dim(g, start, length, 1), None
         if readout is not None:
             # The readout's gradient, tile by tile: its cotangent with respect
@@ -341,15 +326,14 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
         return dh, _put(dx, dx_t, start), dkernel, _add_grads(dparams, dp)
 
     def body(i, carry):
-        index = num_full - 1 - i  # the forward pass's visiting index
-        return run_tile(*carry, index, full_start(index), tile)
+        return run_tile(*carry, full_start(num_full - 1 - i), tile)
 
     dkernel = (None if kernel is None else
                jax.lax.full_like(kernel, 0, checks.accum_dtype(kernel.dtype)))
     dx = jax.tree.map(lambda v: _buffer(v, v.dtype, v.shape), x)
     carry = (g_last, dx, dkernel, _grad_sums(params))
     if rem:  # the forward pass's last tile comes first
-        carry = run_tile(*carry, num_full, rem_start, rem)
+        carry = run_tile(*carry, rem_start, rem)
     carry = jax.lax.fori_loop(0, num_full, body, carry)
     dh0, dx, dkernel, dparams = carry
     if kernel is not None:
@@ -358,35 +342,85 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
             _grads_of(dparams, params), dh0)
 
 
-# What the forward pass keeps for the adjoint: "all" (the states and the
-# projections, whole-sequence buffers) or "starts" (the state before each
-# tile; the adjoint recomputes each tile's projection and states while it is
-# in cache).
-KEEP = "all"
+def tiles_tangent(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, side_buf,
+                  dx, dkernel, dparams, dh0, reverse: bool, tile: int, n_side: int = 0):
+    """``(dh_last, dout)``: the tangent of :func:`tiles_forward` for the
+    tangents ``(dx, dkernel, dparams, dh0)`` of its inputs (forward mode),
+    from the stored states and projections (``h``, ``pre_buf``, ``side_buf``).
+
+    Per tile, in scan order: the projection's tangent
+    ``dp_t = dx_t W + x_t dW``, the coefficients' tangents
+    ``(da_t, db_t)`` (``jax.jvp`` of ``coeff_fn`` at the stored projection),
+    the tangent recurrence ``dh_t = a_t dh_{t-1} + (da_t h_{t-1} + db_t)``
+    (the scan's own, so :func:`flax_minrnn.ops.scan.sequential_into` runs it),
+    and the readout's tangent.  The primal's projection and recurrence are
+    read, not run again.
+    """
+    batch, seq_len = h.shape[:2]
+    num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
+    out_buf = out_spec = None
+    if readout is not None:
+        side_spec = None if not n_side else jax.ShapeDtypeStruct(
+            (batch, 1, n_side), jnp.result_type(x, kernel))
+        out_spec = _readout_spec(readout, h0, side_spec, params)
+        out_buf = _buffer(h0, out_spec.dtype, (batch, seq_len) + out_spec.shape[2:])
+    else:
+        out_buf = _buffer(h0, h.dtype, h.shape)
+
+    def tangent_projection(start, length):
+        if kernel is None:
+            return _take(dx, start, length), None
+        d_pre, d_side = _project(dx, kernel, n_side, start, length)
+        k_pre, k_side = _project(x, dkernel, n_side, start, length)
+        return d_pre + k_pre, (None if d_side is None else d_side + k_side)
+
+    def run_tile(dh, out_buf, start, length):
+        c_t = _take(consts, start, length)
+        pre, side_t = _tile_projection(x, kernel, n_side, pre_buf, side_buf, start, length)
+        d_pre, d_side = tangent_projection(start, length)
+        (a, _), (da, db) = jax.jvp(lambda q, p: coeff_fn(q, c_t, p), (pre, params),
+                                   (d_pre, dparams))
+        h_t = jax.lax.dynamic_slice_in_dim(h, start, length, 1)
+        h_prev = scan_lib.states_before(h_t, _state_before(h, h0, start, length, reverse),
+                                        reverse)
+        u = (da * h_prev + db).astype(dh.dtype)
+        dh, dh_t = scan_lib.sequential_into(a, u, dh, reverse)
+        if readout is not None:
+            dh_t = jax.jvp(lambda s, q, p: readout(s, q, c_t, p), (h_t, side_t, params),
+                           (dh_t, d_side, dparams))[1]
+        return dh, _put(out_buf, _stored(dh_t), start)
+
+    def body(i, carry):
+        return run_tile(*carry, full_start(i), tile)
+
+    carry = jax.lax.fori_loop(0, num_full, body, (dh0, out_buf))
+    if rem:
+        carry = run_tile(*carry, rem_start, rem)
+    dh_last, out = carry
+    return dh_last, _loaded(out, h.dtype if out_spec is None else out_spec.dtype)
 
 
 def _tiled_outputs(coeff_fn, readout, reverse, tile, n_side, x, kernel, consts, params, h0):
-    h_last, h, _, _, y, _ = tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
-                                          reverse, tile, n_side, "none")
+    h_last, h, _, _, y = tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
+                                       reverse, tile, n_side, "none")
     return h_last, (h if readout is None else y)
 
 
 def _tiled_tangent(static, res, lin):
-    """Forward mode: the tangent of the tile loop, derived by JAX."""
+    """Forward mode: the tangent loop (:func:`tiles_tangent`)."""
     coeff_fn, readout, reverse, tile, n_side = static
-    x, kernel, consts, params, h0 = res[:5]
-    fun = lambda x, k, p, s: _tiled_outputs(coeff_fn, readout, reverse, tile, n_side,
-                                            x, k, consts, p, s)
-    return jax.jvp(fun, (x, kernel, params, h0), lin)[1]
+    x, kernel, consts, params, h0, h, pre, side = res
+    return tiles_tangent(coeff_fn, readout, x, kernel, consts, params, h0, h, pre, side,
+                         *lin, reverse, tile, n_side)
 
 
 def _tiled_adjoint(static, res, ct):
     """Reverse mode: the hand-written adjoint (:func:`tiles_backward`)."""
     coeff_fn, readout, reverse, tile, n_side = static
-    x, kernel, consts, params, h0, h, pre, side, starts = res
+    x, kernel, consts, params, h0, h, pre, side = res
     g_last, g = ct
     return tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre, side,
-                          g, g_last, reverse, tile, n_side, starts)
+                          g, g_last, reverse, tile, n_side)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 7, 8, 9))
@@ -400,14 +434,13 @@ def _tiled(coeff_fn, readout, x, kernel, consts, params, h0, reverse: bool, tile
 def _tiled_jvp(coeff_fn, readout, reverse, tile, n_side, primals, tangents):
     x, kernel, consts, params, h0 = primals
     dx, dkernel, _, dparams, dh0 = tangents
-    h_last, h, pre, side, y, starts = tiles_forward(coeff_fn, readout, x, kernel, consts,
-                                                    params, h0, reverse, tile, n_side, KEEP)
+    # The states and the projection, which both the tangent and the adjoint read.
+    h_last, h, pre, side, y = tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
+                                            reverse, tile, n_side, "all")
     static = (coeff_fn, readout, reverse, tile, n_side)
-    # The states are kept when they are the output anyway.
-    kept_h = h if KEEP == "all" else None
     tangent = linear_op(functools.partial(_tiled_tangent, static),
                         functools.partial(_tiled_adjoint, static),
-                        (x, kernel, consts, params, h0, kept_h, pre, side, starts),
+                        (x, kernel, consts, params, h0, h, pre, side),
                         (dx, dkernel, dparams, dh0))
     return (h_last, h if readout is None else y), tangent
 
