@@ -382,8 +382,9 @@ def _use_tiles(request, impl: str) -> str:
 @pytest.mark.parametrize("with_kernel", [False, True], ids=["x", "kernel"])
 def test_gated_scan_matches_reference_outputs_and_gradients(rng, request, impl, seq_len,
                                                             reverse, with_kernel):
-    """Outputs and gradients (w.r.t. x and h0, random cotangents on h and the
-    carry) against the float64 loop, with resets and padding; lengths around
+    """Outputs, gradients (w.r.t. x and h0, random cotangents on h and the
+    carry) and forward-mode tangents (random, of every input) against the
+    float64 loop, with resets and padding; lengths around
     the sequential loop's block size (8) exercise the remainder block, and
     "chunked-tiles" runs several 4-step tiles and a partial one
     ("chunked-tiles16": 16-step tiles of two 8-step blocks).  With
@@ -454,6 +455,22 @@ def test_gated_scan_matches_reference_outputs_and_gradients(rng, request, impl, 
     for name, got, ref_g in zip(("dx", "dh0", "dbias", "dkernel"), ours, want):
         assert rel_err(got, ref_g) <= 2e-5, (name, rel_err(got, ref_g))
 
+    # Forward mode (chunked: the tangent loop over the kept projection and states).
+    tangents = tuple(jnp.asarray(rng.normal(size=v.shape), jnp.float32) for v in args)
+    ours_t = jax.jit(lambda a, t: jax.jvp(run, a, t)[1])(args, tangents)
+    with jax.enable_x64(True):
+        def ref_run(*a):
+            if with_kernel:
+                x_in, h0, bias, kernel = a
+                x = jnp.einsum("bti,io->bto", x_in, kernel).reshape(batch, seq_len, feat, 2)
+            else:
+                x, h0, bias = a
+            return _masked_loop(*_jnp_gates(x, bias), h0, reset, mask, reverse)
+        to64 = lambda t: tuple(jnp.asarray(np.asarray(v, np.float64)) for v in t)
+        want_t = jax.jit(lambda a, t: jax.jvp(ref_run, a, t)[1])(to64(args), to64(tangents))
+    for name, got, ref_t in zip(("dh_last", "dh"), ours_t, want_t):
+        assert rel_err(got, ref_t) <= 2e-5, (name, rel_err(got, ref_t))
+
 
 def test_gated_scan_equals_linear_scan_of_its_coefficients(rng):
     x = jnp.asarray(rng.normal(size=(2, 19, 3, 2)), jnp.float32)
@@ -500,9 +517,10 @@ def _readout(h, side, p):
                                   "chunked-tiles16"])
 @pytest.mark.parametrize("side", [0, 2], ids=["no-side", "side"])
 def test_gated_scan_with_readout_matches_reference(rng, request, impl, reverse, side):
-    """Outputs and gradients (x, h0, kernel, all params; random cotangents on
-    the readout and the carry; resets and padding) against float64 autodiff
-    of a plain loop followed by the readout of the (masked) states."""
+    """Outputs, gradients (x, h0, kernel, all params; random cotangents on
+    the readout and the carry; resets and padding) and forward-mode tangents
+    (random, of every input) against float64 autodiff of a plain loop
+    followed by the readout of the (masked) states."""
     impl = _use_tiles(request, impl)
     # The chunked variants run 37 steps: several tiles (4-step or 16-step),
     # or at the default size one 32-step tile and a partial one.
@@ -560,6 +578,15 @@ def test_gated_scan_with_readout_matches_reference(rng, request, impl, reverse, 
         if got.size:
             assert rel_err(got, ref_g) <= 2e-5, (jax.tree_util.keystr(path),
                                                  rel_err(got, ref_g))
+
+    tangents = jax.tree.map(lambda v: f32(rng.normal(size=v.shape)), args)
+    ours_t = jax.jit(lambda a, t: jax.jvp(run, a, t)[1])(args, tangents)
+    with jax.enable_x64(True):
+        to64 = lambda t: jax.tree.map(lambda v: jnp.asarray(np.asarray(v, np.float64)), t)
+        want_t = jax.jit(lambda a, t: jax.jvp(ref_run, a, t)[1])(to64(args), to64(tangents))
+    for name, got, ref_t in zip(("dh_last", "dy"), ours_t, want_t):
+        assert got.dtype == jnp.float32 and rel_err(got, ref_t) <= 2e-5, (name,
+                                                                          rel_err(got, ref_t))
 
 
 def test_gated_scan_with_readout_equals_gated_scan_then_readout(rng):

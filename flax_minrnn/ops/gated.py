@@ -21,8 +21,13 @@ scheme of :mod:`flax_minrnn.ops.scan`: a ``jax.custom_jvp`` whose tangent is a
   and, per tile, recomputes the gates from the stored projection, runs the
   adjoint recurrence, and forms ``dx_t = dpre_t W^T`` and
   ``dW += x_t^T dpre_t`` while the tile is in cache;
-* forward mode (``jvp``, ``linearize``) and second derivatives run the
-  tangent of the same tile loop, derived by JAX.
+* forward mode (``jvp``, ``linearize``) runs a tangent loop that visits the
+  tiles in scan order and, per tile, forms the projection's tangent
+  ``dx_t W + x_t dW``, the gates' tangents (``jax.jvp`` of the gate
+  function at the stored projection) and the tangent recurrence
+  ``dh_t = a_t dh_{t-1} + (da_t h_{t-1} + db_t)`` from the stored states, so
+  the primal's projection and recurrence do not run twice;
+* second derivatives differentiate these loops with JAX.
 
 The other implementations compute the projection and the coefficients for
 the whole sequence and call :func:`flax_minrnn.ops.scan.linear_scan`'s core;
