@@ -204,6 +204,29 @@ def test_gradients_match_autodiff_of_a_plain_loop(kind, reverse, masks, with_h0)
         assert not np.any(np.asarray(got[4]))
 
 
+@pytest.mark.parametrize("kind,reverse,masks,with_h0", CASES)
+def test_tangents_match_autodiff_of_a_plain_loop(kind, reverse, masks, with_h0):
+    """Forward mode (the tangent loop over the stored states): random
+    tangents of every input, both outputs' tangents."""
+    args = _inputs(kind, seed=5)
+    valid, reset = _masks(6) if masks else (None, None)
+    rng = np.random.default_rng(7)
+    tangents = tuple(jnp.asarray(rng.normal(size=a.shape)) for a in args)
+    kw = dict(valid=valid, reset=reset, reverse=reverse)
+
+    def of(fn):
+        return lambda x, kernel, u, bias, h0: fn(x, kernel, u, bias,
+                                                 h0 if with_h0 else None)[:2]
+
+    def jvp(fn):
+        return jax.jit(lambda a, t: jax.jvp(of(fn), a, t)[1])(args, tangents)
+
+    want = jvp(lambda *a: jax_loop(kind, *a, **kw))
+    got = jvp(lambda *a: _op(kind, *a, mask=valid, reset=reset, reverse=reverse))
+    for name, g, w in zip(("h_last", "h"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 def test_side_columns_and_readout():
     """The readout's side columns see h_in through U too; gradients included."""
     kind, n_side = "gru", 3

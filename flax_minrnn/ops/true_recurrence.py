@@ -37,8 +37,10 @@ Derivatives
 The loop is a ``jax.custom_jvp`` whose tangent is a
 :func:`flax_minrnn.ops.linear.linear_op` (as :mod:`flax_minrnn.ops.gated`):
 
-* forward mode (``jvp``, ``linearize``, Hessian-vector products): the tangent
-  of the forward loop, derived by JAX;
+* forward mode (``jvp``, ``linearize``): a tangent loop over the stored states
+  and pre-activations, one product per step (``dh_in_t @ U``), so the
+  primal's steps do not run again (:func:`_tangent_loop`); second
+  derivatives differentiate the loops with JAX;
 * reverse mode: a hand-written backpropagation through time.  With ``lam_t``
   the cotangent of ``h_t`` (``g_t`` plus what flows back from step ``t + 1``)
   and ``k_t`` the gates' per-unit Jacobian at the stored ``p_t`` (computed a
@@ -206,6 +208,90 @@ def _unit_jacobian(coeff_fn, p, params, n_blocks: int, dtype):
     return a.astype(dtype), jnp.stack(jac_a, axis=2), jnp.stack(jac_b, axis=2)
 
 
+def _load_with_first(h, h0, reverse: bool, start, length, *arrays):
+    """The slices ``[start, start + length)`` of ``h`` and ``arrays`` (``None``
+    stays ``None``), and the state before the block's first step in scan
+    order (``h0`` at the edge)."""
+    seq_len = h.shape[1]
+    if reverse:
+        after = start + length
+        first = jnp.where(after < seq_len, jax.lax.dynamic_index_in_dim(
+            h, jnp.minimum(after, seq_len - 1), 1, False), h0)
+    else:
+        first = jnp.where(start > 0, jax.lax.dynamic_index_in_dim(
+            h, jnp.maximum(start - 1, 0), 1, False), h0)
+    return (_slice(h, start, length), first) + tuple(_slice(v, start, length) for v in arrays)
+
+
+def _step_jacobian(coeff_fn, params, n_blocks: int, dtype, p_blk, h_in, bnd_blk, valid_blk):
+    """``(k, keep)`` for a block of steps: ``h_t`` moves by
+    ``keep_t * dh_in_t + sum_k k_t[k] * dp_t[k]`` when the state before the
+    step moves by ``dh_in_t`` and the block ``k`` of ``p_t`` by ``dp_t[k]``
+    (``keep = a``, 0 across a reset and 1 at an invalid step, where
+    ``k = 0``)."""
+    a, jac_a, jac_b = _unit_jacobian(coeff_fn, p_blk, params, n_blocks, dtype)
+    k = jac_a * h_in[:, :, None] + jac_b
+    keep = a
+    if valid_blk is not None:
+        k = jnp.where(_expand(valid_blk, k), k, jnp.zeros((), dtype))
+        keep = jnp.where(_expand(valid_blk, a), a, jnp.ones((), dtype))
+    if bnd_blk is not None:
+        keep = jnp.where(_expand(bnd_blk, a), jnp.zeros((), dtype), keep)
+    return k, keep
+
+
+def _tangent_loop(coeff_fn, reverse: bool, unroll: int, u, params, h0, bnd, valid, h, p,
+                  dpre, du, dparams, dh0):
+    """Forward mode: ``(dh_last, dh)`` for the tangents of ``pre``, ``u``,
+    ``params`` and ``h0``, from the stored states ``h`` and pre-activations
+    ``p``.  At step ``t``, with ``dh_in_t`` the tangent of the state before
+    it (0 across a reset)::
+
+        dp_t = q_t + dh_in_t @ U,        q_t = dpre_t + h_in_t @ dU
+        dh_t = keep_t * dh_in_t + sum_k k_t[k] * dp_t[k] + s_t
+
+    (:func:`_step_jacobian`; ``s_t`` is the move of ``a_t h_in_t + b_t``
+    with ``params``).  ``q`` and ``s`` are computed for the whole sequence
+    at once, so a step costs one product, and the primal's steps do not run
+    again.
+    """
+    batch, seq_len, n = p.shape
+    dtype = h0.dtype
+    size = max(1, min(unroll, seq_len))
+    n_blocks = n // h0.shape[-1]
+    one = _opaque_one(p)
+    h_in = _states_in(h, h0, bnd, reverse)
+    q = dpre.astype(dtype) + _recurrent_product(h_in, du, dtype)
+    _, (da, db) = jax.jvp(lambda par: coeff_fn(p, par), (params,), (dparams,))
+    s = da.astype(dtype) * h_in + db.astype(dtype)
+    if valid is not None:
+        s = jnp.where(_expand(valid, s), s, jnp.zeros((), dtype))
+
+    def load(start, length):
+        return _load_with_first(h, h0, reverse, start, length, p, q, s, bnd, valid)
+
+    def run(carry, inputs, start, length):
+        dh, dh_buf = carry
+        h_blk, first, p_blk, q_blk, s_blk, bnd_blk, valid_blk = inputs
+        k, keep = _step_jacobian(coeff_fn, params, n_blocks, dtype, p_blk,
+                                 _states_in(h_blk, first, bnd_blk, reverse), bnd_blk,
+                                 valid_blk)
+        outs = [None] * length
+        for i in (reversed(range(length)) if reverse else range(length)):
+            dh_in = dh if bnd_blk is None else jnp.where(
+                _expand(bnd_blk[:, i], dh), jnp.zeros((), dtype), dh)
+            dp = (q_blk[:, i] + _recurrent_product(dh_in, u, dtype)).reshape(
+                batch, n_blocks, -1)
+            # Divided by a one that XLA cannot fold, as in _backward.
+            dh = (keep[:, i] * dh_in + jnp.sum(k[:, i] * dp, axis=1) + s_blk[:, i]) / one
+            outs[i] = dh
+        dh_buf = jax.lax.dynamic_update_slice_in_dim(dh_buf, jnp.stack(outs, 1), start, 1)
+        return dh, dh_buf
+
+    return _block_loop(seq_len, size, reverse, False, load, run,
+                       (dh0.astype(dtype), jnp.zeros_like(h)))
+
+
 def _backward(coeff_fn, reverse: bool, unroll: int, u, params, h0, bnd, valid, h, p,
               g, g_last):
     """The hand-written adjoint: ``(dpre, du, dparams, dh0)`` for the
@@ -229,30 +315,16 @@ def _backward(coeff_fn, reverse: bool, unroll: int, u, params, h0, bnd, valid, h
     one = _opaque_one(p)
 
     def load(start, length):
-        # The state before the block's first step (in scan order) comes too.
-        if reverse:
-            after = start + length
-            first = jnp.where(after < seq_len, jax.lax.dynamic_index_in_dim(
-                h, jnp.minimum(after, seq_len - 1), 1, False), h0)
-        else:
-            first = jnp.where(start > 0, jax.lax.dynamic_index_in_dim(
-                h, jnp.maximum(start - 1, 0), 1, False), h0)
-        return tuple(_slice(v, start, length) for v in (h, p, g, bnd, valid)) + (first,)
+        return _load_with_first(h, h0, reverse, start, length, p, g, bnd, valid)
 
     def run(carry, inputs, start, length):
         c, lam_buf = carry
-        h_blk, p_blk, g_blk, bnd_blk, valid_blk, first = inputs
-        h_in = _states_in(h_blk, first, bnd_blk, reverse)
+        h_blk, first, p_blk, g_blk, bnd_blk, valid_blk = inputs
         # Everything a step needs that does not depend on the cotangents, for
         # the whole block at once.
-        a, jac_a, jac_b = _unit_jacobian(coeff_fn, p_blk, params, n_blocks, dtype)
-        k = jac_a * h_in[:, :, None] + jac_b
-        keep = a
-        if valid_blk is not None:
-            k = jnp.where(_expand(valid_blk, k), k, jnp.zeros((), dtype))
-            keep = jnp.where(_expand(valid_blk, a), a, jnp.ones((), dtype))
-        if bnd_blk is not None:
-            keep = jnp.where(_expand(bnd_blk, a), jnp.zeros((), dtype), keep)
+        k, keep = _step_jacobian(coeff_fn, params, n_blocks, dtype, p_blk,
+                                 _states_in(h_blk, first, bnd_blk, reverse), bnd_blk,
+                                 valid_blk)
         lams = [None] * length
         for i in (range(length) if reverse else reversed(range(length))):
             lam_t = c + g_blk[:, i]
@@ -293,11 +365,10 @@ def _outputs(coeff_fn, reverse, unroll, pre, u, params, h0, consts):
 
 
 def _tangent(static, res, lin):
-    """Forward mode: the tangent of the forward loop, derived by JAX."""
+    """Forward mode: the tangent loop (:func:`_tangent_loop`)."""
     coeff_fn, reverse, unroll = static
-    pre, u, params, h0, consts = res[:5]
-    fun = lambda q, w, par, s: _outputs(coeff_fn, reverse, unroll, q, w, par, s, consts)
-    return jax.jvp(fun, (pre, u, params, h0), lin)[1]
+    _, u, params, h0, consts, h, p = res
+    return _tangent_loop(coeff_fn, reverse, unroll, u, params, h0, *consts, h, p, *lin)
 
 
 def _adjoint(static, res, ct):
