@@ -172,11 +172,15 @@ def _grads_of(sums, params):
 # impl="chunked": the tile loop.
 
 
-def _readout_spec(readout, h0, side_spec, params):
-    """The shape and dtype of ``readout`` on one step."""
-    h_spec = jax.ShapeDtypeStruct((h0.shape[0], 1) + h0.shape[1:], h0.dtype)
-    return jax.eval_shape(lambda h, s, p: readout(h, s, (None, None), p),
+def _readout_buffer(readout, h0, params, seq_len: int, n_side: int, p_dtype):
+    """``(dtype, buffer)``: the dtype of ``readout``'s output and a zero
+    buffer (in :func:`_stored` form) for its ``seq_len`` steps."""
+    batch = h0.shape[0]
+    h_spec = jax.ShapeDtypeStruct((batch, 1) + h0.shape[1:], h0.dtype)
+    side_spec = jax.ShapeDtypeStruct((batch, 1, n_side), p_dtype) if n_side else None
+    spec = jax.eval_shape(lambda h, s, p: readout(h, s, (None, None), p),
                           h_spec, side_spec, params)
+    return spec.dtype, _buffer(h0, spec.dtype, (batch, seq_len) + spec.shape[2:])
 
 
 def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: bool,
@@ -204,7 +208,7 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
     store = keep == "all"
     h_buf = (_buffer(h0, h0.dtype, (batch, seq_len) + h0.shape[1:])
              if store or readout is None else None)
-    pre_buf = side_buf = y_buf = y_spec = None
+    pre_buf = side_buf = y_buf = y_dtype = None
     p_dtype = None if kernel is None else jnp.result_type(x, kernel)
     if store and kernel is not None:
         # The projection is kept for the adjoint anyway, so it is computed
@@ -214,9 +218,7 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
         pre_buf, side_buf = _project_stored(x, kernel, n_side, _column_groups(
             kernel.shape[1] - n_side, h0))
     if readout is not None:
-        y_spec = _readout_spec(readout, h0, None if not n_side else
-                               jax.ShapeDtypeStruct((batch, 1, n_side), p_dtype), params)
-        y_buf = _buffer(h0, y_spec.dtype, (batch, seq_len) + y_spec.shape[2:])
+        y_dtype, y_buf = _readout_buffer(readout, h0, params, seq_len, n_side, p_dtype)
 
     def run_tile(h, bufs, start, length):
         h_buf, y_buf = bufs
@@ -242,7 +244,7 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
         carry = run_tile(*carry, rem_start, rem)
     h_last, (h, y) = carry
     if y is not None:
-        y = _loaded(y, y_spec.dtype)
+        y = _loaded(y, y_dtype)
     return h_last, h, pre_buf, side_buf, y
 
 
@@ -361,16 +363,14 @@ def tiles_tangent(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, 
     and the readout's tangent.  The primal's projection and recurrence are
     read, not run again.
     """
-    batch, seq_len = h.shape[:2]
+    seq_len = h.shape[1]
     num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
-    out_buf = out_spec = None
-    if readout is not None:
-        side_spec = None if not n_side else jax.ShapeDtypeStruct(
-            (batch, 1, n_side), jnp.result_type(x, kernel))
-        out_spec = _readout_spec(readout, h0, side_spec, params)
-        out_buf = _buffer(h0, out_spec.dtype, (batch, seq_len) + out_spec.shape[2:])
+    if readout is None:
+        out_dtype, out_buf = h.dtype, _buffer(h0, h.dtype, h.shape)
     else:
-        out_buf = _buffer(h0, h.dtype, h.shape)
+        out_dtype, out_buf = _readout_buffer(readout, h0, params, seq_len, n_side,
+                                             None if kernel is None else
+                                             jnp.result_type(x, kernel))
 
     def tangent_projection(start, length):
         if kernel is None:
@@ -402,7 +402,7 @@ def tiles_tangent(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, 
     if rem:
         carry = run_tile(*carry, rem_start, rem)
     dh_last, out = carry
-    return dh_last, _loaded(out, h.dtype if out_spec is None else out_spec.dtype)
+    return dh_last, _loaded(out, out_dtype)
 
 
 def _tiled_outputs(coeff_fn, readout, reverse, tile, n_side, x, kernel, consts, params, h0):
