@@ -200,8 +200,9 @@ def test_vmap_equals_loop():
 @pytest.mark.parametrize("name", ["mingru", "minlstm"])
 def test_bfloat16_matches_chunked(name, monkeypatch):
     """bfloat16 projections (float32 state): the kernels read and write the
-    bf16 projections and their cotangents; outputs and gradients agree with
-    the pure-JAX bf16 path to bf16 precision, dtypes kept."""
+    bf16 projections and their cotangents; outputs, gradients and forward-mode
+    tangents agree with the pure-JAX bf16 path to bf16 precision, dtypes
+    kept."""
     _small_tiles(monkeypatch)
     layer = LAYERS[name][0](dtype=jnp.bfloat16)
     x = _x(4).astype(jnp.bfloat16)
@@ -218,6 +219,19 @@ def test_bfloat16_matches_chunked(name, monkeypatch):
     (grads, y), (grads_ref, y_ref) = run("native"), run("chunked")
     assert y.dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
     for got, want in zip(jax.tree.leaves((y, grads)), jax.tree.leaves((y_ref, grads_ref))):
+        assert got.dtype == want.dtype
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+    rng = np.random.default_rng(6)
+    tangents = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), v.dtype),
+                            (params, x))
+
+    def tangent(impl):
+        fn = lambda p, xx: layer.clone(scan_impl=impl).apply(p, xx)
+        return jax.jit(lambda a, t: jax.jvp(fn, a, t)[1])((params, x), tangents)
+
+    for got, want in zip(jax.tree.leaves(tangent("native")), jax.tree.leaves(tangent("chunked"))):
         assert got.dtype == want.dtype
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
@@ -335,8 +349,9 @@ def test_kernels_compute_the_python_gate_equations(rng, kind, candidate):
 
 
 def test_limits_raise_errors_that_name_the_way_out():
-    """First derivatives in both modes work (jvp through the pure-JAX tile
-    loop's tangent, equal to chunked's); second derivatives and jax.export
+    """First derivatives in both modes work (jvp: chunked's tangent loop over
+    the kernels' states and projection, equal to chunked's); second
+    derivatives and jax.export
     raise errors naming scan_impl='chunked'."""
     layer = MinGRU(d_h=D_H, d_model=D_H, scan_impl="native")
     x = _x(11)
