@@ -228,7 +228,8 @@ def test_chunked_tiles_bfloat16_match_sequential(make, monkeypatch):
     """bfloat16 compute through 4-step tiles (the tile buffers, and
     GatedLinearRNN's readout buffer, hold the bf16 bits): outputs and
     gradients agree with impl="sequential" to bf16 precision, and the input
-    gradient keeps the input's dtype."""
+    gradient keeps the input's dtype; so do forward-mode tangents (the
+    tangent loop reads the bf16 bits of the kept projection)."""
     monkeypatch.setattr(gated_lib, "_TILE_MIN", 4)
     monkeypatch.setattr(gated_lib, "_TILE_MAX", 4)
     layer = make()
@@ -245,6 +246,21 @@ def test_chunked_tiles_bfloat16_match_sequential(make, monkeypatch):
     (grads, y), (grads_ref, y_ref) = run("chunked"), run("sequential")
     assert y.dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
     for got, want in zip(jax.tree.leaves((y, grads)), jax.tree.leaves((y_ref, grads_ref))):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * np.abs(want).max())
+
+    rng = np.random.default_rng(6)
+    tangents = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), v.dtype),
+                            (params, x))
+
+    def tangent(impl):
+        fn = lambda p, xx: layer.clone(scan_impl=impl).apply(p, xx)
+        return jax.jit(lambda a, t: jax.jvp(fn, a, t)[1])((params, x), tangents)
+
+    got_t, want_t = tangent("chunked"), tangent("sequential")
+    assert got_t[1].dtype == jnp.bfloat16
+    for got, want in zip(jax.tree.leaves(got_t), jax.tree.leaves(want_t)):
+        assert got.dtype == want.dtype
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * np.abs(want).max())
 
