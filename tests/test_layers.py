@@ -8,6 +8,7 @@ import pytest
 from flax_minrnn.ops import gated as gated_lib
 from flax_minrnn.ops import scan as scan_lib
 from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM, g_activation
+from jit_helpers import jit_tangents
 from reference import central_difference, layer_forward
 
 B, T, D_IN = 2, 13, 5
@@ -249,14 +250,7 @@ def test_chunked_tiles_bfloat16_match_sequential(make, monkeypatch):
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * np.abs(want).max())
 
-    rng = np.random.default_rng(6)
-    tangents = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), v.dtype),
-                            (params, x))
-
-    def tangent(impl):
-        fn = lambda p, xx: layer.clone(scan_impl=impl).apply(p, xx)
-        return jax.jit(lambda a, t: jax.jvp(fn, a, t)[1])((params, x), tangents)
-
+    tangent = lambda impl: jit_tangents(layer.clone(scan_impl=impl), params, x)
     got_t, want_t = tangent("chunked"), tangent("sequential")
     assert got_t[1].dtype == jnp.bfloat16
     for got, want in zip(jax.tree.leaves(got_t), jax.tree.leaves(want_t)):

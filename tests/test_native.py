@@ -25,6 +25,7 @@ from flax_minrnn.ops import gated as gated_lib
 from flax_minrnn.ops import scan as scan_lib
 from flax_minrnn.ops.linear import SecondOrderError
 from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM, g_activation
+from jit_helpers import jit_tangents
 from reference import layer_forward
 
 pytestmark = pytest.mark.skipif(
@@ -223,14 +224,7 @@ def test_bfloat16_matches_chunked(name, monkeypatch):
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
 
-    rng = np.random.default_rng(6)
-    tangents = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), v.dtype),
-                            (params, x))
-
-    def tangent(impl):
-        fn = lambda p, xx: layer.clone(scan_impl=impl).apply(p, xx)
-        return jax.jit(lambda a, t: jax.jvp(fn, a, t)[1])((params, x), tangents)
-
+    tangent = lambda impl: jit_tangents(layer.clone(scan_impl=impl), params, x)
     for got, want in zip(jax.tree.leaves(tangent("native")), jax.tree.leaves(tangent("chunked"))):
         assert got.dtype == want.dtype
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
