@@ -139,9 +139,10 @@ def _load_columns(bufs, start, length: int, dtype) -> Array:
     return jnp.concatenate([_loaded(b, dtype) for b in _take(bufs, start, length)], axis=-1)
 
 
-def _state_before(h, h0, start, length: int, reverse: bool):
-    """The state before the first step (in scan order) of steps
-    ``[start, start + length)`` of the states ``h`` (``h0`` at the edge)."""
+def _tile_states(h, h0, start, length: int, reverse: bool):
+    """``(h_t, h_prev)``: the states ``h`` of steps ``[start, start + length)``
+    and the state before each of them in scan order (``h0`` before the
+    sequence's first step)."""
     seq_len = h.shape[1]
 
     def at(i):
@@ -149,8 +150,11 @@ def _state_before(h, h0, start, length: int, reverse: bool):
         return jax.lax.dynamic_index_in_dim(h, i, 1, keepdims=False)
 
     if reverse:
-        return jnp.where(start + length < seq_len, at(start + length), h0)
-    return jnp.where(start > 0, at(start - 1), h0)
+        first = jnp.where(start + length < seq_len, at(start + length), h0)
+    else:
+        first = jnp.where(start > 0, at(start - 1), h0)
+    h_t = jax.lax.dynamic_slice_in_dim(h, start, length, 1)
+    return h_t, scan_lib.states_before(h_t, first, reverse)
 
 
 def _grad_sums(params):
@@ -303,8 +307,7 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
         c_t = _take(consts, start, length)
         pre, side_t = _tile_projection(x, kernel, n_side, pre_buf, side_buf, start, length)
         (a, _), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
-        h_t = jax.lax.dynamic_slice_in_dim(h, start, length, 1)
-        h_first = _state_before(h, h0, start, length, reverse)
+        h_t, h_prev = _tile_states(h, h0, start, length, reverse)
         g_t, g_side = jax.lax.dynamic_slice_in_dim(g, start, length, 1), None
         if readout is not None:
             # The readout's gradient, tile by tile: its cotangent with respect
@@ -316,7 +319,6 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
         # the slice g_t in place; its final carry is the cotangent of the
         # state before the tile.
         dh, lam = scan_lib.sequential_into(a, g_t, dh, not reverse, adjoint=True)
-        h_prev = scan_lib.states_before(h_t, h_first, reverse)
         dpre, dp = pullback((lam * h_prev, lam))
         if kernel is not None:
             if g_side is not None:
@@ -385,9 +387,7 @@ def tiles_tangent(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, 
         d_pre, d_side = tangent_projection(start, length)
         (a, _), (da, db) = jax.jvp(lambda q, p: coeff_fn(q, c_t, p), (pre, params),
                                    (d_pre, dparams))
-        h_t = jax.lax.dynamic_slice_in_dim(h, start, length, 1)
-        h_prev = scan_lib.states_before(h_t, _state_before(h, h0, start, length, reverse),
-                                        reverse)
+        h_t, h_prev = _tile_states(h, h0, start, length, reverse)
         u = (da * h_prev + db).astype(dh.dtype)
         dh, dh_t = scan_lib.sequential_into(a, u, dh, reverse)
         if readout is not None:
