@@ -188,28 +188,23 @@ def _readout_buffer(readout, h0, params, seq_len: int, n_side: int, p_dtype):
 
 
 def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: bool,
-                  tile: int, n_side: int, keep: str):
+                  tile: int, n_side: int, *, store: bool):
     """The forward tile loop.
 
-    ``keep`` says what the derivatives will need: ``"all"`` (the states and
-    the projection, which is then computed for the whole sequence before the
-    loop), or ``"none"`` (nothing: the outputs alone, for a plain call).
-    Without ``"all"`` the projection is computed tile by tile and never
-    stored whole.
+    ``store``: keep what the derivatives read, the states and the projection
+    (which is then computed for the whole sequence before the loop); else
+    the outputs alone, for a plain call, with the projection computed tile by
+    tile and never stored whole.
 
     Returns ``(h_last, h, pre, side, y)``: the states (``None`` when there is
-    a readout and ``keep`` is ``"none"``); ``pre`` the columns of
-    ``x @ kernel`` that ``coeff_fn`` sees, as a tuple of buffers of
-    consecutive column groups (:func:`_column_groups`), and ``side`` its last
-    ``n_side`` columns (both only with ``keep="all"`` and a kernel; ``side``
-    only with side columns); ``y`` the readout of each step (``None``
-    without ``readout``).
+    a readout and nothing is stored); ``pre`` the columns of ``x @ kernel``
+    that ``coeff_fn`` sees, as a tuple of buffers of consecutive column
+    groups (:func:`_column_groups`), and ``side`` its last ``n_side`` columns
+    (both only with ``store`` and a kernel; ``side`` only with side columns);
+    ``y`` the readout of each step (``None`` without ``readout``).
     """
-    if keep not in ("all", "none"):
-        raise ValueError(f"keep must be 'all' or 'none', got {keep!r}")
     batch, seq_len = jax.tree.leaves(x)[0].shape[:2]
     num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
-    store = keep == "all"
     h_buf = (_buffer(h0, h0.dtype, (batch, seq_len) + h0.shape[1:])
              if store or readout is None else None)
     pre_buf = side_buf = y_buf = y_dtype = None
@@ -407,7 +402,7 @@ def tiles_tangent(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, 
 
 def _tiled_outputs(coeff_fn, readout, reverse, tile, n_side, x, kernel, consts, params, h0):
     h_last, h, _, _, y = tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
-                                       reverse, tile, n_side, "none")
+                                       reverse, tile, n_side, store=False)
     return h_last, (h if readout is None else y)
 
 
@@ -441,7 +436,7 @@ def _tiled_jvp(coeff_fn, readout, reverse, tile, n_side, primals, tangents):
     dx, dkernel, _, dparams, dh0 = tangents
     # The states and the projection, which both the tangent and the adjoint read.
     h_last, h, pre, side, y = tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
-                                            reverse, tile, n_side, "all")
+                                            reverse, tile, n_side, store=True)
     static = (coeff_fn, readout, reverse, tile, n_side)
     tangent = linear_op(functools.partial(_tiled_tangent, static),
                         functools.partial(_tiled_adjoint, static),
