@@ -108,22 +108,27 @@ def products_fwdbwd(b: int, t: int, d: int, n: int):
     return jax.jit(run)
 
 
-def fwdbwd(module, pair: bool = True):
-    """Jitted ``grad`` of ``sum(y)`` w.r.t. parameters and input, where ``y``
-    is the output of ``module.apply`` (its second element when ``pair``: our
-    layers return ``(carry, y)``, the peers ``y`` alone)."""
-    def loss(params, x):
-        out = module.apply(params, x)
-        return jnp.sum((out[1] if pair else out).astype(jnp.float32))
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
-
-
-def forward_mode(module, pair: bool = True):
-    """Jitted ``jax.jvp`` of ``y`` (as in :func:`fwdbwd`) at ``(params, x)``
-    along the tangents ``(d_params, d_x)``: ``(y, dy)``."""
+def _output(module, pair: bool):
+    """``(params, x) -> y``: the output of ``module.apply`` (its second element
+    when ``pair``: our layers return ``(carry, y)``, the peers ``y`` alone)."""
     def apply(params, x):
         out = module.apply(params, x)
         return out[1] if pair else out
+    return apply
+
+
+def fwdbwd(module, pair: bool = True):
+    """Jitted ``grad`` of ``sum(y)`` w.r.t. parameters and input (``y`` as in
+    :func:`_output`)."""
+    apply = _output(module, pair)
+    return jax.jit(jax.grad(lambda params, x: jnp.sum(apply(params, x).astype(jnp.float32)),
+                            argnums=(0, 1)))
+
+
+def forward_mode(module, pair: bool = True):
+    """Jitted ``jax.jvp`` of ``y`` (as in :func:`_output`) at ``(params, x)``
+    along the tangents ``(d_params, d_x)``: ``(y, dy)``."""
+    apply = _output(module, pair)
     return jax.jit(lambda params, x, d_params, d_x: jax.jvp(apply, (params, x),
                                                              (d_params, d_x)))
 
