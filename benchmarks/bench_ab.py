@@ -26,8 +26,10 @@ With ``--transform jvp`` every variant runs forward mode instead
 (``jax.jvp`` of ``y`` for fixed random tangents of the parameters and the
 input), and there is no ``products`` column.
 
-The rounds are interleaved (every variant once per round, in turn) and the
-report gives medians and ratios.  Parameters are shared (the param trees are
+The rounds are interleaved (every variant once per round, in an order that
+changes from round to round so that no variant always follows the same one:
+:func:`benchmarks.harness.interleaved`) and the report gives medians and
+ratios.  Parameters are shared (the param trees are
 identical across the versions).
 """
 
@@ -41,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -189,12 +191,7 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
                 compiled[k] = f.lower(*args[k]).compile()
                 jax.block_until_ready(compiled[k](*args[k]))
                 log(f"T={t} {family} {k}: compiled in {time.perf_counter() - t0:.2f} s")
-            times: Dict[str, List[float]] = {k: [] for k in variants}
-            for _ in range(rounds):
-                for k in variants:
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(compiled[k](*args[k]))
-                    times[k].append((time.perf_counter() - t0) * 1e3)
+            times = harness.interleaved({k: (compiled[k], args[k]) for k in variants}, rounds)
             med = {k: float(np.median(v)) for k, v in times.items()}
             row = dict(T=t, family=family, median_ms=med, all_ms=times)
             results["rows"].append(row)
@@ -241,8 +238,8 @@ def report(results: Dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="the commit to compare against (required)")
-    p.add_argument("--rounds", type=harness.positive_int, default=9,
-                   help="interleaved rounds per length and layer (default: 9)")
+    p.add_argument("--rounds", type=harness.positive_int, default=12,
+                   help="interleaved rounds per length and layer (default: 12)")
     p.add_argument("--transform", choices=sorted(TRANSFORMS), default="grad",
                    help="what every variant runs: grad (forward+backward, the default) or "
                         "jvp (forward mode)")

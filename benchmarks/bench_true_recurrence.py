@@ -23,7 +23,8 @@ Rows, per ``(B, T, d)``:
 * ``MinGRU associative``: stage 1's parallel mode (``scan_impl="auto"``), for
   the ratio of sequential to scan training.
 
-The calls of all rows of one shape are interleaved, round after round, so
+The calls of all rows of one shape are interleaved, round after round (in an
+order that changes from round to round, :func:`benchmarks.harness.interleaved`), so
 that load from other processes spreads over every row alike; a timing is the
 median (and the minimum) over the rounds, after one warm-up call.  The load
 average is recorded at the start and the end.
@@ -122,12 +123,7 @@ def measure(shape, rows: Dict[str, Callable[[], nn.Module]], rounds: int,
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args))
             calls[(name, mode)] = (fn, args, time.perf_counter() - t0)
-    times: Dict[Any, List[float]] = {k: [] for k in calls}
-    for _ in range(rounds):
-        for key, (fn, args, _) in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[key].append((time.perf_counter() - t0) * 1e3)
+    times = harness.interleaved({k: (fn, args) for k, (fn, args, _) in calls.items()}, rounds)
     out = []
     for (name, mode), ms in times.items():
         out.append(dict(name=name, mode=mode, B=b, T=t, d=d, median_ms=statistics.median(ms),

@@ -14,7 +14,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,31 @@ def time_calls(fn: Callable, args: Sequence[Any], repeats: Repeats, *,
     ms = [t * 1e3 for t in times]
     return dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms),
                 n=len(ms), warmup_ms=warmup_s * 1e3, warmup_only=False)
+
+
+def interleaved(calls: Dict[Any, Tuple[Callable, Sequence[Any]]], rounds: int,
+                clock: Callable[[], float] = time.perf_counter) -> Dict[Any, List[float]]:
+    """Wall times (ms) of ``rounds`` calls of each ``fn(*args)`` in ``calls``,
+    every entry once per round.
+
+    Rounds ``2s`` and ``2s + 1`` run the entries rotated by ``s``, the second
+    of them in reverse.  Over ``2 * len(calls)`` rounds every entry runs twice
+    in every position, and every entry runs right after every other as often
+    as right before it.  A fixed order charges one entry, every round, with
+    what the entry before it leaves behind or warms up (caches, the
+    allocator's free lists, the clock speed).
+    """
+    keys = list(calls)
+    times: Dict[Any, List[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        shift = (r // 2) % len(keys) if keys else 0
+        order = keys[shift:] + keys[:shift]
+        for k in (reversed(order) if r % 2 else order):
+            fn, args = calls[k]
+            t0 = clock()
+            jax.block_until_ready(fn(*args))
+            times[k].append((clock() - t0) * 1e3)
+    return times
 
 
 def compile_timed(fn: Callable, *args) -> Tuple[Any, float]:

@@ -310,3 +310,37 @@ def test_bench_faults_counts_first_touch_and_reports(tmp_path):
     assert bench_faults.main(["--T", "16", "--calls", "1", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "bench_faults.json") as fh:
         assert {r["layer"] for r in json.load(fh)["rows"]} == set(bench_faults.LAYERS)
+
+
+def test_interleaved_balances_the_order_and_times_each_call():
+    """Over twice as many rounds as entries, every entry runs twice in every
+    position and right after every other as often as right before it; each
+    timing is its own call's (a fake clock that each call advances by that
+    entry's duration)."""
+    from benchmarks.harness import interleaved
+
+    now, order = [0.0], []
+
+    def call(name, seconds):
+        def fn():
+            order.append(name)
+            now[0] += seconds
+            return np.zeros(())
+        return fn
+
+    durations = {"a": 0.001, "b": 0.002, "c": 0.004, "d": 0.008}
+    n = len(durations)
+    calls = {k: (call(k, s), ()) for k, s in durations.items()}
+    times = interleaved(calls, rounds=2 * n, clock=lambda: now[0])
+    rounds = [order[i:i + n] for i in range(0, len(order), n)]
+    assert len(rounds) == 2 * n and all(sorted(r) == sorted(durations) for r in rounds)
+    for position in range(n):
+        assert sorted(r[position] for r in rounds) == sorted(2 * list(durations))
+    follows = {}
+    for r in rounds:
+        for first, second in zip(r, r[1:]):
+            follows[first, second] = follows.get((first, second), 0) + 1
+    for (first, second), count in follows.items():
+        assert follows.get((second, first)) == count, (first, second, follows)
+    for k, s in durations.items():
+        np.testing.assert_allclose(times[k], [s * 1e3] * 2 * n)
