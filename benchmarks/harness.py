@@ -73,27 +73,30 @@ def time_calls(fn: Callable, args: Sequence[Any], repeats: Repeats, *,
 
 
 def interleaved(calls: Dict[Any, Tuple[Callable, Sequence[Any]]], rounds: int,
-                clock: Callable[[], float] = time.perf_counter) -> Dict[Any, List[float]]:
+                clock: Callable[[], float] = time.perf_counter,
+                warmup_rounds: int = 1) -> Dict[Any, List[float]]:
     """Wall times (ms) of ``rounds`` calls of each ``fn(*args)`` in ``calls``,
-    every entry once per round.
+    every entry once per round, after ``warmup_rounds`` untimed rounds.
 
     Rounds ``2s`` and ``2s + 1`` run the entries rotated by ``s``, the second
     of them in reverse.  Over ``2 * len(calls)`` rounds every entry runs twice
     in every position, and every entry runs right after every other as often
     as right before it.  A fixed order charges one entry, every round, with
     what the entry before it leaves behind or warms up (caches, the
-    allocator's free lists, the clock speed).
+    allocator's free lists, the clock speed).  The untimed rounds let the
+    process settle (thread pool, allocator) with every entry run once.
     """
     keys = list(calls)
     times: Dict[Any, List[float]] = {k: [] for k in keys}
-    for r in range(rounds):
+    for r in range(-warmup_rounds, rounds):
         shift = (r // 2) % len(keys) if keys else 0
         order = keys[shift:] + keys[:shift]
         for k in (reversed(order) if r % 2 else order):
             fn, args = calls[k]
             t0 = clock()
             jax.block_until_ready(fn(*args))
-            times[k].append((clock() - t0) * 1e3)
+            if r >= 0:
+                times[k].append((clock() - t0) * 1e3)
     return times
 
 

@@ -313,10 +313,10 @@ def test_bench_faults_counts_first_touch_and_reports(tmp_path):
 
 
 def test_interleaved_balances_the_order_and_times_each_call():
-    """Over twice as many rounds as entries, every entry runs twice in every
-    position and right after every other as often as right before it; each
-    timing is its own call's (a fake clock that each call advances by that
-    entry's duration)."""
+    """After one untimed round, over twice as many rounds as entries, every
+    entry runs twice in every position and right after every other as often
+    as right before it; each timing is its own call's (a fake clock that each
+    call advances by that entry's duration)."""
     from benchmarks.harness import interleaved
 
     now, order = [0.0], []
@@ -331,8 +331,9 @@ def test_interleaved_balances_the_order_and_times_each_call():
     durations = {"a": 0.001, "b": 0.002, "c": 0.004, "d": 0.008}
     n = len(durations)
     calls = {k: (call(k, s), ()) for k, s in durations.items()}
-    times = interleaved(calls, rounds=2 * n, clock=lambda: now[0])
-    rounds = [order[i:i + n] for i in range(0, len(order), n)]
+    times = interleaved(calls, rounds=2 * n, clock=lambda: now[0], warmup_rounds=1)
+    assert sorted(order[:n]) == sorted(durations)  # the untimed round runs each once
+    rounds = [order[i:i + n] for i in range(n, len(order), n)]
     assert len(rounds) == 2 * n and all(sorted(r) == sorted(durations) for r in rounds)
     for position in range(n):
         assert sorted(r[position] for r in rounds) == sorted(2 * list(durations))
