@@ -12,7 +12,6 @@ import os
 import sys
 
 import numpy as np
-import pytest
 
 # The benchmarks package lives at the repository root, next to tests/.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
