@@ -268,13 +268,12 @@ def _tangent_loop(coeff_fn, reverse: bool, unroll: int, u, params, h0, bnd, vali
         s = jnp.where(_expand(valid, s), s, jnp.zeros((), dtype))
 
     def load(start, length):
-        return _load_with_first(h, h0, reverse, start, length, p, q, s, bnd, valid)
+        return tuple(_slice(v, start, length) for v in (h_in, p, q, s, bnd, valid))
 
     def run(carry, inputs, start, length):
         dh, dh_buf = carry
-        h_blk, first, p_blk, q_blk, s_blk, bnd_blk, valid_blk = inputs
-        k, keep = _step_jacobian(coeff_fn, params, n_blocks, dtype, p_blk,
-                                 _states_in(h_blk, first, bnd_blk, reverse), bnd_blk,
+        h_in_blk, p_blk, q_blk, s_blk, bnd_blk, valid_blk = inputs
+        k, keep = _step_jacobian(coeff_fn, params, n_blocks, dtype, p_blk, h_in_blk, bnd_blk,
                                  valid_blk)
         outs = [None] * length
         for i in (reversed(range(length)) if reverse else range(length)):
