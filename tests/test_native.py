@@ -342,8 +342,7 @@ def test_kernels_compute_the_python_gate_equations(rng, kind, candidate):
 def test_limits_raise_errors_that_name_the_way_out():
     """First derivatives in both modes work (jvp: chunked's tangent loop over
     the kernels' states and projection, equal to chunked's); second
-    derivatives and jax.export
-    raise errors naming scan_impl='chunked'."""
+    derivatives and jax.export raise errors naming scan_impl='chunked'."""
     layer = MinGRU(d_h=D_H, d_model=D_H, scan_impl="native")
     x = _x(11)
     params = _params(layer, x)
