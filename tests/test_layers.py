@@ -179,17 +179,28 @@ def test_reset_equals_separate_documents(name, true_rec):
         np.testing.assert_allclose(y[:, lo:hi], yd, rtol=1e-5, atol=1e-6)
 
 
+# Layers whose state width equals the input width, so that the adjoint writes
+# the input's gradient over the first kept projection block.
+SQUARE = {
+    "mingru_square": lambda **kw: MinGRU(d_h=D_IN, **kw),
+    "glrnn_square": lambda **kw: GatedLinearRNN(d_h=D_IN, **kw),
+}
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("name", ["mingru_g_proj", "minlstm", "glrnn_tied", "glrnn_untied"])
+@pytest.mark.parametrize("name", ["mingru_g_proj", "minlstm", "glrnn_tied", "glrnn_untied",
+                                  *SQUARE])
 def test_chunked_tiles_equal_sequential_outputs_and_gradients(name, reverse, monkeypatch):
     """impl="chunked" runs the input projection inside the scan, tile by tile
     (here 4-step tiles: T = 13 is three full tiles and a partial one).
     Outputs, carry and gradients w.r.t. params, x and h0 (random cotangents,
     with padding and resets) equal those of impl="sequential", whose
-    projection runs outside the scan."""
+    projection runs outside the scan.  MinLSTM (d_h = d_in by default) and
+    the ``SQUARE`` layers write the input's gradient over a kept projection
+    block; the others into a buffer of its own."""
     monkeypatch.setattr(gated_lib, "_TILE_MIN", 4)
     monkeypatch.setattr(gated_lib, "_TILE_MAX", 4)
-    layer = LAYERS[name](reverse=reverse)
+    layer = {**LAYERS, **SQUARE}[name](reverse=reverse)
     x = _x(3)
     params = _init(layer, x)
     h0 = _h0(layer, x, "pos")
@@ -224,7 +235,8 @@ def test_chunked_tiles_equal_sequential_outputs_and_gradients(name, reverse, mon
 
 @pytest.mark.parametrize("make", [
     lambda: MinGRU(d_h=6, dtype=jnp.bfloat16),
-    lambda: GatedLinearRNN(d_h=6, d_model=D_IN, dtype=jnp.bfloat16)], ids=["mingru", "glrnn"])
+    lambda: GatedLinearRNN(d_h=6, d_model=D_IN, dtype=jnp.bfloat16),
+    lambda: MinGRU(d_h=D_IN, dtype=jnp.bfloat16)], ids=["mingru", "glrnn", "mingru_square"])
 def test_chunked_tiles_bfloat16_match_sequential(make, monkeypatch):
     """bfloat16 compute through 4-step tiles (the tile buffers, and
     GatedLinearRNN's readout buffer, hold the bf16 bits): outputs and
@@ -256,11 +268,13 @@ def test_chunked_tiles_bfloat16_match_sequential(make, monkeypatch):
         np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * np.abs(want).max())
 
 
-# What forward+backward keeps per time step, in whole-sequence buffers of
-# (batch, d_h) floats: the projection blocks the adjoint reads (minGRU [k, h~],
-# minLSTM [k_f, k_i, h~], GatedLinearRNN [candidate, input gate] and the
-# output gate's columns) and the states.
-_KEPT_BLOCKS = {"mingru": 3, "minlstm": 4, "glrnn_tied": 4}
+# What forward+backward keeps per time step in XLA's temporaries, in
+# whole-sequence buffers of (batch, d_h) floats: the projection blocks the
+# adjoint reads (minGRU [k, h~], minLSTM [k_f, k_i, h~], GatedLinearRNN
+# [candidate, input gate] and the output gate's columns) and the states, less
+# the first block, over which the adjoint writes the input's gradient (an
+# output, not a temporary: d_in = d_h here).
+_KEPT_BLOCKS = {"mingru": 2, "minlstm": 3, "glrnn_tied": 3}
 
 
 def _tiled_layer(name, d_h, monkeypatch):

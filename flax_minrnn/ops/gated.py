@@ -297,10 +297,19 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
     num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
     p_dtype = jnp.result_type(x, kernel) if kernel is not None else None
 
+    # dx is written tile by tile over the first stored projection buffer when
+    # the two have one shape and dtype: each tile of it is read before the
+    # tile of dx goes in, and is not read again.  dx then needs neither a
+    # buffer of its own nor a fill of zeros.
+    reuse = (pre_buf is not None and hasattr(x, "shape")
+             and pre_buf[0].shape == x.shape
+             and pre_buf[0].dtype == (jnp.uint16 if _is_half(x.dtype) else x.dtype))
+
     def run_tile(dh, dx, dkernel, dparams, start, length):
         x_t = _take(x, start, length)
         c_t = _take(consts, start, length)
-        pre, side_t = _tile_projection(x, kernel, n_side, pre_buf, side_buf, start, length)
+        bufs = (dx,) + tuple(pre_buf[1:]) if reuse else pre_buf
+        pre, side_t = _tile_projection(x, kernel, n_side, bufs, side_buf, start, length)
         (a, _), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
         h_t, h_prev = _tile_states(h, h0, start, length, reverse)
         g_t, g_side = jax.lax.dynamic_slice_in_dim(g, start, length, 1), None
@@ -334,7 +343,7 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
 
     dkernel = (None if kernel is None else
                jax.lax.full_like(kernel, 0, checks.accum_dtype(kernel.dtype)))
-    dx = jax.tree.map(lambda v: _buffer(v, v.dtype, v.shape), x)
+    dx = pre_buf[0] if reuse else jax.tree.map(lambda v: _buffer(v, v.dtype, v.shape), x)
     carry = (g_last, dx, dkernel, _grad_sums(params))
     if rem:  # the forward pass's last tile comes first
         carry = run_tile(*carry, rem_start, rem)
