@@ -54,10 +54,12 @@ Array = jax.Array
 
 __all__ = ["gated_scan", "gated_scan_with_readout", "tile_size"]
 
-# Bytes of projection output per tile (a power of two of steps): about 128
-# steps at B = 8 and 2-3 x 256 float32 features, which keeps a tile's
-# projection, gates and states within a core's L2 cache.
-_TILE_BYTES = 3 * 2 ** 20
+# Bytes of projection output per tile, at most (rounded down to a power of two
+# of steps): 128 steps at B = 8 and 2 x 256 float32 features, 64 at 3 x 256.
+# A tile's projection then fits in a core's L2 cache, and the tile loop's
+# temporaries, which all scale with the tile, stay small next to the
+# whole-sequence buffers.
+_TILE_BYTES = 2 * 2 ** 20
 _TILE_MIN, _TILE_MAX = 32, 512
 
 
