@@ -109,10 +109,15 @@ def _loaded(x: Array, dtype) -> Array:
     return jax.lax.bitcast_convert_type(x, dtype) if _is_half(dtype) else x
 
 
+def _stored_dtype(dtype):
+    """The dtype in which :func:`_stored` keeps values of ``dtype``."""
+    return jnp.uint16 if _is_half(dtype) else dtype
+
+
 def _buffer(like: Array, dtype, shape) -> Array:
     """A zero buffer for values of ``dtype`` in :func:`_stored` form, built from
     ``like`` (not ``jnp.zeros``, so it has its type inside ``shard_map``)."""
-    return jax.lax.full_like(like, 0, jnp.uint16 if _is_half(dtype) else dtype, shape)
+    return jax.lax.full_like(like, 0, _stored_dtype(dtype), shape)
 
 
 # More blocks than any gate function splits into (MinLSTM and the untied
@@ -303,14 +308,14 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
     # the two have one shape and dtype: each tile of it is read before the
     # tile of dx goes in, and is not read again.  dx then needs neither a
     # buffer of its own nor a fill of zeros.
-    reuse = (pre_buf is not None and hasattr(x, "shape")
-             and pre_buf[0].shape == x.shape
-             and pre_buf[0].dtype == (jnp.uint16 if _is_half(x.dtype) else x.dtype))
+    # (pre_buf exists only with a kernel, and then x is one array.)
+    reuse = (pre_buf is not None and pre_buf[0].shape == x.shape
+             and pre_buf[0].dtype == _stored_dtype(x.dtype))
 
     def run_tile(dh, dx, dkernel, dparams, start, length):
         x_t = _take(x, start, length)
         c_t = _take(consts, start, length)
-        bufs = (dx,) + tuple(pre_buf[1:]) if reuse else pre_buf
+        bufs = (dx,) + pre_buf[1:] if reuse else pre_buf
         pre, side_t = _tile_projection(x, kernel, n_side, bufs, side_buf, start, length)
         (a, _), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
         h_t, h_prev = _tile_states(h, h0, start, length, reverse)
