@@ -15,7 +15,10 @@ versions run side by side in the same plain process (nothing tuned unless
 * ``head[auto]`` and ``head[native]``: this checkout;
 * ``base[auto]``: the base commit's default;
 * the naive minGRU of :mod:`benchmarks.bench_layers` (one fused ``Dense`` and
-  ``lax.scan``) and ``nn.RNN(GRUCell)`` of the same width (with the MinGRU rows);
+  ``lax.scan``; issue 17's baseline for all three layers) and
+  ``nn.RNN(GRUCell)`` of the same width (with the MinGRU rows);
+* ``own naive``: the naive version of the same layer, written the same way
+  (the MinGRU's is the naive minGRU);
 * ``products``: the layer's input-projection products alone (``x W``, ``g
   W^T``, ``x^T g`` for a fixed cotangent ``g``), as the chunked scan runs
   them and nothing else (:func:`products_fwdbwd`).  No implementation
@@ -51,7 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from benchmarks.bench_layers import NaiveMinGRU, make_input
+from benchmarks.bench_layers import (NaiveGatedLinearRNN, NaiveMinGRU, NaiveMinLSTM,
+                                     make_input)
 from flax_minrnn.ops import gated as gated_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -168,17 +172,18 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
             n_cols = PROJECTED[family] * d
             if transform == "grad":
                 variants["products"] = products_fwdbwd(b, t, d, n_cols)
+            peers = {}
             if family == "MinGRU":
-                naive = NaiveMinGRU(d)
-                variants["naive"] = build(naive, pair=False)
-                gru = nn.RNN(nn.GRUCell(features=d))
-                variants["gru"] = build(gru, pair=False)
+                peers = {"naive": NaiveMinGRU(d), "gru": nn.RNN(nn.GRUCell(features=d))}
+            elif family == "MinLSTM":
+                peers = {"own_naive": NaiveMinLSTM(d)}
+            else:
+                peers = {"own_naive": NaiveGatedLinearRNN(d, d)}
+            for k, module in peers.items():
+                variants[k] = build(module, pair=False)
             params = getattr(head, family)(**kw).init(jax.random.PRNGKey(0), x[:, :4])
-            peer_params = {}
-            if family == "MinGRU":
-                peer_params["naive"] = NaiveMinGRU(d).init(jax.random.PRNGKey(0), x[:, :4])
-                peer_params["gru"] = nn.RNN(nn.GRUCell(features=d)).init(
-                    jax.random.PRNGKey(0), x[:, :4])
+            peer_params = {k: module.init(jax.random.PRNGKey(0), x[:, :4])
+                           for k, module in peers.items()}
             args = {k: (peer_params.get(k, params), x) for k in variants}
             if transform == "jvp":
                 args = {k: v + _tangents(*v) for k, v in args.items()}
@@ -208,11 +213,12 @@ def report(results: Dict) -> str:
              f"CPUs), jax {results['machine']['jax_version']}.", "",
              "`products`: the layer's input-projection products alone, as the chunked "
              "scan runs them; naive/products and GRU/products bound naive/head and "
-             "GRU/head.", "",
+             "GRU/head. `naive`: the naive minGRU (the baseline for every layer); "
+             "`own naive`: the naive version of the same layer.", "",
              "| T | layer | head auto ms | base auto ms | head/base | head native ms | "
-             "naive ms | naive/head | GRU ms | GRU/head | products ms | naive/products | "
-             "GRU/products |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "naive ms | naive/head | own naive ms | own naive/head | GRU ms | GRU/head | "
+             "products ms | naive/products | GRU/products |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     naive = {r["T"]: r["median_ms"].get("naive") for r in results["rows"]
              if r["family"] == "MinGRU"}
     gru = {r["T"]: r["median_ms"].get("gru") for r in results["rows"]
@@ -227,11 +233,13 @@ def report(results: Dict) -> str:
         prod = m.get("products")
         bound = "–" if nv is None or prod is None else f"{nv / prod:.2f}"
         gru_bound = "–" if gv is None or prod is None else f"{gv / prod:.1f}"
+        own = m.get("own_naive", m.get("naive"))
+        own_ratio = "–" if own is None else f"{own / head_ms:.2f}"
         lines.append(harness.md_row([
             r["T"], r["family"], f"{head_ms:.1f}", f"{m['base[auto]']:.1f}",
             f"{head_ms / m['base[auto]']:.2f}", harness.fmt_ms(m.get("head[native]")),
-            harness.fmt_ms(nv), speedup, harness.fmt_ms(gv), gru_ratio, harness.fmt_ms(prod),
-            bound, gru_bound]))
+            harness.fmt_ms(nv), speedup, harness.fmt_ms(own), own_ratio, harness.fmt_ms(gv),
+            gru_ratio, harness.fmt_ms(prod), bound, gru_bound]))
     return "\n".join(lines)
 
 

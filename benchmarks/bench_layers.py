@@ -42,6 +42,9 @@ QUICK_TS = (256, 1024)
 MODES = ("fwd", "fwdbwd")
 BASELINE = "nn.RNN(GRUCell)"  # the "speedup vs" column is relative to this config
 NAIVE = "naive minGRU (Dense + lax.scan)"
+# Each layer's own naive version (the MinGRU's is NAIVE itself).
+NAIVE_OF = {"MinGRU": NAIVE, "MinLSTM": "naive minLSTM (Dense + lax.scan)",
+            "GatedLinearRNN": "naive GatedLinearRNN (Dense + lax.scan)"}
 
 
 # ----------------------------------------------------------------------------
@@ -93,9 +96,24 @@ def resolved_auto(family: str, t: int) -> str:
     return scan_lib.default_impl(t).value
 
 
+def _over_time(step, d_h: int, *xs):
+    """``lax.scan`` of ``step(h, inputs_t) -> h`` over time from ``h = 0``;
+    ``xs``: ``(batch, time, d_h)`` arrays.  Returns every ``h_t``."""
+
+    def body(h, inputs):
+        h = step(h, *inputs)
+        return h, h
+
+    h0 = jnp.zeros((xs[0].shape[0], d_h), xs[0].dtype)
+    _, hs = jax.lax.scan(body, h0, tuple(jnp.swapaxes(v, 0, 1) for v in xs))
+    return jnp.swapaxes(hs, 0, 1)
+
+
 class NaiveMinGRU(nn.Module):
     """The minGRU a user would write in twenty lines: one fused ``Dense``, then
-    ``lax.scan`` over time (the baseline of issue #17's speed goal)."""
+    ``lax.scan`` over time (the baseline of issue #17's speed goal).  It
+    computes :class:`~flax_minrnn.MinGRU` (``d_h = d_in``) with ``Dense_0``
+    for ``in_proj``."""
 
     d_h: int
 
@@ -103,15 +121,39 @@ class NaiveMinGRU(nn.Module):
     def __call__(self, x):
         k, h_tilde = jnp.split(nn.Dense(2 * self.d_h)(x), 2, axis=-1)
         z = jax.nn.sigmoid(k)
+        return _over_time(lambda h, z_t, h_t: (1.0 - z_t) * h + z_t * h_t, self.d_h,
+                          z, h_tilde)
 
-        def step(h, inputs):
-            z_t, h_t = inputs
-            h = (1.0 - z_t) * h + z_t * h_t
-            return h, h
 
-        h0 = jnp.zeros((x.shape[0], self.d_h), x.dtype)
-        _, hs = jax.lax.scan(step, h0, (jnp.swapaxes(z, 0, 1), jnp.swapaxes(h_tilde, 0, 1)))
-        return jnp.swapaxes(hs, 0, 1)
+class NaiveMinLSTM(nn.Module):
+    """The minLSTM written the same way: :class:`~flax_minrnn.MinLSTM`
+    (normalised gates, ``d_h = d_in``) with ``Dense_0`` for ``in_proj``."""
+
+    d_h: int
+
+    @nn.compact
+    def __call__(self, x):
+        f, i, h_tilde = jnp.split(nn.Dense(3 * self.d_h)(x), 3, axis=-1)
+        f, i = jax.nn.sigmoid(f), jax.nn.sigmoid(i)
+        f, i = f / (f + i), i / (f + i)
+        return _over_time(lambda h, f_t, i_t, h_t: f_t * h + i_t * h_t, self.d_h,
+                          f, i, h_tilde)
+
+
+class NaiveGatedLinearRNN(nn.Module):
+    """The gated linear RNN written the same way:
+    :class:`~flax_minrnn.GatedLinearRNN` (tied gates, tanh activations) with
+    ``Dense_0`` for ``in_proj`` and ``Dense_1`` for ``out_proj``."""
+
+    d_h: int
+    d_model: int
+
+    @nn.compact
+    def __call__(self, x):
+        c, i, o = jnp.split(nn.Dense(3 * self.d_h)(x), 3, axis=-1)
+        h = _over_time(lambda h, i_t, c_t: (1.0 - i_t) * h + i_t * c_t, self.d_h,
+                       jax.nn.sigmoid(i), jnp.tanh(c))
+        return nn.Dense(self.d_model)(jnp.tanh(h) * jax.nn.sigmoid(o))
 
 
 def make_configs(d: int) -> List[Config]:
@@ -138,6 +180,10 @@ def make_configs(d: int) -> List[Config]:
                               glrnn_spec, _y_of_pair))
     configs.append(Config(NAIVE, "MinGRU", None, True, lambda: NaiveMinGRU(d),
                           gru_spec, _y_of_array))
+    configs.append(Config(NAIVE_OF["MinLSTM"], "MinLSTM", None, True, lambda: NaiveMinLSTM(d),
+                          lstm_spec, _y_of_array))
+    configs.append(Config(NAIVE_OF["GatedLinearRNN"], "GatedLinearRNN", None, True,
+                          lambda: NaiveGatedLinearRNN(d, d), glrnn_spec, _y_of_array))
     configs.append(Config(BASELINE, "nn.GRUCell", None, True,
                           lambda: nn.RNN(nn.GRUCell(d)),
                           LayerSpec(((d, 3 * d), (d, 3 * d)), 3, 1, d, d, d), _y_of_array))
@@ -363,15 +409,21 @@ def run(ts: Sequence[int] = FULL_TS, *, b: int = 8, d: int = 256, quick: bool = 
     # Speedup vs the baseline (same T and mode).
     base_ms = {(r["T"], r["mode"]): r["median_ms"] for r in rows
                if r["name"] == BASELINE and "median_ms" in r}
-    naive_ms = {(r["T"], r["mode"]): r["median_ms"] for r in rows
-                if r["name"] == NAIVE and "median_ms" in r}
+    naive_ms = {(r["name"], r["T"], r["mode"]): r["median_ms"] for r in rows
+                if r["name"] in NAIVE_OF.values() and "median_ms" in r}
     for r in rows:
+        if "median_ms" not in r:
+            continue
         ref = base_ms.get((r["T"], r["mode"]))
-        if ref is not None and "median_ms" in r:
+        if ref is not None:
             r["speedup_vs_baseline"] = ref / r["median_ms"]
-        ref = naive_ms.get((r["T"], r["mode"]))
-        if ref is not None and "median_ms" in r:
+        ref = naive_ms.get((NAIVE, r["T"], r["mode"]))
+        if ref is not None:
             r["speedup_vs_naive"] = ref / r["median_ms"]
+        # Against the naive version of the same layer (our layers' rows only).
+        ref = None if r["peer"] else naive_ms.get((NAIVE_OF.get(r["family"]), r["T"], r["mode"]))
+        if ref is not None:
+            r["speedup_vs_own_naive"] = ref / r["median_ms"]
     results["layers"] = rows
 
     results["compile"] = measure_compile(configs, b, d, compile_t, compile_repeats, log)
@@ -475,13 +527,16 @@ def _row_lookup(rows):
 
 def headline(results: Dict[str, Any]) -> List[str]:
     """The issue's table: forward+backward of the default path (``auto``)
-    against the naive minGRU, the opt-in CPU kernels and ``nn.RNN(GRUCell)``."""
+    against the naive minGRU (the issue's baseline for all three layers), the
+    naive version of the same layer, the opt-in CPU kernels and
+    ``nn.RNN(GRUCell)``."""
     by = _row_lookup(results["layers"])
     ts = results["settings"]["Ts"]
     lines = [f"## Headline: forward+backward, `auto` vs the naive minGRU "
              f"(malloc: {results['machine'].get('malloc')})", "",
-             "| T | layer | auto ms | naive minGRU ms | naive / auto | native ms | "
-             "auto / native | GRU / auto |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| T | layer | auto ms | naive minGRU ms | naive / auto | own naive ms | "
+             "own naive / auto | native ms | auto / native | GRU / auto |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in ts:
         naive = by.get((NAIVE, t, "fwdbwd"), {}).get("median_ms")
         for fam in ("MinGRU", "MinLSTM", "GatedLinearRNN"):
@@ -489,10 +544,12 @@ def headline(results: Dict[str, Any]) -> List[str]:
             if "median_ms" not in auto:
                 continue
             nat = by.get((f"{fam}[native]", t, "fwdbwd"), {}).get("median_ms")
+            own = by.get((NAIVE_OF[fam], t, "fwdbwd"), {}).get("median_ms")
             ratio = lambda a, b: "–" if a is None or b is None else f"{a / b:.2f}×"
             lines.append(
                 f"| {t} | {fam} | {harness.fmt_ms(auto['median_ms'])} | {harness.fmt_ms(naive)} | "
-                f"{ratio(naive, auto['median_ms'])} | {harness.fmt_ms(nat)} | "
+                f"{ratio(naive, auto['median_ms'])} | {harness.fmt_ms(own)} | "
+                f"{ratio(own, auto['median_ms'])} | {harness.fmt_ms(nat)} | "
                 f"{ratio(auto['median_ms'], nat)} | "
                 f"{harness.fmt_ratio(auto.get('speedup_vs_baseline'))} |")
     return lines + [""]

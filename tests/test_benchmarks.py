@@ -12,6 +12,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 # The benchmarks package lives at the repository root, next to tests/.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,6 +21,7 @@ from benchmarks import bench_layers, bench_scan
 from benchmarks.harness import Repeats
 
 ONE = Repeats(max_n=1, min_n=1, budget_s=0.0)
+TOL32 = dict(rtol=1e-5, atol=1e-5)  # float32 against float32, different op orders
 
 
 def _positive(x):
@@ -58,7 +60,14 @@ def test_bench_layers_tiny(tmp_path):
     assert {r["impl"] for r in rows if not r["peer"]} == {
         "associative", "sequential", "chunked", "auto", "native"}
     assert {r["name"] for r in rows if r["peer"]} == {
-        bench_layers.NAIVE, bench_layers.BASELINE, "nn.RNN(OptimizedLSTMCell)", "flax-gated-linear-rnn 1.0.3"}
+        *bench_layers.NAIVE_OF.values(), bench_layers.BASELINE, "nn.RNN(OptimizedLSTMCell)",
+        "flax-gated-linear-rnn 1.0.3"}
+    for r in rows:
+        if not r["peer"]:
+            assert _positive(r["speedup_vs_naive"]) and _positive(r["speedup_vs_own_naive"])
+            own = next(o for o in rows if o["name"] == bench_layers.NAIVE_OF[r["family"]]
+                       and o["T"] == r["T"] and o["mode"] == r["mode"])
+            assert math.isclose(r["speedup_vs_own_naive"], own["median_ms"] / r["median_ms"])
 
     for f in data["floors"]:
         for key in ("matmul_ms", "bytes", "bytes_ms", "floor_ms"):
@@ -262,6 +271,42 @@ def test_bench_generate_main_quick(tmp_path, capsys):
     assert data["rows"] and all(_positive(r["carry_tokens_per_s"]) for r in data["rows"])
 
 
+@pytest.mark.parametrize("family", ["MinGRU", "MinLSTM", "GatedLinearRNN"])
+def test_naive_baselines_compute_our_layers(family):
+    """Each twenty-line baseline of bench_layers computes the layer it stands
+    for: with our layer's parameters (random biases too) it gives our ``y``,
+    forward and gradients, so the benchmarks compare like with like."""
+    import jax
+    import jax.numpy as jnp
+
+    import flax_minrnn
+
+    d, rng = 8, np.random.default_rng(1)
+    ours = getattr(flax_minrnn, family)(d_h=d, **({"d_model": d}
+                                                  if family == "GatedLinearRNN" else {}))
+    naive = {"MinGRU": lambda: bench_layers.NaiveMinGRU(d),
+             "MinLSTM": lambda: bench_layers.NaiveMinLSTM(d),
+             "GatedLinearRNN": lambda: bench_layers.NaiveGatedLinearRNN(d, d)}[family]()
+    x = jnp.asarray(rng.standard_normal((2, 40, d)), jnp.float32)
+    params = jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape) / 2, v.dtype),
+                          ours.init(jax.random.PRNGKey(0), x))
+    layers = params["params"]
+    mapped = {"params": {"Dense_0": layers["in_proj"],
+                         **({"Dense_1": layers["out_proj"]} if "out_proj" in layers else {})}}
+    assert set(layers) <= {"in_proj", "out_proj"}
+    y = ours.apply(params, x)[1]
+    np.testing.assert_allclose(naive.apply(mapped, x), y, **TOL32)
+    ct = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    g_ours = jax.grad(lambda p, x: jnp.vdot(ours.apply(p, x)[1], ct), argnums=(0, 1))(params, x)
+    g_naive = jax.grad(lambda p, x: jnp.vdot(naive.apply(p, x), ct), argnums=(0, 1))(mapped, x)
+    np.testing.assert_allclose(g_naive[1], g_ours[1], **TOL32)
+    for name, leaf in mapped["params"].items():
+        ours_name = {"Dense_0": "in_proj", "Dense_1": "out_proj"}[name]
+        for k in leaf:
+            np.testing.assert_allclose(g_naive[0]["params"][name][k],
+                                       g_ours[0]["params"][ours_name][k], **TOL32)
+
+
 def test_bench_ab_products_are_the_layer_products():
     """The ``products`` bound of bench_ab computes ``x W``, ``g W^T`` and
     ``x^T g`` over the whole sequence (the forward in three 8-wide blocks, the
@@ -277,6 +322,31 @@ def test_bench_ab_products_are_the_layer_products():
     np.testing.assert_allclose(np.concatenate(pre, axis=-1), x64 @ w64, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dk, np.einsum("bti,bto->io", x64, g64), rtol=1e-5, atol=1e-4)
+
+
+def test_bench_ab_report_gives_each_layer_its_own_naive_ratio():
+    """bench_ab's table: ``naive/head`` against the naive minGRU in every row,
+    ``own naive/head`` against the row's own naive version (the naive minGRU
+    for MinGRU)."""
+    from benchmarks import bench_ab
+
+    def row(family, **ms):
+        return dict(T=64, family=family, median_ms={"head[auto]": 10.0, "base[auto]": 20.0,
+                                                    **ms})
+
+    results = {"base": "abc", "B": 1, "D": 8, "rounds": 1, "transform": "grad",
+               "machine": {"malloc": "default", "cpu_model": "cpu", "cpu_count": 2,
+                           "jax_version": "0"},
+               "rows": [row("MinGRU", naive=30.0, gru=80.0),
+                        row("MinLSTM", own_naive=45.0)]}
+    lines = [l for l in bench_ab.report(results).splitlines() if l.startswith("| 64 |")]
+    cells = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+    header = [c.strip() for c in next(l for l in bench_ab.report(results).splitlines()
+                                      if l.startswith("| T |")).strip("|").split("|")]
+    col = {name: header.index(name) for name in ("naive/head", "own naive/head", "GRU/head")}
+    assert [c[col["naive/head"]] for c in cells] == ["3.00", "3.00"]
+    assert [c[col["own naive/head"]] for c in cells] == ["3.00", "4.50"]
+    assert [c[col["GRU/head"]] for c in cells] == ["8.0", "8.0"]
 
 
 def test_bench_faults_counts_first_touch_and_reports(tmp_path):
