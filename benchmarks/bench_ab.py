@@ -32,8 +32,8 @@ input), and there is no ``products`` column.
 The rounds are interleaved (every variant once per round, in an order that
 changes from round to round so that no variant always follows the same one:
 :func:`benchmarks.harness.interleaved`) and the report gives medians and
-ratios.  Parameters are shared (the param trees are
-identical across the versions).
+ratios, and each variant's trace + compile time (one fresh compile).
+Parameters are shared (the param trees are identical across the versions).
 """
 
 from __future__ import annotations
@@ -190,15 +190,16 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
             else:
                 args["products"] = (x, make_input(1, d, n_cols, seed=1)[0],
                                     make_input(b, t, n_cols, seed=2))
-            compiled = {}
+            compiled, compile_s = {}, {}
             for k, f in variants.items():
                 t0 = time.perf_counter()
                 compiled[k] = f.lower(*args[k]).compile()
+                compile_s[k] = time.perf_counter() - t0
                 jax.block_until_ready(compiled[k](*args[k]))
-                log(f"T={t} {family} {k}: compiled in {time.perf_counter() - t0:.2f} s")
+                log(f"T={t} {family} {k}: traced and compiled in {compile_s[k]:.2f} s")
             times = harness.interleaved({k: (compiled[k], args[k]) for k in variants}, rounds)
             med = {k: float(np.median(v)) for k, v in times.items()}
-            row = dict(T=t, family=family, median_ms=med, all_ms=times)
+            row = dict(T=t, family=family, median_ms=med, all_ms=times, compile_s=compile_s)
             results["rows"].append(row)
             log(f"T={t} {family}: " + "  ".join(f"{k} {v:.1f} ms" for k, v in med.items()))
     return results
@@ -240,6 +241,19 @@ def report(results: Dict) -> str:
             f"{head_ms / m['base[auto]']:.2f}", harness.fmt_ms(m.get("head[native]")),
             harness.fmt_ms(nv), speedup, harness.fmt_ms(own), own_ratio, harness.fmt_ms(gv),
             gru_ratio, harness.fmt_ms(prod), bound, gru_bound]))
+    lines += ["", "Trace + compile of each variant (`jit(f).lower(...).compile()`, one fresh "
+              "compile, s):", "",
+              "| T | layer | head auto | base auto | head/base | naive |",
+              "|---:|---|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        c = r.get("compile_s", {})
+        if "head[auto]" not in c:
+            continue
+        naive_s = c.get("own_naive", c.get("naive"))
+        lines.append(harness.md_row([
+            r["T"], r["family"], f"{c['head[auto]']:.2f}", f"{c['base[auto]']:.2f}",
+            f"{c['head[auto]'] / c['base[auto]']:.2f}",
+            "–" if naive_s is None else f"{naive_s:.2f}"]))
     return "\n".join(lines)
 
 
