@@ -172,7 +172,6 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
             n_cols = PROJECTED[family] * d
             if transform == "grad":
                 variants["products"] = products_fwdbwd(b, t, d, n_cols)
-            peers = {}
             if family == "MinGRU":
                 peers = {"naive": NaiveMinGRU(d), "gru": nn.RNN(nn.GRUCell(features=d))}
             elif family == "MinLSTM":
@@ -243,7 +242,7 @@ def report(results: Dict) -> str:
             gru_ratio, harness.fmt_ms(prod), bound, gru_bound]))
     lines += ["", "Trace + compile of each variant (`jit(f).lower(...).compile()`, one fresh "
               "compile, s):", "",
-              "| T | layer | head auto | base auto | head/base | naive |",
+              "| T | layer | head auto | base auto | head/base | own naive |",
               "|---:|---|---:|---:|---:|---:|"]
     for r in results["rows"]:
         c = r.get("compile_s", {})
