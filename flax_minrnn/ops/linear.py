@@ -49,22 +49,37 @@ class _Spec:
     """
 
     __slots__ = ("fun", "transpose", "res_tree", "lin_tree", "out_tree", "n_res",
-                 "no_second_order")
+                 "no_second_order", "in_avals", "out_avals")
 
-    def __init__(self, fun, transpose, res_tree, lin_tree, out_tree, n_res, no_second_order):
+    def __init__(self, fun, transpose, res_tree, lin_tree, n_res, no_second_order):
         self.fun, self.transpose = fun, transpose
-        self.res_tree, self.lin_tree, self.out_tree = res_tree, lin_tree, out_tree
+        self.res_tree, self.lin_tree, self.out_tree = res_tree, lin_tree, None
         self.n_res = n_res
         self.no_second_order = no_second_order
+        self.in_avals = self.out_avals = None
 
     def call(self, flat):
         res = jax.tree.unflatten(self.res_tree, flat[:self.n_res])
         lin = jax.tree.unflatten(self.lin_tree, flat[self.n_res:])
         out = self.fun(res, lin)
         leaves, tree = jax.tree.flatten(out)
-        if tree != self.out_tree:
+        if self.out_tree is None:
+            self.out_tree = tree
+        elif tree != self.out_tree:
             raise TypeError(f"linear_op: fun returned {tree}, expected {self.out_tree}")
         return leaves
+
+    def trace(self, avals):
+        """The output avals of ``fun`` on ``avals``, traced once per distinct
+        ``avals`` that this call site binds with (``fun`` is a whole tile
+        loop: tracing it costs more than the rest of a layer)."""
+        avals = tuple(avals)
+        if avals != self.in_avals:
+            # Traced on the avals themselves, so sharding-in-types annotations
+            # (the varying axes inside shard_map) carry over to the outputs.
+            out = jax.make_jaxpr(lambda *f: self.call(list(f)))(*avals).out_avals
+            self.in_avals, self.out_avals = avals, out
+        return self.out_avals
 
 
 _linear_p = jcore.Primitive("flax_minrnn_linear")
@@ -95,10 +110,10 @@ def linear_op(fun: Callable[[Any, Any], Any], transpose: Callable[[Any, Any], An
     residuals, x = checks.same_varying(residuals, x)
     res_flat, res_tree = jax.tree.flatten(residuals)
     lin_flat, lin_tree = jax.tree.flatten(x)
-    out_tree = jax.tree.structure(jax.eval_shape(fun, residuals, x))
-    spec = _Spec(fun, transpose, res_tree, lin_tree, out_tree, len(res_flat), no_second_order)
+    spec = _Spec(fun, transpose, res_tree, lin_tree, len(res_flat), no_second_order)
+    spec.trace([jax.typeof(v) for v in res_flat + lin_flat])  # sets spec.out_tree
     out = _linear_p.bind(*res_flat, *lin_flat, spec=spec)
-    return jax.tree.unflatten(out_tree, out)
+    return jax.tree.unflatten(spec.out_tree, out)
 
 
 def _impl(*flat, spec):
@@ -106,9 +121,7 @@ def _impl(*flat, spec):
 
 
 def _abstract_eval(*avals, spec):
-    # Traced on the avals themselves, so sharding-in-types annotations (the
-    # varying axes inside shard_map) carry over to the outputs.
-    return jax.make_jaxpr(lambda *f: spec.call(list(f)))(*avals).out_avals
+    return spec.trace(avals)
 
 
 def _jvp(primals, tangents, *, spec):
