@@ -49,14 +49,14 @@ class _Spec:
     """
 
     __slots__ = ("fun", "transpose", "res_tree", "lin_tree", "out_tree", "n_res",
-                 "no_second_order", "in_avals", "out_avals")
+                 "no_second_order", "in_avals", "jaxpr")
 
     def __init__(self, fun, transpose, res_tree, lin_tree, n_res, no_second_order):
         self.fun, self.transpose = fun, transpose
         self.res_tree, self.lin_tree, self.out_tree = res_tree, lin_tree, None
         self.n_res = n_res
         self.no_second_order = no_second_order
-        self.in_avals = self.out_avals = None
+        self.in_avals = self.jaxpr = None
 
     def call(self, flat):
         res = jax.tree.unflatten(self.res_tree, flat[:self.n_res])
@@ -70,16 +70,17 @@ class _Spec:
         return leaves
 
     def trace(self, avals):
-        """The output avals of ``fun`` on ``avals``, traced once per distinct
+        """The closed jaxpr of ``fun`` on ``avals``, traced once per distinct
         ``avals`` that this call site binds with (``fun`` is a whole tile
-        loop: tracing it costs more than the rest of a layer)."""
+        loop: tracing it costs more than the rest of a layer); abstract
+        evaluation and lowering both read it."""
         avals = tuple(avals)
         if avals != self.in_avals:
             # Traced on the avals themselves, so sharding-in-types annotations
             # (the varying axes inside shard_map) carry over to the outputs.
-            out = jax.make_jaxpr(lambda *f: self.call(list(f)))(*avals).out_avals
-            self.in_avals, self.out_avals = avals, out
-        return self.out_avals
+            self.jaxpr = jax.make_jaxpr(lambda *f: self.call(list(f)))(*avals)
+            self.in_avals = avals
+        return self.jaxpr
 
 
 _linear_p = jcore.Primitive("flax_minrnn_linear")
@@ -121,7 +122,12 @@ def _impl(*flat, spec):
 
 
 def _abstract_eval(*avals, spec):
-    return spec.trace(avals)
+    return spec.trace(avals).out_avals
+
+
+def _lower(ctx, *args, spec):
+    return mlir.lower_fun(jcore.jaxpr_as_fun(spec.trace(ctx.avals_in)),
+                          multiple_results=True)(ctx, *args)
 
 
 def _jvp(primals, tangents, *, spec):
@@ -184,7 +190,7 @@ def _batch(args, dims, *, spec):
 
 _linear_p.def_impl(_impl)
 _linear_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(_linear_p, mlir.lower_fun(_impl, multiple_results=True))
+mlir.register_lowering(_linear_p, _lower)
 ad.primitive_jvps[_linear_p] = _jvp
 ad.primitive_transposes[_linear_p] = _transpose
 batching.primitive_batchers[_linear_p] = _batch
