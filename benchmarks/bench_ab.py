@@ -54,8 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from benchmarks.bench_layers import (NaiveGatedLinearRNN, NaiveMinGRU, NaiveMinLSTM,
-                                     make_input)
+from benchmarks.bench_layers import make_input, naive_layer
 from flax_minrnn.ops import gated as gated_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -173,11 +172,9 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
             if transform == "grad":
                 variants["products"] = products_fwdbwd(b, t, d, n_cols)
             if family == "MinGRU":
-                peers = {"naive": NaiveMinGRU(d), "gru": nn.RNN(nn.GRUCell(features=d))}
-            elif family == "MinLSTM":
-                peers = {"own_naive": NaiveMinLSTM(d)}
+                peers = {"naive": naive_layer(family, d), "gru": nn.RNN(nn.GRUCell(features=d))}
             else:
-                peers = {"own_naive": NaiveGatedLinearRNN(d, d)}
+                peers = {"own_naive": naive_layer(family, d)}
             for k, module in peers.items():
                 variants[k] = build(module, pair=False)
             params = getattr(head, family)(**kw).init(jax.random.PRNGKey(0), x[:, :4])

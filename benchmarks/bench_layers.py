@@ -156,6 +156,14 @@ class NaiveGatedLinearRNN(nn.Module):
         return nn.Dense(self.d_model)(jnp.tanh(h) * jax.nn.sigmoid(o))
 
 
+def naive_layer(family: str, d: int) -> nn.Module:
+    """The naive version of ``family`` (``NAIVE_OF``) at width ``d``
+    (``d_in = d_h = d_model``)."""
+    if family == "GatedLinearRNN":
+        return NaiveGatedLinearRNN(d, d)
+    return {"MinGRU": NaiveMinGRU, "MinLSTM": NaiveMinLSTM}[family](d)
+
+
 def make_configs(d: int) -> List[Config]:
     """Our three layers for every implementation, ``auto`` and the opt-in
     CPU kernels (``native``), then the peers."""
@@ -178,12 +186,10 @@ def make_configs(d: int) -> List[Config]:
                               lambda impl=impl: GatedLinearRNN(d_h=d, d_model=d,
                                                                scan_impl=impl),
                               glrnn_spec, _y_of_pair))
-    configs.append(Config(NAIVE, "MinGRU", None, True, lambda: NaiveMinGRU(d),
-                          gru_spec, _y_of_array))
-    configs.append(Config(NAIVE_OF["MinLSTM"], "MinLSTM", None, True, lambda: NaiveMinLSTM(d),
-                          lstm_spec, _y_of_array))
-    configs.append(Config(NAIVE_OF["GatedLinearRNN"], "GatedLinearRNN", None, True,
-                          lambda: NaiveGatedLinearRNN(d, d), glrnn_spec, _y_of_array))
+    for family, spec in (("MinGRU", gru_spec), ("MinLSTM", lstm_spec),
+                         ("GatedLinearRNN", glrnn_spec)):
+        configs.append(Config(NAIVE_OF[family], family, None, True,
+                              lambda family=family: naive_layer(family, d), spec, _y_of_array))
     configs.append(Config(BASELINE, "nn.GRUCell", None, True,
                           lambda: nn.RNN(nn.GRUCell(d)),
                           LayerSpec(((d, 3 * d), (d, 3 * d)), 3, 1, d, d, d), _y_of_array))

@@ -284,9 +284,7 @@ def test_naive_baselines_compute_our_layers(family):
     d, rng = 8, np.random.default_rng(1)
     ours = getattr(flax_minrnn, family)(d_h=d, **({"d_model": d}
                                                   if family == "GatedLinearRNN" else {}))
-    naive = {"MinGRU": lambda: bench_layers.NaiveMinGRU(d),
-             "MinLSTM": lambda: bench_layers.NaiveMinLSTM(d),
-             "GatedLinearRNN": lambda: bench_layers.NaiveGatedLinearRNN(d, d)}[family]()
+    naive = bench_layers.naive_layer(family, d)
     x = jnp.asarray(rng.standard_normal((2, 40, d)), jnp.float32)
     params = jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape) / 2, v.dtype),
                           ours.init(jax.random.PRNGKey(0), x))
