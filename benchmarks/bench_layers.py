@@ -13,7 +13,8 @@ T in {256, 1024, 4096, 16384}.  Every layer is timed under ``jax.jit``:
 * ``fwdbwd``: ``jax.grad(sum(y))`` with respect to the parameters AND ``x``.
 
 A timing is the median of repeated calls after a warm-up call, each ended by
-``block_until_ready``.  See ``benchmarks/README.md`` for every column and for
+``block_until_ready``; at each T every row is compiled and warmed up first,
+then all rows are timed in interleaved rounds (``harness.interleaved``).  See ``benchmarks/README.md`` for every column and for
 the floor / byte / memory models (also written out in :func:`floor_model` and
 :func:`memory_baseline_bytes` below).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -313,16 +315,28 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def bench_one(cfg: Config, params, x, mode: str, repeats: Repeats,
-              slow_limit_s: float) -> Dict[str, Any]:
-    model = cfg.build()
+def prepare_one(cfg: Config, model: nn.Module, params, x, mode: str,
+                slow_limit_s: float) -> Tuple[Any, Dict[str, Any]]:
+    """Compiles one row and runs its warm-up call.
+
+    Returns ``(compiled, info)``: ``info`` holds the compile time, the memory
+    analysis and the warm-up call's time; ``compiled`` is ``None`` when that
+    call took more than ``slow_limit_s`` (the row then reports that single
+    call and is not timed again).
+    """
     fn = make_fns(model, cfg.outputs)[mode]
     compiled, compile_s = harness.compile_timed(fn, params, x)
-    mem = harness.memory_stats(compiled)
-    timing = harness.time_calls(compiled, (params, x), repeats,
-                                skip_if_warmup_over_s=slow_limit_s)
-    del compiled
-    return dict(compile_s=compile_s, memory=mem, **timing)
+    info = dict(compile_s=compile_s, memory=harness.memory_stats(compiled))
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(params, x))
+    warmup_ms = (time.perf_counter() - t0) * 1e3
+    info["warmup_ms"] = warmup_ms
+    if warmup_ms > slow_limit_s * 1e3:
+        info.update(median_ms=warmup_ms, min_ms=warmup_ms, max_ms=warmup_ms, n=0,
+                    warmup_only=True)
+        return None, info
+    info["warmup_only"] = False
+    return compiled, info
 
 
 def run(ts: Sequence[int] = FULL_TS, *, b: int = 8, d: int = 256, quick: bool = False,
@@ -369,12 +383,17 @@ def run(ts: Sequence[int] = FULL_TS, *, b: int = 8, d: int = 256, quick: bool = 
     results["floors"] = floors
     floor_of = {(f["family"], f["T"], f["mode"]): f["floor_ms"] for f in floors}
 
-    # Layers.
+    # Layers: per T, every row is compiled and warmed up, then all are timed
+    # in interleaved rounds (harness.interleaved), so that a slow spell of a
+    # shared machine spreads over the rows instead of landing on one.
     rows: List[Dict[str, Any]] = []
     last_ok: Dict[Tuple[str, str], Tuple[int, float]] = {}
+    spec_of = {cfg.name: cfg.spec for cfg in configs}
     for t in ts:
         x = make_input(b, t, d)
         rep = repeats_for(t)
+        t_rows: List[Dict[str, Any]] = []
+        calls: Dict[Tuple[str, str], Tuple[Callable, Sequence[Any]]] = {}
         for cfg in configs:
             model = cfg.build()
             params = init_params(model, x)
@@ -391,27 +410,37 @@ def run(ts: Sequence[int] = FULL_TS, *, b: int = 8, d: int = 256, quick: bool = 
                         rows.append(row)
                         log(f"T={t:6d} {mode:6s} {cfg.name:28s} SKIPPED: {row['skipped']}")
                         continue
-                r = bench_one(cfg, params, x, mode, rep, slow_limit_s)
-                row.update(r)
-                if r["warmup_only"]:
-                    row["note"] = (f"one call took {r['warmup_ms'] / 1e3:.1f} s > "
+                compiled, info = prepare_one(cfg, model, params, x, mode, slow_limit_s)
+                row.update(info)
+                if compiled is None:
+                    row["note"] = (f"one call took {info['warmup_ms'] / 1e3:.1f} s > "
                                    f"{slow_limit_s:.0f} s: reported that single call")
-                mem = r["memory"]
-                base = memory_baseline_bytes(cfg.spec, b, t)
-                row["memory_baseline_bytes"] = base
-                if mem is not None:
-                    row["temp_ratio"] = mem["temp_size_in_bytes"] / base
-                    row["peak_ratio"] = mem["peak_bytes"] / base
-                fl = floor_of[(cfg.family, t, mode)]
-                row["floor_ms"] = fl
-                row["ratio_vs_floor"] = r["median_ms"] / fl
-                last_ok[(cfg.name, mode)] = (t, r["median_ms"])
-                rows.append(row)
-                log(f"T={t:6d} {mode:6s} {cfg.name:28s} {harness.fmt_ms(r['median_ms']):>8s} ms"
-                    f"  (n={r['n']}, compile {r['compile_s']:.2f} s, "
-                    f"{row['ratio_vs_floor']:.1f}x floor)")
-            del params
-        del x
+                else:
+                    calls[(cfg.name, mode)] = (compiled, (params, x))
+                t_rows.append(row)
+        n_rounds = harness.rounds_within(rep, [r["warmup_ms"] for r in t_rows
+                                               if not r["warmup_only"]])
+        times = harness.interleaved(calls, n_rounds, warmup_rounds=0)
+        for row in t_rows:
+            ms = times.get((row["name"], row["mode"]))
+            if ms:
+                row.update(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms),
+                           n=len(ms))
+            mem = row["memory"]
+            base = memory_baseline_bytes(spec_of[row["name"]], b, t)
+            row["memory_baseline_bytes"] = base
+            if mem is not None:
+                row["temp_ratio"] = mem["temp_size_in_bytes"] / base
+                row["peak_ratio"] = mem["peak_bytes"] / base
+            fl = floor_of[(row["family"], t, row["mode"])]
+            row["floor_ms"] = fl
+            row["ratio_vs_floor"] = row["median_ms"] / fl
+            last_ok[(row["name"], row["mode"])] = (t, row["median_ms"])
+            rows.append(row)
+            log(f"T={t:6d} {row['mode']:6s} {row['name']:28s} "
+                f"{harness.fmt_ms(row['median_ms']):>8s} ms  (n={row['n']}, compile "
+                f"{row['compile_s']:.2f} s, {row['ratio_vs_floor']:.1f}x floor)")
+        del calls, x
     # Speedup vs the baseline (same T and mode).
     base_ms = {(r["T"], r["mode"]): r["median_ms"] for r in rows
                if r["name"] == BASELINE and "median_ms" in r}

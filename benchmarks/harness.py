@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -98,6 +99,19 @@ def interleaved(calls: Dict[Any, Tuple[Callable, Sequence[Any]]], rounds: int,
             if r >= 0:
                 times[k].append((clock() - t0) * 1e3)
     return times
+
+
+def rounds_within(repeats: Repeats, call_ms: Sequence[float]) -> int:
+    """Rounds of :func:`interleaved` that give each entry what
+    :func:`time_calls` would: at least ``min_n`` and at most ``max_n``
+    calls, and after ``min_n`` no more than ``budget_s`` seconds per entry
+    on average, judged by ``call_ms`` (one call of each entry, in ms).
+    0 without entries."""
+    if not call_ms:
+        return 0
+    mean_s = sum(call_ms) / len(call_ms) / 1e3
+    by_budget = math.ceil(repeats.budget_s / mean_s) if mean_s > 0 else repeats.max_n
+    return max(repeats.min_n, min(repeats.max_n, by_budget))
 
 
 def compile_timed(fn: Callable, *args) -> Tuple[Any, float]:

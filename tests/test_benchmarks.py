@@ -384,6 +384,54 @@ def test_bench_faults_counts_first_touch_and_reports(tmp_path):
         assert {r["layer"] for r in json.load(fh)["rows"]} == set(bench_faults.LAYERS)
 
 
+def test_rounds_within_gives_each_entry_the_budget_of_time_calls():
+    """As many interleaved rounds as time_calls would make calls of an entry
+    of the mean duration: the budget's worth, clamped to [min_n, max_n]."""
+    from benchmarks.harness import rounds_within
+
+    rep = Repeats(max_n=20, min_n=5, budget_s=2.0)
+    assert rounds_within(rep, [100.0] * 4) == 20
+    assert rounds_within(rep, [50.0, 150.0]) == 20  # the mean call, 100 ms
+    assert rounds_within(rep, [250.0]) == 8
+    assert rounds_within(rep, [400.0]) == 5
+    assert rounds_within(rep, [1000.0]) == 5  # min_n
+    assert rounds_within(rep, [10.0]) == 20  # max_n
+    assert rounds_within(rep, []) == 0
+
+
+def test_bench_layers_interleaves_rows_and_reports_slow_ones_once(monkeypatch):
+    """bench_layers times every row of a T in the same interleaved rounds,
+    and a row whose warm-up call exceeds slow_limit_s reports that call
+    alone (n = 0) and is left out of the rounds."""
+    from benchmarks import harness
+
+    seen = []
+    real = harness.interleaved
+
+    def spy(calls, rounds, **kw):
+        seen.append((sorted(calls), rounds))
+        return real(calls, rounds, **kw)
+
+    monkeypatch.setattr(harness, "interleaved", spy)
+    configs = [c for c in bench_layers.make_configs(8) if c.impl in ("auto", "sequential")
+               and c.family == "MinGRU"]
+    two = Repeats(max_n=2, min_n=2, budget_s=0.0)
+    res = bench_layers.run([16], b=2, d=8, repeats_for=lambda t: two,
+                           bandwidth_bytes=1 << 20, compile_t=16, compile_repeats=1,
+                           bf16_t=16, configs=configs, log=lambda s: None)
+    assert seen == [(sorted((c.name, m) for c in configs for m in bench_layers.MODES), 2)]
+    assert all(r["n"] == 2 and not r["warmup_only"] and _positive(r["warmup_ms"])
+               for r in res["layers"])
+    seen.clear()
+    res = bench_layers.run([16], b=2, d=8, repeats_for=lambda t: two,
+                           bandwidth_bytes=1 << 20, compile_t=16, compile_repeats=1,
+                           bf16_t=16, configs=configs, log=lambda s: None, slow_limit_s=0.0)
+    assert seen == [([], 0)]
+    for r in res["layers"]:
+        assert r["n"] == 0 and r["warmup_only"] and r["median_ms"] == r["warmup_ms"]
+        assert "reported that single call" in r["note"]
+
+
 def test_interleaved_balances_the_order_and_times_each_call():
     """After one untimed round, over twice as many rounds as entries, every
     entry runs twice in every position and right after every other as often
