@@ -14,8 +14,9 @@ T in {256, 1024, 4096, 16384}.  Every layer is timed under ``jax.jit``:
 
 A timing is the median of repeated calls after a warm-up call, each ended by
 ``block_until_ready``; at each T every row is compiled and warmed up first,
-then all rows are timed in interleaved rounds (``harness.interleaved``).  See ``benchmarks/README.md`` for every column and for
-the floor / byte / memory models (also written out in :func:`floor_model` and
+then all rows are timed in interleaved rounds (``harness.interleaved``).  See
+``benchmarks/README.md`` for every column and for the floor / byte / memory
+models (also written out in :func:`floor_model` and
 :func:`memory_baseline_bytes` below).
 """
 

@@ -43,21 +43,11 @@ class Repeats:
     budget_s: float = 2.0
 
 
-def time_calls(fn: Callable, args: Sequence[Any], repeats: Repeats, *,
-               skip_if_warmup_over_s: Optional[float] = None) -> Dict[str, Any]:
-    """Median wall time (ms) of ``fn(*args)`` after one warm-up call.
-
-    If the warm-up call alone took more than ``skip_if_warmup_over_s`` the
-    timed calls are skipped and the warm-up time is reported (``n = 0``,
-    ``warmup_only = True``): the call is too slow to repeat.
-    """
+def time_calls(fn: Callable, args: Sequence[Any], repeats: Repeats) -> Dict[str, Any]:
+    """Median wall time (ms) of ``fn(*args)`` after one warm-up call."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     warmup_s = time.perf_counter() - t0
-    if skip_if_warmup_over_s is not None and warmup_s > skip_if_warmup_over_s:
-        ms = warmup_s * 1e3
-        return dict(median_ms=ms, min_ms=ms, max_ms=ms, n=0, warmup_ms=ms,
-                    warmup_only=True)
     times = []
     spent = 0.0
     while len(times) < repeats.max_n:
@@ -70,7 +60,7 @@ def time_calls(fn: Callable, args: Sequence[Any], repeats: Repeats, *,
             break
     ms = [t * 1e3 for t in times]
     return dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms),
-                n=len(ms), warmup_ms=warmup_s * 1e3, warmup_only=False)
+                n=len(ms), warmup_ms=warmup_s * 1e3)
 
 
 def interleaved(calls: Dict[Any, Tuple[Callable, Sequence[Any]]], rounds: int,
