@@ -11,9 +11,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from flax_minrnn.training import config as config_lib
 from flax_minrnn.nn import recurrent as layers

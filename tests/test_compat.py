@@ -7,7 +7,6 @@ import re
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -14,7 +14,6 @@ import pytest
 
 from conftest import TOL
 from flax_minrnn.training import config as config_lib
-from flax_minrnn.models import griffin as griffin_lib
 from flax_minrnn.nn import gates as gates_lib
 from flax_minrnn.ops import scan as scan_lib
 from flax_minrnn.training import train as train

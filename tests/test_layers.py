@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from flax_minrnn.ops import gated as gated_lib
-from flax_minrnn.ops import scan as scan_lib
 from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM, g_activation
 from jit_helpers import jit_tangents
 from reference import central_difference, layer_forward

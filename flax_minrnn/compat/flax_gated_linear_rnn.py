@@ -21,8 +21,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
-from flax.core import unfreeze
 
 from flax_minrnn.models import lm as lm_lib
 from flax_minrnn.nn import blocks

@@ -43,7 +43,6 @@ attention sees no earlier key, and RoPE positions restart at 0.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
@@ -56,7 +55,6 @@ from flax_minrnn.models import padding
 from flax_minrnn.nn import attention as attention_lib
 from flax_minrnn.nn import blocks
 from flax_minrnn.nn import dense as dense_lib
-from flax_minrnn.nn import rglru as rglru_lib
 from flax_minrnn.nn.rglru import RGLRU
 from flax_minrnn.ops import checks
 from flax_minrnn.ops import scan as scan_lib

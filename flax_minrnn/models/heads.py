@@ -20,7 +20,7 @@ pass also starts exactly at the last valid token), and features are
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import flax.linen as nn
 import jax

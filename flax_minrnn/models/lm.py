@@ -27,8 +27,7 @@ same logits as one call on the whole sequence; this is how
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax

@@ -6,7 +6,6 @@ blocks; it runs on :func:`flax_minrnn.ops.scan.linear_scan`.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Optional, Sequence, Tuple
 
