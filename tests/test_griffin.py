@@ -208,7 +208,9 @@ def test_sqrt_derivative_is_bounded():
     x = jnp.asarray([1.0, 0.25, 1e-6, 1e-8, 0.0], jnp.float32)
     np.testing.assert_allclose(sqrt_bounded_derivative(x), np.sqrt(np.asarray(x)), **F32)
     # Exact above 1 / (4 * 1000^2) = 2.5e-7, clipped at 1000 below.
-    np.testing.assert_allclose(grad(x), [0.5, 1.0, 500.0, 1000.0, 1000.0], **F32)
+    with np.errstate(divide="ignore"):
+        want = np.minimum(0.5 / np.sqrt(np.asarray(x, np.float64)), 1000.0)
+    np.testing.assert_allclose(grad(x), want, **F32)
 
 
 def test_lambda_init_gives_a_in_the_published_range(rglru):
@@ -625,8 +627,27 @@ def test_bfloat16_model_trains_with_float32_states_and_logits():
     carry, logits, grads = run(tokens)
     assert logits.dtype == jnp.float32 and carry.blocks[0].rg_lru.dtype == jnp.float32
     assert carry.blocks[1].keys.dtype == jnp.bfloat16
-    assert np.all(np.isfinite(logits))
-    assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in jax.tree.leaves(grads))
+    # The same parameters, upcast, in a float32 model: logits and gradients
+    # agree to bfloat16's precision.
+    f32 = Griffin(_cfg(dtype=jnp.float32, param_dtype=jnp.float32, num_hidden_layers=2,
+                       block_types=("recurrent", "attention")))
+    params = jax.tree.map(lambda p: p.astype(jnp.float32),
+                          jax.jit(model.init)(jax.random.key(0), tokens)["params"])
+
+    def loss32(p):
+        _, out = f32.apply({"params": p}, tokens)
+        return -jnp.mean(jax.nn.log_softmax(out)[..., 0])
+
+    ref_logits = jax.jit(f32.apply)({"params": params}, tokens)[1]
+    ref_grads = jax.jit(jax.grad(loss32))(params)
+    np.testing.assert_allclose(logits, ref_logits,
+                               rtol=2e-2, atol=2e-2 * float(np.abs(ref_logits).max()))
+    # The gradients pass through both blocks twice in bfloat16, so they get
+    # the wider of the project's bfloat16 tolerances (3e-2, as the layers').
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), r,
+                                   rtol=3e-2, atol=3e-2 * float(np.abs(r).max()))
 
 
 def test_carry_structure_and_errors(lm):

@@ -78,7 +78,7 @@ def test_two_stage_switch_train_and_back(name):
 
     loss0, loss1, trained = adam_step(true_params)
     assert np.any(np.asarray(trained["recurrent_kernel"]) != 0)
-    assert float(loss1) != float(loss0)
+    assert float(loss1) < float(loss0)
 
     # Back to associative: refused while the recurrent kernel is non-zero ...
     with pytest.raises(ValueError, match="recurrent_kernel.*allow_drop_nonzero"):
@@ -203,8 +203,8 @@ def test_from_flax_gated_linear_rnn(tied, true_rec):
     for carry in (None, h0):
         h_ref, y_ref = _apply(theirs, variables, x, carry=carry)
         h, y = _apply(ours, ours_vars, x, carry)
-        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_from_flax_gated_linear_rnn_errors():

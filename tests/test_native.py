@@ -97,8 +97,8 @@ def test_matches_float64_reference(name, reverse):
     assert _runs_kernels(layer, params, x, h0)
     carry, y = jax.jit(layer.apply)(params, x, h0)
     ref_h, ref_y = _reference(kind, kw, params["params"], x, h0, reverse)
-    np.testing.assert_allclose(carry, ref_h, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(carry, ref_h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
 
 
 def _grads(layer, impl, params, x, h0, g_c, g_y):
@@ -151,7 +151,7 @@ def test_saturated_logits_stay_exact_and_finite(name):
     want = _grads(layer, "chunked", params, x, h0, g_c, g_y)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert np.all(np.isfinite(a))
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
 
 
 def test_without_bias_and_with_small_width():
@@ -336,7 +336,7 @@ def test_kernels_compute_the_python_gate_equations(rng, kind, candidate):
         got = native.gates_forward(native._Spec(kind, candidate), pre, bias, h0, reverse)
         want = scan_lib.linear_scan(gate.a, gate.b, h0, impl="sequential", reverse=reverse)
         for a, b in zip(got, want):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_limits_raise_errors_that_name_the_way_out():

@@ -329,7 +329,7 @@ def test_readme_table_is_true(impl, monkeypatch):
                     lambda p, d: transform(loss_of("sequential"), p, d))(params, t)
             want = _SEQUENTIAL_RESULTS[name]
             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-                np.testing.assert_allclose(g, w, rtol=2e-3, atol=1e-4 * np.abs(w).max(),
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(),
                                            err_msg=name)
         else:
             with pytest.raises(Exception, match=r"scan_impl='%s'.*use scan_impl='\w+'" % impl):
