@@ -40,6 +40,9 @@ Array = jax.Array
 __all__ = ["GenerateOutput", "bucket_length", "generate", "sample_logits"]
 
 
+# Registered so that jax.export can serialize functions that take or return it.
+@functools.partial(jax.export.register_namedtuple_serialization,
+                   serialized_name="flax_minrnn.GenerateOutput")
 class GenerateOutput(NamedTuple):
     """What :func:`generate` returns (always three fields).
 

@@ -43,6 +43,7 @@ attention sees no earlier key, and RoPE positions restart at 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
@@ -87,6 +88,9 @@ def _check_token_id(name: str, value, vocab_size: int) -> None:
 # The recurrent temporal block.
 
 
+# Registered so that jax.export can serialize functions that take or return it.
+@functools.partial(jax.export.register_namedtuple_serialization,
+                   serialized_name="flax_minrnn.RecurrentState")
 class RecurrentState(NamedTuple):
     """The decoding state of one recurrent block (a pytree).
 
@@ -439,6 +443,9 @@ def count_params(config: GriffinConfig) -> int:
 # The language model.
 
 
+# Registered so that jax.export can serialize functions that take or return it.
+@functools.partial(jax.export.register_namedtuple_serialization,
+                   serialized_name="flax_minrnn.GriffinCarry")
 class GriffinCarry(NamedTuple):
     """Everything :class:`Griffin` carries between calls (a pytree).
 

@@ -27,6 +27,7 @@ same logits as one call on the whole sequence; this is how
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
@@ -173,6 +174,9 @@ class LMConfig:
         return self.d_channel_mixing or 4 * self.d_model
 
 
+# Registered so that jax.export can serialize functions that take or return it.
+@functools.partial(jax.export.register_namedtuple_serialization,
+                   serialized_name="flax_minrnn.LMCarry")
 class LMCarry(NamedTuple):
     """Everything :class:`LM` carries from one call to the next (a pytree).
 

@@ -40,6 +40,7 @@ document and differs by the key at distance ``W`` after them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Optional, Tuple
 
@@ -60,6 +61,9 @@ __all__ = ["AttentionState", "LocalAttention", "apply_rope", "rotary_dim", "empt
 _MASKED = -1e30
 
 
+# Registered so that jax.export can serialize functions that take or return it.
+@functools.partial(jax.export.register_namedtuple_serialization,
+                   serialized_name="flax_minrnn.AttentionState")
 class AttentionState(NamedTuple):
     """The ring-buffer cache of one attention layer (a pytree).
 

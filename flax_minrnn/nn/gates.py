@@ -34,6 +34,9 @@ def g_activation(x: Array) -> Array:
     return jnp.where(x >= 0, x + 0.5, jax.nn.sigmoid(x))
 
 
+# Registered so that jax.export can serialize functions that take or return it.
+@functools.partial(jax.export.register_namedtuple_serialization,
+                   serialized_name="flax_minrnn.Gates")
 class Gates(NamedTuple):
     """What a layer's gate function returns (float32, ``(..., d_h)``)."""
 
