@@ -256,6 +256,30 @@ def test_every_transformation(name):
         _close(got, want_out, 1e-12)
 
 
+@pytest.mark.parametrize("name", ["MinGRU", "GatedLinearRNN_untied_assoc", "LM", "Griffin"])
+def test_export_with_a_symbolic_batch(name):
+    """Exported once with a symbolic batch size, the forward pass and the
+    gradient run at other batch sizes and equal the unexported calls; a
+    symbolic time axis is refused with an error that says so."""
+    apply, theta, inputs = _case(name)
+    x = inputs(1)[0]
+    dims = ", ".join(str(d) for d in x.shape[2:])
+    spec = lambda head: jax.ShapeDtypeStruct(
+        export.symbolic_shape(", ".join(filter(None, [head, dims]))), x.dtype)
+
+    def loss(theta, x):
+        return sum(jnp.sum(o ** 2) for o in jax.tree.leaves(apply(theta, x))
+                   if jnp.issubdtype(o.dtype, jnp.floating))
+
+    for fun in (apply, jax.grad(loss)):
+        exported = export.export(jax.jit(fun))(theta, spec(f"b, {x.shape[1]}"))
+        restored = export.deserialize(exported.serialize())
+        for xb in (x[:1], jnp.concatenate([x, x[::-1]], axis=0)):
+            _close(restored.call(theta, xb), fun(theta, xb), 1e-12)
+    with pytest.raises(ValueError, match=r"symbolic size t.*fixed T"):
+        export.export(jax.jit(apply))(theta, spec(f"{x.shape[0]}, t"))
+
+
 # ----------------------------------------------------------------------------
 # The README's table: which implementation supports which transformation.
 

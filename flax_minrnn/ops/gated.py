@@ -672,7 +672,10 @@ def run(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, reve
             row_bytes = sum(math.prod(l.shape[2:]) * l.dtype.itemsize for l in leaves)
         else:
             row_bytes = kernel.shape[1] * jnp.result_type(x, kernel).itemsize
-        return tile_size(batch * row_bytes, seq_len)
+        # A symbolic batch (jax.export) is sized as one row: the tile only
+        # changes speed, never the results beyond rounding.
+        rows = 1 if jax.export.is_symbolic_dim(batch) else batch
+        return tile_size(rows * row_bytes, seq_len)
 
     if impl is ScanImpl.NATIVE:
         out = scan_lib.backend_module(impl).gated(

@@ -132,7 +132,14 @@ def resolve_impl(impl: Union[str, ScanImpl], seq_len: int, *,
     """Validates ``impl`` and resolves ``"auto"``; raises ``ValueError``.
 
     ``name`` is the argument named in the error (``scan_impl`` in layers).
+    A symbolic ``seq_len`` (``jax.export`` with a polymorphic time axis) is
+    refused: every implementation needs a concrete sequence length (a
+    symbolic batch is fine).
     """
+    if jax.export.is_symbolic_dim(seq_len):
+        raise ValueError(
+            f"the time axis has the symbolic size {seq_len}: the scans need a concrete "
+            "sequence length, so export with a fixed T (a symbolic batch size is supported)")
     if isinstance(impl, ScanImpl):
         value = impl
     elif isinstance(impl, str) and impl in IMPLEMENTATIONS:
