@@ -7,6 +7,7 @@ import pytest
 
 from flax_minrnn.ops import gated as gated_lib
 from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM, g_activation
+from flax_minrnn.nn.rglru import RGLRU
 from conftest import TOL
 from jit_helpers import jit_tangents
 from reference import central_difference, layer_forward
@@ -400,6 +401,26 @@ def test_output_widths_and_projection():
     assert GatedLinearRNN(d_h=5).apply(_init(GatedLinearRNN(d_h=5), x), x)[1].shape == (1, 3, 5)
     with pytest.raises(ValueError, match="use_out_proj=False needs d_h == d_model"):
         _init(MinGRU(d_h=4, use_out_proj=False), x)
+
+
+@pytest.mark.parametrize("name", ["mingru", "glrnn_untied", "rglru"])
+def test_float64_inputs_get_a_float64_carry_from_initialize_carry(name):
+    """dtype=None computes in the inputs' dtype: initialize_carry(shape, x.dtype)
+    gives the state dtype that apply expects, without params."""
+    layer = RGLRU(num_heads=2) if name == "rglru" else LAYERS[name]()
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 4)), jnp.float64)
+        params = _init(layer, x)
+        h0 = layer.initialize_carry(x.shape, x.dtype)
+        assert h0.dtype == jnp.float64
+        assert layer.initialize_carry(x.shape).dtype == jnp.float32
+        carry, y = layer.apply(params, x, h0)
+        want_c, want_y = layer.apply(params, x)
+        assert carry.dtype == jnp.float64
+        np.testing.assert_array_equal(carry, want_c)
+        np.testing.assert_array_equal(y, want_y)
+        with pytest.raises(TypeError, match=r"dtype float64 .*initialize_carry\(x.shape, x.dtype\)"):
+            layer.apply(params, x, layer.initialize_carry(x.shape))
 
 
 def test_jit_and_no_bias():

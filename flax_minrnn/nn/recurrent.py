@@ -170,13 +170,16 @@ class GatedRecurrence(nn.Module):
             raise ValueError(f"{type(self).__name__} needs d_h (the state width)")
         return self.d_h
 
-    def initialize_carry(self, input_shape: Sequence[int]) -> Array:
-        """Zero state ``(batch, d_h)`` for inputs of shape ``(batch, ..., d_in)``.
+    def initialize_carry(self, input_shape: Sequence[int], input_dtype=jnp.float32) -> Array:
+        """Zero state ``(batch, d_h)`` for inputs of shape ``(batch, ..., d_in)``
+        and dtype ``input_dtype``.
 
-        Needs no parameters and no RNG.
+        Needs no parameters and no RNG.  The state is float32, or float64 when
+        the computation is: ``dtype`` (``input_dtype`` when ``dtype`` is None)
+        or ``param_dtype`` is float64.
         """
         return jnp.zeros((input_shape[0], self.state_size(input_shape[-1])),
-                         checks.state_dtype(self.dtype or jnp.float32, self.param_dtype))
+                         checks.state_dtype(self.dtype or input_dtype, self.param_dtype))
 
     @nn.compact
     def __call__(self, x: Array, carry: Optional[Array] = None, *,

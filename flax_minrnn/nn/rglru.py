@@ -130,10 +130,12 @@ class RGLRU(nn.Module):
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
-    def initialize_carry(self, input_shape: Sequence[int]) -> Array:
-        """Zero state ``(batch, D)`` for inputs ``(batch, ..., D)``; no params, no RNG."""
+    def initialize_carry(self, input_shape: Sequence[int], input_dtype=jnp.float32) -> Array:
+        """Zero state ``(batch, D)`` for inputs ``(batch, ..., D)`` of dtype
+        ``input_dtype``; no params, no RNG.  float32, or float64 when the
+        computation is (as the gated layers' ``initialize_carry``)."""
         return jnp.zeros((input_shape[0], input_shape[-1]),
-                         checks.state_dtype(self.dtype or jnp.float32, self.param_dtype))
+                         checks.state_dtype(self.dtype or input_dtype, self.param_dtype))
 
     @nn.compact
     def __call__(self, x: Array, carry: Optional[Array] = None, *,

@@ -195,12 +195,14 @@ class Bidirectional(nn.Module):
         self.bwd = self.backward.clone(reverse=True)
 
     @nn.nowrap
-    def initialize_carry(self, input_shape: Sequence[int]) -> Tuple[Array, Array]:
-        """Zero carries ``(fwd, bwd)`` for inputs ``(batch, ..., d_in)``; no params needed."""
+    def initialize_carry(self, input_shape: Sequence[int],
+                         input_dtype=jnp.float32) -> Tuple[Array, Array]:
+        """Zero carries ``(fwd, bwd)`` for inputs ``(batch, ..., d_in)`` of dtype
+        ``input_dtype``; no params needed."""
         _check_layer("forward", self.forward)
         _check_layer("backward", self.backward)
-        return (self.forward.initialize_carry(input_shape),
-                self.backward.initialize_carry(input_shape))
+        return (self.forward.initialize_carry(input_shape, input_dtype),
+                self.backward.initialize_carry(input_shape, input_dtype))
 
     def __call__(self, x: Array, carry: Optional[Tuple[Any, Any]] = None, *,
                  seq_lengths: Optional[Array] = None, mask: Optional[Array] = None,

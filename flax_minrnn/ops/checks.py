@@ -168,8 +168,8 @@ def check_carry(carry, batch: int, d_h: int, dtype) -> Array:
             f"got {tuple(carry.shape)}")
     if carry.dtype != dtype:
         raise TypeError(
-            f"carry must have dtype {jnp.dtype(dtype).name} (the state dtype), "
-            f"got {carry.dtype}")
+            f"carry must have dtype {jnp.dtype(dtype).name} (the state dtype for these "
+            f"inputs; initialize_carry(x.shape, x.dtype) makes one), got {carry.dtype}")
     return carry
 
 
