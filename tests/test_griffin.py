@@ -661,8 +661,17 @@ def test_carry_structure_and_errors(lm):
     with pytest.raises(ValueError, match="carry"):
         model.apply(variables, _tokens(1, 2), Griffin(_cfg(num_hidden_layers=2))
                     .initialize_carry(1))
-    with pytest.raises(ValueError, match="carry"):
+    with pytest.raises(ValueError, match=r"carry.blocks\[0\].rg_lru has shape \(2, 16\)"):
         model.apply(variables, _tokens(1, 2), carry)  # batch 2 for 1 row
+    # A wrong dtype is an error naming the leaf, never a cast.
+    bad_state = carry._replace(blocks=(carry.blocks[0]._replace(
+        rg_lru=carry.blocks[0].rg_lru.astype(jnp.int32)),) + carry.blocks[1:])
+    with pytest.raises(TypeError, match=r"carry.blocks\[0\].rg_lru has dtype int32, "
+                                        "expected float32"):
+        model.apply(variables, _tokens(2, 2), bad_state)
+    with pytest.raises(TypeError, match="carry.position has dtype float32, expected int32"):
+        model.apply(variables, _tokens(2, 2),
+                    carry._replace(position=carry.position.astype(jnp.float32) + 0.9))
     with pytest.raises(ValueError, match="vocab_size"):
         model.apply(variables, jnp.asarray([[0, V]], jnp.int32))
 

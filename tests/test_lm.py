@@ -256,6 +256,17 @@ def test_bad_tokens_and_carry():
         model.apply(variables, jnp.zeros((1, 3), jnp.float32))
     with pytest.raises(ValueError, match="carry"):
         model.apply(variables, _tokens(1, 3), LM(_cfg(n_layer=2)).initialize_carry(1))
+    # A wrong dtype is an error naming the leaf, never a cast.
+    conv_model, conv_vars = _init(_cfg(conv_width=3), _tokens(1, 3))
+    carry = conv_model.initialize_carry(1)
+    with pytest.raises(TypeError, match=r"carry.conv\[0\] has dtype int32, expected float32"):
+        conv_model.apply(conv_vars, _tokens(1, 3),
+                         carry._replace(conv=(carry.conv[0].astype(jnp.int32),)))
+    with pytest.raises(TypeError, match="carry.position has dtype float32, expected int32"):
+        conv_model.apply(conv_vars, _tokens(1, 3),
+                         carry._replace(position=carry.position.astype(jnp.float32) + 0.9))
+    with pytest.raises(ValueError, match=r"carry.layers\[0\] has shape \(2, 6\)"):
+        conv_model.apply(conv_vars, _tokens(1, 3), conv_model.initialize_carry(2))
 
 
 # ----------------------------------------------------------------------------

@@ -556,8 +556,8 @@ class Griffin(nn.Module):
             raise ValueError(
                 f"carry must hold one state per layer for block types {self.config.layer_types} "
                 f"(see initialize_carry), got {jax.tree.structure(carry)}")
-        checks.check_leaf_shapes(carry, ref, batch)
-        return jax.tree.map(lambda got, want: got.astype(want.dtype), carry, ref)
+        checks.check_carry_leaves(carry, ref, batch)
+        return carry
 
     def __call__(self, tokens: Array, carry: Optional[GriffinCarry] = None, *,
                  training: bool = False, seq_lengths: Optional[Array] = None,

@@ -313,9 +313,9 @@ class LM(nn.Module):
         if len(carry.layers) != len(ref.layers) or len(carry.conv) != len(ref.conv):
             raise ValueError(f"carry must hold n_layer={self.config.n_layer} layer and conv "
                              f"states, got {len(carry.layers)} and {len(carry.conv)}")
-        checks.check_leaf_shapes(carry, ref, batch)
-        return LMCarry(tuple(carry.layers), tuple(c.astype(self.config.dtype) for c in carry.conv),
-                       carry.position.astype(jnp.int32))
+        carry = LMCarry(tuple(carry.layers), tuple(carry.conv), carry.position)
+        checks.check_carry_leaves(carry, ref, batch)
+        return carry
 
     @nn.compact
     def __call__(self, tokens: Array, carry: Optional[LMCarry] = None, *,

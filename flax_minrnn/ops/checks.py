@@ -206,12 +206,21 @@ def check_rate(name: str, value) -> None:
         raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
 
 
-def check_leaf_shapes(carry, ref, batch: int) -> None:
-    """Raises ``ValueError`` unless every leaf of ``carry`` has the shape of ``ref``'s."""
-    for got, want in zip(jax.tree.leaves(carry), jax.tree.leaves(ref)):
+def check_carry_leaves(carry, ref, batch: int) -> None:
+    """Every leaf of ``carry`` must have the shape and dtype of ``ref``'s (a
+    fresh carry of the same structure): ``ValueError`` / ``TypeError`` naming
+    the leaf (``carry.blocks[0].rg_lru``), never a silent cast."""
+    got_leaves = jax.tree_util.tree_leaves_with_path(carry)
+    for (path, got), want in zip(got_leaves, jax.tree.leaves(ref)):
+        name = "carry" + jax.tree_util.keystr(path)
+        if not hasattr(got, "shape") or not hasattr(got, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(got).__name__}")
         if tuple(got.shape) != tuple(want.shape):
-            raise ValueError(f"carry leaf has shape {tuple(got.shape)}, expected "
-                             f"{tuple(want.shape)} (batch {batch})")
+            raise ValueError(f"{name} has shape {tuple(got.shape)}, expected "
+                             f"{tuple(want.shape)} (batch {batch}; see initialize_carry)")
+        if got.dtype != want.dtype:
+            raise TypeError(f"{name} has dtype {got.dtype}, expected {want.dtype} "
+                            "(see initialize_carry)")
 
 
 def check_tokens(tokens, vocab_size: int, name: str = "tokens",
