@@ -350,6 +350,10 @@ def test_rglru_errors(rglru):
         RGLRU(scan_impl="log").init(jax.random.key(0), _x((1, 2, 8)))
     with pytest.raises(ValueError, match="carry"):
         layer.apply(params, _x((B, 2, D)), jnp.zeros((B, D + 1), jnp.float32))
+    with pytest.raises(ValueError, match=rf"x has {D + 4} features but .*\(a_param\) expect {D}"):
+        layer.apply(params, _x((B, 2, D + 4)))
+    with pytest.raises(TypeError, match="param_dtype must be a floating-point dtype.*int32"):
+        RGLRU(num_heads=2, param_dtype=jnp.int32).init(jax.random.key(0), _x((1, 2, 8)))
 
 
 # ----------------------------------------------------------------------------
@@ -733,6 +737,12 @@ def test_presets_build_abstractly_with_the_closed_form_count(preset, total, embe
 def test_bad_config_names_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         _cfg(**kw)
+
+
+@pytest.mark.parametrize("field,value", [("dtype", jnp.int32), ("param_dtype", "float17")])
+def test_config_dtypes_must_be_floating(field, value):
+    with pytest.raises(TypeError, match=f"^{field} must be a floating-point dtype"):
+        _cfg(**{field: value})
 
 
 # ----------------------------------------------------------------------------

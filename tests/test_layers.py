@@ -475,10 +475,22 @@ class TestBadInput:
             self.layer.apply(self.params, self.x, lengths=jnp.asarray([5, 5]))
 
     def test_bad_sizes(self):
-        with pytest.raises(ValueError, match="d_h must be positive"):
+        with pytest.raises(ValueError, match="d_h must be an integer >= 1, got 0"):
             _init(MinGRU(d_h=0), self.x)
         with pytest.raises(ValueError, match="GatedLinearRNN needs d_h"):
             _init(GatedLinearRNN(), self.x)
+        with pytest.raises(ValueError, match="d_h must be an integer >= 1, got 2.5"):
+            _init(MinGRU(d_h=2.5), self.x)
+        with pytest.raises(ValueError, match="d_model must be an integer >= 1, got 3.0"):
+            MinLSTM(d_h=4, d_model=3.0).initialize_carry(self.x.shape)
+
+    def test_bad_dtypes(self):
+        with pytest.raises(TypeError, match="dtype must be a floating-point dtype or None.*int32"):
+            _init(MinGRU(d_h=4, dtype=jnp.int32), self.x)
+        with pytest.raises(TypeError, match="param_dtype must be a floating-point dtype.*int8"):
+            _init(GatedLinearRNN(d_h=4, param_dtype="int8"), self.x)
+        with pytest.raises(TypeError, match="dtype must be .* got 'float17'"):
+            _init(MinLSTM(d_h=4, dtype="float17"), self.x)
 
 
 # ----------------------------------------------------------------------------

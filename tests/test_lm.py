@@ -51,6 +51,12 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
         _cfg(**{field: value})
 
 
+@pytest.mark.parametrize("field,value", [("dtype", jnp.int32), ("param_dtype", "float17")])
+def test_config_dtypes_must_be_floating(field, value):
+    with pytest.raises(TypeError, match=f"^{field} must be a floating-point dtype"):
+        _cfg(**{field: value})
+
+
 def test_config_resolved_sizes():
     cfg = LMConfig(vocab_size=5, d_model=8, expansion_factor=1.5)
     assert cfg.state_size == 12 and cfg.channel_mixing_size == 32

@@ -280,6 +280,8 @@ class GriffinConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        checks.check_float_dtype("dtype", self.dtype)
+        checks.check_float_dtype("param_dtype", self.param_dtype)
         at_least = checks.check_int_at_least  # pylint: disable=protected-access
         for name in ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads",
                      "num_key_value_heads", "attention_window_size", "conv1d_width"):

@@ -119,6 +119,8 @@ class LMConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        checks.check_float_dtype("dtype", self.dtype)
+        checks.check_float_dtype("param_dtype", self.param_dtype)
         checks.check_int_at_least("vocab_size", self.vocab_size, 1)
         checks.check_choice("time_mixing", self.time_mixing, TIME_MIXINGS)
         checks.check_int_at_least("n_layer", self.n_layer, 1)

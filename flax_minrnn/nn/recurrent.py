@@ -78,15 +78,6 @@ def _bias_init_with(base: Initializer, d_h: int, offsets: dict) -> Initializer:
     return init
 
 
-def _check_width(module: nn.Module, x: Array, name: str) -> None:
-    params = module.variables.get("params", {})
-    if name in params:
-        expected = params[name]["kernel"].shape[0]
-        if x.shape[-1] != expected:
-            raise ValueError(f"x has {x.shape[-1]} features but this layer's parameters "
-                             f"({name}) expect {expected}")
-
-
 def _zero_invalid(y: Array, valid: Optional[Array]) -> Array:
     if valid is None:
         return y
@@ -162,10 +153,17 @@ class GatedRecurrence(nn.Module):
 
     # --- shared
 
+    def _check_attributes(self) -> None:
+        """The widths and dtypes every layer has (run before anything is built)."""
+        for name in ("d_h", "d_model"):
+            if getattr(self, name) is not None:
+                checks.check_int_at_least(name, getattr(self, name), 1)
+        checks.check_float_dtype("dtype", self.dtype, optional=True)
+        checks.check_float_dtype("param_dtype", self.param_dtype)
+
     def state_size(self, d_in: int) -> int:
         """The state width ``d_h`` for inputs of width ``d_in``."""
-        checks.check_positive_or_none("d_h", self.d_h)
-        checks.check_positive_or_none("d_model", self.d_model)
+        self._check_attributes()
         if self.d_h is None:
             raise ValueError(f"{type(self).__name__} needs d_h (the state width)")
         return self.d_h
@@ -220,7 +218,7 @@ class GatedRecurrence(nn.Module):
 
         # in_proj without its bias: the bias is added inside the scan loop
         # (the pre-activations are stored unbiased, in the compute dtype).
-        _check_width(self, x, "in_proj")
+        checks.check_param_width(self, x, "in_proj")
         kernel, bias = dense_lib.DenseParams(
             n_proj * d_h, use_bias=self.use_bias, param_dtype=self.param_dtype,
             kernel_init=self.kernel_init,
@@ -316,8 +314,7 @@ class _Expanded(GatedRecurrence):
 
     def state_size(self, d_in: int) -> int:
         """The state width ``d_h`` for inputs of width ``d_in``."""
-        checks.check_positive_or_none("d_h", self.d_h)
-        checks.check_positive_or_none("d_model", self.d_model)
+        self._check_attributes()
         checks.check_positive_or_none("expansion_factor", self.expansion_factor)
         if self.d_h is not None:
             return self.d_h

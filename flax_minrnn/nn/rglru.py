@@ -158,6 +158,9 @@ class RGLRU(nn.Module):
         checks.check_input(x)
         batch, seq_len, width = x.shape
         checks.check_int_at_least("num_heads", self.num_heads, 1)  # pylint: disable=protected-access
+        checks.check_float_dtype("dtype", self.dtype, optional=True)
+        checks.check_float_dtype("param_dtype", self.param_dtype)
+        checks.check_param_width(self, x, "a_param")
         if width % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide the input width {width}")
         scan_lib.resolve_impl(self.scan_impl, seq_len, name="scan_impl")

@@ -190,6 +190,33 @@ def check_positive_or_none(name: str, value) -> None:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
+def check_float_dtype(name: str, value, *, optional: bool = False) -> None:
+    """``value`` must name a floating-point dtype (or be ``None`` when
+    ``optional``); ``TypeError`` naming ``name`` otherwise."""
+    if value is None and optional:
+        return
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        allowed = "a floating-point dtype" + (" or None" if optional else "")
+        given = dtype.name if dtype is not None else repr(value)
+        raise TypeError(f"{name} must be {allowed} (float32, bfloat16, ...), got {given}")
+
+
+def check_param_width(module, x: Array, name: str) -> None:
+    """When ``module`` has parameters, ``x``'s last axis must be the input
+    width of its parameter ``name`` (a layer's ``kernel`` or a vector)."""
+    params = module.variables.get("params", {})
+    if name in params:
+        param = params[name]
+        expected = (param["kernel"] if isinstance(param, Mapping) else param).shape[0]
+        if x.shape[-1] != expected:
+            raise ValueError(f"x has {x.shape[-1]} features but this layer's parameters "
+                             f"({name}) expect {expected}")
+
+
 
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
