@@ -7,7 +7,7 @@ Subcommands::
              [--distributed | --coordinator-address HOST:PORT
               --num-processes N --process-id I]
     eval     --workdir DIR [--step N] [--no-bucket-lengths] [key=value ...]
-    generate --workdir DIR --prompt TEXT [--max-new-tokens N]
+    generate --workdir DIR [--prompt TEXT] [--max-new-tokens N]
              [--temperature T] [--top-k K] [--top-p P] [--seed S]
              [--step N] [--no-bucket-lengths]
     check    --workdir DIR
@@ -38,7 +38,7 @@ from flax_minrnn.training import runtime
 _SUPERSEDED = "checkpoints/superseded/"
 
 
-def _add_step(p: argparse.ArgumentParser, what: str, note: str = "") -> None:
+def _add_step(p, what: str, note: str = "") -> None:
     p.add_argument("--step", type=int, default=None, metavar="N",
                    help=f"{what} checkpoint step N instead of the latest"
                         f"{note} (default: the latest step)")
@@ -72,12 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.num_steps=100 "
                         "(default: none)")
-    _add_step(p, "resume from", f"; newer steps are moved to {_SUPERSEDED}, "
-                 "never deleted")
-    p.add_argument("--fallback-to-last-good", action="store_true",
+    # Either one, and one-stage runs only (a two-stage run resumes each stage
+    # from its own workdir).
+    resume = p.add_mutually_exclusive_group()
+    _add_step(resume, "resume from", f"; newer steps are moved to {_SUPERSEDED}, "
+                      "never deleted; not with --fallback-to-last-good nor a two-stage config")
+    resume.add_argument("--fallback-to-last-good", action="store_true",
                    help="if the latest checkpoint is corrupt, resume from the "
                         "newest step that restores and say so; the corrupt "
-                        f"steps are moved to {_SUPERSEDED}, never deleted "
+                        f"steps are moved to {_SUPERSEDED}, never deleted; "
+                        "not with --step nor a two-stage config "
                         "(default: off, a corrupt latest step is an error)")
     g = p.add_argument_group(
         "several hosts", "one process per host, each calling "

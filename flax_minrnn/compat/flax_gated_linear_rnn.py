@@ -112,7 +112,31 @@ class GatedLinearRNNLM(nn.Module):
     Parameter names follow the package (``input_function``, ``wpe``,
     ``time_mixing_layers_{l}/{layer_norm_function, model}``,
     ``channel_mixing_layers_{l}/{layer_norm, dense_layers_0, dense_layers_1}``,
-    ``head``), except inside ``model`` (see :func:`flax_minrnn.training.migrate.from_flax_gated_linear_rnn`).
+    ``head``), except inside ``model`` (see :func:`from_flax_gated_linear_rnn`).
+
+    Attributes (the package's constructor; those without a default are required):
+      n_layer: number of blocks.
+      d_model: residual width.
+      d_channel_mixing: hidden width of the channel-mixing MLP.
+      eps: LayerNorm epsilon.
+      channel_mixing_dropout, time_mixing_dropout, embedding_dropout: dropout
+        rates after each channel-mixing and time-mixing block and after the
+        input embedding (active with ``training=True``).
+      input_vocab_size: vocabulary of the token ids (unused, and may be
+        ``None``, with ``use_word_embedding=False``).
+      output_vocab_size: width of ``head``'s output.
+      max_seq_length: number of learned positions (``'learned'`` only).
+      use_word_embedding: token ids through ``Embed`` (True) or float features
+        through a ``Dense`` (False).
+      positional_encoding_mode: ``'none'``, ``'sinusoidal'`` or ``'learned'``.
+      d_h: state width of every layer's :class:`flax_minrnn.GatedLinearRNN`.
+      input_activation, hidden_activation, gate_activation: the layer's
+        activations (default ``tanh``, ``tanh``, ``sigmoid``).
+      use_true_recurrence: gates also see ``h_{t-1}`` (default False).
+      use_tied_gates: forget gate ``1 - i`` (default True).
+      use_head: end with ``head`` (default True); else return features.
+      dtype: compute dtype (default float32); the carry is float32.
+      param_dtype: parameter dtype (default float32).
     """
 
     n_layer: int
@@ -235,13 +259,16 @@ def from_flax_gated_linear_rnn(params: Params) -> Params:
     use_tied_gates=..., use_true_recurrence='model' in params)``.
 
     Args:
-      params: the package layer's parameters, inner (``{'proj', 'out_proj',
-        ['model']}``) or wrapped (``{'params': ...}``); the result has the same
-        form.  (For the package's language models, convert each nested
-        ``GatedLinearRNN`` subtree.)
+      params: the parameters of one package ``GatedLinearRNN`` layer
+        (``{'proj', 'out_proj', ['model']}``) or of a whole package
+        ``GatedLinearRNNLM`` (``{'input_function', 'wpe', ...}``), inner or
+        wrapped (``{'params': ...}``); the result has the same form.
 
     Returns:
-      ``{'in_proj': ..., 'out_proj': ..., ['recurrent_kernel': ...]}``.
+      For a layer, ``{'in_proj': ..., 'out_proj': ..., ['recurrent_kernel':
+      ...]}``.  For a language model, the same tree for
+      :class:`GatedLinearRNNLM`: each ``model`` subtree converted as a layer
+      (above), and a learned ``wpe/embedding`` moved to ``wpe/table/embedding``.
 
     Raises:
       ValueError: unexpected keys or shapes that do not form a 3- or 4-block

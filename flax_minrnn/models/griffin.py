@@ -1,10 +1,11 @@
-"""Griffin / RecurrentGemma: the RG-LRU, its recurrent block and the hybrid LM.
+"""Griffin / RecurrentGemma: the recurrent block and the hybrid LM.
 
 Griffin (De et al. 2024, "Griffin: Mixing Gated Linear Recurrences with Local
 Attention for Efficient Language Models", arXiv 2402.19427) is the
 architecture of RecurrentGemma (Botev et al. 2024, arXiv 2404.07839; Hugging
 Face ``RecurrentGemmaForCausalLM``).  Everything here is built on this
-library's parts: the RG-LRU calls :func:`flax_minrnn.ops.scan.linear_scan`, the
+library's parts: the RG-LRU is :class:`flax_minrnn.nn.rglru.RGLRU` (on
+:func:`flax_minrnn.ops.scan.linear_scan`), the
 temporal convolution is :class:`flax_minrnn.nn.blocks.CausalConv`, the norms and the
 gated MLP are those of :mod:`flax_minrnn.nn.blocks`, local attention is
 :class:`flax_minrnn.nn.attention.LocalAttention`.
@@ -78,10 +79,6 @@ def _check_token_id(name: str, value, vocab_size: int) -> None:
             or not 0 <= value < vocab_size:
         raise ValueError(f"{name} must be None or a token id in [0, vocab_size={vocab_size}), "
                          f"got {value!r}")
-
-
-# ----------------------------------------------------------------------------
-# The RG-LRU.
 
 
 # ----------------------------------------------------------------------------

@@ -133,7 +133,17 @@ class SequenceClassifier(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, *, attention_mask=None, seq_lengths=None,
                  training: bool = False) -> Array:
-        """Returns float32 logits ``(batch, num_classes)``."""
+        """Returns float32 logits ``(batch, num_classes)``, pooled over the
+        valid tokens only.
+
+        Args:
+          tokens: int ``(batch, T)`` ids in ``[0, vocab_size)``.
+          attention_mask: ``(batch, T)`` 0/1 or bool (Hugging Face's): ones on
+            the tokens, one contiguous run per row (left or right padding).
+            Exclusive with ``seq_lengths``.
+          seq_lengths: int ``(batch,)`` valid lengths (right padding).
+          training: enables dropout (needs a ``'dropout'`` rng).
+        """
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
         if self.num_classes < 1:
@@ -172,6 +182,17 @@ class TokenClassifier(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, *, attention_mask=None, seq_lengths=None,
                  training: bool = False) -> Array:
+        """Returns float32 logits ``(batch, T, num_classes)``; ``logits[b, t]``
+        belongs to ``tokens[b, t]`` (meaningless at padding).
+
+        Args:
+          tokens: int ``(batch, T)`` ids in ``[0, vocab_size)``.
+          attention_mask: ``(batch, T)`` 0/1 or bool (Hugging Face's): ones on
+            the tokens, one contiguous run per row (left or right padding).
+            Exclusive with ``seq_lengths``.
+          seq_lengths: int ``(batch,)`` valid lengths (right padding).
+          training: enables dropout (needs a ``'dropout'`` rng).
+        """
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         z, _, starts = _Features(self.config, self.bidirectional, name="features")(
@@ -215,6 +236,13 @@ def causal_lm_loss(logits: Array, labels: Array, ignore_index: int = -100, *,
     ``shift=False`` they are already aligned with ``logits``.
 
     ``loss = (1 / N) sum_{(b,t): y != ignore} -log softmax(logits_{b,t})[y_{b,t}]``
+
+    Args:
+      logits: float ``(batch, T, V)``.
+      labels: int ``(batch, T)`` ids in ``[0, V)`` or ``ignore_index``.
+      ignore_index: the label of positions that are not scored.
+      shift: score ``logits[:, t]`` against ``labels[:, t + 1]`` (True) or
+        against ``labels[:, t]`` (False).
 
     Returns:
       ``(loss, num_tokens)``: float32 mean (0 when ``N = 0``) and int32 ``N``.

@@ -20,8 +20,8 @@ chunks, carrying the :class:`LMCarry` from one call to the next, gives the
 same logits as one call on the whole sequence; this is how
 :mod:`flax_minrnn.models.generate` decodes in ``O(1)`` per token.
 
-:class:`GatedLinearRNNLM` reproduces the constructor and call signature of the
-``flax-gated-linear-rnn`` package's language model on the same layers.
+The ``flax-gated-linear-rnn`` package's language model, on the same layers, is
+:class:`flax_minrnn.compat.flax_gated_linear_rnn.GatedLinearRNNLM`.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ class LMConfig:
         ``'minlstm'`` (:class:`~flax_minrnn.MinLSTM`), ``'glrnn'``
         (:class:`~flax_minrnn.GatedLinearRNN`) or ``'rglru'``
         (:class:`~flax_minrnn.RGLRU`, Griffin's recurrence; its state has the
-        input width, so it needs ``d_h == d_model``, and it has no
-        true-recurrence mode nor log-space scan).
+        input width, so it needs ``d_h == d_model``, and it has neither a
+        true-recurrence mode nor ``sequence_axis``).
       n_layer: number of blocks.
       d_model: residual stream width.
       d_h: recurrence state width; ``None`` means
@@ -89,7 +89,8 @@ class LMConfig:
       sequence_axis: mesh axis the time axis is split over in every layer's
         scan (:func:`flax_minrnn.ops.parallel.sequence_parallel_scan`, the mesh of
         ``jax.set_mesh``); ``None``: one device.  Never changes parameters;
-        decode (one step per call) with ``None``.
+        decode (one step per call) with ``None``.  Needs
+        ``use_true_recurrence=False`` and a time mixing other than ``'rglru'``.
       dtype: compute dtype (states and logits are float32, or float64 for float64).
       param_dtype: parameter dtype.
     """
@@ -393,9 +394,3 @@ class LM(nn.Module):
             logits = dense_lib.Dense(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               name="head")(x)
         return new_carry, logits.astype(checks.accum_dtype(cfg.dtype))
-
-
-# ----------------------------------------------------------------------------
-# The flax-gated-linear-rnn package's language model.
-
-

@@ -29,7 +29,7 @@ def g_activation(x: Array) -> Array:
     ``g(x) = x + 0.5`` for ``x >= 0`` and ``sigmoid(x)`` otherwise: continuous,
     strictly positive, so states started from ``h0 >= 0`` stay positive (the
     domain of the paper's log-space scan, which ``tests/reference.py`` keeps
-    as a reference).
+    as a reference).  Elementwise: the result has ``x``'s shape and dtype.
     """
     return jnp.where(x >= 0, x + 0.5, jax.nn.sigmoid(x))
 

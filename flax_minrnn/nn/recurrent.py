@@ -1,8 +1,8 @@
 """Single-recurrence layers: MinGRU, MinLSTM and GatedLinearRNN (Flax linen).
 
 Every layer maps ``x`` of shape ``(batch, time, features)`` to ``(carry, y)``:
-``carry`` is the final state ``(batch, d_h)`` (float32, whatever the compute
-dtype) and ``y`` the outputs ``(batch, time, d_out)``.  The three layers are
+``carry`` is the final state ``(batch, d_h)`` (float32 whatever the compute
+dtype, or float64 when the computation is float64) and ``y`` the outputs ``(batch, time, d_out)``.  The three layers are
 small variations of one base, :class:`GatedRecurrence`, which runs (one code
 path for every ``T >= 1``):
 
@@ -18,8 +18,10 @@ path for every ``T >= 1``):
    and MinLSTM when ``d_h != d_model``) or
    ``out_proj(hidden_activation(h) * gate_activation(o))`` (GatedLinearRNN,
    ``o`` from ``in_proj``'s last block).  With ``scan_impl="chunked"`` (what
-   ``"auto"`` picks on CPU) the projection is computed for the whole
-   sequence, and gates, recurrence and readout run tile by tile.
+   ``"auto"`` picks on CPU from ``T = 64``) gates, recurrence and readout run
+   tile by tile; the projection too in a plain call, while under
+   differentiation it is computed for the whole sequence and kept for the
+   derivatives (:mod:`flax_minrnn.ops.gated`).
 
 In true-recurrence mode (``use_true_recurrence=True``) the pre-activations
 also see the previous state, ``pre_t = in_proj(x_t) + h_{t-1} @ U`` with a
@@ -95,10 +97,10 @@ _COMMON_ATTRIBUTES = """
       sequence_axis: a mesh axis name: the time axis is split over it
         (:func:`flax_minrnn.ops.parallel.sequence_parallel_scan`; the mesh is
         the context's, ``jax.set_mesh``); ``None``: one device. Same
-        parameters.
+        parameters.  Needs ``use_true_recurrence=False``.
       use_bias: whether ``in_proj`` (and ``out_proj``) have a bias.
       dtype: compute dtype of the projections (``None``: the input's). Gates
-        and the state are float32 regardless.
+        and the state are float32 (float64 when the computation is).
       param_dtype: parameter dtype.
       kernel_init, bias_init: initialisers of the projections."""
 
@@ -187,7 +189,8 @@ class GatedRecurrence(nn.Module):
 
         Args:
           x: float ``(batch, time, d_in)``.
-          carry: float32 ``(batch, d_h)`` or ``None`` (zeros).
+          carry: ``(batch, d_h)`` in the state dtype (float32, float64 for a
+            float64 computation; see :meth:`initialize_carry`) or ``None`` (zeros).
           seq_lengths: int ``(batch,)`` valid lengths, or
           mask: bool ``(batch, time)`` valid steps.  Invalid steps keep the
             state, their outputs are zero, and their inputs are ignored
@@ -195,7 +198,7 @@ class GatedRecurrence(nn.Module):
           reset: bool ``(batch, time)``, True where a new document starts.
 
         Returns:
-          ``(carry, y)``: the state after the last valid step (float32) and
+          ``(carry, y)``: the state after the last valid step (state dtype) and
           ``y`` ``(batch, time, d_out)`` in the compute dtype.
         """
         checks.check_input(x)
@@ -327,7 +330,8 @@ class _Expanded(GatedRecurrence):
             use_out_proj = d_h != d_out
         if not use_out_proj and d_h != d_out:
             raise ValueError(
-                f"use_out_proj=False needs d_h == d_model, got d_h={d_h}, d_model={d_out}")
+                f"use_out_proj=False needs d_h == d_model (the output width; the input "
+                f"width when d_model is None), got d_h={d_h} and output width {d_out}")
         return d_out if use_out_proj else None
 
     def _candidate_name(self) -> Optional[str]:
@@ -346,7 +350,7 @@ class MinGRU(_Expanded):
         z_t  = sigmoid(W_z x_t + b_z)
         h~_t = W_h x_t + b_h              (or g(W_h x_t + b_h), g > 0)
         h_t  = (1 - z_t) * h_{t-1} + z_t * h~_t
-        y_t  = out_proj(h_t)              (only when d_h != d_model)
+        y_t  = out_proj(h_t)              (when use_out_proj: by default when d_h != d_model)
 
     ``h_{-1}`` is ``carry`` (zeros when ``None``).  Usage::
 
@@ -391,7 +395,7 @@ class MinLSTM(_Expanded):
         f'_t = f_t / (f_t + i_t),        i'_t = i_t / (f_t + i_t)   (normalised)
         h~_t = W_h x_t + b_h              (or g(...) for positive states)
         h_t  = f'_t * h_{t-1} + i'_t * h~_t
-        y_t  = out_proj(h_t)              (only when d_h != d_model)
+        y_t  = out_proj(h_t)              (when use_out_proj: by default when d_h != d_model)
 
     With ``normalize_gates=False`` the raw ``f_t``, ``i_t`` are used.
     ``h_{-1}`` is ``carry`` (zeros when ``None``).  Usage::
@@ -432,7 +436,9 @@ class MinLSTM(_Expanded):
 
 
 class GatedLinearRNN(GatedRecurrence):
-    """Gated linear RNN (Katsch 2023, "GateLoop", arXiv 2311.01927).
+    """Gated linear RNN of Katsch's flax-gated-linear-rnn package (Katsch 2023,
+    "GateLoop", arXiv 2311.01927): real-valued gates as below; GateLoop's
+    complex-valued transitions and q/k/v readout are not part of it.
 
     The fields and parameter layout follow the flax-gated-linear-rnn package
     (convert its params with

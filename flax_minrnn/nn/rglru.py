@@ -27,7 +27,8 @@ def rglru_lambda_init(min_rad: float = 0.9, max_rad: float = 0.999, eps: float =
     """Initialiser of ``Lambda`` with ``a = exp(-softplus(Lambda))`` in ``[min_rad, max_rad]``.
 
     ``a^2`` is drawn uniformly from ``[min_rad^2, max_rad^2]`` (uniform on the
-    ring's area, as in the Griffin paper), then
+    ring's area, the scheme of the LRU (Orvieto et al. 2023) that the
+    recurrentgemma reference implementation uses), then
     ``Lambda = softplus^{-1}(-log a) = log(expm1(-log a))``.
     """
 
@@ -81,6 +82,9 @@ class RGLRU(nn.Module):
     ``W_a``, ``W_x`` are block-diagonal with ``num_heads`` blocks of
     ``D / num_heads``.  ``Lambda`` (a ``D``-vector) starts with
     ``a = exp(-softplus(Lambda))`` in ``[0.9, 0.999]`` (:func:`rglru_lambda_init`).
+    ``exp(-softplus(Lambda)) = sigmoid(-Lambda)``: the paper writes
+    ``a = sigmoid(Lambda)``, so ``Lambda`` here (recurrentgemma's convention,
+    and its checkpoints') has the opposite sign.
     ``1 - a_t^2`` is computed as ``-expm1(2 log a_t)`` (exact near ``a = 1``)
     and its square root has a derivative bounded by ``max_sqrt_gradient``
     (:func:`sqrt_bounded_derivative`), so bfloat16 training stays finite.

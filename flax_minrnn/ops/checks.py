@@ -75,6 +75,13 @@ def runtime_checks(enabled: bool = True):
 
     (A function traced in this context must be checkified: JAX refuses to
     stage a check that is not.)
+
+    Args:
+      enabled: turn the run-time checks on (default) or, inside an enclosing
+        ``runtime_checks()``, off for this block.
+
+    Yields:
+      Nothing; the previous setting is restored on exit.
     """
     previous = getattr(_runtime, "enabled", False)
     _runtime.enabled = bool(enabled)

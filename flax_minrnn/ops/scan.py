@@ -22,8 +22,11 @@ Conventions
 
   With ``reverse=True`` the time axis runs backwards: ``h_T = h0``,
   ``h_t = a_t * h_{t+1} + b_t`` and ``h_last = h_0``.
-* ``reset`` (bool ``(batch, time)``): a new document starts at step ``t``; the
-  state restarts from zero there (``h_t = b_t``), in either direction.
+* ``reset`` (bool ``(batch, time)``): a new document starts at step ``t``, and
+  documents never mix: forward, the state restarts from zero at a
+  document's first step (``h_t = b_t`` where ``reset[t]``); with
+  ``reverse=True``, at its last step (``h_{t-1} = b_{t-1}``, the step before
+  the next ``reset``).
 * ``seq_lengths`` (int ``(batch,)``) or ``mask`` (bool ``(batch, time)``):
   invalid steps leave the state unchanged (``a = 1, b = 0``), so the final
   carry is the state at the last valid step, and their outputs are zero.
@@ -376,8 +379,10 @@ def linear_scan(
       h0: initial state ``(batch, *features)``; ``None`` means zeros.
       impl: one of :class:`ScanImpl` (or its string value); ``"auto"`` picks
         per backend and length (:func:`default_impl`).
-      reset: optional bool ``(batch, time)``; True where a new document starts
-        (the state restarts from zero at that step).
+      reset: optional bool ``(batch, time)``; True where a new document starts.
+        The state restarts from zero at each document's first step in scan
+        order: the ``reset`` step itself, or with ``reverse=True`` the step
+        before the next ``reset`` (documents never mix).
       seq_lengths: optional int ``(batch,)`` in ``[0, time]``: valid lengths.
         Mutually exclusive with ``mask``.
       mask: optional bool ``(batch, time)``: True at valid steps.

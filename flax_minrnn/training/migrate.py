@@ -1,4 +1,4 @@
-"""Parameter migration: two-stage training and the flax-gated-linear-rnn package.
+"""Parameter migration for two-stage training.
 
 Two-stage training
 ------------------
@@ -32,11 +32,8 @@ returned wrapped the same way.  A variables dict with other collections
 top-level submodule is literally named ``params`` would be mistaken for a
 wrapped dict; name it otherwise.)
 
-The flax-gated-linear-rnn package
----------------------------------
-:func:`from_flax_gated_linear_rnn` renames the parameters of that package's
-``GatedLinearRNN`` to those of :class:`flax_minrnn.GatedLinearRNN`, which uses
-the same fused block order (candidate, input gate, [forget gate], output gate).
+The flax-gated-linear-rnn package's parameters are converted by
+:func:`flax_minrnn.compat.flax_gated_linear_rnn.from_flax_gated_linear_rnn`.
 """
 
 from __future__ import annotations
@@ -269,6 +266,17 @@ def to_associative(params: Params, model: nn.Module, *init_args,
     Raises ``ValueError`` if a ``recurrent_kernel`` is non-zero (the
     associative mode cannot represent it) unless ``allow_drop_nonzero=True``.
     Same restrictions as :func:`to_true_recurrence`.
+
+    Args:
+      params: the true-recurrence model's parameters (inner dict recommended).
+      model: the module (its ``use_true_recurrence`` is replaced by False).
+      *init_args, **init_kwargs: example arguments of ``model.init``.
+      allow_drop_nonzero: drop non-zero recurrent kernels instead of raising
+        (the function then changes).
+
+    Returns:
+      Parameters of ``model.clone(use_true_recurrence=False)``: the same
+      function as ``params`` when every ``recurrent_kernel`` is zero.
     """
     target = _clone_mode(model, False, "to_associative")
     return migrate_params(params, target, *init_args,

@@ -703,12 +703,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     config = config_lib.validate(config)
     if config.two_stage.stage2:
         if step is not None or fallback_to_last_good:
-            raise ValueError("step and fallback_to_last_good apply to one-stage runs; "
+            raise ValueError("step (--step) and fallback_to_last_good "
+                             "(--fallback-to-last-good) apply to one-stage runs; "
                              "pass the stage's workdir and config")
         return two_stage_lib.run_two_stage(config, workdir, stop_at_step=stop_at_step)
     t = config.train
     if step is not None and fallback_to_last_good:
-        raise ValueError("give step or fallback_to_last_good, not both")
+        raise ValueError("give step (--step) or fallback_to_last_good "
+                         "(--fallback-to-last-good), not both")
     os.makedirs(workdir, exist_ok=True)
     ckpt = ckpt_lib.Checkpointer(
         os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=t.max_to_keep,
