@@ -423,6 +423,9 @@ def test_glrnn_lm_features_input_and_errors():
     params = learned.init(jax.random.key(0), _tokens(1, 2))
     with pytest.raises(ValueError, match="max_seq_length"):
         learned.apply(params, _tokens(1, 3), offset=2)
+    for offset in (1.0, jnp.asarray([1, 1], jnp.int32)):
+        with pytest.raises(ValueError, match=r"offset must be an int .* \(1,\), got"):
+            learned.apply(params, _tokens(1, 1), offset=offset)
 
 
 def test_bfloat16_compute_keeps_float32_states_and_logits():

@@ -194,8 +194,16 @@ class GatedLinearRNNLM(nn.Module):
             raise ValueError(f"carry must have shape (batch, n_layer, d_h) = "
                              f"({batch}, {self.n_layer}, {self.d_h}), got {tuple(carry.shape)}")
         if self.positional_encoding_mode != "none":
-            start = jnp.zeros((batch,), jnp.int32) if offset is None else \
-                jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (batch,))
+            if offset is None:
+                start = jnp.zeros((batch,), jnp.int32)
+            else:
+                offset = jnp.asarray(offset)
+                if (not jnp.issubdtype(offset.dtype, jnp.integer)
+                        or offset.shape not in ((), (batch,))):
+                    raise ValueError(
+                        f"offset must be an int or an int array of shape (batch,) = "
+                        f"({batch},), got {offset.dtype} {tuple(offset.shape)}")
+                start = jnp.broadcast_to(offset.astype(jnp.int32), (batch,))
             h = blocks.PositionalEncoding(self.positional_encoding_mode, self.max_seq_length,
                                    dtype=self.dtype, param_dtype=self.param_dtype,
                                    name="wpe")(h, blocks.token_positions(start, seq_len, None), mask)
