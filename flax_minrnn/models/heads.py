@@ -183,15 +183,8 @@ class TokenClassifier(nn.Module):
     def __call__(self, tokens: Array, *, attention_mask=None, seq_lengths=None,
                  training: bool = False) -> Array:
         """Returns float32 logits ``(batch, T, num_classes)``; ``logits[b, t]``
-        belongs to ``tokens[b, t]`` (meaningless at padding).
-
-        Args:
-          tokens: int ``(batch, T)`` ids in ``[0, vocab_size)``.
-          attention_mask: ``(batch, T)`` 0/1 or bool (Hugging Face's): ones on
-            the tokens, one contiguous run per row (left or right padding).
-            Exclusive with ``seq_lengths``.
-          seq_lengths: int ``(batch,)`` valid lengths (right padding).
-          training: enables dropout (needs a ``'dropout'`` rng).
+        belongs to ``tokens[b, t]`` (meaningless at padding).  The arguments
+        are those of :meth:`SequenceClassifier.__call__`.
         """
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
