@@ -28,6 +28,7 @@ or CORRUPT and exits with 2 if any is corrupt. A diverged training run
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -273,9 +274,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drop_orphaned_future_errors(record: logging.LogRecord) -> bool:
+    """Reading a corrupt checkpoint leaves orbax's other reads failing in
+    futures nobody awaits; asyncio logs each when it is collected, possibly
+    at exit, after the one-line error that already names the corrupt step."""
+    return not record.getMessage().startswith("Future exception was never retrieved")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit code (2 for user errors)."""
     args = _parser().parse_args(argv)
+    logging.getLogger("asyncio").addFilter(_drop_orphaned_future_errors)
     try:
         return _run(args)
     except FloatingPointError as e:

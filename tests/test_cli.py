@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,32 @@ def test_missing_config_file_exits_2(tmp_path, capsys):
     assert cli.main(["train", "--config", str(tmp_path / "nope.py"),
                      "--workdir", str(tmp_path)]) == 2
     assert "nope.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, arg, message", [
+    ("def get_config(:\n", "", r"failed to load: SyntaxError"),
+    ("import no_such_module_here\n", "", r"failed to load: ModuleNotFoundError"),
+    ("def get_config():\n    return {}\n", ":big",
+     r"cannot be called with 'big' \(the :ARG of --config\)"),
+    (None, "", r"is not a file"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, capsys, text, arg, message):
+    """No traceback for a config file that does not load: one line, exit 2."""
+    path = tmp_path / "c.py"
+    if text is None:
+        path.mkdir()
+    else:
+        path.write_text(text)
+    assert cli.main(["train", "--config", f"{path}{arg}", "--workdir",
+                     str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+
+
+def test_oversized_seed_is_refused(tmp_path, capsys):
+    assert cli.main(["train", "--config", SHAKESPEARE, "--workdir",
+                     str(tmp_path / "run"), "seed=99999999999999999999"]) == 2
+    assert "seed must be < 2**63" in capsys.readouterr().err
 
 
 def test_missing_run_exits_2(tmp_path, capsys):

@@ -277,6 +277,19 @@ def test_corrupt_latest_checkpoint(char_run, tmp_path):
     assert _hashes(ckdir / "superseded" / "4") == corrupt
     assert [e["step"] for e in read_metrics(workdir)
             if e["split"] == "eval"] == [0, 2, 4]
+    # The metric lines of the steps redone are kept aside, not deleted.
+    with open(workdir / train.SUPERSEDED_METRICS_FILE) as f:
+        superseded = [json.loads(line) for line in f]
+    assert superseded == [r for r in read_metrics(char_run[0]) if r["step"] > 2]
+    assert superseded
+
+
+def test_empty_sample_prompt_is_refused_before_training(char_run, tmp_path):
+    config = config_lib.apply_overrides(char_run[1], ["train.sample_prompt="])
+    with pytest.raises(config_lib.ConfigError, match="train.sample_prompt: .*one character"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir())
 
 
 def _schedule_reference(lr, warmup, n, min_ratio, s):

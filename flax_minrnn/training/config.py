@@ -22,6 +22,7 @@ from the defaults, applies the command-line overrides and returns a locked
 import ast
 import difflib
 import importlib.util
+import inspect
 import json
 import os
 import secrets
@@ -412,17 +413,35 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
     file, arg = path, None
     if not os.path.exists(path) and ":" in path:
         file, arg = path.rsplit(":", 1)
-    if not os.path.isfile(file):
+    if not os.path.exists(file):
         raise FileNotFoundError(f"Config file {file!r} not found.")
+    if not os.path.isfile(file):
+        raise ConfigError(f"Config file {file!r} is not a file (give a .py file "
+                          "defining get_config()).")
     name = "_flax_minrnn_config_" + os.path.splitext(
         os.path.basename(file))[0]
     spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"Config file {file!r} is not a Python file (give a .py "
+                          "file defining get_config()).")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # The user's file: report what failed, in one line.
+        raise ConfigError(f"Config file {file!r} failed to load: "
+                          f"{type(e).__name__}: {e}") from e
     get_config: Callable[..., Any] | None = getattr(module, "get_config", None)
     if not callable(get_config):
         raise ConfigError(f"Config file {file!r} defines no get_config().")
-    config = get_config() if arg is None else get_config(arg)
+    args = () if arg is None else (arg,)
+    try:
+        inspect.signature(get_config).bind(*args)
+    except TypeError as e:
+        raise ConfigError(
+            f"get_config() in {file!r} cannot be called with "
+            f"{'no argument' if arg is None else repr(arg) + ' (the :ARG of --config)'}: "
+            f"{e}") from e
+    config = get_config(*args)
     if not _is_map(config):
         raise ConfigError(f"get_config() in {file!r} returned "
                           f"{type(config).__name__}, not a ConfigDict.")

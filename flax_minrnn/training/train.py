@@ -21,7 +21,8 @@ interrupted and resumed from its latest checkpoint ends with bit-identical
 parameters to an uninterrupted one (on the same machine).
 
 Resuming from an older step (``step=N``, or ``fallback_to_last_good`` past a
-corrupt step) first moves the newer steps to ``checkpoints/superseded/``:
+corrupt step) first moves the newer steps to ``checkpoints/superseded/``
+and their lines of ``metrics.jsonl`` to ``metrics.superseded.jsonl``:
 nothing is ever deleted, and their step numbers can be saved again.
 
 The learning-rate schedule is fixed when a run starts: its length
@@ -61,9 +62,12 @@ from flax_minrnn.training import mesh as parallel_lib
 from flax_minrnn.training import two_stage as two_stage_lib
 from flax_minrnn.training.config import ConfigError
 from flax_minrnn.training.data import CharDataset, CharVocab, load_text, make_task
+from flax_minrnn.training.data.text import check_seed
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+# Metric lines of steps newer than the one a run resumes from: kept here.
+SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
 SAMPLES_FILE = "samples.txt"
 TB_DIR = "tb"
 # Config keys that may differ between a workdir's run and its resumption
@@ -587,19 +591,30 @@ class _Logger:
         self.writer = None
         if jax.process_index() != 0:  # Several hosts: one writer.
             return
-        lines = []
-        if resume_step is not None and os.path.exists(self.path):
-            # Drop lines logged after the checkpoint we resume from.
+        kept, superseded = [], []
+        if os.path.exists(self.path):
+            # Lines logged after the checkpoint we resume from (all of them
+            # for a fresh start, and any line a kill left torn) move to the
+            # superseded file.
             with open(self.path) as f:
                 for line in f:
+                    line = line if line.endswith("\n") else line + "\n"
                     try:
-                        if json.loads(line)["step"] <= resume_step:
-                            lines.append(line if line.endswith("\n")
-                                         else line + "\n")
+                        keep = resume_step is not None and json.loads(line)["step"] <= resume_step
                     except (ValueError, KeyError, TypeError):
-                        continue
-        with open(self.path, "w") as f:
-            f.writelines(lines)
+                        keep = False
+                    (kept if keep else superseded).append(line)
+        # Append the superseded lines first, then swap in the kept ones
+        # atomically: a kill at any point loses no line (at worst a line is
+        # in both files).
+        if superseded:
+            _append_synced(os.path.join(workdir, SUPERSEDED_METRICS_FILE), superseded)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self.writer = SummaryWriter(os.path.join(workdir, TB_DIR))
 
@@ -617,6 +632,13 @@ class _Logger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _append_synced(path: str, lines) -> None:
+    with open(path, "a") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write(message: str) -> None:
@@ -727,6 +749,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         vocab = getattr(dataset, "vocab", None)
         if vocab is not None:
             try:
+                if not t.sample_prompt:
+                    raise ValueError("the prompt must contain at least one character")
                 vocab.encode(t.sample_prompt)
             except ValueError as e:
                 raise ConfigError(f"train.sample_prompt: {e}") from e
@@ -1082,6 +1106,7 @@ def generate_text(workdir: str, prompt: str, max_new_tokens: int = 200,
         ValueError: The run has no text vocabulary, or the prompt is empty or
             has characters outside the run's vocabulary.
     """
+    check_seed(seed)
     model, params, vocab, _ = load_run(workdir, step)
     if vocab is None:
         raise ValueError(f"Run {workdir!r} is a synthetic task without a "

@@ -65,7 +65,8 @@ import inspect
 
 import numpy as np
 
-from flax_minrnn.training.data.text import CharDataset, check_int, check_step, load_text
+from flax_minrnn.training.data.text import (CharDataset, check_int, check_seed, check_step,
+                                            load_text)
 
 DEFAULT_EVAL_BATCHES = 10
 _TRAIN, _EVAL = 0, 1  # Seed streams.
@@ -85,7 +86,7 @@ class _SyntheticTask:
 
     def __init__(self, batch_size: int, seed: int):
         self.batch_size = check_int("batch_size", batch_size)
-        self.seed = check_int("seed", seed, minimum=0)
+        self.seed = check_seed(seed)
 
     def _sample(self, rng: np.random.Generator, train: bool
                 ) -> dict[str, np.ndarray]:

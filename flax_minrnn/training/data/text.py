@@ -172,6 +172,15 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_seed(seed) -> int:
+    """Validates a random seed: an int in ``[0, 2**63)`` (what
+    ``jax.random.key`` takes)."""
+    seed = check_int("seed", seed, minimum=0)
+    if seed >= 2 ** 63:
+        raise ValueError(f"seed must be < 2**63, got {seed}")
+    return seed
+
+
 def check_step(step) -> int:
     """Validates a training step index (a non-negative int)."""
     return check_int("step", step, minimum=0)
@@ -213,7 +222,7 @@ class CharDataset:
         """
         self.seq_len = check_int("seq_len", seq_len)
         self.batch_size = check_int("batch_size", batch_size)
-        self.seed = check_int("seed", seed, minimum=0)
+        self.seed = check_seed(seed)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(
                 f"val_fraction must be in (0, 1), got {val_fraction}")
