@@ -222,6 +222,8 @@ def test_shrink():
     ("data.val_fraction=0", r"'data.val_fraction' must be in \(0, 1\)"),
     ("optim.learning_rate=-0.001", "'optim.learning_rate' must be > 0"),
     ("optim.learning_rate=nan", "'optim.learning_rate' must be > 0"),
+    ("optim.learning_rate=inf", "'optim.learning_rate' must be finite, got inf"),
+    ("optim.grad_clip=inf", "'optim.grad_clip' must be finite, got inf"),
     ("optim.warmup_steps=-1", "'optim.warmup_steps' must be >= 0"),
     ("optim.min_lr_ratio=1.5", r"'optim.min_lr_ratio' must be in \[0, 1\]"),
     ("optim.weight_decay=-0.1", "'optim.weight_decay' must be >= 0"),

@@ -24,6 +24,7 @@ import difflib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import secrets
 from typing import Any, Callable, Mapping, Sequence
@@ -278,6 +279,8 @@ def _check_value(dotted: str, value: Any, default: Any) -> Any:
     if dotted in RANGES and not RANGES[dotted][0](value):
         raise ConfigError(f"Config key {dotted!r} must be {RANGES[dotted][1]}, "
                           f"got {value!r}.")
+    if dotted in RANGES and not math.isfinite(value):
+        raise ConfigError(f"Config key {dotted!r} must be finite, got {value!r}.")
     return value
 
 
