@@ -2,9 +2,10 @@
 
 Every layer maps ``x`` of shape ``(batch, time, features)`` to ``(carry, y)``:
 ``carry`` is the final state ``(batch, d_h)`` (float32 whatever the compute
-dtype, or float64 when the computation is float64) and ``y`` the outputs ``(batch, time, d_out)``.  The three layers are
-small variations of one base, :class:`GatedRecurrence`, which runs (one code
-path for every ``T >= 1``):
+dtype, or float64 when the computation is float64) and ``y`` the outputs
+``(batch, time, d_out)``.  The three layers are small variations of one
+base, :class:`GatedRecurrence`, which runs (one code path for every
+``T >= 1``):
 
 1. inputs at padded steps (``seq_lengths`` / ``mask``) are set to zero, so
    whatever they hold (NaN included) never reaches a product or a gradient;

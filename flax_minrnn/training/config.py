@@ -276,11 +276,13 @@ def _check_value(dotted: str, value: Any, default: Any) -> Any:
     if dotted in CHOICES and value not in CHOICES[dotted]:
         raise ConfigError(f"Config key {dotted!r} must be one of "
                           f"{CHOICES[dotted]}, got {value!r}.")
-    if dotted in RANGES and not RANGES[dotted][0](value):
-        raise ConfigError(f"Config key {dotted!r} must be {RANGES[dotted][1]}, "
-                          f"got {value!r}.")
-    if dotted in RANGES and not math.isfinite(value):
-        raise ConfigError(f"Config key {dotted!r} must be finite, got {value!r}.")
+    if dotted in RANGES:
+        allowed, description = RANGES[dotted]
+        if not allowed(value):
+            raise ConfigError(f"Config key {dotted!r} must be {description}, "
+                              f"got {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"Config key {dotted!r} must be finite, got {value!r}.")
     return value
 
 
@@ -523,12 +525,23 @@ def save_config(workdir: str, config: ConfigDict) -> str:
     """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, CONFIG_FILENAME)
-    text = config_to_json(config)
-    tmp = os.path.join(workdir, f".config.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    write_text_atomically(path, config_to_json(config) + "\n")
+    return path
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Replaces ``path`` by a file holding ``text``, or leaves it as it was.
+
+    A fresh temporary file beside it is written, synced and renamed over
+    ``path``; it gets the mode of any file the process creates (``0o666``
+    less the umask).
+    """
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -536,7 +549,6 @@ def save_config(workdir: str, config: ConfigDict) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
 
 
 def load_saved_config(workdir: str) -> ConfigDict:

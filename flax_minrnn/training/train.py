@@ -609,12 +609,7 @@ class _Logger:
         # in both files).
         if superseded:
             _append_synced(os.path.join(workdir, SUPERSEDED_METRICS_FILE), superseded)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        config_lib.write_text_atomically(self.path, "".join(kept))
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self.writer = SummaryWriter(os.path.join(workdir, TB_DIR))
 
@@ -665,15 +660,21 @@ def _check_resumable(config, workdir: str) -> None:
             "workdir.")
 
 
+def _encode_prompt(vocab: CharVocab, prompt: str) -> np.ndarray:
+    """The prompt's ids; ``ValueError`` if it is empty or has characters
+    outside ``vocab``."""
+    if not prompt:
+        raise ValueError("the prompt must contain at least one character")
+    return vocab.encode(prompt)
+
+
 def _sample_text(model, params, vocab: CharVocab, prompt: str,
                  max_new_tokens: int, key, *, temperature: float,
                  top_k: int = 0, top_p: float = 1.0,
                  bucket_lengths: bool = False) -> str:
     """Prompt + ``max_new_tokens`` generated characters."""
     from flax_minrnn.models.generate import generate  # pylint: disable=g-import-not-at-top
-    if not prompt:
-        raise ValueError("the prompt must contain at least one character")
-    ids = vocab.encode(prompt)[None, :]
+    ids = _encode_prompt(vocab, prompt)[None, :]
     out = generate(model, params, jnp.asarray(ids, jnp.int32),
                    int(max_new_tokens), rng=key, temperature=float(temperature),
                    top_k=int(top_k), top_p=float(top_p),
@@ -749,9 +750,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         vocab = getattr(dataset, "vocab", None)
         if vocab is not None:
             try:
-                if not t.sample_prompt:
-                    raise ValueError("the prompt must contain at least one character")
-                vocab.encode(t.sample_prompt)
+                _encode_prompt(vocab, t.sample_prompt)
             except ValueError as e:
                 raise ConfigError(f"train.sample_prompt: {e}") from e
         model = build_model(config, dataset.vocab_size)
