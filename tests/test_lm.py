@@ -326,19 +326,23 @@ def test_losses():
               if labels[b, t] != -100]
     assert int(n2) == len(terms2) == 6 and loss2.dtype == jnp.float32
     np.testing.assert_allclose(float(loss2), np.mean(terms2), rtol=1e-6)
-    # Weighted: sum(w * nll) / sum(w) from a float64 log-softmax, also of bf16 logits.
+    # Weighted: sum(w * nll) / max(sum(w), 1) from a float64 log-softmax, of
+    # float32 and bf16 logits, with total weights above and below 1.
     targets = jnp.maximum(labels, 0)
-    weights = jnp.asarray(np.random.default_rng(0).uniform(0, 2, (2, 4)), jnp.float32)
-    for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-6)):
+    base = np.random.default_rng(0).uniform(0, 2, (2, 4))
+    for dtype in (jnp.float32, jnp.bfloat16):
         x = np.asarray(logits.astype(dtype), np.float64)
         lp = x - x.max(-1, keepdims=True)
         lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
         nll = -np.take_along_axis(lp, np.asarray(targets)[..., None], -1)[..., 0]
-        w = np.asarray(weights, np.float64)
-        wl, total = weighted_cross_entropy(logits.astype(dtype), targets, weights)
-        assert wl.dtype == jnp.float32
-        np.testing.assert_allclose(float(total), w.sum(), rtol=1e-6)
-        np.testing.assert_allclose(float(wl), (w * nll).sum() / w.sum(), rtol=tol)
+        for scale in (1.0, 0.05):
+            weights = jnp.asarray(scale * base, jnp.float32)
+            w = np.asarray(weights, np.float64)
+            wl, total = weighted_cross_entropy(logits.astype(dtype), targets, weights)
+            assert wl.dtype == jnp.float32
+            np.testing.assert_allclose(float(total), w.sum(), rtol=1e-6)
+            np.testing.assert_allclose(float(wl), (w * nll).sum() / max(w.sum(), 1.0),
+                                       rtol=1e-6)
     wl, total = weighted_cross_entropy(logits, targets, jnp.zeros((2, 4), jnp.float32))
     assert float(wl) == 0.0 and float(total) == 0.0
 
