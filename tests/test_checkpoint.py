@@ -106,6 +106,40 @@ def test_keep_last_k_and_best(tmp_path):
     assert_bit_exact(params, make_state(7)["params"])
 
 
+class _Killed(BaseException):
+    """Stands for a SIGKILL at a chosen point (nothing after it runs)."""
+
+
+def test_a_kill_while_retention_deletes_leaves_only_whole_steps(tmp_path, monkeypatch):
+    """A kill part-way through removing a step that retention dropped must
+    not leave a half-removed step among the steps: ``check`` would call it
+    corrupt. The next writable open finishes the removal."""
+    from etils import epath
+    ckpt = Checkpointer(tmp_path, max_to_keep=1, keep_best=False)
+    ckpt.save(1, make_state(1), metadata={"step": 1})
+
+    def killed_rmtree(self, missing_ok=False):
+        files = sorted(p for p in pathlib.Path(self).rglob("*") if p.is_file())
+        files[0].unlink()  # Part of the tree is gone, then the kill.
+        raise _Killed()
+
+    monkeypatch.setattr(type(epath.Path(tmp_path)), "rmtree", killed_rmtree)
+    with pytest.raises(_Killed):
+        ckpt.save(2, make_state(2), metadata={"step": 2})
+    monkeypatch.undo()
+    with Checkpointer(tmp_path, read_only=True) as ro:
+        assert ro.all_steps() == [2]
+        assert ro.verify(2)
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()
+                 and p.relative_to(tmp_path).parts[0] != "2"]
+    assert leftovers  # What the kill left of step 1, outside the steps.
+    with Checkpointer(tmp_path, max_to_keep=1, keep_best=False) as again:
+        assert again.all_steps() == [2]
+        restored, meta = again.restore(target=abstract(make_state()))
+        assert_bit_exact(restored, make_state(2)) and meta == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2"]
+
+
 def test_best_mode_max_and_no_best(tmp_path):
     with Checkpointer(tmp_path / "a", max_to_keep=1, best_metric="acc",
                       best_mode="max") as ckpt:

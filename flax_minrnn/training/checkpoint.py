@@ -8,6 +8,7 @@ Layout of a checkpoint directory (orbax-checkpoint 0.12 ``CheckpointManager``)::
     <directory>/<step>/checksums/  JSON: two checksums per state leaf
     <directory>/<step>.orbax-checkpoint-tmp/   an interrupted save (ignored)
     <directory>/superseded/<step>/ a step set aside by :meth:`set_aside`
+    <directory>/deleting/<step>/   a step retention is deleting (transient)
 
 Atomicity: on a local filesystem orbax writes a step into
 ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` only after every
@@ -18,7 +19,10 @@ new one is committed. :meth:`Checkpointer.save` returns after the commit.
 
 Retention: ``AnyPreservationPolicy([LatestN(max_to_keep), BestN(n=1)])``: the
 last ``max_to_keep`` steps plus the best one by ``metrics[best_metric]``, all
-in the same directory. Nothing is deleted because it cannot be read: a corrupt
+in the same directory. A step to delete is first renamed into ``deleting/``
+(orbax's ``todelete_subdir``) and only then removed, so that a kill during
+the removal leaves no half-deleted step among the steps; whatever is left in
+``deleting/`` is removed when a writable :class:`Checkpointer` opens. Nothing is deleted because it cannot be read: a corrupt
 step raises :class:`CheckpointCorruptError`, which names older candidates.
 
 Verification: every save also records :func:`tree_checksums` of the state,
@@ -217,6 +221,7 @@ def _match(target, saved, where: str):
 
 _CHECKSUMS = "checksums"     # The checksums item of a step.
 _SUPERSEDED = "superseded"   # Where set_aside moves steps (not a step name).
+_DELETING = "deleting"       # Where retention moves steps it deletes.
 _WEIGHT = 0x9E3779B1          # Odd multiplier of the position weights.
 
 
@@ -347,6 +352,7 @@ class Checkpointer:
             save_interval_steps=0 if read_only else 1,
             read_only=read_only, best_fn=self._score if keep_best else None,
             best_mode=best_mode,
+            todelete_subdir=None if read_only else _DELETING,
             preservation_policy=ocm.AnyPreservationPolicy(policies))
         try:
             self._mgr = ocp.CheckpointManager(self.directory, options=options)
@@ -357,6 +363,19 @@ class Checkpointer:
                 "move the broken step directory away.",
                 path=str(self.directory)) from e
         self._pytree = ocp.PyTreeCheckpointHandler()
+        self._finish_deletions()
+
+    def _finish_deletions(self) -> None:
+        """Removes the steps retention has moved to ``deleting/``."""
+        root = self.directory / _DELETING
+        if self._read_only or jax.process_index() != 0 or not root.exists():
+            return
+        for entry in sorted(root.iterdir()):
+            if entry.is_dir():
+                entry.rmtree()
+            else:
+                entry.unlink()
+        root.rmdir()
 
     def _score(self, metrics: Mapping[str, float]) -> float:
         value = float(metrics[self._metric])
@@ -397,6 +416,7 @@ class Checkpointer:
                 metadata=ocp.args.JsonSave(metadata),
                 **{_CHECKSUMS: ocp.args.JsonSave(tree_checksums(state))}))
         self._mgr.wait_until_finished()
+        self._finish_deletions()
 
     def all_steps(self) -> list[int]:
         """All committed steps, ascending."""
