@@ -8,6 +8,7 @@ import pathlib
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -65,6 +66,41 @@ def assert_params_equal(a: dict, b: dict) -> None:
 def read_metrics(workdir) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+_TIMINGS = ("tokens_per_sec", "wall_time", "time")
+
+
+def logged(workdir) -> dict:
+    """What a run logged, but for timings: metric lines, samples, and the
+    TensorBoard scalars as TensorBoard shows them."""
+    lines = [{k: v for k, v in r.items() if k not in _TIMINGS}
+             for r in read_metrics(workdir)]
+    samples = pathlib.Path(workdir, train.SAMPLES_FILE).read_text("utf-8")
+    return dict(lines=lines, samples=samples,
+                tb=[e for e in tb_scalars(workdir)
+                    if not e[0].endswith("tokens_per_sec")])
+
+
+def tb_scalars(workdir) -> list[tuple[str, int, float]]:
+    """``(tag, step, value)`` of every scalar in ``workdir/tb``, read as
+    TensorBoard does: files in name order, and an event carrying
+    ``SessionLog.START`` at step s hides the earlier-read events at steps
+    >= s."""
+    from tensorboardX.proto import event_pb2
+    shown = []
+    for path in sorted(glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))):
+        data, i = pathlib.Path(path).read_bytes(), 0
+        while i < len(data):  # TFRecords: u64 length, u32 crc, data, u32 crc.
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if (event.HasField("session_log") and event.session_log.status
+                    == event_pb2.SessionLog.START):
+                shown = [e for e in shown if e[1] < event.step]
+            shown += [(v.tag, event.step, v.simple_value)
+                      for v in event.summary.value]
+    return shown
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +206,11 @@ _KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+# Log every 2 steps and sample every 3 steps: steps 3 and 5 (checkpoints
+# below) fall inside a train-loss window.
 RESUME = ["train.num_steps=8", "train.checkpoint_every=3",
-          "train.eval_every=4", "model.dropout=0.1",
+          "train.eval_every=4", "train.log_every=2", "train.sample_every=3",
+          "model.dropout=0.1",
           "model.embedding_dropout=0.1"]
 
 
@@ -211,13 +250,17 @@ def test_sigkilled_then_resumed_is_bit_exact(uninterrupted, tmp_path):
     with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                read_only=True) as ckpt:
         assert ckpt.all_steps() == [3]
-    # Lines logged after step 3 by the killed process get dropped.
-    assert max(r["step"] for r in read_metrics(workdir)) > 3
+    # What the killed process logged after step 3 is set aside.
+    killed = logged(workdir)
+    assert max(r["step"] for r in killed["lines"]) > 3
+    assert "=== step 6 ===" in killed["samples"]
     metrics = train.train_and_evaluate(config, workdir)
     assert metrics["step"] == 8
     assert_params_equal(final_params(workdir), final_params(uninterrupted))
-    steps = [r["step"] for r in read_metrics(workdir) if r["split"] == "train"]
-    assert steps == list(range(1, 9))
+    assert logged(workdir) == logged(uninterrupted)
+    superseded = pathlib.Path(workdir, train.SUPERSEDED_SAMPLES_FILE).read_text("utf-8")
+    assert superseded.startswith("=== step 6 ===\n")
+    assert superseded in logged(uninterrupted)["samples"]
 
 
 def test_stopped_then_resumed_is_bit_exact(uninterrupted, tmp_path):
@@ -227,10 +270,18 @@ def test_stopped_then_resumed_is_bit_exact(uninterrupted, tmp_path):
                                     stop_at_step=5)["step"] == 5
     train.train_and_evaluate(config, workdir)
     assert_params_equal(final_params(workdir), final_params(uninterrupted))
-    # Resuming a finished run only re-evaluates.
+    # The train-loss line of step 6 averages steps 5 and 6, one from each
+    # process; samples and TensorBoard show one run.
+    expected = logged(uninterrupted)
+    assert [r["step"] for r in expected["lines"] if r["split"] == "train"] == [2, 4, 6, 8]
+    assert expected["samples"].count("=== step") == 3  # Steps 3, 6 and 8.
+    assert logged(workdir) == expected
+    # Resuming a finished run only re-evaluates: it logs nothing new, and
+    # its final sample replaces the one it rewrites.
     again = train.train_and_evaluate(config, workdir)
     assert again["step"] == 8
     assert_params_equal(final_params(workdir), final_params(uninterrupted))
+    assert logged(workdir) == expected
 
 
 def test_resume_with_other_config_is_an_error(char_run):
@@ -288,8 +339,7 @@ def test_empty_sample_prompt_is_refused_before_training(char_run, tmp_path):
     config = config_lib.apply_overrides(char_run[1], ["train.sample_prompt="])
     with pytest.raises(config_lib.ConfigError, match="train.sample_prompt: .*one character"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
-        (tmp_path / "run" / "checkpoints").iterdir())
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def _schedule_reference(lr, warmup, n, min_ratio, s):

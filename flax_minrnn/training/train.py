@@ -10,10 +10,12 @@ A workdir holds::
 
     config.json      the resolved config (written at start)
     checkpoints/     Checkpointer steps: params, opt_state, step, rng, data
-                     position; metadata = config JSON, vocab JSON, vocab size
+                     position; metadata = config JSON, vocab JSON, vocab
+                     size, the open train-loss window, samples.txt's size
     metrics.jsonl    one JSON object per train-log / eval line
     tb/              TensorBoard event files (tensorboardX)
     samples.txt      generated text (char tasks)
+    *.superseded.*   what a resumed run set aside (see below)
 
 Determinism: batches are a pure function of ``(seed, step)`` and the dropout
 key of step ``s`` is ``fold_in(fold_in(key(seed), 1), s)``, so a run that is
@@ -23,7 +25,11 @@ parameters to an uninterrupted one (on the same machine).
 Resuming from an older step (``step=N``, or ``fallback_to_last_good`` past a
 corrupt step) first moves the newer steps to ``checkpoints/superseded/``
 and their lines of ``metrics.jsonl`` to ``metrics.superseded.jsonl``:
-nothing is ever deleted, and their step numbers can be saved again.
+nothing is ever deleted, and their step numbers can be saved again. Any
+resume leaves the logs as an uninterrupted run writes them (timings aside):
+the samples of later steps move to ``samples.superseded.txt``, TensorBoard
+hides the later events of older event files (a purge marker), and a
+train-loss line averages the same steps (the window is checkpointed).
 
 The learning-rate schedule is fixed when a run starts: its length
 (``schedule_steps``, saved in every checkpoint) is the ``train.num_steps`` of
@@ -69,6 +75,8 @@ METRICS_FILE = "metrics.jsonl"
 # Metric lines of steps newer than the one a run resumes from: kept here.
 SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
 SAMPLES_FILE = "samples.txt"
+# Samples of steps newer than the one a run resumes from: kept here.
+SUPERSEDED_SAMPLES_FILE = "samples.superseded.txt"
 TB_DIR = "tb"
 # Config keys that may differ between a workdir's run and its resumption
 # (the mesh too: a run may resume on another number of devices).
@@ -584,19 +592,38 @@ def check_recipes(config: ml_collections.ConfigDict, params) -> None:
 # ----------------------------------------------------------------------------
 
 class _Logger:
-    """metrics.jsonl + TensorBoard + console (files: process 0 only)."""
+    """metrics.jsonl, samples.txt, TensorBoard and console.
 
-    def __init__(self, workdir: str, resume_step: int | None):
+    Files are written by process 0 only. On creation, whatever the files
+    hold past the step a run starts from is set aside, so that a resumed
+    run's files equal an uninterrupted run's (but for timings):
+
+    * metrics.jsonl: lines of later steps, and any line a kill left torn,
+      move to metrics.superseded.jsonl.
+    * samples.txt: the bytes past the size recorded in the checkpoint
+      (``samples_bytes``) move to samples.superseded.txt. A checkpoint
+      saved before the size was recorded (``None``) leaves it as it is.
+    * tb/: a new event file starts with a purge marker at the first new
+      step, so that TensorBoard hides the older files' later events.
+
+    Args:
+        workdir: The run directory.
+        resume_step: The step resumed from; None for a fresh start (then
+            all earlier lines and samples are set aside).
+        samples_bytes: The size of samples.txt when ``resume_step`` was
+            saved.
+    """
+
+    def __init__(self, workdir: str, resume_step: int | None,
+                 samples_bytes: int | None):
         self.path = os.path.join(workdir, METRICS_FILE)
+        self.samples_path = os.path.join(workdir, SAMPLES_FILE)
         self.writer = None
         if jax.process_index() != 0:  # Several hosts: one writer.
             return
         kept, superseded = [], []
         if os.path.exists(self.path):
-            # Lines logged after the checkpoint we resume from (all of them
-            # for a fresh start, and any line a kill left torn) move to the
-            # superseded file.
-            with open(self.path) as f:
+            with open(self.path, encoding="utf-8") as f:
                 for line in f:
                     line = line if line.endswith("\n") else line + "\n"
                     try:
@@ -608,15 +635,31 @@ class _Logger:
         # atomically: a kill at any point loses no line (at worst a line is
         # in both files).
         if superseded:
-            _append_synced(os.path.join(workdir, SUPERSEDED_METRICS_FILE), superseded)
+            _append_synced(os.path.join(workdir, SUPERSEDED_METRICS_FILE),
+                           "".join(superseded).encode("utf-8"))
         config_lib.write_text_atomically(self.path, "".join(kept))
+        if resume_step is None:
+            samples_bytes = 0
+        if samples_bytes is not None and os.path.exists(self.samples_path):
+            with open(self.samples_path, "rb") as f:
+                head, tail = f.read(samples_bytes), f.read()
+            if tail:
+                _append_synced(os.path.join(workdir, SUPERSEDED_SAMPLES_FILE), tail)
+                config_lib.write_text_atomically(self.samples_path,
+                                                 head.decode("utf-8"))
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self.writer = SummaryWriter(os.path.join(workdir, TB_DIR))
+        # tensorboardX names files by the second and opens them with "wb":
+        # the suffix keeps a restart within the same second from
+        # overwriting a file, and sorts files in the order they were made.
+        self.writer = SummaryWriter(
+            os.path.join(workdir, TB_DIR),
+            purge_step=0 if resume_step is None else resume_step + 1,
+            filename_suffix=f".{time.time_ns():020d}")
 
     def log(self, record: Mapping[str, Any]) -> None:
         if self.writer is None:
             return
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(dict(record)) + "\n")
         split, step = record["split"], record["step"]
         for key in ("loss", "accuracy", "lr", "tokens_per_sec", "grad_norm"):
@@ -624,14 +667,26 @@ class _Logger:
                 self.writer.add_scalar(f"{split}/{key}", record[key], step)
         self.writer.flush()
 
+    def sample(self, step: int, text: str) -> None:
+        if self.writer is not None:
+            with open(self.samples_path, "a", encoding="utf-8") as f:
+                f.write(f"=== step {step} ===\n{text}\n\n")
+
+    def samples_bytes(self) -> int:
+        """The size of samples.txt now (0 if absent; process 0's file)."""
+        try:
+            return os.path.getsize(self.samples_path)
+        except FileNotFoundError:
+            return 0
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
 
-def _append_synced(path: str, lines) -> None:
-    with open(path, "a") as f:
-        f.writelines(lines)
+def _append_synced(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
@@ -735,8 +790,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise ValueError("give step (--step) or fallback_to_last_good "
                          "(--fallback-to-last-good), not both")
     os.makedirs(workdir, exist_ok=True)
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    new_dir = not os.path.exists(ckpt_dir)
     ckpt = ckpt_lib.Checkpointer(
-        os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=t.max_to_keep,
+        ckpt_dir, max_to_keep=t.max_to_keep,
         keep_best=True, best_metric="eval_loss", best_mode="min")
     try:
         latest = ckpt.latest_step()
@@ -794,10 +851,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     "schedule_steps": int(schedule_steps),
                     "stopped_early": stopped_early}
         return _loop(config, workdir, ckpt, model, tx, dataset, vocab, state,
-                     metadata, elapsed0, resumed=latest is not None,
+                     metadata, elapsed0,
+                     restored=meta if latest is not None else None,
                      stop_at_step=stop_at_step, tqdm_cls=tqdm.tqdm, plan=plan)
     finally:
         ckpt.close()
+        # A start that failed before saving leaves no empty checkpoints/.
+        if new_dir and os.path.isdir(ckpt_dir) and not os.listdir(ckpt_dir):
+            os.rmdir(ckpt_dir)
 
 
 def _resume(ckpt: ckpt_lib.Checkpointer, target, step: int | None,
@@ -868,9 +929,17 @@ def _mesh_plan(config, dataset) -> "parallel_lib.MeshPlan | None":
 
 
 def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
-          elapsed0, *, resumed, stop_at_step, tqdm_cls, plan=None
+          elapsed0, *, restored, stop_at_step, tqdm_cls, plan=None
           ) -> dict[str, Any]:
-    """The training loop proper (see :func:`train_and_evaluate`)."""
+    """The training loop proper (see :func:`train_and_evaluate`).
+
+    ``restored`` is the metadata of the checkpoint resumed from (None for a
+    fresh start): it holds the train-loss window still open at that step and
+    the size of samples.txt then, so that the resumed run logs what an
+    uninterrupted one would.
+    """
+    resumed = restored is not None
+    restored = restored or {}
     t, d = config.train, config.data
     # From host memory: a restored key is committed to one device, which
     # would clash with params on a mesh where it is passed (sampling).
@@ -894,19 +963,21 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
     params, opt_state = state["params"], state["opt_state"]
     step = int(state["step"])
     eval_data = [place(b) for b in dataset.eval_batches(d.eval_batches)]
-    logger = _Logger(workdir, step if resumed else None)
+    logger = _Logger(workdir, step if resumed else None,
+                     restored.get("samples_bytes"))
     t_start = time.time()
     wall = lambda: elapsed0 + time.time() - t_start
     final: dict[str, Any] = {}
     last_saved = step if resumed else None
 
-    def run_eval():
+    def run_eval(log=True):
         m = evaluate_batches(eval_step, effective(params, step), eval_data)
-        logger.log(dict(step=step, split="eval", loss=m["eval_loss"],
-                        accuracy=m["eval_accuracy"],
-                        lr=_lr(schedule, step - 1),
-                        tokens_per_sec=None, wall_time=wall(),
-                        time=time.time()))
+        if log:
+            logger.log(dict(step=step, split="eval", loss=m["eval_loss"],
+                            accuracy=m["eval_accuracy"],
+                            lr=_lr(schedule, step - 1),
+                            tokens_per_sec=None, wall_time=wall(),
+                            time=time.time()))
         _write(f"step {step}: eval loss {m['eval_loss']:.4f} "
                f"accuracy {m['eval_accuracy']:.4f}")
         final.update(m)
@@ -918,9 +989,7 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
                             t.sample_length, key,
                             temperature=t.sample_temperature,
                             top_k=t.sample_top_k)
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, SAMPLES_FILE), "a") as f:
-                f.write(f"=== step {step} ===\n{text}\n\n")
+        logger.sample(step, text)
         _write(f"--- sample at step {step} ---\n{text}\n---")
         final["sample"] = text
 
@@ -931,7 +1000,10 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
     def save(eval_metrics):
         nonlocal last_saved
         meta = dict(metadata, step=step, data_position=step,
-                    elapsed=wall(), stopped_early=stopped_early)
+                    elapsed=wall(), stopped_early=stopped_early,
+                    samples_bytes=logger.samples_bytes(),
+                    train_window={"loss": window_loss,
+                                  "accuracy": window_acc})
         ckpt.save(step, {"params": params, "opt_state": opt_state,
                          "step": step, "rng": rng_data,
                          "data_position": step},
@@ -940,17 +1012,22 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
                   if eval_metrics else None)
         last_saved = step
 
+    # The train steps since the last train-log line (kept in checkpoints).
+    window = restored.get("train_window") or {}
+    window_loss = [float(v) for v in window.get("loss", [])]
+    window_acc = [float(v) for v in window.get("accuracy", [])]
+    window_n, window_time = 0, 0.0  # This process's tokens and time.
     bar = tqdm_cls(total=t.num_steps, initial=step, disable=not t.progress_bar,
                    dynamic_ncols=True, desc="train")
     try:
         if not resumed or step >= t.num_steps or stopped_early:
-            first = run_eval()
+            # A finished run re-evaluates; its eval line is already logged.
+            first = run_eval(log=not resumed)
             if reached(first) and not stopped_early:
                 stopped_early = True
                 _write(f"step {step}: eval accuracy {first['eval_accuracy']:.4f} "
                        f">= train.stop_at_eval_accuracy; stopping.")
                 save(first)
-        window_loss, window_acc, window_n, window_time = [], [], 0, 0.0
         while step < t.num_steps and not stopped_early and (
                 stop_at_step is None or step < stop_at_step):
             tic = time.perf_counter()
