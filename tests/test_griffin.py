@@ -415,6 +415,22 @@ def test_local_attention_matches_naive_reference_chunked_and_with_resets():
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **F32)
 
 
+def test_rope_in_float64_matches_reference_at_far_positions():
+    """float64 inputs get float64 angles: exact to rounding at position
+    10**5, where a float32 angle is off by about 4e-3 rad."""
+    from flax_minrnn.nn.attention import apply_rope
+    rng = np.random.default_rng(0)
+    positions = np.array([[0, 7, 12_345, 100_003]])
+    x = rng.normal(size=(1, 4, 2, 8))  # (batch, time, heads, head_dim)
+    with jax.enable_x64(True):
+        got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions, jnp.int32),
+                                    rot=6, base=10000.0))
+    assert got.dtype == np.float64
+    want = np.stack([[rope_ref(x[0, t, h], positions[0, t], 6, 10000.0) for h in range(2)]
+                     for t in range(4)])[None]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
 def test_local_attention_qkv_bias_matches_reference():
     """attention_bias (Hugging Face): q, k, v biases, here non-zero."""
     attn = LocalAttention(**ATT, qkv_bias=True)
@@ -710,6 +726,11 @@ def test_presets_build_abstractly_with_the_closed_form_count(preset, total, embe
         assert 1.95e9 < counted - embedding < 2.1e9
     else:
         assert 8.5e9 < counted < 9.5e9
+    # An lru_width equal to hidden_size is spelled None, so the Hugging Face
+    # round trip gives an equal config.
+    assert cfg.lru_width is None and cfg.state_width == cfg.hidden_size
+    from flax_minrnn.compat import hf
+    assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
 
 
 @pytest.mark.parametrize("kw,field", [

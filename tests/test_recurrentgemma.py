@@ -4,7 +4,9 @@ own sampler past the attention window, bit-exact round trips, and the 2B / 9B
 trees converted abstractly."""
 
 import contextlib
+import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +187,10 @@ def test_round_trips_are_bit_exact(case):
     config2, again = fm.from_recurrentgemma(*fm.to_recurrentgemma(config, ours))
     assert config2 == config
     _assert_same_tree(again, ours)
+    # bfloat16 weights: param_dtype is theirs, as the Hugging Face loader sets it.
+    half = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
+    config3, _ = fm.from_recurrentgemma(half, rg_config)
+    assert config3 == dataclasses.replace(config, param_dtype=jnp.bfloat16)
 
 
 def _assert_same_tree(a, b):
@@ -235,6 +241,22 @@ def test_conversion_errors_name_the_problem():
         fm.from_recurrentgemma(params, rg_config._replace(width=16))
     with pytest.raises(ValueError, match=r"recurrent_block/linear_x/.* has shape \(32,?.*config needs \(16"):
         fm.from_recurrentgemma(params, rg_config._replace(lru_width=16))
+    # Tensors the package's model would not have are refused, not dropped.
+    inner = params["params"]
+    for path in ("lm_head/kernel", "blocks.0/recurrent_block/rg_lru/a_imag_param",
+                 "blocks.1/mlp_block/ffw_up/extra", "blocks.2/temporal_pre_norm/scale",
+                 "blocks.x/temporal_pre_norm/scale"):
+        *parents, leaf = path.split("/")
+        extended = jax.tree.map(lambda v: v, inner)  # A copy.
+        node = extended
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = jnp.zeros(3)
+        with pytest.raises(ValueError, match=re.escape(f"'{path}'")):
+            fm.from_recurrentgemma(extended, rg_config)
+    with pytest.raises(ValueError, match=r"blocks.0 is a recurrent block, but "
+                                         r"rg_config.block_types\[0\] is ATTENTION"):
+        fm.from_recurrentgemma(params, rg_config._replace(block_types=(A, R)))
     config, variables = fm.from_recurrentgemma(params, rg_config)
     for field, value in (("num_key_value_heads", 2), ("conv1d_width", 3),
                          ("rope_theta", 500.0), ("attention_bias", True)):

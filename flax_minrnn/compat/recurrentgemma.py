@@ -164,7 +164,9 @@ def from_recurrentgemma(params, rg_config, **overrides) -> Tuple[griffin_lib.Gri
         ``jax.ShapeDtypeStruct`` under ``jax.eval_shape``.
       rg_config: its ``recurrentgemma.GriffinConfig``.
       **overrides: ``dtype``, ``param_dtype``, ``scan_impl`` or token ids of
-        the :class:`~flax_minrnn.GriffinConfig`.
+        the :class:`~flax_minrnn.GriffinConfig` (``param_dtype`` defaults to
+        the embedding's dtype, as :func:`~flax_minrnn.load_hf_recurrentgemma`
+        does).
 
     Returns:
       ``(config, variables)``: a :class:`~flax_minrnn.GriffinConfig` and
@@ -173,35 +175,54 @@ def from_recurrentgemma(params, rg_config, **overrides) -> Tuple[griffin_lib.Gri
 
     Raises:
       TypeError / ValueError: ``rg_config`` is not a package config, or
-        ``params`` lacks a tensor of it or has one of another shape.
+        ``params`` lacks a tensor of it, has one of another shape, or has a
+        tensor that ``recurrentgemma.jax.Griffin(rg_config)`` does not have.
     """
-    config = config_from_recurrentgemma(rg_config, **overrides)
     inner, _ = checks.unwrap_params(params)
-    out = {"embedder": {"embedding": _get(inner, "embedder/input_embedding")},
-           "final_norm": {"scale_delta": _get(inner, "final_norm/scale")}}
+    if "param_dtype" not in overrides:
+        embedding = _get(inner, "embedder/input_embedding")
+        overrides = dict(overrides, param_dtype=jnp.dtype(embedding.dtype).type)
+    config = config_from_recurrentgemma(rg_config, **overrides)
+    read = set()  # The package's paths of the leaves copied.
+
+    def get(path):
+        node = _get(inner, path)
+        if isinstance(node, Mapping):
+            read.update(p for p, _ in _flatten(node, path))
+        else:
+            read.add(path)
+        return node
+
+    out = {"embedder": {"embedding": get("embedder/input_embedding")},
+           "final_norm": {"scale_delta": get("final_norm/scale")}}
     for i, kind in enumerate(config.layer_types):
         src = f"blocks.{i}"
         if not isinstance(inner.get(src), Mapping):
             raise ValueError(f"params has no '{src}' but rg_config has "
                              f"{config.num_hidden_layers} blocks")
-        block = {"temporal_pre_norm": {"scale_delta": _get(inner, f"{src}/temporal_pre_norm/scale")},
-                 "channel_pre_norm": {"scale_delta": _get(inner, f"{src}/channel_pre_norm/scale")}}
+        other = "attention" if kind == "recurrent" else "recurrent"
+        if f"{kind}_block" not in inner[src] and f"{other}_block" in inner[src]:
+            raise ValueError(f"params' {src} is {'an' if other == 'attention' else 'a'} "
+                             f"{other} block, but rg_config.block_types[{i}] is "
+                             f"{kind.upper()}")
+        block = {"temporal_pre_norm": {"scale_delta": get(f"{src}/temporal_pre_norm/scale")},
+                 "channel_pre_norm": {"scale_delta": get(f"{src}/channel_pre_norm/scale")}}
         if kind == "recurrent":
             rec = f"{src}/recurrent_block"
             block["recurrent_block"] = {
-                **{name: dict(_get(inner, f"{rec}/{name}"))
+                **{name: dict(get(f"{rec}/{name}"))
                    for name in ("linear_x", "linear_y", "linear_out")},
-                "conv_1d": {"kernel": _get(inner, f"{rec}/conv_1d/w"),
-                            "bias": _get(inner, f"{rec}/conv_1d/b")},
-                "rg_lru": {"a_param": _get(inner, f"{rec}/rg_lru/a_param"),
-                           **{g: {"kernel": _get(inner, f"{rec}/rg_lru/{g}/w"),
-                                  "bias": _get(inner, f"{rec}/rg_lru/{g}/b")}
+                "conv_1d": {"kernel": get(f"{rec}/conv_1d/w"),
+                            "bias": get(f"{rec}/conv_1d/b")},
+                "rg_lru": {"a_param": get(f"{rec}/rg_lru/a_param"),
+                           **{g: {"kernel": get(f"{rec}/rg_lru/{g}/w"),
+                                  "bias": get(f"{rec}/rg_lru/{g}/b")}
                               for g in ("a_gate", "input_gate")}}}
         else:
             att = f"{src}/attention_block"
-            block["attention_block"] = {name: dict(_get(inner, f"{att}/{name}"))
+            block["attention_block"] = {name: dict(get(f"{att}/{name}"))
                                         for name in ("proj_q", "proj_k", "proj_v", "proj_final")}
-        w, b = _get(inner, f"{src}/mlp_block/ffw_up/w"), _get(inner, f"{src}/mlp_block/ffw_up/b")
+        w, b = get(f"{src}/mlp_block/ffw_up/w"), get(f"{src}/mlp_block/ffw_up/b")
         e = config.mlp_width
         if tuple(w.shape) != (2, config.hidden_size, e) or tuple(b.shape) != (2, 1, 1, e):
             raise ValueError(f"{src}/mlp_block/ffw_up must have w (2, {config.hidden_size}, {e})"
@@ -209,13 +230,14 @@ def from_recurrentgemma(params, rg_config, **overrides) -> Tuple[griffin_lib.Gri
         block["mlp_block"] = {
             "up": {"kernel": jnp.concatenate([w[0], w[1]], axis=1),
                    "bias": jnp.concatenate([b[0, 0, 0], b[1, 0, 0]], axis=0)},
-            "down": dict(_get(inner, f"{src}/mlp_block/ffw_down"))}
+            "down": dict(get(f"{src}/mlp_block/ffw_down"))}
         out[f"blocks_{i}"] = block
-    extra = sorted(k for k in inner if k.startswith("blocks.")
-                   and int(k.split(".")[1]) >= config.num_hidden_layers)
-    if extra:
-        raise ValueError(f"params has blocks {extra} beyond rg_config's "
-                         f"{config.num_hidden_layers}")
+    unexpected = sorted(set(p for p, _ in _flatten(inner)) - read)
+    if unexpected:
+        raise ValueError(
+            f"params has tensors that recurrentgemma.jax.Griffin(rg_config) does not have "
+            f"(rg_config has {config.num_hidden_layers} blocks): {unexpected[:8]}"
+            + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
     check_params(config, out)
     return config, {"params": out}
 
@@ -232,7 +254,7 @@ def check_params(config: griffin_lib.GriffinConfig, params) -> None:
     if set(want_flat) != set(got_flat):
         missing = sorted(set(want_flat) - set(got_flat))
         unexpected = sorted(set(got_flat) - set(want_flat))
-        raise ValueError(f"converted params do not match Griffin(config): missing {missing}, "
+        raise ValueError(f"params do not match Griffin(config): missing {missing}, "
                          f"unexpected {unexpected}")
     for key, leaf in got_flat.items():
         if tuple(leaf.shape) != tuple(want_flat[key].shape):

@@ -213,7 +213,9 @@ class GriffinConfig:
         blocks of the RG-LRU gates; divides ``hidden_size`` and ``lru_width``.
       num_key_value_heads: key/value heads (1: multi-query attention); divides
         ``num_attention_heads``.
-      lru_width: RG-LRU width (``None``: ``hidden_size``).
+      lru_width: RG-LRU width (``None``: ``hidden_size``; a value equal to
+        ``hidden_size`` is stored as ``None``, so that configs of the same
+        model compare equal whichever loader made them).
       attention_window_size: local attention window ``W >= 1``: a query sees
         itself and the ``W`` previous tokens of its document, as in the
         reference implementation (Hugging Face's PyTorch model sees ``W - 1``
@@ -230,7 +232,15 @@ class GriffinConfig:
       w_init_variance_scale: variance scale (fan-in) of the convolution kernels.
       final_w_init_variance_scale: variance scale (fan-in) of the last
         projection of every temporal block and MLP (``None``: ``2 /
-        num_hidden_layers``, as in the published configs).
+        num_hidden_layers``, as in the published configs).  The other
+        kernels use LeCun fan-in initialisation, counting each output's true
+        fan-in. ``recurrentgemma.jax`` differs in two places, which matters
+        only when training from scratch: Flax's ``variance_scaling`` counts
+        the block axis of the RG-LRU gates and the gate/value axis of the
+        MLP's ``ffw_up`` as fan-in, so its gate kernels have variance
+        ``1 / lru_width`` where ours have ``num_attention_heads / lru_width``,
+        and its MLP up-projection ``1 / (2 hidden_size)`` where ours has
+        ``1 / hidden_size``.
       embeddings_scale_by_sqrt_dim: multiply the embeddings by
         ``sqrt(hidden_size)`` rounded to bfloat16 (as both reference
         implementations do, so converted checkpoints give the same logits).
@@ -245,7 +255,9 @@ class GriffinConfig:
         checkpoint conversion; ``eos_token_id`` may be a tuple of ids.
       scan_impl: the RG-LRU's scan implementation (a
         :class:`flax_minrnn.ops.scan.ScanImpl` name).
-      dtype: compute dtype (states and logits are float32 regardless).
+      dtype: compute dtype (the RG-LRU state and the logits are float32, or
+        float64 for a float64 computation; the convolution and attention
+        caches are in ``dtype``).
       param_dtype: parameter dtype.
     """
 
@@ -289,6 +301,8 @@ class GriffinConfig:
                              f"intermediate_size // 2), got {self.intermediate_size}")
         if self.lru_width is not None:
             at_least("lru_width", self.lru_width, 1)
+            if self.lru_width == self.hidden_size:  # One spelling per model.
+                object.__setattr__(self, "lru_width", None)
         heads = self.num_attention_heads
         if self.hidden_size % heads:
             raise ValueError(f"num_attention_heads={heads} must divide "

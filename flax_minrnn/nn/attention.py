@@ -109,17 +109,17 @@ def apply_rope(x: Array, positions: Array, rot: int, base: float) -> Array:
       base: the RoPE base (``rope_theta``).
 
     Returns:
-      ``x`` rotated, same shape and dtype (angles computed in float32, the
-      rotation in float32, or float64 for float64 ``x``).
+      ``x`` rotated, same shape and dtype (angles and rotation computed in
+      float32, or in float64 for float64 ``x``).
     """
     half = rot // 2
-    inv_freq = jnp.exp(jnp.arange(half, dtype=jnp.float32)
-                       * jnp.float32(-2.0 * math.log(base) / rot))
-    lead = x.ndim - 1  # batch, time and the head axes
-    pos = positions.astype(jnp.float32).reshape(positions.shape + (1,) * (lead - 2) + (1,))
-    theta = pos * inv_freq.reshape((1,) * lead + (half,))
     accum = checks.accum_dtype(x.dtype)
-    cos, sin = jnp.cos(theta).astype(accum), jnp.sin(theta).astype(accum)
+    inv_freq = jnp.exp(jnp.arange(half, dtype=accum)
+                       * jnp.asarray(-2.0 * math.log(base) / rot, accum))
+    lead = x.ndim - 1  # batch, time and the head axes
+    pos = positions.astype(accum).reshape(positions.shape + (1,) * (lead - 2) + (1,))
+    theta = pos * inv_freq.reshape((1,) * lead + (half,))
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
     xf = x.astype(accum)
     x1, x2, rest = xf[..., :half], xf[..., half:rot], xf[..., rot:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
