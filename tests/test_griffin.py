@@ -514,6 +514,28 @@ def _close_trees(a, b):
         np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), **F32)
 
 
+def test_padding_may_hold_any_id_eagerly_and_under_jit(lm):
+    """Padded steps may hold ids outside the vocabulary (their embeddings
+    would be NaN): valid logits equal the clean ones, with and without jit,
+    for right padding and for a left-padded attention_mask."""
+    model, params = lm
+    variables = {"params": params}
+    tokens = _tokens(2, 8, seed=21)
+    lengths = jnp.asarray([8, 5], jnp.int32)
+    bad = tokens.at[1, 5:].set(V + 3)
+    _, clean = model.apply(variables, tokens, seq_lengths=lengths)
+    for run in (model.apply, jax.jit(model.apply)):
+        _, got = run(variables, bad, seq_lengths=lengths)
+        np.testing.assert_array_equal(np.asarray(got[1, :5]), np.asarray(clean[1, :5]))
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(clean[0]))
+    mask = jnp.asarray([[True] * 8, [False] * 3 + [True] * 5])
+    left = jnp.concatenate([jnp.full((1, 3), -7, jnp.int32), tokens[1:, :5]], axis=1)
+    _, got = model.apply(variables, jnp.concatenate([tokens[:1], left]), attention_mask=mask)
+    np.testing.assert_allclose(np.asarray(got[1, 3:]), np.asarray(clean[1, :5]), **F32)
+    with pytest.raises(ValueError, match="vocab_size"):  # Valid steps are still checked.
+        model.apply(variables, bad, seq_lengths=jnp.asarray([8, 6], jnp.int32))
+
+
 def test_griffin_matches_float64_reference_with_resets(lm):
     model, params = lm
     # Non-zero norm deltas (they start at zero), so the 1 + delta factor is tested.
@@ -786,6 +808,13 @@ def test_lm_rglru_prefill_then_decode_equals_full_forward():
     np.testing.assert_allclose(streamed, full, **F32)
     _close_trees(carry, full_carry)
     assert carry.layers[0].shape == (2, 8)
+    # A document after a reset is computed as the same document started
+    # fresh (the RG-LRU's first step has no sqrt(1 - a^2) input scale).
+    variables = model.init(jax.random.key(0), tokens)
+    reset = jnp.zeros((2, 7), bool).at[:, 3].set(True)
+    _, packed = model.apply(variables, tokens, reset=reset)
+    _, fresh = model.apply(variables, tokens[:, 3:])
+    np.testing.assert_allclose(packed[:, 3:], fresh, **F32)
     for kw, field in ((dict(d_h=4), "d_h"), (dict(rglru_num_heads=3), "rglru_num_heads"),
                       (dict(use_true_recurrence=True), "use_true_recurrence"),
                       (dict(scan_impl="heinsen"), "scan_impl")):

@@ -273,6 +273,11 @@ def test_bad_tokens_and_carry():
                          carry._replace(position=carry.position.astype(jnp.float32) + 0.9))
     with pytest.raises(ValueError, match=r"carry.layers\[0\] has shape \(2, 6\)"):
         conv_model.apply(conv_vars, _tokens(1, 3), conv_model.initialize_carry(2))
+    # A missing leaf is named, not paired with the next one.
+    with pytest.raises(TypeError, match="carry.position must be an array, got NoneType"):
+        conv_model.apply(conv_vars, _tokens(1, 3), carry._replace(position=None))
+    with pytest.raises(TypeError, match=r"carry.layers\[0\] must be an array, got NoneType"):
+        conv_model.apply(conv_vars, _tokens(1, 3), carry._replace(layers=(None,)))
 
 
 # ----------------------------------------------------------------------------
@@ -310,6 +315,30 @@ def test_token_classifier_padding_and_causality():
     np.testing.assert_allclose(np.asarray(out[1, :4]), np.asarray(alone[0]), **TOL)
     with pytest.raises(ValueError, match="contiguous"):  # left padding is fine, holes are not
         model.apply(variables, tokens, attention_mask=jnp.asarray([[1, 0, 1, 1, 1, 1]] * 2))
+    with pytest.raises(ValueError, match=r"tokens must have shape \(batch, time\)"):
+        model.apply(variables, tokens[0])
+
+
+def test_classifier_layers_follow_the_config_dtypes():
+    """The classification layer has the backbone's param_dtype, and a
+    float64 model gives float64 logits equal to a float64 NumPy head on the
+    backbone's features."""
+    tokens = _tokens(2, 5, seed=10)
+    with jax.enable_x64(True):
+        cfg = _cfg(n_layer=1, dtype=jnp.float64, param_dtype=jnp.float64)
+        model = TokenClassifier(cfg, num_classes=3)
+        variables = model.init(jax.random.key(0), tokens)
+        params = variables["params"]
+        _, z = LM(cfg, use_head=False).apply(
+            {"params": params["features"]["backbone"]}, tokens)
+        out = model.apply(variables, tokens)
+        assert out.dtype == jnp.float64
+        w, b = (np.asarray(params["classifier"][k]) for k in ("kernel", "bias"))
+        assert w.dtype == b.dtype == np.float64
+        np.testing.assert_allclose(np.asarray(out), np.asarray(z) @ w + b, rtol=0, atol=1e-12)
+    half = SequenceClassifier(_cfg(n_layer=1, param_dtype=jnp.bfloat16), num_classes=3)
+    head = half.init(jax.random.key(0), tokens)["params"]["classifier"]
+    assert head["kernel"].dtype == jnp.bfloat16
 
 
 def test_losses():

@@ -71,7 +71,8 @@ def _concrete(x):
 def _check_sampling(temperature, top_k, top_p) -> None:
     t, k, p = _concrete(temperature), _concrete(top_k), _concrete(top_p)
     if t is not None and (not np.all(np.isfinite(t)) or np.any(t < 0)):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), "
+                         f"got {temperature!r}")
     if k is not None and (not np.issubdtype(k.dtype, np.integer) or np.any(k < 0)):
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if p is not None and (not np.all(np.isfinite(p)) or np.any(p <= 0) or np.any(p > 1)):
@@ -332,9 +333,11 @@ def generate(model, params, prompt: Array, max_new_tokens: Optional[int] = None,
              bucket_lengths: bool = False) -> GenerateOutput:
     """Continues each prompt by ``max_new_tokens`` tokens.
 
-    Token ``n`` of row ``b`` is ``sample_logits(l_{b,n}, fold_in(rng, n),
-    temperature, top_k, top_p)`` (one key per step, shared by the rows), so
-    a seed reproduces its output exactly.  ``l_{b,n}`` are the model's logits
+    Token ``n`` of row ``b`` is row ``b`` of ``sample_logits(l_n, fold_in(rng,
+    n), temperature, top_k, top_p)``, ``l_n`` the ``(batch, vocab)`` logits
+    of step ``n`` (one key per step, one draw for the whole batch: a row's
+    token depends on the batch it is in), so a seed reproduces its output
+    exactly.  ``l_{b,n}`` are the model's logits
     after Hugging Face's processors, in its order: the repetition penalty, then
     the EOS ban of ``min_new_tokens``.  A row stops after an EOS id or when its
     tokens (prompt included) end with a stop sequence; the stopping token is
@@ -405,8 +408,10 @@ def generate(model, params, prompt: Array, max_new_tokens: Optional[int] = None,
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not hasattr(prompt, "ndim") or prompt.ndim != 2 or prompt.shape[1] < 1 \
             or not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise ValueError("prompt must be an integer array of shape (batch, P >= 1), got "
-                         f"{getattr(prompt, 'shape', type(prompt).__name__)}")
+        got = (f"shape {tuple(prompt.shape)} and dtype {prompt.dtype}"
+               if hasattr(prompt, "shape") and hasattr(prompt, "dtype")
+               else type(prompt).__name__)
+        raise ValueError(f"prompt must be an integer array of shape (batch, P >= 1), got {got}")
     batch, plen = prompt.shape
     max_new_tokens = _new_token_count(max_new_tokens, max_length, plen)
     if do_sample not in (None, True, False):
@@ -437,9 +442,13 @@ def generate(model, params, prompt: Array, max_new_tokens: Optional[int] = None,
         prompt = padding.align_left(prompt, starts)
     if prompt_lengths is None:
         prompt_lengths = jnp.full((batch,), plen, jnp.int32)
-    prompt_lengths = checks.check_seq_lengths(prompt_lengths, batch, plen).astype(jnp.int32)
+    prompt_lengths = checks.check_seq_lengths(prompt_lengths, batch, plen,
+                                              "prompt_lengths").astype(jnp.int32)
     lengths_value = _concrete(prompt_lengths)
     if lengths_value is not None and lengths_value.size and lengths_value.min() < 1:
+        if attention_mask is not None:
+            raise ValueError(f"attention_mask row {int(lengths_value.argmin())} has no "
+                             "True entry (a prompt needs a token)")
         raise ValueError("prompt_lengths must be >= 1 (a prompt needs a token), got "
                          f"{lengths_value.min()}")
     config = getattr(model, "config", None)
@@ -497,8 +506,19 @@ def generate(model, params, prompt: Array, max_new_tokens: Optional[int] = None,
     return GenerateOutput(tokens, lengths, logits if return_logits else None)
 
 
+def _scalar_int(value):
+    """A concrete 0-d integer array (``jnp.int32(3)``) as a Python int;
+    anything else unchanged (checked by the caller)."""
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.ndim(value) == 0:
+        concrete = _concrete(value)
+        if concrete is not None and np.issubdtype(concrete.dtype, np.integer):
+            return int(concrete)
+    return value
+
+
 def _new_token_count(max_new_tokens, max_length, plen: int) -> int:
     """``max_new_tokens``, or ``max_length - P``; exactly one must be given."""
+    max_new_tokens, max_length = _scalar_int(max_new_tokens), _scalar_int(max_length)
     for name, value in (("max_new_tokens", max_new_tokens), ("max_length", max_length)):
         if value is not None and (isinstance(value, bool)
                                   or not isinstance(value, (int, np.integer)) or value < 0):
@@ -518,7 +538,8 @@ def _token_ids(name: str, value, vocab: Optional[int], single: bool = False) -> 
     """``value`` (``None``, an id or, unless ``single``, ids) as a list of ints."""
     if value is None:
         return []
-    many = not single and isinstance(value, (list, tuple, np.ndarray))
+    value = _scalar_int(value)
+    many = not single and isinstance(value, (list, tuple, np.ndarray, jax.Array))
     values = list(np.asarray(value).ravel()) if many else [value]
     if many and not values:
         raise ValueError(f"{name} must be None, an id or a non-empty sequence of ids")

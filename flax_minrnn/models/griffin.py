@@ -607,10 +607,13 @@ class Griffin(nn.Module):
             return self._run(tokens, carry, seq_lengths, reset)
         if seq_lengths is not None:
             raise ValueError("pass either attention_mask or seq_lengths, not both")
-        checks.check_tokens(tokens, self.config.vocab_size)
-        if tuple(getattr(attention_mask, "shape", ())) != tuple(tokens.shape):
-            raise ValueError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, "
-                             f"got {getattr(attention_mask, 'shape', None)}")
+        mask = jnp.asarray(attention_mask)
+        shape = tuple(getattr(tokens, "shape", mask.shape))
+        if mask.shape != shape:
+            raise ValueError(f"attention_mask must have the tokens' shape {shape}, "
+                             f"got {mask.shape}")
+        # Padding may hold any id.
+        checks.check_tokens(tokens, self.config.vocab_size, valid=mask.astype(bool))
         lengths, starts = padding.mask_to_lengths(attention_mask)
         if reset is not None:
             reset = padding.align_left(jnp.asarray(reset), starts)
@@ -620,12 +623,14 @@ class Griffin(nn.Module):
     @nn.compact
     def _run(self, tokens, carry, seq_lengths, reset) -> Tuple[GriffinCarry, Array]:
         cfg = self.config
-        checks.check_tokens(tokens, cfg.vocab_size)
+        checks.check_tokens(tokens, cfg.vocab_size, seq_lengths=seq_lengths)
         batch, seq_len = tokens.shape
         carry = (self.initialize_carry(batch) if carry is None
                  else self._check_carry(carry, batch))
+        valid = None
         if seq_lengths is not None:
             seq_lengths = checks.check_seq_lengths(seq_lengths, batch, seq_len)
+            valid = checks.lengths_to_mask(seq_lengths, seq_len)
         if reset is not None:
             reset = checks.check_bool_bt("reset", reset, batch, seq_len)
 
@@ -635,6 +640,10 @@ class Griffin(nn.Module):
                              1.0, "fan_in", "normal", in_axis=1, out_axis=0),
                          name="embedder")
         x = embed(tokens)
+        if valid is not None:
+            # Padded steps: zero inputs (whatever ids they hold, even ones
+            # outside the vocabulary), so they reach no product.
+            x = jnp.where(valid[:, :, None], x, jnp.zeros((), x.dtype))
         if cfg.embeddings_scale_by_sqrt_dim:
             x = x * jnp.asarray(embedding_scale(cfg.hidden_size), x.dtype)
         positions = blocks.token_positions(carry.position, seq_len, reset)

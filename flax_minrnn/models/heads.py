@@ -75,6 +75,14 @@ def reverse_valid(x: Array, seq_lengths: Array) -> Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
+def _classifier(config: LMConfig, num_classes: int):
+    """The output layer: ``config``'s dtypes, logits in float32 (float64 for
+    a float64 computation)."""
+    dense = dense_lib.Dense(num_classes, dtype=config.dtype, param_dtype=config.param_dtype,
+                            name="classifier")
+    return lambda z: dense(z).astype(checks.accum_dtype(config.dtype))
+
+
 class _Features(nn.Module):
     """Backbone features ``(batch, time, d)`` with each row's tokens moved to
     the front, the valid lengths, and where each row's tokens started."""
@@ -85,7 +93,9 @@ class _Features(nn.Module):
     @nn.compact
     def __call__(self, tokens, *, attention_mask=None, seq_lengths=None,
                  training: bool = False) -> Tuple[Array, Array, Array]:
-        batch, seq_len = tokens.shape[:2]
+        if getattr(tokens, "ndim", None) != 2:  # Ids are the backbone's to check.
+            checks.check_tokens(tokens, self.config.vocab_size)
+        batch, seq_len = tokens.shape
         if attention_mask is not None and seq_lengths is not None:
             raise ValueError("pass either attention_mask or seq_lengths, not both")
         starts = jnp.zeros((batch,), jnp.int32)
@@ -114,9 +124,11 @@ class SequenceClassifier(nn.Module):
 
         last:  p = z_{L-1}                       ([z^f_{L-1}, z^b_0] bidirectional)
         mean:  p = (1 / L) sum_{t<L} z_t
-        logits = W p + b                         (float32, (batch, num_classes))
+        logits = W p + b                         (float32*, (batch, num_classes))
 
-    A row with ``L = 0`` pools zeros.
+    A row with ``L = 0`` pools zeros.  (*) Logits are float32, or float64
+    for a float64 ``config.dtype``; ``W`` and ``b`` have ``config``'s
+    ``param_dtype`` and compute in its ``dtype``, as the backbone does.
 
     Attributes:
       config: the backbone's :class:`~flax_minrnn.models.lm.LMConfig`.
@@ -133,8 +145,8 @@ class SequenceClassifier(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, *, attention_mask=None, seq_lengths=None,
                  training: bool = False) -> Array:
-        """Returns float32 logits ``(batch, num_classes)``, pooled over the
-        valid tokens only.
+        """Returns float32 (float64 for a float64 config) logits ``(batch,
+        num_classes)``, pooled over the valid tokens only.
 
         Args:
           tokens: int ``(batch, T)`` ids in ``[0, vocab_size)``.
@@ -159,11 +171,12 @@ class SequenceClassifier(nn.Module):
                 # The backward direction's summary is its state at step 0.
                 last = jnp.concatenate([last[:, :d], z[:, 0, d:]], axis=-1)
             pooled = jnp.where((lengths > 0)[:, None], last, jnp.zeros((), z.dtype))
-        return dense_lib.Dense(self.num_classes, name="classifier")(pooled).astype(jnp.float32)
+        return _classifier(self.config, self.num_classes)(pooled)
 
 
 class TokenClassifier(nn.Module):
-    """Per-token classification: ``logits_t = W z_t + b`` (float32, ``(batch, time, C)``).
+    """Per-token classification: ``logits_t = W z_t + b`` (float32, or float64
+    for a float64 ``config.dtype``; ``(batch, time, C)``).
 
     With ``bidirectional=False`` (the default) ``logits_t`` depends only on
     tokens ``<= t``.  Logits at padded steps are those of a zero feature
@@ -182,7 +195,7 @@ class TokenClassifier(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, *, attention_mask=None, seq_lengths=None,
                  training: bool = False) -> Array:
-        """Returns float32 logits ``(batch, T, num_classes)``; ``logits[b, t]``
+        """Returns float32 (float64 for a float64 config) logits ``(batch, T, num_classes)``; ``logits[b, t]``
         belongs to ``tokens[b, t]`` (meaningless at padding).  The arguments
         are those of :meth:`SequenceClassifier.__call__`.
         """
@@ -190,7 +203,7 @@ class TokenClassifier(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         z, _, starts = _Features(self.config, self.bidirectional, name="features")(
             tokens, attention_mask=attention_mask, seq_lengths=seq_lengths, training=training)
-        logits = dense_lib.Dense(self.num_classes, name="classifier")(z).astype(jnp.float32)
+        logits = _classifier(self.config, self.num_classes)(z)
         return padding.restore(logits, starts)  # logits[b, t] belongs to tokens[b, t]
 
 

@@ -373,6 +373,11 @@ class LM(nn.Module):
                                    dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                    name="position")(x, positions, valid)
         x = nn.Dropout(rate=cfg.embedding_dropout, deterministic=not training)(x)
+        if cfg.time_mixing == "rglru":
+            # The RG-LRU treats a document's first token specially (no
+            # sqrt(1 - a^2) input scale), so position 0 of a fresh sequence
+            # starts a document as a reset does, as in Griffin.
+            reset = positions == 0
 
         states, convs = [], []
         for i in range(cfg.n_layer):

@@ -183,10 +183,12 @@ class LocalAttention(nn.Module):
                              f"num_heads={self.num_heads}")
         return width // self.num_heads
 
-    def initialize_carry(self, batch_size: int, width: int) -> AttentionState:
-        """The empty cache (no parameters, no RNG) for inputs of width ``width``."""
+    def initialize_carry(self, batch_size: int, width: int,
+                         input_dtype=jnp.float32) -> AttentionState:
+        """The empty cache (no parameters, no RNG) for inputs of width ``width``
+        and dtype ``input_dtype`` (the cache is in the compute dtype)."""
         return empty_state(batch_size, self.window, self.num_kv_heads, self._head_dim(width),
-                           self.dtype or jnp.float32)
+                           self.dtype or input_dtype)
 
     @nn.compact
     def __call__(self, x: Array, carry: Optional[AttentionState] = None, *,
@@ -217,7 +219,7 @@ class LocalAttention(nn.Module):
         rot = rotary_dim(head_dim, self.partial_rotary_factor)
         dtype = self.dtype or x.dtype
         if carry is None:
-            carry = self.initialize_carry(batch, width)
+            carry = self.initialize_carry(batch, width, x.dtype)
         carry = self._check_carry(carry, batch, head_dim, dtype)
         valid = checks.valid_mask(batch, seq_len, seq_lengths, None)
         if reset is not None:
@@ -265,6 +267,9 @@ class LocalAttention(nn.Module):
         logits = logits * jnp.asarray(1.0 / math.sqrt(head_dim), accum)
         logits = jnp.where(mask[:, None, None], logits, jnp.asarray(_MASKED, accum))
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        # Invalid keys get weight 0; zeroing their values too keeps a NaN
+        # there (padding) out of the product.
+        values = jnp.where(key_ok[:, :, None, None], values, jnp.zeros((), values.dtype))
         out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
         out = out.reshape(batch, seq_len, self.num_heads * head_dim)
         y = dense(width, "proj_final", True, nn.initializers.variance_scaling(
@@ -274,14 +279,9 @@ class LocalAttention(nn.Module):
     def _check_carry(self, carry, batch: int, head_dim: int, dtype) -> AttentionState:
         if not isinstance(carry, AttentionState):
             raise TypeError(f"carry must be an AttentionState, got {type(carry).__name__}")
-        want = (batch, self.window, self.num_kv_heads, head_dim)
-        for name, leaf, shape in (("keys", carry.keys, want), ("values", carry.values, want),
-                                  ("positions", carry.positions, want[:2])):
-            if tuple(leaf.shape) != shape:
-                raise ValueError(f"carry.{name} must have shape {shape} (batch, window, ...), "
-                                 f"got {tuple(leaf.shape)}")
-        return AttentionState(carry.keys.astype(dtype), carry.values.astype(dtype),
-                              carry.positions.astype(jnp.int32))
+        checks.check_carry_leaves(
+            carry, empty_state(batch, self.window, self.num_kv_heads, head_dim, dtype), batch)
+        return carry
 
     def _update(self, carry: AttentionState, k: Array, v: Array, positions: Array,
                 valid: Array, doc: Optional[Array], reset: Optional[Array]) -> AttentionState:

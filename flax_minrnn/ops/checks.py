@@ -50,7 +50,7 @@ def concrete_or_none(x) -> Optional[np.ndarray]:
 
 def lengths_to_mask(seq_lengths: Array, seq_len: int) -> Array:
     """Boolean ``(batch, seq_len)`` mask, True at steps ``t < seq_lengths``."""
-    return jnp.arange(seq_len)[None, :] < seq_lengths[:, None]
+    return jnp.arange(seq_len, dtype=seq_lengths.dtype)[None, :] < seq_lengths[:, None]
 
 
 _runtime = threading.local()
@@ -91,8 +91,10 @@ def runtime_checks(enabled: bool = True):
         _runtime.enabled = previous
 
 
-def check_seq_lengths(seq_lengths, batch: int, seq_len: int) -> Array:
-    """Validates ``seq_lengths``: integer, shape ``(batch,)``, values in ``[0, T]``.
+def check_seq_lengths(seq_lengths, batch: int, seq_len: int,
+                      name: str = "seq_lengths") -> Array:
+    """Validates ``seq_lengths`` (called ``name`` in errors): integer, shape
+    ``(batch,)``, values in ``[0, T]``.
 
     The values are checked when they are known at trace time.  Traced values
     (under ``jax.jit``) are clamped where they are used: above ``T`` acts as
@@ -103,20 +105,20 @@ def check_seq_lengths(seq_lengths, batch: int, seq_len: int) -> Array:
         seq_lengths = np.asarray(seq_lengths)
     if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
         raise TypeError(
-            f"seq_lengths must be an integer array, got dtype {seq_lengths.dtype}")
+            f"{name} must be an integer array, got dtype {seq_lengths.dtype}")
     if tuple(seq_lengths.shape) != (batch,):
         raise ValueError(
-            f"seq_lengths must have shape (batch,) = ({batch},), "
+            f"{name} must have shape (batch,) = ({batch},), "
             f"got {tuple(seq_lengths.shape)}")
     value = concrete_or_none(seq_lengths)
     if value is not None and value.size and (value.min() < 0 or value.max() > seq_len):
         raise ValueError(
-            f"seq_lengths must lie in [0, {seq_len}] (the time axis length), "
+            f"{name} must lie in [0, {seq_len}] (the time axis length), "
             f"got values in [{value.min()}, {value.max()}]")
     seq_lengths = jnp.asarray(seq_lengths)
     if value is None and getattr(_runtime, "enabled", False) and batch:
         checkify.check(jnp.all((seq_lengths >= 0) & (seq_lengths <= seq_len)),
-                       f"seq_lengths must lie in [0, {seq_len}] (the time axis length), "
+                       f"{name} must lie in [0, {seq_len}] (the time axis length), "
                        "got values in [{}, {}]", jnp.min(seq_lengths), jnp.max(seq_lengths))
     return seq_lengths
 
@@ -244,25 +246,34 @@ def check_carry_leaves(carry, ref, batch: int) -> None:
     """Every leaf of ``carry`` must have the shape and dtype of ``ref``'s (a
     fresh carry of the same structure): ``ValueError`` / ``TypeError`` naming
     the leaf (``carry.blocks[0].rg_lru``), never a silent cast."""
-    got_leaves = jax.tree_util.tree_leaves_with_path(carry)
-    for (path, got), want in zip(got_leaves, jax.tree.leaves(ref)):
-        name = "carry" + jax.tree_util.keystr(path)
-        if not hasattr(got, "shape") or not hasattr(got, "dtype"):
-            raise TypeError(f"{name} must be an array, got {type(got).__name__}")
-        if tuple(got.shape) != tuple(want.shape):
-            raise ValueError(f"{name} has shape {tuple(got.shape)}, expected "
+    got = {jax.tree_util.keystr(path): leaf for path, leaf in
+           jax.tree_util.tree_flatten_with_path(carry, is_leaf=lambda v: v is None)[0]}
+    for path, want in jax.tree_util.tree_flatten_with_path(ref)[0]:
+        key = jax.tree_util.keystr(path)
+        name = "carry" + key
+        if key not in got:
+            raise ValueError(f"{name} is missing (see initialize_carry)")
+        leaf = got.pop(key)
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(leaf).__name__}")
+        if tuple(leaf.shape) != tuple(want.shape):
+            raise ValueError(f"{name} has shape {tuple(leaf.shape)}, expected "
                              f"{tuple(want.shape)} (batch {batch}; see initialize_carry)")
-        if got.dtype != want.dtype:
-            raise TypeError(f"{name} has dtype {got.dtype}, expected {want.dtype} "
+        if leaf.dtype != want.dtype:
+            raise TypeError(f"{name} has dtype {leaf.dtype}, expected {want.dtype} "
                             "(see initialize_carry)")
+    if got:
+        raise ValueError(f"carry has leaves a fresh carry does not have: "
+                         f"{['carry' + k for k in got]} (see initialize_carry)")
 
 
 def check_tokens(tokens, vocab_size: int, name: str = "tokens",
-                 seq_lengths=None) -> None:
+                 seq_lengths=None, valid=None) -> None:
     """Integer ``(batch, time)`` ids; values checked against ``vocab_size`` when concrete.
 
-    With ``seq_lengths`` only the valid steps are checked: padding may hold
-    any id (the models ignore it).
+    With ``seq_lengths`` (right padding) or a bool ``(batch, time)`` ``valid``
+    mask only the valid steps are checked: padding may hold any id (the
+    models ignore it).
     """
     if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
         raise TypeError(f"{name} must be an integer array, got {type(tokens).__name__}")
@@ -273,12 +284,12 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens",
     if tokens.shape[1] < 1:
         raise ValueError(f"{name} must have at least one step")
     if seq_lengths is not None:
-        seq_lengths = check_seq_lengths(seq_lengths, *tokens.shape)
+        valid = lengths_to_mask(check_seq_lengths(seq_lengths, *tokens.shape), tokens.shape[1])
     value = concrete_or_none(tokens)
-    lengths = None if seq_lengths is None else concrete_or_none(seq_lengths)
-    if value is not None and lengths is not None:
-        value = value[np.arange(value.shape[1])[None, :] < np.asarray(lengths)[:, None]]
-    elif seq_lengths is not None:
+    mask = None if valid is None else concrete_or_none(valid)
+    if value is not None and mask is not None:
+        value = value[np.asarray(mask, bool)]
+    elif valid is not None:
         value = None  # padding unknown at trace time: nothing to check reliably
     if value is not None and value.size and (value.min() < 0 or value.max() >= vocab_size):
         raise ValueError(

@@ -382,7 +382,10 @@ def linear_scan(
       reset: optional bool ``(batch, time)``; True where a new document starts.
         The state restarts from zero at each document's first step in scan
         order: the ``reset`` step itself, or with ``reverse=True`` the step
-        before the next ``reset`` (documents never mix).
+        before the next ``reset`` (documents never mix).  A reverse scan
+        streamed in chunks (later chunk first, its ``h_last`` as the earlier
+        chunk's ``h0``) cannot see a ``reset`` at the later chunk's first
+        step: pass a zero ``h0`` there.
       seq_lengths: optional int ``(batch,)`` in ``[0, time]``: valid lengths.
         Mutually exclusive with ``mask``.
       mask: optional bool ``(batch, time)``: True at valid steps.
