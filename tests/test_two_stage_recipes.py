@@ -313,3 +313,27 @@ def test_recipe_fields_that_would_do_nothing_are_errors(tmp_path):
         with pytest.raises(ConfigError, match=match):
             train.train_and_evaluate(config_lib.apply_overrides(base, overrides),
                                      str(tmp_path / match))
+
+
+def test_stage2_mistakes_show_before_stage1_trains_and_can_be_fixed(tmp_path):
+    workdir = str(tmp_path / "run")
+    # A mistake in the shared config or in stage 2's overrides stops the run
+    # before stage 1 trains, and leaves nothing that a fixed rerun would trip on.
+    for extra, match in ((["model.n_layer=0"], "^Invalid model config: n_layer"),
+                         (["two_stage.stage2=init_from.recurrent_init=random,"
+                           "train.recurrence_blend_steps=2"],
+                          "^two_stage.stage2: init_from.compensate_bias"),
+                         (["two_stage.stage2=model.d_model=16"],
+                          "^two_stage.stage2: the parameters of init_from.workdir's run")):
+        with pytest.raises(ConfigError, match=match):
+            train.train_and_evaluate(_two_stage_config(*extra), workdir)
+        assert not os.path.exists(workdir)
+    # Until stage 2 has a checkpoint, its overrides may change.
+    first = _two_stage_config("two_stage.stage2=train.num_steps=2")
+    assert train.train_and_evaluate(first, workdir, stop_at_step=3)["stage"] == 1
+    fixed = _two_stage_config("two_stage.stage2=train.num_steps=2,init_from.recurrent_init=random,"
+                              "init_from.compensate_bias=false,train.recurrence_blend_steps=2")
+    m = train.train_and_evaluate(fixed, workdir)
+    assert m["stage"] == 2 and m["step"] == 2 and m["stage1"]["step"] == 3
+    with pytest.raises(ConfigError, match="different config.*two_stage.stage2"):
+        train.train_and_evaluate(first, workdir)

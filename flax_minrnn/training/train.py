@@ -696,8 +696,9 @@ def _write(message: str) -> None:
     tqdm.tqdm.write(message, file=sys.stdout)
 
 
-def _check_resumable(config, workdir: str) -> None:
-    """Raises unless ``config`` equals the workdir's (but RESUMABLE_KEYS)."""
+def _check_resumable(config, workdir: str, also: Sequence[str] = ()) -> None:
+    """Raises unless ``config`` equals the workdir's (but RESUMABLE_KEYS and
+    ``also``)."""
     try:
         saved = config_lib.load_saved_config(workdir)
     except FileNotFoundError:
@@ -706,13 +707,56 @@ def _check_resumable(config, workdir: str) -> None:
     old, new = flat(saved), flat(config)
     diffs = [f"{k}: saved {old.get(k)!r}, new {new.get(k)!r}"
              for k in sorted(set(old) | set(new))
-             if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+             if k not in RESUMABLE_KEYS and k not in also and old.get(k) != new.get(k)]
     if diffs:
         raise ConfigError(
             f"Workdir {workdir!r} holds checkpoints of a run with a different "
             f"config ({'; '.join(diffs[:10])}). Only "
             f"{', '.join(RESUMABLE_KEYS)} may change when resuming; use a new "
             "workdir.")
+
+
+def has_checkpoints(workdir: str) -> bool:
+    """Whether the run in ``workdir`` has saved a checkpoint step."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def preflight(config: ml_collections.ConfigDict, source_config=None) -> None:
+    """Raises ``ConfigError`` for what :func:`train_and_evaluate` would refuse
+    at the start of a run of ``config``, without training or reading
+    checkpoints: the task, the model, the sample prompt, the mesh, the
+    two-stage recipes and the optimizer, all on abstract parameters. With
+    ``source_config`` (the run ``init_from.workdir`` will hold), also that
+    its parameters migrate onto ``config``'s model.
+    """
+    config = config_lib.validate(config)
+    dataset = build_dataset(config)
+    vocab = getattr(dataset, "vocab", None)
+    if vocab is not None:
+        try:
+            _encode_prompt(vocab, config.train.sample_prompt)
+        except ValueError as e:
+            raise ConfigError(f"train.sample_prompt: {e}") from e
+    example = _example_tokens(dataset)
+    model = build_model(config, dataset.vocab_size)
+    _mesh_plan(config, dataset)
+    params = unfreeze(jax.eval_shape(
+        lambda: model.init(jax.random.key(0), example, training=False))["params"])
+    if source_config is not None:
+        from flax_minrnn.training.migrate import migrate_params  # pylint: disable=g-import-not-at-top
+        source = build_model(config_lib.validate(source_config), dataset.vocab_size)
+        loaded = jax.eval_shape(
+            lambda: source.init(jax.random.key(0), example, training=False))["params"]
+        twin = (LM(dataclasses.replace(model.config, dropout=0.0, embedding_dropout=0.0))
+                if isinstance(model, LM) else model)
+        try:
+            jax.eval_shape(lambda p: migrate_params(unfreeze(p), twin, example), loaded)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"the parameters of init_from.workdir's run do not fit this "
+                              f"model: {e}") from e
+    check_recipes(config, params)
+    make_optimizer(config, params)
 
 
 def _encode_prompt(vocab: CharVocab, prompt: str) -> np.ndarray:

@@ -365,8 +365,21 @@ def run_two_stage(config, workdir: str, *, stop_at_step: int | None = None
     from flax_minrnn.training import config as config_lib  # pylint: disable=import-outside-toplevel
     from flax_minrnn.training import train as train_lib  # pylint: disable=import-outside-toplevel
     stage1, stage2 = stage_configs(config, workdir)
+    started = [train_lib.has_checkpoints(os.path.join(workdir, d))
+               for d in (STAGE1_DIR, STAGE2_DIR)]
+    if any(started):
+        # Until stage 2 has a checkpoint its overrides may still be fixed:
+        # a stage-2 mistake must not cost stage 1.
+        train_lib._check_resumable(  # pylint: disable=protected-access
+            config, workdir, also=() if started[1] else ("two_stage.stage2",))
+    if not started[1]:  # Stage 2's mistakes show before stage 1 trains.
+        if not started[0]:
+            train_lib.preflight(stage1)
+        try:
+            train_lib.preflight(stage2, source_config=stage1)
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"two_stage.stage2: {e}") from e
     os.makedirs(workdir, exist_ok=True)
-    train_lib._check_resumable(config, workdir)  # pylint: disable=protected-access
     if jax.process_index() == 0:
         config_lib.save_config(workdir, config)
     m1 = train_lib.train_and_evaluate(stage1, os.path.join(workdir, STAGE1_DIR),
