@@ -295,8 +295,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(e)
         if hasattr(e, "older_steps"):  # A CheckpointCorruptError.
             message = corrupt_message(e, args.command)
+        elif isinstance(e, FileNotFoundError) and args.command != "train":
+            message += _two_stage_hint(args.workdir)
         print(f"flax-minrnn {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _two_stage_hint(workdir: str) -> str:
+    """Where the runs are when ``workdir`` is a two-stage run's top level."""
+    from flax_minrnn.training import two_stage  # pylint: disable=g-import-not-at-top
+    stages = [os.path.join(workdir, d) for d in (two_stage.STAGE1_DIR, two_stage.STAGE2_DIR)
+              if os.path.isdir(os.path.join(workdir, d))]
+    if not stages:
+        return ""
+    return (f" {workdir} is a two-stage run; each stage is a run of its own: "
+            f"--workdir {' or --workdir '.join(stages)}")
 
 
 if __name__ == "__main__":

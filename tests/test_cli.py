@@ -94,6 +94,18 @@ def test_missing_run_exits_2(tmp_path, capsys):
     assert "No checkpoints" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["eval"], ["check"], ["plot"],
+                                     ["generate", "--prompt", "a"]])
+def test_a_two_stage_workdir_points_to_its_stages(command, tmp_path, capsys):
+    for stage in ("stage1", "stage2"):
+        (tmp_path / stage).mkdir()
+    assert cli.main([command[0], "--workdir", str(tmp_path), *command[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        f"is a two-stage run; each stage is a run of its own: --workdir "
+        f"{tmp_path / 'stage1'} or --workdir {tmp_path / 'stage2'}")
+
+
 def test_generate_in_fresh_process_reproduces(run_dir):
     args = ["generate", "--workdir", run_dir, "--prompt", "ROMEO:",
             "--max-new-tokens", "12", "--temperature", "0.9", "--top-k", "20",
