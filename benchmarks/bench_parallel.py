@@ -11,7 +11,7 @@ timed three ways, each ``fwd`` (the states) and ``fwdbwd`` (gradient of
 ``sum(g * h)`` w.r.t. ``a`` and ``b``):
 
 * ``linear_scan``: one device, no mesh;
-* ``sequence_parallel[1]``: :func:`flax_minrnn.ops_parallel.sequence_parallel_scan`
+* ``sequence_parallel[1]``: :func:`flax_minrnn.ops.parallel.sequence_parallel_scan`
   on a mesh of one device: the overhead of the sequence-parallel path
   (a second scan for the cumulative product of ``a``, the combine, the
   correction) where there is nothing to split;

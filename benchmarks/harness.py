@@ -219,7 +219,7 @@ def matmul_ms(m: int, k: int, n: int, which: str, repeats: Repeats,
 
 
 # ----------------------------------------------------------------------------
-# Allocator setting (flax_minrnn.runtime.tune_cpu_malloc).
+# Allocator setting (flax_minrnn.training.runtime.tune_cpu_malloc).
 
 _malloc_setting = "default"
 

@@ -9,6 +9,13 @@ Command::
     python -m flax_minrnn train --config configs/griffin_shakespeare.py \
         --workdir /tmp/griffin_shakespeare
 
+Argument (optional): ``block_types``, comma-separated names (``recurrent`` |
+``attention``) cycled over the three blocks; default
+``recurrent,recurrent,attention``. E.g. recurrent blocks only::
+
+    python -m flax_minrnn train --config configs/griffin_shakespeare.py:recurrent \
+        --workdir /tmp/griffin_shakespeare_recurrent
+
 Expected result (measured once with this branch's code, 1000 steps of 32x128
 characters, on a 2-core CPU shared with other jobs and test runs, load average
 3-5, 1.4k-4.6k tokens/s): eval loss 1.4769 nats/char (accuracy 0.554) at step

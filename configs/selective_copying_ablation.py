@@ -4,8 +4,8 @@ Feng et al. 2024 (arXiv 2410.01201, Table 1) train 1, 2 and 3 layers on
 the Mamba paper's selective copying (sequence length 4096, 16 tokens to
 memorize, vocabulary 16) and report accuracy minGRU 37.0 / 96.8 / 99.5% and
 minLSTM 37.6 / 85.7 / 96.0%. "Vocabulary" counts every token id: in our
-layout (``flax_minrnn/data/synthetic.py``) 0 = noise, ``1..V`` = data,
-``V + 1`` = marker, so vocabulary 16 is ``num_data_tokens = 14``, and
+layout (``flax_minrnn/training/data/synthetic.py``) 0 = noise, ``1..V`` =
+data, ``V + 1`` = marker, so vocabulary 16 is ``num_data_tokens = 14``, and
 ``T = noise_length + 2 * 16``.
 
 Argument: ``<time mixing>,<layers>[,gpu]``, e.g. ``mingru,2`` or
@@ -13,10 +13,12 @@ Argument: ``<time mixing>,<layers>[,gpu]``, e.g. ``mingru,2`` or
 layers >= 1.
 
 * default (CPU): noise length 224, so ``T = 256``, 16x shorter than the
-  paper's; 2,500 steps of batch 32 (20M tokens per run). On the shared
-  2-core CPU (10-20k tokens/s) each run takes 20-40 minutes, so the six runs
-  (1-3 layers x minGRU/minLSTM) take a few hours: longer sequences or more
-  steps did not fit.
+  paper's; 2,500 steps of batch 32 (20M tokens per run). Measured on the
+  shared 2-core AMD EPYC: 1m49s-5m28s of training per run (64k-205k
+  tokens/s); with ``train.num_steps=10000`` (82M tokens per run,
+  ``experiments/run_all.sh selective_copying_ablation_10k``) 4m22s-27m06s
+  (71k-331k tokens/s). Tables: ``experiments/selective_copying/README.md``,
+  section 2.
 * ``gpu`` (full length): noise length 4064, ``T = 4096``, as in the paper;
   5,000 steps of batch 64 (1.3B tokens per run; set ``train.num_steps``
   from the throughput measured on the GPU: the paper's step budget may be

@@ -2,8 +2,8 @@
 
 Noise length 64, 4 tokens to memorize, vocabulary 6. "Vocabulary" counts
 every token id, as in the Mamba paper's setting (vocabulary 16): in our
-layout (``flax_minrnn/data/synthetic.py``) id 0 is noise, ``1..V`` are data
-symbols and ``V + 1`` is the marker, so ``vocab_size = V + 2`` and
+layout (``flax_minrnn/training/data/synthetic.py``) id 0 is noise, ``1..V``
+are data symbols and ``V + 1`` is the marker, so ``vocab_size = V + 2`` and
 vocabulary 6 means ``num_data_tokens = V = 4``. A sequence is 64 noise
 tokens with the 4 data tokens scattered among them (a region of 68), then 4
 markers: ``T = 64 + 2 * 4 = 72``. Accuracy is measured on the 4 recalled

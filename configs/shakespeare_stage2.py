@@ -15,8 +15,11 @@ Commands::
         init_from.workdir=/tmp/shakespeare_run
 
 (``configs/shakespeare_stage2.py:/tmp/shakespeare_run`` also sets the
-stage-1 workdir.) Expected result: the first eval (step 0) equals stage 1's
-last eval loss, then the loss goes down slightly.
+stage-1 workdir.) Stage 2 rebuilds the model from ``configs/shakespeare.py``,
+not from the stage-1 run, so any ``model.*`` overrides given to stage 1 must
+be repeated for stage 2 (and ``data.*`` ones, to train on the same data).
+Expected result: the first eval (step 0) equals stage 1's last eval loss,
+then the loss goes down slightly.
 """
 
 from flax_minrnn.training.config import default_config

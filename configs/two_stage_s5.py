@@ -8,10 +8,13 @@ can. Training uses products of 1..16 permutations, evaluation 64..128
 
 ``arg = <time mixing>[,<strategy>]``: a recipe of
 :mod:`flax_minrnn.training.two_stage` (``zeros`` | ``lr`` | ``random`` |
-``blend`` | ``tbptt``; ``configs/two_stage_parity.py`` says what each sets)
-runs stage 1 (associative, 500 updates) and then stage 2 (true recurrence,
-up to 1,500 updates); ``scratch`` trains the true recurrence from the start
-for up to 1,500 updates. Every stage stops once an evaluation reaches 0.99.
+``blend`` | ``tbptt``; ``configs/two_stage_parity.py`` says what each sets,
+except ``lr``, which here sets ``optim.recurrent_lr_multiplier=10``: U's
+learning rate x10, the recipe's example value, where the parity config
+uses x3) runs stage 1 (associative, 500 updates) and then stage 2 (true
+recurrence, up to 1,500 updates); ``scratch`` trains the true recurrence
+from the start for up to 1,500 updates. Every stage stops once an
+evaluation reaches 0.99.
 
 Command (rerun it to resume after a kill)::
 

@@ -6,6 +6,7 @@
 #   experiments/run_all.sh                      # the CPU experiments, in order
 #   experiments/run_all.sh shakespeare          # one experiment
 #   RUNS=/work/runs PY=.venv/bin/python experiments/run_all.sh parity_two_stage
+#   experiments/run_all.sh --help               # usage and the experiment names
 #
 # Experiments (CPU): selective_copying_small, shakespeare, parity_two_stage,
 # two_stage, two_stage_shakespeare, two_stage_s5, shakespeare_2000,
@@ -212,9 +213,46 @@ two_stage_s5() {
     --title "S5 word problem, trained on 1..16 permutations, evaluated on 64..128"
 }
 
+CPU_EXPERIMENTS=(selective_copying_small shakespeare parity_two_stage two_stage
+  two_stage_shakespeare two_stage_s5 shakespeare_2000 selective_copying_ablation
+  selective_copying_ablation_10k shakespeare_medium)
+GPU_EXPERIMENTS=(selective_copying_ablation_gpu shakespeare_large)
+
+usage() {
+  cat <<EOF
+Usage: experiments/run_all.sh [-h | --help] [EXPERIMENT ...]
+
+Runs each EXPERIMENT in the order given: its trainings (workdirs under
+\$RUNS, default runs/; a finished run is skipped), then experiments/report.py,
+which rewrites experiments/<name>/results.json, its plot and its README table.
+With no EXPERIMENT, runs all the CPU experiments below, in this order: hours
+of training on a 2-core CPU. \$PY (default: python) is the interpreter.
+
+CPU experiments:
+$(printf '  %s\n' "${CPU_EXPERIMENTS[@]}")
+GPU-sized (run only when named):
+$(printf '  %s\n' "${GPU_EXPERIMENTS[@]}")
+EOF
+}
+
+for arg in "$@"; do
+  if [[ $arg == -h || $arg == --help ]]; then
+    usage
+    exit 0
+  fi
+done
+for arg in "$@"; do
+  known=
+  for name in "${CPU_EXPERIMENTS[@]}" "${GPU_EXPERIMENTS[@]}"; do
+    [[ $arg == "$name" ]] && known=1
+  done
+  if [[ -z $known ]]; then
+    echo "run_all.sh: unknown experiment '$arg' (experiments/run_all.sh --help lists them)" >&2
+    exit 2
+  fi
+done
 if [[ $# -eq 0 ]]; then
-  set -- selective_copying_small shakespeare parity_two_stage two_stage two_stage_shakespeare \
-    two_stage_s5 shakespeare_2000 selective_copying_ablation selective_copying_ablation_10k shakespeare_medium
+  set -- "${CPU_EXPERIMENTS[@]}"
 fi
 for experiment in "$@"; do
   "$experiment"

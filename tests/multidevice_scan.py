@@ -4,8 +4,8 @@ Not collected by the normal suite (the name does not start with ``test_``):
 ``test_parallel.py`` runs it in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 
-Every check compares :func:`flax_minrnn.ops_parallel.sequence_parallel_scan` on
-2, 4 and 8 shards with the unsharded :func:`flax_minrnn.scan.linear_scan`
+Every check compares :func:`flax_minrnn.ops.parallel.sequence_parallel_scan` on
+2, 4 and 8 shards with the unsharded :func:`flax_minrnn.ops.scan.linear_scan`
 (outputs and gradients under random cotangents on ``h`` and ``h_last``) and
 the outputs with the float64 loop of ``reference.py``.
 """

@@ -1,4 +1,4 @@
-"""Tests for flax_minrnn.checkpoint: bit-exact round trips, retention,
+"""Tests for flax_minrnn.training.checkpoint: bit-exact round trips, retention,
 atomicity under SIGKILL, corrupt and missing checkpoints."""
 
 import os

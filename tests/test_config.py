@@ -1,4 +1,4 @@
-"""Tests for flax_minrnn.config: schema, validation, overrides, JSON."""
+"""Tests for flax_minrnn.training.config: schema, validation, overrides, JSON."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Tests for flax_minrnn.data: the embedded corpus, the character vocabulary
+"""Tests for flax_minrnn.training.data: the embedded corpus, the character vocabulary
 and dataset, the synthetic tasks (answers recomputed from the inputs), the
 determinism contract and argument errors."""
 

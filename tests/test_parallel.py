@@ -1,4 +1,5 @@
-"""Multi-device training and the sequence-parallel scan (flax_minrnn.parallel).
+"""Multi-device training and the sequence-parallel scan (flax_minrnn.training.mesh,
+flax_minrnn.ops.parallel).
 
 The suite runs on one CPU device.  Checks that need several devices run in
 subprocesses with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``:

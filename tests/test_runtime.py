@@ -1,4 +1,4 @@
-"""flax_minrnn.runtime.tune_cpu_malloc: what it changes, and that results do not."""
+"""flax_minrnn.training.runtime.tune_cpu_malloc: what it changes, and that results do not."""
 
 import ctypes
 import ctypes.util
