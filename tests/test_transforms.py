@@ -259,8 +259,9 @@ def test_every_transformation(name):
 @pytest.mark.parametrize("name", ["MinGRU", "GatedLinearRNN_untied_assoc", "LM", "Griffin"])
 def test_export_with_a_symbolic_batch(name):
     """Exported once with a symbolic batch size, the forward pass and the
-    gradient run at other batch sizes and equal the unexported calls; a
-    symbolic time axis is refused with an error that says so."""
+    gradient run at other batch sizes and equal the unexported calls; with a
+    symbolic time axis, a named implementation that needs a concrete length
+    is refused with an error that says so."""
     apply, theta, inputs = _case(name)
     x = inputs(1)[0]
     dims = ", ".join(str(d) for d in x.shape[2:])
@@ -276,8 +277,70 @@ def test_export_with_a_symbolic_batch(name):
         restored = export.deserialize(exported.serialize())
         for xb in (x[:1], jnp.concatenate([x, x[::-1]], axis=0)):
             _close(restored.call(theta, xb), fun(theta, xb), 1e-12)
-    with pytest.raises(ValueError, match=r"symbolic size t.*fixed T"):
+    # These cases name a scan implementation that needs a concrete length.
+    with pytest.raises(ValueError, match=r"scan_impl='(chunked|associative)' needs a concrete "
+                                         r"sequence length.*symbolic size t.*'auto'"):
         export.export(jax.jit(apply))(theta, spec(f"{x.shape[0]}, t"))
+
+
+def _symbolic_time_case(name):
+    """``(apply, theta, make_input(batch, T))`` with the default scan_impl."""
+    rng = np.random.default_rng(5)
+    layers = {
+        "MinGRU": (fm.MinGRU(d_h=3, **F64), 3),
+        "MinLSTM_reverse": (fm.MinLSTM(d_h=4, d_model=3, reverse=True, **F64), 3),
+        "GatedLinearRNN_true": (fm.GatedLinearRNN(d_h=4, d_model=3, use_true_recurrence=True,
+                                                  **F64), 3),
+        "RGLRU": (fm.RGLRU(num_heads=2, **F64), 4)}
+    if name == "linear_scan":  # Resets, lengths and reverse, all traced.
+        def apply(theta, x):
+            a = jax.nn.sigmoid(x * theta[0] + theta[1])
+            lengths = x.shape[1] - jnp.arange(x.shape[0], dtype=jnp.int32) % 2
+            return fm.linear_scan(a, x, None, reset=x[..., 0] > 1.0, seq_lengths=lengths,
+                                  reverse=True)
+        return apply, jnp.asarray([0.7, 0.3]), lambda b, t: jnp.asarray(rng.normal(size=(b, t, 3)))
+    if name in layers:
+        layer, d_in = layers[name]
+        make = lambda b, t: jnp.asarray(rng.normal(size=(b, t, d_in)))
+        model = layer
+    else:
+        make = lambda b, t: jnp.asarray(rng.integers(0, 7, (b, t)), jnp.int32)
+        model = (fm.LM(fm.LMConfig(vocab_size=7, n_layer=1, d_model=4, conv_width=2,
+                                   positional_encoding="learned", max_seq_length=16, **F64))
+                 if name == "LM" else
+                 fm.Griffin(fm.GriffinConfig(
+                     vocab_size=7, num_hidden_layers=2, hidden_size=8, intermediate_size=8,
+                     num_attention_heads=2, num_key_value_heads=1, attention_window_size=3,
+                     conv1d_width=2, block_types=("recurrent", "attention"), **F64)))
+    theta, unravel = ravel_pytree(jax.jit(model.init)(jax.random.PRNGKey(0), make(1, 4)))
+    # Non-zero recurrent kernels and norm deltas: every parameter matters.
+    theta = theta + 0.2 * jnp.asarray(rng.normal(size=theta.shape))
+    return (lambda theta, x: model.apply(unravel(theta), x)), theta, make
+
+
+@pytest.mark.parametrize("name", ["linear_scan", "MinGRU", "MinLSTM_reverse",
+                                  "GatedLinearRNN_true", "RGLRU", "LM", "Griffin"])
+def test_export_with_a_symbolic_time_axis(name):
+    """Exported once with a symbolic batch and time axis (scan_impl 'auto'),
+    the forward pass and the gradient run at other batches and lengths, T = 1
+    included, and equal the unexported calls."""
+    apply, theta, make = _symbolic_time_case(name)
+    x = make(1, 4)
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape(
+        ", ".join(["b, t", *(str(d) for d in x.shape[2:])])), x.dtype)
+
+    def loss(theta, x):
+        return sum(jnp.sum(o ** 2) for o in jax.tree.leaves(apply(theta, x))
+                   if jnp.issubdtype(o.dtype, jnp.floating))
+
+    for fun in (apply, jax.grad(loss)):
+        restored = export.deserialize(export.export(jax.jit(fun))(theta, spec).serialize())
+        for batch, seq_len in ((1, 1), (2, 5), (3, 13)):
+            xt = make(batch, seq_len)
+            got, want = restored.call(theta, xt), fun(theta, xt)
+            assert jax.tree.structure(got) == jax.tree.structure(want)
+            _close([g for g in jax.tree.leaves(got) if g.size],
+                   [w for w in jax.tree.leaves(want) if w.size], 1e-12)
 
 
 # ----------------------------------------------------------------------------

@@ -135,20 +135,24 @@ def resolve_impl(impl: Union[str, ScanImpl], seq_len: int, *,
     """Validates ``impl`` and resolves ``"auto"``; raises ``ValueError``.
 
     ``name`` is the argument named in the error (``scan_impl`` in layers).
-    A symbolic ``seq_len`` (``jax.export`` with a polymorphic time axis) is
-    refused: every implementation needs a concrete sequence length (a
-    symbolic batch is fine).
+    A symbolic ``seq_len`` (``jax.export`` with a polymorphic time axis)
+    resolves ``"auto"`` to ``SEQUENTIAL``, which then runs one step per loop
+    iteration (the only implementation whose layout needs no concrete
+    length); any other named implementation is refused.
     """
-    if jax.export.is_symbolic_dim(seq_len):
-        raise ValueError(
-            f"the time axis has the symbolic size {seq_len}: the scans need a concrete "
-            "sequence length, so export with a fixed T (a symbolic batch size is supported)")
     if isinstance(impl, ScanImpl):
         value = impl
     elif isinstance(impl, str) and impl in IMPLEMENTATIONS:
         value = ScanImpl(impl)
     else:
         raise ValueError(f"{name} must be one of {list(IMPLEMENTATIONS)}, got {impl!r}")
+    if jax.export.is_symbolic_dim(seq_len):
+        if value not in (ScanImpl.AUTO, ScanImpl.SEQUENTIAL):
+            raise ValueError(
+                f"{name}={value.value!r} needs a concrete sequence length, but the time axis "
+                f"has the symbolic size {seq_len}: use {name}='auto' or 'sequential' "
+                "(or export with a fixed T)")
+        return ScanImpl.SEQUENTIAL
     if value is ScanImpl.AUTO:
         value = default_impl(seq_len)
     return value
@@ -206,6 +210,15 @@ def _associative(a, b, h0, reverse):
 _UNROLL = 8
 
 
+def block_size(n, unroll: int) -> int:
+    """Steps per loop iteration for ``n`` steps: ``unroll``, at most ``n``;
+    1 for a symbolic ``n`` (``jax.export``), whose remainder block would
+    have a symbolic length."""
+    if jax.export.is_symbolic_dim(n):
+        return 1
+    return max(1, min(unroll, n))
+
+
 def blocks(n: int, size: int, reverse: bool):
     """Static layout of ``n`` steps in blocks of ``size``, visited in scan order.
 
@@ -239,7 +252,7 @@ def sequential_into(a: Array, out: Array, h: Array, reverse: bool, *, b: Optiona
     the final carry is the cotangent of the state before the first step.
     """
     n = a.shape[1]
-    size = max(1, min(unroll, n))
+    size = block_size(n, unroll)
     num_full, rem, full_start, rem_start = blocks(n, size, reverse)
 
     def run_block(h, out, start, length):

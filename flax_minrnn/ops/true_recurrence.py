@@ -147,7 +147,7 @@ def _forward(coeff_fn, reverse: bool, unroll: int, pre, u, params, h0, bnd, vali
     included) and, with ``keep_pre``, every total pre-activation ``p_t``
     (``None`` otherwise)."""
     batch, seq_len, _ = pre.shape
-    size = max(1, min(unroll, seq_len))
+    size = scan_lib.block_size(seq_len, unroll)
     h_buf = jax.lax.full_like(h0, 0, h0.dtype, (batch, seq_len) + h0.shape[1:])
 
     def load(start, length):
@@ -213,6 +213,8 @@ def _load_with_first(h, h0, reverse: bool, start, length, *arrays):
     stays ``None``), and the state before the block's first step in scan
     order (``h0`` at the edge)."""
     seq_len = h.shape[1]
+    if jax.export.is_symbolic_dim(start):  # A symbolic T: compared at run time.
+        start = jnp.asarray(start, jnp.int32)
     if reverse:
         after = start + length
         first = jnp.where(after < seq_len, jax.lax.dynamic_index_in_dim(
@@ -257,7 +259,7 @@ def _tangent_loop(coeff_fn, reverse: bool, unroll: int, u, params, h0, bnd, vali
     """
     batch, seq_len, n = p.shape
     dtype = h0.dtype
-    size = max(1, min(unroll, seq_len))
+    size = scan_lib.block_size(seq_len, unroll)
     n_blocks = n // h0.shape[-1]
     one = _opaque_one(p)
     h_in = _states_in(h, h0, bnd, reverse)
@@ -308,7 +310,7 @@ def _backward(coeff_fn, reverse: bool, unroll: int, u, params, h0, bnd, valid, h
     """
     batch, seq_len, n = p.shape
     dtype = h0.dtype
-    size = max(1, min(unroll, seq_len))
+    size = scan_lib.block_size(seq_len, unroll)
     n_blocks = n // h0.shape[-1]
     u_t = u.T
     one = _opaque_one(p)
