@@ -96,3 +96,48 @@ def test_lm_conversion_errors():
         compat.from_flax_gated_linear_rnn({"input_function": {}, "time_mixing_layers_0": {}})
     with pytest.raises(ValueError, match="wpe"):
         compat.from_flax_gated_linear_rnn({"input_function": {}, "wpe": {"table": 1}})
+
+
+def test_positional_arguments_follow_the_package():
+    """The package's positional order builds the same model here: the layer
+    (whose native order starts (d_h, d_model)) and the language model."""
+    import flax.linen as nn
+    theirs, ours = fglr.GatedLinearRNN(3, 5, nn.relu, nn.tanh, nn.sigmoid, True, False), \
+        compat.GatedLinearRNN(3, 5, nn.relu, nn.tanh, nn.sigmoid, True, False)
+    for field in ("d_model", "d_h", "input_activation", "use_true_recurrence", "use_tied_gates"):
+        assert getattr(ours, field) is getattr(theirs, field) or \
+            getattr(ours, field) == getattr(theirs, field), field
+    assert isinstance(ours, compat.layers_lib.GatedLinearRNN)
+    with pytest.raises(TypeError, match="multiple values for argument 'd_h'"):
+        compat.GatedLinearRNN(3, 5, d_h=4)
+    args = (2, 8, 12, 1e-5, 0.0, 0.0, V, V, 16, 0.0, True, "sinusoidal", False, 6)
+    ours_lm = compat.GatedLinearRNNLM(*args)
+    theirs_lm = fglr.GatedLinearRNNLM(*args)
+    for field in ("n_layer", "use_head", "d_h", "positional_encoding_mode"):
+        assert getattr(ours_lm, field) == getattr(theirs_lm, field), field
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("n_layer", 0, "n_layer must be an integer >= 1"),
+    ("n_layer", 2.0, "n_layer must be an integer >= 1"),
+    ("d_channel_mixing", 0, "d_channel_mixing must be an integer >= 1"),
+    ("output_vocab_size", 0, "output_vocab_size must be an integer >= 1"),
+    ("eps", -1.0, "eps"),
+    ("eps", 0.0, "eps"),
+    ("time_mixing_dropout", 1.5, r"time_mixing_dropout must be a number in \[0, 1\]"),
+    ("embedding_dropout", -0.5, "embedding_dropout"),
+    ("use_head", 1, "use_head must be a bool"),
+])
+def test_lm_arguments_are_checked_by_name(field, value, match):
+    kw = dict(n_layer=1, d_model=4, d_channel_mixing=8, eps=1e-5, channel_mixing_dropout=0.0,
+              time_mixing_dropout=0.0, input_vocab_size=V, output_vocab_size=V,
+              max_seq_length=8, embedding_dropout=0.0, use_word_embedding=True,
+              positional_encoding_mode="none", use_head=True, d_h=4)
+    x = jax.numpy.zeros((1, 3), jax.numpy.int32)
+    with pytest.raises(ValueError, match=match):
+        compat.GatedLinearRNNLM(**{**kw, field: value}).init(jax.random.key(0), x)
+    model = compat.GatedLinearRNNLM(**kw)
+    params = model.init(jax.random.key(0), x)
+    for offset in (1.5, -1):
+        with pytest.raises(ValueError, match="offset must"):
+            model.apply(params, x, offset=offset)

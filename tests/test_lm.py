@@ -384,7 +384,8 @@ def _glrnn_lm(**kw):
     args = dict(n_layer=2, d_model=8, d_channel_mixing=16, eps=1e-5,
                 channel_mixing_dropout=0.0, time_mixing_dropout=0.0, input_vocab_size=V,
                 output_vocab_size=V, max_seq_length=32, embedding_dropout=0.0,
-                use_word_embedding=True, positional_encoding_mode="sinusoidal", d_h=6)
+                use_word_embedding=True, positional_encoding_mode="sinusoidal", use_head=True,
+                d_h=6)
     args.update(kw)
     return GatedLinearRNNLM(**args)
 
@@ -438,7 +439,7 @@ def test_glrnn_lm_matches_the_package_on_renamed_params():
             return {("in_proj" if k == "proj" else k): rename(v) for k, v in tree.items()}
         return tree
 
-    ours = GatedLinearRNNLM(**kw)
+    ours = GatedLinearRNNLM(use_head=True, **kw)
     h, y = jax.jit(lambda p, x: ours.apply(p, x, training=False))(rename(dict(p)), x)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=1e-5, atol=1e-6)
@@ -479,3 +480,22 @@ def test_bfloat16_compute_keeps_float32_states_and_logits():
                                rtol=2e-2, atol=2e-2 * float(np.abs(ref_logits).max()))
     np.testing.assert_allclose(carry.layers[0], ref_carry.layers[0], rtol=2e-2,
                                atol=2e-2 * float(np.abs(ref_carry.layers[0]).max()))
+
+
+def test_sinusoidal_encoding_in_float64_is_float64():
+    """A float64 model's positions are float64 (float32 angles are off by
+    about p * 6e-8 rad, 6e-3 at p = 10**5)."""
+    from flax_minrnn.nn import blocks
+    positions = np.array([[0, 3, 77, 12_345, 100_003]])
+    dim = 7
+    w = 10000.0 ** (-2.0 * np.arange(4) / dim)
+    angles = positions[..., None] * w
+    want = np.stack([np.sin(angles), np.cos(angles)], -1).reshape(1, 5, 8)[..., :dim]
+    with jax.enable_x64(True):
+        got = blocks.sinusoidal_encoding(jnp.asarray(positions, jnp.int32), dim, jnp.float64)
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-10)
+        x = jnp.zeros((1, 5, dim), jnp.float64)
+        enc = blocks.PositionalEncoding("sinusoidal", 8)
+        out = enc.apply({}, x, jnp.asarray(positions, jnp.int32), None)
+        np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=1e-10)

@@ -324,7 +324,11 @@ def test_stage2_mistakes_show_before_stage1_trains_and_can_be_fixed(tmp_path):
                            "train.recurrence_blend_steps=2"],
                           "^two_stage.stage2: init_from.compensate_bias"),
                          (["two_stage.stage2=model.d_model=16"],
-                          "^two_stage.stage2: the parameters of init_from.workdir's run")):
+                          "^two_stage.stage2: the parameters of init_from.workdir's run"),
+                         # Stage 2's true recurrence cannot split time over devices.
+                         (["mesh.shape=1,1", "mesh.axis_names=data,seq",
+                           "mesh.sequence_axis=seq"],
+                          "^two_stage.stage2: mesh.sequence_axis='seq' does not fit")):
         with pytest.raises(ConfigError, match=match):
             train.train_and_evaluate(_two_stage_config(*extra), workdir)
         assert not os.path.exists(workdir)

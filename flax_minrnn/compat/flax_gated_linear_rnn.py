@@ -6,8 +6,11 @@ signatures, so its README snippets run after changing one import line::
     from flax_gated_linear_rnn import GatedLinearRNN, GatedLinearRNNLM       # before
     from flax_minrnn.compat.flax_gated_linear_rnn import GatedLinearRNN, GatedLinearRNNLM
 
-* :class:`GatedLinearRNN`: :class:`flax_minrnn.GatedLinearRNN` (same
-  constructor fields and ``apply(params, x, carry=None) -> (carry, y)``);
+* :class:`GatedLinearRNN`: :class:`flax_minrnn.GatedLinearRNN` taking the
+  package's positional order ``(d_model, d_h, input_activation,
+  hidden_activation, gate_activation, use_true_recurrence,
+  use_tied_gates)`` (the native layer's starts ``(d_h, d_model, ...)``), and
+  ``apply(params, x, carry=None) -> (carry, y)``;
 * :class:`GatedLinearRNNLM`: the package's language model;
 * :func:`from_flax_gated_linear_rnn`: converts the package's parameters, of
   one ``GatedLinearRNN`` layer or of a whole ``GatedLinearRNNLM``.
@@ -15,6 +18,7 @@ signatures, so its README snippets run after changing one import line::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -33,7 +37,33 @@ Params = Any
 
 __all__ = ["GatedLinearRNN", "GatedLinearRNNLM", "from_flax_gated_linear_rnn"]
 
-GatedLinearRNN = layers_lib.GatedLinearRNN
+# The package's constructor order; the native layer's fields start (d_h, d_model, ...).
+_LAYER_ORDER = ("d_model", "d_h", "input_activation", "hidden_activation", "gate_activation",
+                "use_true_recurrence", "use_tied_gates")
+
+
+class GatedLinearRNN(layers_lib.GatedLinearRNN):
+    """:class:`flax_minrnn.GatedLinearRNN` with the package's positional
+    order: ``GatedLinearRNN(d_model, d_h, input_activation, ...)``.  Keyword
+    arguments, the fields, the parameters and ``apply`` are the native
+    layer's."""
+
+
+def _package_order_init(native_init):
+    @functools.wraps(native_init)
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(_LAYER_ORDER):
+            raise TypeError(f"GatedLinearRNN takes at most {len(_LAYER_ORDER)} positional "
+                            f"arguments {_LAYER_ORDER}, got {len(args)}")
+        for key, value in zip(_LAYER_ORDER, args):
+            if key in kwargs:
+                raise TypeError(f"GatedLinearRNN got multiple values for argument {key!r}")
+            kwargs[key] = value
+        native_init(self, **kwargs)
+    return __init__
+
+
+GatedLinearRNN.__init__ = _package_order_init(GatedLinearRNN.__init__)
 
 
 class _PackageTimeMixing(nn.Module):
@@ -134,8 +164,9 @@ class GatedLinearRNNLM(nn.Module):
         activations (default ``tanh``, ``tanh``, ``sigmoid``).
       use_true_recurrence: gates also see ``h_{t-1}`` (default False).
       use_tied_gates: forget gate ``1 - i`` (default True).
-      use_head: end with ``head`` (default True); else return features.
-      dtype: compute dtype (default float32); the carry is float32.
+      use_head: end with ``head``; else return features.
+      dtype: compute dtype (default float32); the carry is float32 (float64
+        for a float64 computation).
       param_dtype: parameter dtype (default float32).
     """
 
@@ -151,13 +182,13 @@ class GatedLinearRNNLM(nn.Module):
     embedding_dropout: float
     use_word_embedding: bool
     positional_encoding_mode: str
+    use_head: bool
     d_h: int
     input_activation: Callable = nn.tanh
     hidden_activation: Callable = nn.tanh
     gate_activation: Callable = nn.sigmoid
     use_true_recurrence: bool = False
     use_tied_gates: bool = True
-    use_head: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -177,6 +208,19 @@ class GatedLinearRNNLM(nn.Module):
         """
         checks.check_choice("positional_encoding_mode", self.positional_encoding_mode,
                 lm_lib.POSITIONAL_ENCODINGS)
+        for name in ("n_layer", "d_model", "d_channel_mixing", "output_vocab_size", "d_h"):
+            checks.check_int_at_least(name, getattr(self, name), 1)
+        if self.positional_encoding_mode == "learned":
+            checks.check_int_at_least("max_seq_length", self.max_seq_length, 1)
+        checks.check_positive_number("eps", self.eps)
+        for name in ("channel_mixing_dropout", "time_mixing_dropout", "embedding_dropout"):
+            rate = getattr(self, name)
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
+                    or not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {rate!r}")
+        for name in ("use_word_embedding", "use_head", "use_true_recurrence", "use_tied_gates"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.use_word_embedding:
             if self.input_vocab_size is None:
                 raise ValueError("use_word_embedding=True needs input_vocab_size")
@@ -193,17 +237,20 @@ class GatedLinearRNNLM(nn.Module):
         if carry is not None and tuple(carry.shape) != (batch, self.n_layer, self.d_h):
             raise ValueError(f"carry must have shape (batch, n_layer, d_h) = "
                              f"({batch}, {self.n_layer}, {self.d_h}), got {tuple(carry.shape)}")
+        start = jnp.zeros((batch,), jnp.int32)
+        if offset is not None:
+            offset = jnp.asarray(offset)
+            if (not jnp.issubdtype(offset.dtype, jnp.integer)
+                    or offset.shape not in ((), (batch,))):
+                raise ValueError(
+                    f"offset must be an int or an int array of shape (batch,) = "
+                    f"({batch},), got {offset.dtype} {tuple(offset.shape)}")
+            value = checks.concrete_or_none(offset)
+            if value is not None and value.size and value.min() < 0:
+                raise ValueError(f"offset must be >= 0 (tokens already consumed), "
+                                 f"got {value.min()}")
+            start = jnp.broadcast_to(offset.astype(jnp.int32), (batch,))
         if self.positional_encoding_mode != "none":
-            if offset is None:
-                start = jnp.zeros((batch,), jnp.int32)
-            else:
-                offset = jnp.asarray(offset)
-                if (not jnp.issubdtype(offset.dtype, jnp.integer)
-                        or offset.shape not in ((), (batch,))):
-                    raise ValueError(
-                        f"offset must be an int or an int array of shape (batch,) = "
-                        f"({batch},), got {offset.dtype} {tuple(offset.shape)}")
-                start = jnp.broadcast_to(offset.astype(jnp.int32), (batch,))
             h = blocks.PositionalEncoding(self.positional_encoding_mode, self.max_seq_length,
                                    dtype=self.dtype, param_dtype=self.param_dtype,
                                    name="wpe")(h, blocks.token_positions(start, seq_len, None), mask)

@@ -28,8 +28,8 @@ __all__ = ["Norm", "sinusoidal_encoding", "PositionalEncoding", "token_positions
            "next_position", "CausalConv", "ChannelMixing"]
 
 
-def sinusoidal_encoding(positions: Array, dim: int) -> Array:
-    """Sinusoidal encoding (Vaswani et al. 2017), interleaved, float32.
+def sinusoidal_encoding(positions: Array, dim: int, dtype=jnp.float32) -> Array:
+    """Sinusoidal encoding (Vaswani et al. 2017), interleaved.
 
     ``pe(p)[2i] = sin(p w_i)``, ``pe(p)[2i+1] = cos(p w_i)``,
     ``w_i = 10000^(-2i / dim)``; computed for any position (no table).
@@ -37,13 +37,15 @@ def sinusoidal_encoding(positions: Array, dim: int) -> Array:
     Args:
       positions: int ``(...)``.
       dim: encoding width.
+      dtype: float32 (the default) or float64, the precision of the angles.
 
     Returns:
-      float32 ``(..., dim)``.
+      ``dtype`` ``(..., dim)``.
     """
     half = (dim + 1) // 2
-    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * jnp.float32(-2.0 * math.log(10000.0) / dim))
-    angles = positions.astype(jnp.float32)[..., None] * freqs.reshape((1,) * positions.ndim + (half,))
+    freqs = jnp.exp(jnp.arange(half, dtype=dtype)
+                    * jnp.asarray(-2.0 * math.log(10000.0) / dim, dtype))
+    angles = positions.astype(dtype)[..., None] * freqs.reshape((1,) * positions.ndim + (half,))
     pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     return pe.reshape(*positions.shape, 2 * half)[..., :dim]
 
@@ -92,7 +94,7 @@ class PositionalEncoding(nn.Module):
     def __call__(self, x: Array, positions: Array, valid: Optional[Array]) -> Array:
         d = x.shape[-1]
         if self.mode == "sinusoidal":
-            return x + sinusoidal_encoding(positions, d).astype(x.dtype)
+            return x + sinusoidal_encoding(positions, d, checks.accum_dtype(x.dtype)).astype(x.dtype)
         value = checks.concrete_or_none(positions if valid is None
                           else jnp.where(valid, positions, jnp.zeros_like(positions)))
         if value is not None and value.size and value.max() >= self.max_seq_length:

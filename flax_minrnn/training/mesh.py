@@ -170,7 +170,7 @@ class MeshPlan:
     # -- placement ----------------------------------------------------------
 
     def check_batch(self, batch_size: int, seq_len: int, *,
-                    what: str = "data.batch_size") -> None:
+                    what: str = "data.batch_size", length_from: str = "data.seq_len") -> None:
         """Raises ``ValueError`` (naming the numbers) unless the mesh divides the batch."""
         n_data = _axis_size(self.mesh, self.data_axis)
         if batch_size % n_data:
@@ -180,7 +180,7 @@ class MeshPlan:
         n_seq = _axis_size(self.mesh, self.sequence_axis)
         if seq_len % n_seq:
             raise ValueError(
-                f"the sequence length {seq_len} (data.seq_len) is not divisible "
+                f"the sequence length {seq_len} ({length_from}) is not divisible "
                 f"by the {n_seq} devices of mesh axis {self.sequence_axis!r} "
                 "(mesh.sequence_axis)")
 
@@ -205,7 +205,8 @@ class MeshPlan:
         for key, value in batch.items():
             shape = np.shape(value)
             if len(shape) >= 2:
-                self.check_batch(shape[0], shape[1], what=f"batch[{key!r}].shape[0]")
+                self.check_batch(shape[0], shape[1], what=f"batch[{key!r}].shape[0]",
+                                 length_from=f"batch[{key!r}].shape[1]")
             out[key] = self.put(value, self.batch_spec(len(shape)))
         return out
 

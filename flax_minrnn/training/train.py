@@ -339,8 +339,12 @@ def on_mesh(model: LM, plan: "parallel_lib.MeshPlan | None") -> LM:
     if not isinstance(model, LM):
         raise ConfigError("mesh.sequence_axis is supported for model.architecture='lm' "
                           f"only, not for a {type(model).__name__}")
-    return model.clone(config=dataclasses.replace(
-        model.config, sequence_axis=plan.sequence_axis))
+    try:
+        config = dataclasses.replace(model.config, sequence_axis=plan.sequence_axis)
+    except ValueError as e:
+        raise ConfigError(f"mesh.sequence_axis={plan.sequence_axis!r} does not fit the "
+                          f"model: {e}") from e
+    return model.clone(config=config)
 
 
 def make_train_step(model: LM, tx: optax.GradientTransformation,
@@ -740,7 +744,7 @@ def preflight(config: ml_collections.ConfigDict, source_config=None) -> None:
             raise ConfigError(f"train.sample_prompt: {e}") from e
     example = _example_tokens(dataset)
     model = build_model(config, dataset.vocab_size)
-    _mesh_plan(config, dataset)
+    on_mesh(model, _mesh_plan(config, dataset))
     params = unfreeze(jax.eval_shape(
         lambda: model.init(jax.random.key(0), example, training=False))["params"])
     if source_config is not None:
@@ -966,7 +970,9 @@ def _mesh_plan(config, dataset) -> "parallel_lib.MeshPlan | None":
     try:
         plan = parallel_lib.plan_from_config(config.mesh)
         if plan is not None:
-            plan.check_batch(config.data.batch_size, int(dataset.seq_len))
+            plan.check_batch(config.data.batch_size, int(dataset.seq_len),
+                             length_from="data.seq_len" if config.data.name == "char"
+                             else f"set by the {config.data.name} task's data.task_kwargs")
     except ValueError as e:
         raise ConfigError(f"Invalid mesh config: {e}") from e
     return plan
