@@ -58,20 +58,56 @@ from benchmarks.bench_layers import make_input, naive_layer
 from flax_minrnn.ops import gated as gated_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+BASE_PACKAGE = "flax_minrnn_base"
+
+
+class BaseRefError(RuntimeError):
+    """``--base`` names no commit whose ``flax_minrnn/`` git can export."""
+
+
+def _git_error(result) -> str:
+    """git's message: the first line of its stderr (the rest are hints)."""
+    lines = [l.strip() for l in (result.stderr or "").splitlines() if l.strip()]
+    return lines[0] if lines else f"git exited with status {result.returncode}"
+
+
+def resolve_commit(ref: str) -> str:
+    """The full hash of the commit ``ref`` names (``git rev-parse``); raises
+    :class:`BaseRefError` with git's message."""
+    if ref.startswith("-"):
+        raise BaseRefError(f"{ref!r} is not a commit (it starts with '-')")
+    try:
+        out = harness.git("rev-parse", f"{ref}^{{commit}}")
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BaseRefError(f"cannot run git: {e}") from e
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 1:
+        raise BaseRefError(f"{ref!r} is not a commit of {REPO}: {_git_error(out)}")
+    return lines[0]
 
 
 def export_base(commit: str, dest: pathlib.Path) -> str:
-    """Exports ``flax_minrnn/`` of ``commit`` as the package ``flax_minrnn_base``."""
+    """Exports ``flax_minrnn/`` of ``commit`` as the package ``flax_minrnn_base``
+    (importable once ``dest`` is on ``sys.path``)."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "flax_minrnn"],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    src, out = dest / "flax_minrnn", dest / "flax_minrnn_base"
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise BaseRefError(f"git archive {commit} flax_minrnn: "
+                           f"{archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    src, out = dest / "flax_minrnn", dest / BASE_PACKAGE
     src.rename(out)
     for path in out.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
-        path.write_text(re.sub(r"\bflax_minrnn\b", "flax_minrnn_base", text), encoding="utf-8")
-    sys.path.insert(0, str(dest))
-    return "flax_minrnn_base"
+        path.write_text(re.sub(r"\bflax_minrnn\b", BASE_PACKAGE, text), encoding="utf-8")
+    return BASE_PACKAGE
+
+
+def _forget_base() -> None:
+    """Drops the imported base package, so that a later export imports afresh."""
+    for name in [m for m in sys.modules
+                 if m == BASE_PACKAGE or m.startswith(BASE_PACKAGE + ".")]:
+        del sys.modules[name]
 
 
 # Columns of in_proj per family (d_h = d): MinGRU [z, h~], MinLSTM [f, i, h~],
@@ -151,10 +187,28 @@ def _tangents(params, x):
 
 def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 256,
         log=print, transform: str = "grad") -> Dict:
-    tmp = pathlib.Path(tempfile.mkdtemp())
-    base = importlib.import_module(export_base(base_commit, tmp))
+    """Times every variant; ``base_commit`` is any ref git resolves (raises
+    :class:`BaseRefError` before any work when it names no commit).  The
+    exported package lives in a temporary folder, removed on return or error."""
+    resolved = resolve_commit(base_commit)
+    with tempfile.TemporaryDirectory(prefix="bench_ab_") as tmp:
+        _forget_base()
+        sys.path.insert(0, tmp)
+        importlib.invalidate_caches()
+        try:
+            base = importlib.import_module(export_base(resolved, pathlib.Path(tmp)))
+            return _run(base, base_commit, resolved, ts, rounds, b, d, log, transform)
+        finally:
+            sys.path.remove(tmp)
+            _forget_base()
+
+
+def _run(base, base_ref: str, base_commit: str, ts: Sequence[int], rounds: int, b: int,
+         d: int, log, transform: str) -> Dict:
     head = importlib.import_module("flax_minrnn")
-    results = {"machine": harness.machine_info(), "base": base_commit, "B": b, "D": d,
+    # machine: the head's commit (git_commit) and whether its tree was dirty.
+    results = {"machine": harness.machine_info(), "base": base_ref,
+               "base_commit": base_commit, "B": b, "D": d,
                "rounds": rounds, "transform": transform, "rows": []}
     build = TRANSFORMS[transform]
     for t in ts:
@@ -203,11 +257,15 @@ def run(base_commit: str, ts: Sequence[int], rounds: int, b: int = 8, d: int = 2
 
 def report(results: Dict) -> str:
     what = {"grad": "fwd+bwd", "jvp": "jvp"}[results.get("transform", "grad")]
-    lines = [f"# A/B against {results['base']} (B={results['B']}, d={results['D']}, "
+    base = results["base"]
+    if results.get("base_commit") and not results["base_commit"].startswith(base):
+        base = f"{base} ({results['base_commit'][:12]})"
+    lines = [f"# A/B against {base} (B={results['B']}, d={results['D']}, "
              f"{what}, median of {results['rounds']} interleaved rounds, "
              f"malloc {results['machine'].get('malloc')})", "",
              f"Machine: {results['machine']['cpu_model']} ({results['machine']['cpu_count']} "
-             f"CPUs), jax {results['machine']['jax_version']}.", "",
+             f"CPUs), jax {results['machine']['jax_version']}; head: "
+             f"{harness.run_stamp(results['machine'])}.", "",
              "`products`: the layer's input-projection products alone, as the chunked "
              "scan runs them; naive/products and GRU/products bound naive/head and "
              "GRU/head. `naive`: the naive minGRU (the baseline for every layer); "
@@ -255,7 +313,9 @@ def report(results: Dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="the commit to compare against (required)")
+    p.add_argument("--base", required=True,
+                   help="the commit to compare against: any ref git resolves (required; "
+                        "the JSON keeps it as typed and its full hash)")
     p.add_argument("--rounds", type=harness.positive_int, default=12,
                    help="interleaved rounds per length and layer (default: 12)")
     p.add_argument("--transform", choices=sorted(TRANSFORMS), default="grad",
@@ -264,7 +324,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     harness.add_report_flags(p, "bench_ab")
     args = p.parse_args(argv)
     harness.apply_malloc(args.malloc)
-    results = run(args.base, args.T, args.rounds, transform=args.transform)
+    try:
+        results = run(args.base, args.T, args.rounds, transform=args.transform)
+    except BaseRefError as e:
+        print(f"bench_ab: error: --base {args.base}: {e}", file=sys.stderr)
+        return 2
     harness.emit_report(results, report(results), args.out, "bench_ab")
     return 0
 

@@ -162,10 +162,19 @@ def markdown(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _at_least_two(text: str) -> int:
+    """An ``argparse`` type: an integer of at least 2 (one length is the
+    warm-up call, the others are measured)."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=100,
-                   help="number of distinct lengths, 1..N (default: %(default)s)")
+    p.add_argument("--n", type=_at_least_two, default=100,
+                   help="number of distinct lengths, 1..N, at least 2 (default: %(default)s)")
     p.add_argument("--out", default=None,
                    help="write the JSON results here (default: print only)")
     p.add_argument("--child", choices=("generate", "eval"), default=None,

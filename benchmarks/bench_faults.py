@@ -128,7 +128,7 @@ def report(results: Dict) -> str:
     lines = [f"# Page faults per forward+backward (B={results['B']}, d={results['D']}, "
              f"median of {results['calls']} calls, malloc {m.get('malloc')})", "",
              f"Machine: {m['cpu_model']} ({m['cpu_count']} CPUs), jax {m['jax_version']}; "
-             f"one page fault costs {cost:.2f} us here.", "",
+             f"one page fault costs {cost:.2f} us here; {harness.run_stamp(m)}.", "",
              "| T | layer | temp MiB | faults/call | MiB faulted | ms | fault ms | fault share |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:

@@ -19,7 +19,9 @@ Timings: median of repeated calls after a warm-up call, ``block_until_ready``.
 Usage::
 
     python -m benchmarks.bench_generate --quick --out /tmp/gen.json
-    python -m benchmarks.bench_generate --out results/generate.json   # full size
+    python -m benchmarks.bench_generate                                # full size, printed only
+    # full size, refreshing the committed file (it was measured with --malloc tuned):
+    python -m benchmarks.bench_generate --malloc tuned --out benchmarks/results/bench_generate.json
 """
 
 from __future__ import annotations
@@ -154,10 +156,17 @@ def markdown(res: Dict[str, Any]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="tiny run (d_model 32, batches 1/8, lengths 32/128)")
-    p.add_argument("--out", default=None, help="write the JSON results here")
-    p.add_argument("--max-recompute-len", type=int, default=4200)
-    p.add_argument("--recompute-steps", type=int, default=16)
+                   help="tiny run (d_model 32, batches 1/8, lengths 32/128; default: off, "
+                        "d_model 128, batches 1/64, lengths 256/4096)")
+    p.add_argument("--out", default=None,
+                   help="write the JSON results to this file (default: print only)")
+    p.add_argument("--max-recompute-len", type=int, default=4200,
+                   help="longest buffer (prompt + new tokens) for which the recompute "
+                        "baseline runs; longer ones are reported as not run "
+                        "(default: %(default)s)")
+    p.add_argument("--recompute-steps", type=harness.positive_int, default=16,
+                   help="decode steps over which the recompute baseline is timed, at "
+                        "least 1 (default: %(default)s)")
     harness.add_malloc_flag(p)
     args = p.parse_args(argv)
     harness.apply_malloc(args.malloc)

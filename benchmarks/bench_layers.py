@@ -2,9 +2,13 @@
 
 Run::
 
-    python -m benchmarks.bench_layers            # full run (T up to 16384)
-    python -m benchmarks.bench_layers --quick    # T in {256, 1024}, fewer repeats
-    python -m benchmarks.bench_layers --out DIR  # where results go
+    python -m benchmarks.bench_layers            # full run (T up to 16384), printed only
+    python -m benchmarks.bench_layers --quick    # a harness check: T in {256, 1024}, see --help
+    python -m benchmarks.bench_layers --out DIR  # also write .json, .md and .png into DIR
+    python -m benchmarks.bench_layers --out benchmarks/results  # refresh the committed files
+
+The compile-time and bfloat16 sections run at the largest T measured, at
+most ``COMPILE_T_MAX`` = 4096 (4096 in the full run).
 
 Setting (the issue's): one layer, batch B=8, d_in = d_h = D = 256, float32,
 T in {256, 1024, 4096, 16384}.  Every layer is timed under ``jax.jit``:
@@ -42,6 +46,9 @@ from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM
 
 FULL_TS = (256, 1024, 4096, 16384)
 QUICK_TS = (256, 1024)
+COMPILE_T_MAX = 4096  # compile time and bf16 run at min(max(Ts), this)
+BANDWIDTH_MIB = 512  # the bandwidth test's array (the full run's)
+QUICK_BANDWIDTH_MIB = 64
 MODES = ("fwd", "fwdbwd")
 BASELINE = "nn.RNN(GRUCell)"  # the "speedup vs" column is relative to this config
 NAIVE = "naive minGRU (Dense + lax.scan)"
@@ -342,12 +349,17 @@ def prepare_one(cfg: Config, model: nn.Module, params, x, mode: str,
 
 def run(ts: Sequence[int] = FULL_TS, *, b: int = 8, d: int = 256, quick: bool = False,
         repeats_for: Optional[Callable[[int], Repeats]] = None,
-        bandwidth_bytes: int = 512 * 2**20, compile_t: int = 4096,
-        compile_repeats: int = 3, bf16_t: int = 4096, slow_limit_s: float = 20.0,
+        bandwidth_bytes: int = BANDWIDTH_MIB * 2**20, compile_t: Optional[int] = None,
+        compile_repeats: int = 3, bf16_t: Optional[int] = None, slow_limit_s: float = 20.0,
         configs: Optional[List[Config]] = None, log: Callable[[str], None] = _log
         ) -> Dict[str, Any]:
-    """Runs every measurement; returns the results dict (what goes to JSON)."""
+    """Runs every measurement; returns the results dict (what goes to JSON).
+
+    ``compile_t`` and ``bf16_t``, the T of the compile-time and bfloat16
+    sections, default to :func:`section_t` of ``ts``."""
     t_start = time.perf_counter()
+    compile_t = section_t(ts) if compile_t is None else compile_t
+    bf16_t = section_t(ts) if bf16_t is None else bf16_t
     repeats_for = repeats_for or (lambda t: default_repeats(t, quick))
     configs = configs if configs is not None else make_configs(d)
     results: Dict[str, Any] = {
@@ -604,7 +616,7 @@ def markdown_report(results: Dict[str, Any]) -> str:
         f"Machine: {m['cpu_model'] or m['processor']} ({m['cpu_count']} CPUs), "
         f"backend {m['backend']} ({m['device_kind']}), jax {m['jax_version']}, "
         f"flax {m['flax_version']}; load average at start {m['loadavg_at_start']}, "
-        f"at end {m.get('loadavg_at_end')}.",
+        f"at end {m.get('loadavg_at_end')}; {harness.run_stamp(m)}.",
         f"Setting: one layer, B={s['B']}, d_in=d_h={s['D']}, float32, "
         f"{'--quick' if s['quick'] else 'full'} run; total {results['total_wall_s']:.0f} s.",
         f"Measured bandwidth (jitted `x + 1.0` over "
@@ -771,26 +783,46 @@ def write_outputs(results: Dict[str, Any], out_dir: str, stem: str = "bench_laye
     return paths
 
 
+def section_t(ts: Sequence[int]) -> int:
+    """The T of the compile-time and bfloat16 sections: the largest of ``ts``,
+    at most :data:`COMPILE_T_MAX` (4096 for the full run's lengths)."""
+    return min(max(ts), COMPILE_T_MAX)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="T in {256, 1024} and fewer repeats (a check of the harness)")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                   help="output folder (default benchmarks/results/)")
-    p.add_argument("--T", type=int, nargs="+", default=None,
-                   help="override the sequence lengths")
+                   help="a check of the harness, not a measurement: T in "
+                        f"{{{', '.join(map(str, QUICK_TS))}}} unless --T, fewer repeats, one "
+                        f"compile per row, bandwidth over {QUICK_BANDWIDTH_MIB} MiB "
+                        "(default: off)")
+    p.add_argument("--out", default=None,
+                   help="write bench_layers.json, .md and .png into this folder (default: "
+                        "print only; --out benchmarks/results refreshes the committed files)")
+    p.add_argument("--T", type=harness.positive_int, nargs="+", default=None,
+                   help="sequence lengths (default: "
+                        f"{' '.join(map(str, FULL_TS))}; {' '.join(map(str, QUICK_TS))} "
+                        "with --quick); compile time and bf16 run at the largest, at most "
+                        f"{COMPILE_T_MAX}")
     p.add_argument("--slow-limit-s", type=float, default=20.0,
-                   help="peers estimated (or observed) slower than this per call are skipped")
+                   help="peers estimated (or observed) slower than this many seconds per "
+                        "call are skipped (default: %(default)s)")
+    p.add_argument("--bandwidth-mib", type=harness.positive_int, default=None,
+                   help=f"array of the bandwidth test, MiB (default: {BANDWIDTH_MIB}; "
+                        f"{QUICK_BANDWIDTH_MIB} with --quick)")
     harness.add_malloc_flag(p)
     args = p.parse_args(argv)
     harness.apply_malloc(args.malloc)
     ts = tuple(args.T) if args.T else (QUICK_TS if args.quick else FULL_TS)
+    mib = args.bandwidth_mib or (QUICK_BANDWIDTH_MIB if args.quick else BANDWIDTH_MIB)
     results = run(ts, quick=args.quick, slow_limit_s=args.slow_limit_s,
+                  bandwidth_bytes=mib * 2**20, compile_t=section_t(ts), bf16_t=section_t(ts),
                   compile_repeats=1 if args.quick else 3)
-    paths = write_outputs(results, args.out)
     print()
     print(markdown_report(results))
-    print(f"\nwrote {', '.join(paths.values())}  ({results['total_wall_s']:.0f} s)")
+    if args.out:
+        paths = write_outputs(results, args.out)
+        print(f"\nwrote {', '.join(paths.values())}  ({results['total_wall_s']:.0f} s)")
     return 0
 
 

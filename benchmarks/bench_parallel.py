@@ -20,13 +20,13 @@ timed three ways, each ``fwd`` (the states) and ``fwdbwd`` (gradient of
 
 Every time is the median of repeated calls after one warm-up call (compile),
 each ended by ``block_until_ready`` (``benchmarks.harness.time_calls``).
-Writes ``bench_parallel.{md,json}`` to ``--out`` and prints the table.
+Prints the table; with ``--out DIR`` also writes ``bench_parallel.{md,json}``
+there (without it, nothing is written).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -121,7 +121,7 @@ def markdown_report(res: Dict[str, Any]) -> str:
              f"{m['backend']} ({m['device_kind']}, {m['n_devices']} devices), jax "
              f"{m['jax_version']}; B={s['B']}, D={s['D']}, impl={s['impl']}, float32"
              f"{', --quick' if s['quick'] else ''}; load average at start "
-             f"{m['loadavg_at_start']}.", ""]
+             f"{m['loadavg_at_start']}; {harness.run_stamp(m)}.", ""]
     for mode in MODES:
         lines += [f"## {mode}: median ms (× linear_scan)", "",
                   "| variant | " + " | ".join(f"T={t}" for t in s["Ts"]) + " |",
@@ -145,12 +145,20 @@ def write_outputs(res: Dict[str, Any], out_dir: str) -> Dict[str, str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help=f"T in {QUICK_TS}, B=4, D=64, fewer repeats (seconds on a CPU)")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
-    p.add_argument("--T", type=int, nargs="+", default=None, help="sequence lengths")
-    p.add_argument("--B", type=int, default=None)
-    p.add_argument("--D", type=int, default=None)
-    p.add_argument("--impl", default="auto", help="linear_scan impl (also per shard)")
+                   help=f"T = {' '.join(map(str, QUICK_TS))}, B = 4, D = 64, fewer repeats "
+                        "(seconds on a CPU; default: off)")
+    p.add_argument("--out", default=None,
+                   help="write bench_parallel.json and bench_parallel.md into this folder "
+                        "(default: print only)")
+    p.add_argument("--T", type=harness.positive_int, nargs="+", default=None,
+                   help=f"sequence lengths (default: {' '.join(map(str, TS))}; "
+                        f"{' '.join(map(str, QUICK_TS))} with --quick)")
+    p.add_argument("--B", type=harness.positive_int, default=None,
+                   help="batch size (default: 8; 4 with --quick)")
+    p.add_argument("--D", type=harness.positive_int, default=None,
+                   help="state width (default: 256; 64 with --quick)")
+    p.add_argument("--impl", default="auto",
+                   help="linear_scan impl, also of each shard (default: auto)")
     harness.add_malloc_flag(p)
     args = p.parse_args(argv)
     harness.apply_malloc(args.malloc)
@@ -158,8 +166,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b = args.B or (4 if args.quick else 8)
     d = args.D or (64 if args.quick else 256)
     res = run(ts, b=b, d=d, impl=args.impl, quick=args.quick)
-    harness.print_report(markdown_report(res), write_outputs(res, args.out),
-                         res["total_wall_s"])
+    md = markdown_report(res)
+    print()
+    print(md)
+    if args.out:
+        paths = write_outputs(res, args.out)
+        print(f"\nwrote {', '.join(paths.values())}  ({res['total_wall_s']:.0f} s)")
     return 0
 
 

@@ -2,7 +2,10 @@
 
 Run::
 
-    python -m benchmarks.bench_scan [--quick] [--out DIR]
+    python -m benchmarks.bench_scan [--quick] [--T 16 32 ...] [--out DIR]
+    python -m benchmarks.bench_scan --out benchmarks/results   # refresh the committed files
+
+Without ``--out`` it prints the report and writes nothing.
 
 ``h_t = a_t * h_{t-1} + b_t`` with ``a, b`` of shape ``(B, T, D)`` = (8, T, 256),
 float32, T in {16, 32, 64, 128, 256, 1024, 4096}; ``fwd`` = ``linear_scan``,
@@ -16,7 +19,6 @@ among those.  This is what justifies ``flax_minrnn.ops.scan.default_impl``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -102,8 +104,8 @@ def markdown_report(res: Dict[str, Any]) -> str:
     lines = ["# bench_scan results (linear_scan alone)", "",
              f"{m['cpu_model'] or m['processor']} ({m['cpu_count']} CPUs), backend "
              f"{m['backend']}, jax {m['jax_version']}; B={res['settings']['B']}, "
-             f"D={res['settings']['D']}, float32; load average at start {m['loadavg_at_start']}.",
-             ""]
+             f"D={res['settings']['D']}, float32; load average at start {m['loadavg_at_start']}; "
+             f"{harness.run_stamp(m)}.", ""]
     for mode in MODES:
         w = res["winners"][mode]
         lines += [f"## {mode}: median ms", "",
@@ -131,16 +133,22 @@ def write_outputs(res: Dict[str, Any], out_dir: str, stem: str = "bench_scan") -
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer repeats")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repeats, same lengths (default: off)")
+    p.add_argument("--T", type=harness.positive_int, nargs="+", default=list(TS),
+                   help=f"sequence lengths (default: {' '.join(str(t) for t in TS)})")
+    p.add_argument("--out", default=None,
+                   help="write bench_scan.json and bench_scan.md into this folder "
+                        "(default: print only)")
     harness.add_malloc_flag(p)
     args = p.parse_args(argv)
     harness.apply_malloc(args.malloc)
-    res = run(quick=args.quick)
-    paths = write_outputs(res, args.out)
+    res = run(args.T, quick=args.quick)
     print()
     print(markdown_report(res))
-    print(f"\nwrote {', '.join(paths.values())}  ({res['total_wall_s']:.0f} s)")
+    if args.out:
+        paths = write_outputs(res, args.out)
+        print(f"\nwrote {', '.join(paths.values())}  ({res['total_wall_s']:.0f} s)")
     return 0
 
 

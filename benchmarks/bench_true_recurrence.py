@@ -4,7 +4,11 @@ Run::
 
     python -m benchmarks.bench_true_recurrence            # B 16/32, d 128/256, T 256/1024
     python -m benchmarks.bench_true_recurrence --quick    # B 16, d 128, T 256
-    python -m benchmarks.bench_true_recurrence --out DIR
+    python -m benchmarks.bench_true_recurrence --out DIR  # also write the .json and .md
+    # refresh the committed files:
+    python -m benchmarks.bench_true_recurrence --out benchmarks/results/true_recurrence
+
+Without ``--out`` it prints the report and writes nothing.
 
 One layer, input width = state width = ``d``, float32, under ``jax.jit``:
 
@@ -20,8 +24,10 @@ Rows, per ``(B, T, d)``:
   differentiated by JAX: what the hand-written backward pass replaces;
 * ``nn.RNN(GRUCell)``, ``nn.RNN(OptimizedLSTMCell)``: Flax's cells of width
   ``d`` (the reference the issue names);
-* ``MinGRU associative``: stage 1's parallel mode (``scan_impl="auto"``), for
-  the ratio of sequential to scan training.
+* ``MinGRU auto (stage 1)``: stage 1's parallel mode, ``MinGRU(d_h=d)`` with
+  the default ``scan_impl="auto"`` (``chunked`` from T = 64 on a CPU,
+  ``associative`` on a GPU), for the ratio of sequential to scan training.
+  Results written before this name was given call it ``MinGRU associative``.
 
 The calls of all rows of one shape are interleaved, round after round (in an
 order that changes from round to round, :func:`benchmarks.harness.interleaved`), so
@@ -47,10 +53,12 @@ import numpy as np
 from benchmarks import harness
 from flax_minrnn.nn import gates as gates_lib
 from flax_minrnn.nn.recurrent import GatedLinearRNN, MinGRU, MinLSTM
+from flax_minrnn.ops import scan as scan_lib
 
 FULL = [(16, 256, 128), (16, 1024, 128), (32, 256, 256), (32, 1024, 256)]
 QUICK = [(16, 256, 128)]
 BASELINE = "nn.RNN(GRUCell)"
+STAGE1 = "MinGRU auto (stage 1)"  # "MinGRU associative" in results written before
 MODES = ("fwd", "fwdbwd")
 
 
@@ -89,7 +97,7 @@ def make_rows(d: int) -> Dict[str, Callable[[], nn.Module]]:
         "MinGRU true, autodiff lax.scan": lambda: ScanTrueMinGRU(d),
         BASELINE: lambda: nn.RNN(nn.GRUCell(d)),
         "nn.RNN(OptimizedLSTMCell)": lambda: nn.RNN(nn.OptimizedLSTMCell(d)),
-        "MinGRU associative": lambda: MinGRU(d_h=d),
+        STAGE1: lambda: MinGRU(d_h=d),
     }
 
 
@@ -131,7 +139,7 @@ def measure(shape, rows: Dict[str, Callable[[], nn.Module]], rounds: int,
     base = {r["mode"]: r["median_ms"] for r in out if r["name"] == BASELINE}
     for r in out:
         r["vs_gru"] = r["median_ms"] / base[r["mode"]] if r["mode"] in base else None
-    scan = {r["mode"]: r["median_ms"] for r in out if r["name"] == "MinGRU associative"}
+    scan = {r["mode"]: r["median_ms"] for r in out if r["name"] == STAGE1}
     for r in out:
         if r["name"] == "MinGRU true":
             r["vs_scan"] = r["median_ms"] / scan[r["mode"]]
@@ -156,14 +164,16 @@ def markdown(res: Dict[str, Any]) -> str:
                          f"{harness.fmt_ms(fb['median_ms'])} ({harness.fmt_ms(fb['min_ms'])}) "
                          f"| {fb['vs_gru']:.2f} |")
     lines.append("")
-    lines.append("Sequential (MinGRU true) / scan (MinGRU associative), fwd+bwd: " + ", ".join(
+    lines.append(f"Sequential (MinGRU true) / stage 1 ({STAGE1}: "
+                 f"{res['settings'].get('stage1_impl', '?')}), fwd+bwd: " + ", ".join(
         f"B={r['B']} T={r['T']} d={r['d']}: {r['vs_scan']:.1f}x" for r in rows
         if r["name"] == "MinGRU true" and r["mode"] == "fwdbwd"))
     m = res["machine"]
     lines.append("")
     lines.append(f"{m['cpu_model']}, {m['cpu_count']} cores, JAX {m['jax_version']}; load "
                  f"average {m['loadavg_at_start']} at the start, {res['loadavg_at_end']} at "
-                 f"the end; median of {res['settings']['rounds']} interleaved rounds.")
+                 f"the end; median of {res['settings']['rounds']} interleaved rounds; "
+                 f"{harness.run_stamp(m)}.")
     return "\n".join(lines)
 
 
@@ -177,25 +187,36 @@ def run(shapes, rounds: int, log=print) -> Dict[str, Any]:
         load_end = list(os.getloadavg())
     except OSError:
         load_end = None
+    impls = sorted({scan_lib.default_impl(s[1]).value for s in shapes})
     return dict(machine=machine, settings=dict(shapes=[list(s) for s in shapes],
-                                               rounds=rounds, dtype="float32"),
+                                               rounds=rounds, dtype="float32",
+                                               stage1_impl=" / ".join(impls)),
                 rows=rows, loadavg_at_end=load_end, total_wall_s=time.perf_counter() - t0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    p.add_argument("--quick", action="store_true",
+                   help="one shape, (B, T, d) = (16, 256, 128), and 3 rounds unless --rounds "
+                        "(default: off, the four shapes B 16/32 x T 256/1024)")
+    p.add_argument("--rounds", type=harness.positive_int, default=None,
+                   help="interleaved rounds per shape, at least 1 (default: 9, or 3 with "
+                        "--quick)")
+    p.add_argument("--out", default=None,
+                   help="write bench_true_recurrence.json and .md into this folder "
+                        "(default: print only)")
     harness.add_malloc_flag(p)
     args = p.parse_args(argv)
     harness.apply_malloc(args.malloc)
     shapes = QUICK if args.quick else FULL
-    rounds = args.rounds or (3 if args.quick else 9)
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 9)
     res = run(shapes, rounds)
     md = markdown(res)
-    paths = harness.write_report(res, args.out, "bench_true_recurrence", md)
-    harness.print_report(md, paths, res["total_wall_s"])
+    print()
+    print(md)
+    if args.out:
+        paths = harness.write_report(res, args.out, "bench_true_recurrence", md)
+        print(f"\nwrote {', '.join(paths.values())}  ({res['total_wall_s']:.0f} s)")
     return 0
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
+import pathlib
 import platform
 import statistics
+import subprocess
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +27,7 @@ import numpy as np
 from flax_minrnn.training import runtime as runtime
 
 F32_BYTES = 4
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------
@@ -235,7 +239,7 @@ def positive_int(text: str) -> int:
 def add_report_flags(parser, stem: str, lengths: Sequence[int] = (1024, 4096)) -> None:
     """``--T``, ``--out`` and ``--malloc`` of a script that reports through
     :func:`emit_report` under the name ``stem``."""
-    parser.add_argument("--T", type=int, nargs="+", default=list(lengths),
+    parser.add_argument("--T", type=positive_int, nargs="+", default=list(lengths),
                         help="sequence lengths (default: "
                              f"{' '.join(str(t) for t in lengths)})")
     parser.add_argument("--out", default=None,
@@ -272,7 +276,37 @@ def apply_malloc(setting: str) -> str:
 # Machine description.
 
 
+def git(*args: str, repo: os.PathLike = REPO, timeout_s: float = 30.0
+        ) -> subprocess.CompletedProcess:
+    """``git -C repo *args`` (text, output captured, no check); raises
+    ``OSError`` when git cannot run and ``subprocess.TimeoutExpired``."""
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                          timeout=timeout_s, check=False)
+
+
+def git_state(repo: os.PathLike = REPO) -> Dict[str, Any]:
+    """``git_commit`` (``git rev-parse HEAD``) and ``git_dirty`` (``git status
+    --porcelain`` is not empty) of ``repo``; both ``None`` where git is
+    missing or ``repo`` is not a git checkout."""
+    try:
+        head = git("rev-parse", "HEAD", repo=repo)
+        if head.returncode != 0:
+            return dict(git_commit=None, git_dirty=None)
+        status = git("status", "--porcelain", repo=repo)
+    except (OSError, subprocess.SubprocessError):
+        return dict(git_commit=None, git_dirty=None)
+    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return dict(git_commit=head.stdout.strip() or None, git_dirty=dirty)
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (``2026-12-07T09:15:02+00:00``)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def machine_info() -> Dict[str, Any]:
+    """The machine, the software, when (UTC) and at which commit of this
+    repository (``git_commit``, ``git_dirty``: ``None`` without git)."""
     import flax
 
     cpu_model = ""
@@ -290,6 +324,8 @@ def machine_info() -> Dict[str, Any]:
     except OSError:
         load = None
     return {
+        "utc_time": utc_now(),
+        **git_state(),
         "processor": platform.processor(),
         "machine": platform.machine(),
         "platform": platform.platform(),
@@ -308,7 +344,22 @@ def machine_info() -> Dict[str, Any]:
     }
 
 
+def run_stamp(machine: Dict[str, Any]) -> str:
+    """When and at which commit a run was made, for a report's header, from
+    :func:`machine_info` (older results lack the keys: "not recorded")."""
+    when = machine.get("utc_time") or "date not recorded"
+    commit = machine.get("git_commit")
+    if not commit:
+        return f"{when}, commit not recorded"
+    dirty = " with local changes" if machine.get("git_dirty") else ""
+    return f"{when}, commit {commit[:12]}{dirty}"
+
+
 def write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as JSON to ``path``, creating its folder if needed."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=1, sort_keys=False, default=_json_default)
 
@@ -328,14 +379,8 @@ def emit_report(res: Any, markdown: str, out_dir: Optional[str], stem: str) -> N
     there (:func:`write_report`)."""
     print(markdown)
     if out_dir:
-        write_report(res, out_dir, stem, markdown)
-
-
-def print_report(markdown: str, paths: Dict[str, str], wall_s: float) -> None:
-    """Prints a report and where it was written."""
-    print()
-    print(markdown)
-    print(f"\nwrote {', '.join(paths.values())}  ({wall_s:.0f} s)")
+        paths = write_report(res, out_dir, stem, markdown)
+        print(f"\nwrote {', '.join(paths.values())}")
 
 
 def _json_default(o):

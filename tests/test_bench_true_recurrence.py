@@ -42,3 +42,18 @@ def test_tiny_run_reports_every_row(tmp_path):
         assert r["median_ms"] > 0 and r["vs_gru"] > 0
     md = bench.markdown(res)
     assert "MinGRU true" in md and "Sequential" in md
+
+
+def test_stage1_row_is_named_for_what_it_runs():
+    """The stage-1 row is MinGRU's default path (scan_impl "auto"), named so."""
+    rows = bench.make_rows(8)
+    assert bench.STAGE1 in rows and "MinGRU associative" not in rows
+    assert rows[bench.STAGE1]().scan_impl == "auto"
+
+
+def test_rounds_below_one_are_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--rounds", "0"])
+    assert e.value.code == 2 and "at least 1" in capsys.readouterr().err

@@ -465,3 +465,162 @@ def test_interleaved_balances_the_order_and_times_each_call():
         assert follows.get((second, first)) == count, (first, second, follows)
     for k, s in durations.items():
         np.testing.assert_allclose(times[k], [s * 1e3] * 2 * n)
+
+
+def test_machine_info_records_time_and_commit(monkeypatch, tmp_path):
+    """machine_info: the UTC time (ISO 8601) and the repository's commit and
+    dirty flag; without git, or outside a checkout, the two are None and
+    nothing fails."""
+    import datetime
+    import subprocess
+
+    from benchmarks import harness
+
+    info = harness.machine_info()
+    when = datetime.datetime.fromisoformat(info["utc_time"])
+    assert when.utcoffset() == datetime.timedelta(0)
+    head = subprocess.run(["git", "-C", str(harness.REPO), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:
+        assert info["git_commit"] == head.stdout.strip()
+        assert isinstance(info["git_dirty"], bool)
+    assert harness.git_state(tmp_path) == dict(git_commit=None, git_dirty=None)
+
+    def no_git(*args, **kw):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert harness.git_state() == dict(git_commit=None, git_dirty=None)
+    assert harness.machine_info()["git_commit"] is None
+
+
+def test_write_json_creates_the_folder(tmp_path):
+    from benchmarks import harness
+
+    path = tmp_path / "a" / "b" / "out.json"
+    harness.write_json(str(path), {"x": np.float32(1.5)})
+    assert json.loads(path.read_text()) == {"x": 1.5}
+
+
+def test_run_all_writes_nothing_without_out(monkeypatch):
+    """run_all passes --out on only when given one (the default prints only)."""
+    from benchmarks import bench_generate, bench_train, run_all
+
+    seen = {}
+    for module in (bench_scan, bench_layers, bench_train, bench_generate):
+        name = module.__name__.rsplit(".", 1)[1]
+        monkeypatch.setattr(module, "main", lambda argv, name=name: seen.setdefault(name, argv))
+    assert run_all.main(["--quick"]) == 0
+    assert all("--out" not in argv and "--quick" in argv for argv in seen.values()), seen
+    seen.clear()
+    assert run_all.main(["--out", "/tmp/x"]) == 0
+    outs = {k: v[v.index("--out") + 1] for k, v in seen.items()}
+    assert outs == {"bench_scan": "/tmp/x", "bench_layers": "/tmp/x",
+                    "bench_train": os.path.join("/tmp/x", "bench_train.json"),
+                    "bench_generate": os.path.join("/tmp/x", "bench_generate.json")}
+
+
+@pytest.mark.parametrize("module_name", ["bench_layers", "bench_scan", "bench_parallel",
+                                         "bench_true_recurrence", "run_all"])
+def test_out_defaults_to_print_only(module_name, monkeypatch, capsys):
+    """No script writes into the repository unless --out says where."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{module_name}")
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: print only" in text, text
+
+
+def test_bench_layers_sections_follow_the_lengths(monkeypatch):
+    """compile time and bf16 run at the largest T asked for (at most 4096);
+    the full run keeps 4096 and the 512 MiB bandwidth test, --quick uses less."""
+    seen = []
+
+    def fake_run(ts, **kw):
+        seen.append((tuple(ts), kw))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bench_layers, "run", fake_run)
+    for argv in ([], ["--quick"], ["--quick", "--T", "64"], ["--T", "32", "8192"]):
+        with pytest.raises(SystemExit):
+            bench_layers.main(argv)
+    (full_ts, full), (quick_ts, quick), (tiny_ts, tiny), (long_ts, long) = seen
+    assert full_ts == bench_layers.FULL_TS and full["compile_t"] == full["bf16_t"] == 4096
+    assert full["bandwidth_bytes"] == 512 * 2**20 and full["compile_repeats"] == 3
+    assert quick_ts == bench_layers.QUICK_TS and quick["compile_t"] == quick["bf16_t"] == 1024
+    assert quick["bandwidth_bytes"] < full["bandwidth_bytes"]
+    assert tiny_ts == (64,) and tiny["compile_t"] == tiny["bf16_t"] == 64
+    assert long["compile_t"] == long["bf16_t"] == 4096
+
+
+def test_bench_train_runs_native_only_where_it_has_kernels(monkeypatch):
+    from benchmarks import bench_train
+
+    calls = []
+
+    def fake(mixing, impl, steps, overrides=()):
+        calls.append((mixing, impl))
+        return dict(time_mixing=mixing, impl=impl, params=1, tokens_per_step=1,
+                    first_step_s=0.0, median_step_ms=1.0, min_step_ms=1.0,
+                    tokens_per_s=1000.0, steps=steps)
+
+    monkeypatch.setattr(bench_train, "step_time", fake)
+    res = bench_train.run(quick=True, log=lambda s: None)
+    assert {m for m, i in calls if i == "native"} == {"mingru", "minlstm"}
+    assert {m for m, i in calls if i == "chunked"} == set(bench_train.MIXINGS)
+    table = bench_train.markdown(res)
+    assert "| glrnn | 1 | 1,000 | 1,000 | – | 1,000 |" in table
+
+
+def test_bench_ab_bad_base_is_a_one_line_error(capsys):
+    from benchmarks import bench_ab
+
+    assert bench_ab.main(["--base", "no-such-ref-xyz", "--T", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--base no-such-ref-xyz" in err and "fatal" in err
+    with pytest.raises(bench_ab.BaseRefError):
+        bench_ab.resolve_commit("-x")
+
+
+def test_bench_ab_removes_its_temporary_folder(monkeypatch, tmp_path):
+    """The exported base lives in a temporary folder that goes on success and
+    on failure."""
+    import tempfile
+
+    from benchmarks import bench_ab
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made = []
+
+    def failing_export(commit, dest):
+        made.append(dest)
+        assert dest.is_dir()
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bench_ab, "export_base", failing_export)
+    with pytest.raises(RuntimeError, match="boom"):
+        bench_ab.run("HEAD", [16], 1)
+    assert made and not made[0].exists() and not os.listdir(tmp_path)
+    assert str(made[0]) not in sys.path
+
+    def fake_export(commit, dest):
+        made.append(dest)
+        return "json"  # any importable module stands in for the base package
+
+    monkeypatch.setattr(bench_ab, "export_base", fake_export)
+    monkeypatch.setattr(bench_ab, "_run", lambda base, ref, commit, *a: dict(
+        base=ref, base_commit=commit))
+    res = bench_ab.run("HEAD", [16], 1)
+    assert res["base"] == "HEAD" and len(res["base_commit"]) >= 40
+    assert not made[1].exists() and not os.listdir(tmp_path)
+
+
+def test_bench_buckets_needs_two_lengths(capsys):
+    from benchmarks import bench_buckets
+
+    with pytest.raises(SystemExit) as e:
+        bench_buckets.main(["--n", "1"])
+    assert e.value.code == 2
+    assert "at least 2" in capsys.readouterr().err

@@ -1485,23 +1485,29 @@ def summary(res: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", help="results folder (files directly in it)")
+    p.add_argument("--out", help="results folder (files directly in it); required unless "
+                                 "--summary or --plan-only (default: none)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny sizes and 2 calls per case: checks every code path (any backend)")
+                   help="tiny sizes and 2 calls per case: checks every code path (any backend; "
+                        "default: off, the full run)")
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                    help="seconds for the whole run from process start; the section caps "
-                        f"{dict(CAPS)} are scaled to it")
+                        f"{dict(CAPS)} are scaled to it (default: %(default)s)")
     p.add_argument("--sections", default="",
-                   help=f"comma-separated subset of {[n for n, _ in CAPS if n != 'finish']}")
+                   help=f"comma-separated subset of {[n for n, _ in CAPS if n != 'finish']} "
+                        "(default: all)")
     p.add_argument("--impls", default="",
                    help="comma-separated scan implementations to run (default: every one the "
                         "backend runs)")
     p.add_argument("--summary", metavar="RESULTS_JSON",
-                   help="print the summary of an earlier run's results.json and exit")
+                   help="print the summary of an earlier run's results.json and exit "
+                        "(default: run)")
     p.add_argument("--plan-only", action="store_true",
-                   help="print the plan (cases, compiles, estimated seconds per section) and exit")
+                   help="print the plan (cases, compiles, estimated seconds per section) and "
+                        "exit (default: off)")
     p.add_argument("--assume-backend", default=None,
-                   help="with --plan-only: plan for this backend (e.g. gpu) instead of this one")
+                   help="with --plan-only: plan for this backend (e.g. gpu) instead of this "
+                        "one (default: this one)")
     a = p.parse_args(argv)
     if a.summary:
         with open(a.summary) as fh:

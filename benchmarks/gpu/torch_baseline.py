@@ -160,15 +160,21 @@ def run(ts: Sequence[int], batch: int, d: int, min_calls: int, copy_bytes: int,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--T", type=int, nargs="+", required=True)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--d", type=int, default=256)
-    p.add_argument("--min-calls", type=int, default=20)
-    p.add_argument("--copy-bytes", type=int, default=1 << 30)
-    p.add_argument("--budget-s", type=float, default=60.0)
+    p.add_argument("--out", required=True, help="JSON file to write (required)")
+    p.add_argument("--T", type=int, nargs="+", required=True,
+                   help="sequence lengths (required)")
+    p.add_argument("--batch", type=int, default=8, help="batch size (default: %(default)s)")
+    p.add_argument("--d", type=int, default=256,
+                   help="input and hidden width (default: %(default)s)")
+    p.add_argument("--min-calls", type=int, default=20,
+                   help="timed calls per T at least, after one warm-up call "
+                        "(default: %(default)s)")
+    p.add_argument("--copy-bytes", type=int, default=1 << 30,
+                   help="bytes of the device-to-device copy (default: %(default)s, 1 GiB)")
+    p.add_argument("--budget-s", type=float, default=60.0,
+                   help="seconds for the whole run (default: %(default)s)")
     p.add_argument("--case-cap-s", type=float, default=10.0,
-                   help="most seconds of timed calls per T")
+                   help="most seconds of timed calls per T (default: %(default)s)")
     a = p.parse_args(argv)
     run(a.T, a.batch, a.d, a.min_calls, a.copy_bytes, a.budget_s, a.out, a.case_cap_s)
     return 0
