@@ -624,3 +624,17 @@ def test_bench_buckets_needs_two_lengths(capsys):
         bench_buckets.main(["--n", "1"])
     assert e.value.code == 2
     assert "at least 2" in capsys.readouterr().err
+
+
+def test_bench_export_times_both_exports_of_every_layer(tmp_path, monkeypatch):
+    from benchmarks import bench_export
+    monkeypatch.setattr(bench_export, "B", 2)
+    monkeypatch.setattr(bench_export, "D", 8)
+    bench_export.main(["--T", "3", "--rounds", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench_export.json").read_text())
+    assert [(r["layer"], r["what"]) for r in data["rows"]] == [
+        (name, what) for name in bench_export.LAYERS for what in ("forward", "fwd+bwd")]
+    for r in data["rows"]:
+        assert r["T"] == 3 and _positive(r["fixed_ms"]) and _positive(r["symbolic_ms"])
+        assert r["symbolic_over_fixed"] == pytest.approx(r["symbolic_ms"] / r["fixed_ms"])
+    assert "utc_time" in data["machine"]
