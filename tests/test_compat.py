@@ -96,6 +96,8 @@ def test_lm_conversion_errors():
         compat.from_flax_gated_linear_rnn({"input_function": {}, "time_mixing_layers_0": {}})
     with pytest.raises(ValueError, match="wpe"):
         compat.from_flax_gated_linear_rnn({"input_function": {}, "wpe": {"table": 1}})
+    with pytest.raises(ValueError, match="params has 'hed'"):
+        compat.from_flax_gated_linear_rnn({"input_function": {}, "hed": {}})
 
 
 def test_positional_arguments_follow_the_package():

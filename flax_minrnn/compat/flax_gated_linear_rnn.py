@@ -19,6 +19,7 @@ signatures, so its README snippets run after changing one import line::
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -375,6 +376,10 @@ def _lm_from_package(inner: Mapping) -> Dict[str, Any]:
             if set(value) != {"embedding"}:
                 raise ValueError(f"params['wpe'] must be {{'embedding': ...}}, got {sorted(value)}")
             out[key] = {"table": dict(value)}
-        else:
+        elif key in ("input_function", "head") or re.fullmatch(r"channel_mixing_layers_\d+", key):
             out[key] = value
+        else:
+            raise ValueError(
+                f"params has '{key}', which a flax_gated_linear_rnn.GatedLinearRNNLM does not "
+                "have (input_function, wpe, time_mixing_layers_L, channel_mixing_layers_L, head)")
     return out
