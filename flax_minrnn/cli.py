@@ -29,6 +29,7 @@ or CORRUPT and exits with 2 if any is corrupt. A diverged training run
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -37,6 +38,36 @@ from typing import Sequence
 from flax_minrnn.training import runtime
 
 _SUPERSEDED = "checkpoints/superseded/"
+
+
+def _int_at_least(low: int):
+    """An ``argparse`` type: an integer ``>= low`` (argparse names the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    """An ``argparse`` type: a finite number in ``[low, high]`` (``(low, high]``
+    with ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or not (low < value if low_open else low <= value) \
+                or not value <= high:
+            where = (f">= {low:g}" if high == math.inf else
+                     f"in {'(' if low_open else '['}{low:g}, {high:g}]")
+            raise argparse.ArgumentTypeError(f"must be a finite number {where}, got {text!r}")
+        return value
+    return parse
 
 
 def _add_step(p, what: str, note: str = "") -> None:
@@ -114,16 +145,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="\n",
                    help="text to continue; its characters must be in the "
                         "run's vocabulary (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=200, metavar="N",
                    help="number of characters to generate (default: "
                         "%(default)s)")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T",
+    p.add_argument("--temperature", type=_float_in(0.0, math.inf), default=1.0, metavar="T",
                    help="sampling temperature, 0 = greedy (default: "
                         "%(default)s)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K",
+    p.add_argument("--top-k", type=_int_at_least(0), default=0, metavar="K",
                    help="sample among the K most likely tokens, 0 = all "
                         "(default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=1.0, metavar="P",
                    help="nucleus sampling: the most likely tokens holding "
                         "probability P, 1 = all (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="S",

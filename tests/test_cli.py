@@ -127,6 +127,21 @@ def test_bad_malloc_choice_exits_2_naming_the_choices(tmp_path):
     assert "--malloc" in result.stderr and "'tuned'" in result.stderr
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-new-tokens", "0", "must be an integer >= 1, got '0'"),
+    ("--temperature", "inf", "must be a finite number >= 0, got 'inf'"),
+    ("--temperature", "-1", "must be a finite number >= 0, got '-1'"),
+    ("--top-k", "-2", "must be an integer >= 0, got '-2'"),
+    ("--top-p", "0", r"must be a finite number in \(0, 1\], got '0'"),
+    ("--top-p", "1.5", r"must be a finite number in \(0, 1\], got '1.5'"),
+])
+def test_generate_flags_are_checked_by_name(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "--workdir", str(tmp_path), "--prompt", "a", flag, value])
+    assert info.value.code == 2
+    assert re.search(f"argument {flag}: {message}", capsys.readouterr().err)
+
+
 def test_generate_prompt_outside_vocabulary(run_dir):
     result = run_cli("generate", "--workdir", run_dir, "--prompt",
                      "caf\u00e9 \u2603", "--max-new-tokens", "4")
