@@ -43,6 +43,7 @@ Helpers for the CLI: :func:`evaluate`, :func:`load_run`, :func:`generate_text`,
 """
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -512,10 +513,7 @@ def initial_params(config: ml_collections.ConfigDict, model: LM,
             raise ConfigError(f"init_from.workdir {source!r} was trained with "
                               "another vocabulary.")
     from flax_minrnn.training.migrate import migrate_params  # pylint: disable=g-import-not-at-top
-    # Dropout-free twin: same params, and init needs no 'dropout' rng.
-    twin = LM(dataclasses.replace(model.config, dropout=0.0,
-                                  embedding_dropout=0.0)) \
-        if isinstance(model, LM) else model
+    twin = _dropout_free(model)
     init = config.init_from
     kwargs = {}
     source_model = None
@@ -625,32 +623,29 @@ class _Logger:
         self.writer = None
         if jax.process_index() != 0:  # Several hosts: one writer.
             return
-        kept, superseded = [], []
+        text, kept, superseded = "", [], []
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    line = line if line.endswith("\n") else line + "\n"
-                    try:
-                        keep = resume_step is not None and json.loads(line)["step"] <= resume_step
-                    except (ValueError, KeyError, TypeError):
-                        keep = False
-                    (kept if keep else superseded).append(line)
-        # Append the superseded lines first, then swap in the kept ones
-        # atomically: a kill at any point loses no line (at worst a line is
-        # in both files).
-        if superseded:
-            _append_synced(os.path.join(workdir, SUPERSEDED_METRICS_FILE),
-                           "".join(superseded).encode("utf-8"))
-        config_lib.write_text_atomically(self.path, "".join(kept))
+                text = f.read()
+            for line in io.StringIO(text):  # Lines as the file iterates them.
+                line = line if line.endswith("\n") else line + "\n"
+                try:
+                    keep = resume_step is not None and json.loads(line)["step"] <= resume_step
+                except (ValueError, KeyError, TypeError):
+                    keep = False
+                (kept if keep else superseded).append(line)
+        kept = "".join(kept)
+        if kept != text or not os.path.exists(self.path):
+            _set_aside(self.path, kept, "".join(superseded).encode("utf-8"),
+                       os.path.join(workdir, SUPERSEDED_METRICS_FILE))
         if resume_step is None:
             samples_bytes = 0
         if samples_bytes is not None and os.path.exists(self.samples_path):
             with open(self.samples_path, "rb") as f:
                 head, tail = f.read(samples_bytes), f.read()
             if tail:
-                _append_synced(os.path.join(workdir, SUPERSEDED_SAMPLES_FILE), tail)
-                config_lib.write_text_atomically(self.samples_path,
-                                                 head.decode("utf-8"))
+                _set_aside(self.samples_path, head.decode("utf-8"), tail,
+                           os.path.join(workdir, SUPERSEDED_SAMPLES_FILE))
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         # tensorboardX names files by the second and opens them with "wb":
         # the suffix keeps a restart within the same second from
@@ -688,11 +683,16 @@ class _Logger:
             self.writer.close()
 
 
-def _append_synced(path: str, data: bytes) -> None:
-    with open(path, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _set_aside(path: str, kept: str, aside: bytes, aside_path: str) -> None:
+    """Appends ``aside`` to ``aside_path`` (synced), then replaces ``path`` by
+    ``kept`` atomically: a kill at any point loses nothing (at worst some
+    text is in both files)."""
+    if aside:
+        with open(aside_path, "ab") as f:
+            f.write(aside)
+            f.flush()
+            os.fsync(f.fileno())
+    config_lib.write_text_atomically(path, kept)
 
 
 def _write(message: str) -> None:
@@ -735,6 +735,26 @@ def preflight(config: ml_collections.ConfigDict, source_config=None) -> None:
     its parameters migrate onto ``config``'s model.
     """
     config = config_lib.validate(config)
+    dataset, _, model, plan = _build(config)
+    on_mesh(model, plan)
+    example = _example_tokens(dataset)
+    params = _abstract_params(model, example)
+    if source_config is not None:
+        from flax_minrnn.training.migrate import migrate_params  # pylint: disable=g-import-not-at-top
+        source = build_model(config_lib.validate(source_config), dataset.vocab_size)
+        loaded = _abstract_params(source, example)
+        try:
+            jax.eval_shape(lambda p: migrate_params(p, _dropout_free(model), example), loaded)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"the parameters of init_from.workdir's run do not fit this "
+                              f"model: {e}") from e
+    check_recipes(config, params)
+    make_optimizer(config, params)
+
+
+def _build(config: ml_collections.ConfigDict):
+    """``(dataset, vocab, model, plan)`` of a validated ``config``, the
+    sample prompt checked against the vocabulary (``ConfigError``)."""
     dataset = build_dataset(config)
     vocab = getattr(dataset, "vocab", None)
     if vocab is not None:
@@ -742,25 +762,21 @@ def preflight(config: ml_collections.ConfigDict, source_config=None) -> None:
             _encode_prompt(vocab, config.train.sample_prompt)
         except ValueError as e:
             raise ConfigError(f"train.sample_prompt: {e}") from e
-    example = _example_tokens(dataset)
-    model = build_model(config, dataset.vocab_size)
-    on_mesh(model, _mesh_plan(config, dataset))
-    params = unfreeze(jax.eval_shape(
+    return dataset, vocab, build_model(config, dataset.vocab_size), _mesh_plan(config, dataset)
+
+
+def _abstract_params(model, example: np.ndarray):
+    """``model``'s parameters as ``ShapeDtypeStruct``s (nothing computed)."""
+    return unfreeze(jax.eval_shape(
         lambda: model.init(jax.random.key(0), example, training=False))["params"])
-    if source_config is not None:
-        from flax_minrnn.training.migrate import migrate_params  # pylint: disable=g-import-not-at-top
-        source = build_model(config_lib.validate(source_config), dataset.vocab_size)
-        loaded = jax.eval_shape(
-            lambda: source.init(jax.random.key(0), example, training=False))["params"]
-        twin = (LM(dataclasses.replace(model.config, dropout=0.0, embedding_dropout=0.0))
-                if isinstance(model, LM) else model)
-        try:
-            jax.eval_shape(lambda p: migrate_params(unfreeze(p), twin, example), loaded)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"the parameters of init_from.workdir's run do not fit this "
-                              f"model: {e}") from e
-    check_recipes(config, params)
-    make_optimizer(config, params)
+
+
+def _dropout_free(model):
+    """``model`` without dropout: the same parameters, and ``init`` needs no
+    ``'dropout'`` rng."""
+    if isinstance(model, LM):
+        return LM(dataclasses.replace(model.config, dropout=0.0, embedding_dropout=0.0))
+    return model
 
 
 def _encode_prompt(vocab: CharVocab, prompt: str) -> np.ndarray:
@@ -851,26 +867,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 f"{ckpt.directory}.")
         if latest is not None:
             _check_resumable(config, workdir)
-        dataset = build_dataset(config)
-        vocab = getattr(dataset, "vocab", None)
-        if vocab is not None:
-            try:
-                _encode_prompt(vocab, t.sample_prompt)
-            except ValueError as e:
-                raise ConfigError(f"train.sample_prompt: {e}") from e
-        model = build_model(config, dataset.vocab_size)
-        plan = _mesh_plan(config, dataset)
+        dataset, vocab, model, plan = _build(config)
         base = jax.random.key(config.seed)
         example = _example_tokens(dataset)
         if latest is None:
             params = initial_params(config, model, example, vocab,
                                     batch_tokens=dataset.train_batch(0)["inputs"])
         else:  # Only the structure matters: restored below.
-            params = unfreeze(jax.eval_shape(
-                lambda: model.init(jax.random.key(0), example,
-                                   training=False))["params"])
             params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                  params)
+                                  _abstract_params(model, example))
         check_recipes(config, params)
         tx = make_optimizer(config, params)  # The schedule is set below.
         state = {"params": params, "opt_state": tx.init(params), "step": 0,
