@@ -57,7 +57,7 @@ from benchmarks import harness
 from benchmarks.bench_layers import make_input, naive_layer
 from flax_minrnn.ops import gated as gated_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = harness.REPO
 BASE_PACKAGE = "flax_minrnn_base"
 
 

@@ -220,8 +220,7 @@ class GatedLinearRNNLM(nn.Module):
                     or not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {rate!r}")
         for name in ("use_word_embedding", "use_head", "use_true_recurrence", "use_tied_gates"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            checks.check_bool(name, getattr(self, name))
         if self.use_word_embedding:
             if self.input_vocab_size is None:
                 raise ValueError("use_word_embedding=True needs input_vocab_size")

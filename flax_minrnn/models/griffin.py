@@ -332,8 +332,7 @@ class GriffinConfig:
             checks.check_positive_number("final_w_init_variance_scale", self.final_w_init_variance_scale)
         attention_lib.rotary_dim(self.head_dim, self.partial_rotary_factor)
         for name in ("embeddings_scale_by_sqrt_dim", "attention_bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            checks.check_bool(name, getattr(self, name))
         if self.hidden_activation not in HIDDEN_ACTIVATIONS:
             raise ValueError(f"hidden_activation must be one of {list(HIDDEN_ACTIVATIONS)} "
                              f"(the tanh approximation of GELU), got {self.hidden_activation!r}")
@@ -640,10 +639,9 @@ class Griffin(nn.Module):
                              1.0, "fan_in", "normal", in_axis=1, out_axis=0),
                          name="embedder")
         x = embed(tokens)
-        if valid is not None:
-            # Padded steps: zero inputs (whatever ids they hold, even ones
-            # outside the vocabulary), so they reach no product.
-            x = jnp.where(valid[:, :, None], x, jnp.zeros((), x.dtype))
+        # Padded steps: zero inputs (whatever ids they hold, even ones
+        # outside the vocabulary), so they reach no product.
+        x = scan_lib.zero_invalid(x, valid)
         if cfg.embeddings_scale_by_sqrt_dim:
             x = x * jnp.asarray(embedding_scale(cfg.hidden_size), x.dtype)
         positions = blocks.token_positions(carry.position, seq_len, reset)

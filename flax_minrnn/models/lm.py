@@ -363,10 +363,9 @@ class LM(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, name="embedder")
         x = embed(tokens)
-        if valid is not None:
-            # Padded steps: zero inputs (whatever ids they hold), so they
-            # cannot reach a product or a gradient.
-            x = jnp.where(valid[:, :, None], x, jnp.zeros((), x.dtype))
+        # Padded steps: zero inputs (whatever ids they hold), so they cannot
+        # reach a product or a gradient.
+        x = scan_lib.zero_invalid(x, valid)
         positions = blocks.token_positions(carry.position, seq_len, reset)
         if cfg.positional_encoding != "none":
             x = blocks.PositionalEncoding(cfg.positional_encoding, cfg.max_seq_length,

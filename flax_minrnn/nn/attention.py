@@ -114,8 +114,7 @@ def apply_rope(x: Array, positions: Array, rot: int, base: float) -> Array:
     """
     half = rot // 2
     accum = checks.accum_dtype(x.dtype)
-    inv_freq = jnp.exp(jnp.arange(half, dtype=accum)
-                       * jnp.asarray(-2.0 * math.log(base) / rot, accum))
+    inv_freq = blocks.frequencies(half, rot, base, accum)
     lead = x.ndim - 1  # batch, time and the head axes
     pos = positions.astype(accum).reshape(positions.shape + (1,) * (lead - 2) + (1,))
     theta = pos * inv_freq.reshape((1,) * lead + (half,))

@@ -28,6 +28,12 @@ __all__ = ["Norm", "sinusoidal_encoding", "PositionalEncoding", "token_positions
            "next_position", "CausalConv", "ChannelMixing"]
 
 
+def frequencies(n: int, dim: int, base: float, dtype) -> Array:
+    """``w_i = base^(-2i / dim)`` for ``i < n`` in ``dtype``: the angular
+    frequencies of sinusoidal positions and of RoPE."""
+    return jnp.exp(jnp.arange(n, dtype=dtype) * jnp.asarray(-2.0 * math.log(base) / dim, dtype))
+
+
 def sinusoidal_encoding(positions: Array, dim: int, dtype=jnp.float32) -> Array:
     """Sinusoidal encoding (Vaswani et al. 2017), interleaved.
 
@@ -43,8 +49,7 @@ def sinusoidal_encoding(positions: Array, dim: int, dtype=jnp.float32) -> Array:
       ``dtype`` ``(..., dim)``.
     """
     half = (dim + 1) // 2
-    freqs = jnp.exp(jnp.arange(half, dtype=dtype)
-                    * jnp.asarray(-2.0 * math.log(10000.0) / dim, dtype))
+    freqs = frequencies(half, dim, 10000.0, dtype)
     angles = positions.astype(dtype)[..., None] * freqs.reshape((1,) * positions.ndim + (half,))
     pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     return pe.reshape(*positions.shape, 2 * half)[..., :dim]

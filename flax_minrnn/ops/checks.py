@@ -237,6 +237,11 @@ def check_int_at_least(name: str, value, low) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
 def check_rate(name: str, value) -> None:
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
@@ -283,13 +288,16 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens",
         raise TypeError(f"{name} must be an integer array (token ids), got dtype {tokens.dtype}")
     if tokens.shape[1] < 1:
         raise ValueError(f"{name} must have at least one step")
-    if seq_lengths is not None:
-        valid = lengths_to_mask(check_seq_lengths(seq_lengths, *tokens.shape), tokens.shape[1])
     value = concrete_or_none(tokens)
-    mask = None if valid is None else concrete_or_none(valid)
+    if seq_lengths is not None:
+        lengths = concrete_or_none(check_seq_lengths(seq_lengths, *tokens.shape))
+        mask = (None if lengths is None
+                else np.arange(tokens.shape[1])[None, :] < lengths[:, None])
+    else:
+        mask = None if valid is None else concrete_or_none(valid)
     if value is not None and mask is not None:
         value = value[np.asarray(mask, bool)]
-    elif valid is not None:
+    elif seq_lengths is not None or valid is not None:
         value = None  # padding unknown at trace time: nothing to check reliably
     if value is not None and value.size and (value.min() < 0 or value.max() >= vocab_size):
         raise ValueError(
