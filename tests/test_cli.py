@@ -85,7 +85,7 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys, text, arg, messa
 def test_oversized_seed_is_refused(tmp_path, capsys):
     assert cli.main(["train", "--config", SHAKESPEARE, "--workdir",
                      str(tmp_path / "run"), "seed=99999999999999999999"]) == 2
-    assert "seed must be < 2**63" in capsys.readouterr().err
+    assert "seed must be < 2**32" in capsys.readouterr().err
 
 
 def test_missing_run_exits_2(tmp_path, capsys):

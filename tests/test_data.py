@@ -173,6 +173,10 @@ def test_char_argument_errors():
         CharDataset("abcdefghij", seq_len=4, batch_size=2, val_fraction=0.05)
     with pytest.raises(ValueError, match="seed"):
         CharDataset(text, seq_len=4, batch_size=2, seed=-1)
+    # Seeds past 32 bits would repeat a smaller seed's jax.random.key.
+    with pytest.raises(ValueError, match=r"seed must be < 2\*\*32"):
+        CharDataset(text, seq_len=4, batch_size=2, seed=2 ** 32)
+    assert CharDataset(text, seq_len=4, batch_size=2, seed=2 ** 32 - 1).seed == 2 ** 32 - 1
     ds = CharDataset(text, seq_len=4, batch_size=2)
     with pytest.raises(ValueError, match="step"):
         ds.train_batch(-1)

@@ -173,11 +173,16 @@ def check_int(name: str, value, minimum: int = 1) -> int:
 
 
 def check_seed(seed) -> int:
-    """Validates a random seed: an int in ``[0, 2**63)`` (what
-    ``jax.random.key`` takes)."""
+    """Validates a random seed: an int in ``[0, 2**32)``.
+
+    Without ``jax_enable_x64``, ``jax.random.key`` keeps only the low 32
+    bits of a seed, so ``seed + 2**32`` would initialise and drop out exactly
+    as ``seed`` does; such seeds are refused rather than aliased.
+    """
     seed = check_int("seed", seed, minimum=0)
-    if seed >= 2 ** 63:
-        raise ValueError(f"seed must be < 2**63, got {seed}")
+    if seed >= 2 ** 32:
+        raise ValueError(f"seed must be < 2**32 (jax.random.key keeps only a "
+                         f"seed's low 32 bits), got {seed}")
     return seed
 
 
