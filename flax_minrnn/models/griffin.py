@@ -258,7 +258,8 @@ class GriffinConfig:
       dtype: compute dtype (the RG-LRU state and the logits are float32, or
         float64 for a float64 computation; the convolution and attention
         caches are in ``dtype``).
-      param_dtype: parameter dtype.
+      param_dtype: parameter dtype.  Both are stored as ``numpy.dtype``
+        objects, so ``'float32'`` and ``jnp.float32`` give equal configs.
     """
 
     vocab_size: int
@@ -289,8 +290,8 @@ class GriffinConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        checks.check_float_dtype("dtype", self.dtype)
-        checks.check_float_dtype("param_dtype", self.param_dtype)
+        for name in ("dtype", "param_dtype"):  # One spelling per dtype.
+            object.__setattr__(self, name, checks.check_float_dtype(name, getattr(self, name)))
         at_least = checks.check_int_at_least  # pylint: disable=protected-access
         for name in ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads",
                      "num_key_value_heads", "attention_window_size", "conv1d_width"):

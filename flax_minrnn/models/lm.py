@@ -92,7 +92,8 @@ class LMConfig:
         decode (one step per call) with ``None``.  Needs
         ``use_true_recurrence=False`` and a time mixing other than ``'rglru'``.
       dtype: compute dtype (states and logits are float32, or float64 for float64).
-      param_dtype: parameter dtype.
+      param_dtype: parameter dtype.  Both are stored as ``numpy.dtype``
+        objects, so ``'float32'`` and ``jnp.float32`` give equal configs.
     """
 
     vocab_size: int
@@ -120,8 +121,8 @@ class LMConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        checks.check_float_dtype("dtype", self.dtype)
-        checks.check_float_dtype("param_dtype", self.param_dtype)
+        for name in ("dtype", "param_dtype"):  # One spelling per dtype.
+            object.__setattr__(self, name, checks.check_float_dtype(name, getattr(self, name)))
         checks.check_int_at_least("vocab_size", self.vocab_size, 1)
         checks.check_choice("time_mixing", self.time_mixing, TIME_MIXINGS)
         checks.check_int_at_least("n_layer", self.n_layer, 1)

@@ -199,11 +199,15 @@ def check_positive_or_none(name: str, value) -> None:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
-def check_float_dtype(name: str, value, *, optional: bool = False) -> None:
+def check_float_dtype(name: str, value, *, optional: bool = False):
     """``value`` must name a floating-point dtype (or be ``None`` when
-    ``optional``); ``TypeError`` naming ``name`` otherwise."""
+    ``optional``); ``TypeError`` naming ``name`` otherwise.
+
+    Returns the dtype as a ``numpy.dtype`` (``None`` for ``None``), one
+    spelling for ``'float32'``, ``jnp.float32`` and ``np.float32``.
+    """
     if value is None and optional:
-        return
+        return None
     try:
         dtype = jnp.dtype(value)
     except TypeError:
@@ -212,6 +216,7 @@ def check_float_dtype(name: str, value, *, optional: bool = False) -> None:
         allowed = "a floating-point dtype" + (" or None" if optional else "")
         given = dtype.name if dtype is not None else repr(value)
         raise TypeError(f"{name} must be {allowed} (float32, bfloat16, ...), got {given}")
+    return dtype
 
 
 def check_param_width(module, x: Array, name: str) -> None:
