@@ -225,6 +225,25 @@ def test_published_trees_convert_abstractly(preset, ours):
     assert jax.tree.map(lambda s: s.shape, back) == jax.tree.map(lambda s: s.shape, shapes)
 
 
+@pytest.mark.parametrize("scan_type,impl", [
+    (rg_common.ScanType.AUTO, "auto"), (rg_common.ScanType.LINEAR_NATIVE, "sequential"),
+    (rg_common.ScanType.ASSOCIATIVE_NATIVE, "associative"),
+    (rg_common.ScanType.LINEAR_PALLAS, "pallas")])
+def test_scan_type_maps_to_scan_impl_both_ways(scan_type, impl):
+    rg_config = _rg_config((R, A), scan_type=scan_type)
+    config = rg_compat.config_from_recurrentgemma(rg_config)
+    assert config.scan_impl == impl
+    assert rg_compat.config_to_recurrentgemma(config) == rg_config
+    # An override wins; implementations the package lacks become AUTO.
+    assert rg_compat.config_from_recurrentgemma(rg_config, scan_impl="chunked").scan_impl \
+        == "chunked"
+    for ours in ("chunked", "native"):
+        back = rg_compat.config_to_recurrentgemma(dataclasses.replace(config, scan_impl=ours))
+        assert back.scan_type == rg_common.ScanType.AUTO
+    with pytest.raises(ValueError, match="rg_config.scan_type must be a recurrentgemma ScanType"):
+        rg_compat.config_from_recurrentgemma(_rg_config((R, A), scan_type="FAST"))
+
+
 def test_conversion_errors_name_the_problem():
     rg_config = _rg_config((R, A))
     tokens = jnp.zeros((1, 3), jnp.int32)

@@ -52,6 +52,21 @@ _FIXED = dict(num_key_value_heads=1, conv1d_width=4, partial_rotary_factor=0.5,
 _OVERRIDABLE = ("dtype", "param_dtype", "scan_impl", "pad_token_id", "eos_token_id",
                 "bos_token_id")
 _KINDS = {"RECURRENT": "recurrent", "ATTENTION": "attention"}
+# recurrentgemma.ScanType names and our scan_impl of the same algorithm; the
+# implementation never changes the function, only how it is computed.
+_SCAN_TYPES = {"AUTO": "auto", "LINEAR_NATIVE": "sequential",
+               "ASSOCIATIVE_NATIVE": "associative", "LINEAR_PALLAS": "pallas"}
+
+
+def _scan_impl(rg_config) -> str:
+    value = getattr(rg_config, "scan_type", None)
+    if value is None:
+        return "auto"
+    name = getattr(value, "name", value)
+    if not isinstance(name, str) or name.upper() not in _SCAN_TYPES:
+        raise ValueError(f"rg_config.scan_type must be a recurrentgemma ScanType "
+                         f"({', '.join(_SCAN_TYPES)}), got {value!r}")
+    return _SCAN_TYPES[name.upper()]
 
 
 def _kind(value, i: int) -> str:
@@ -75,7 +90,10 @@ def config_from_recurrentgemma(rg_config, **overrides) -> griffin_lib.GriffinCon
 
     ``overrides`` set the fields the package's config does not have and that
     do not change the model's function: ``dtype``, ``param_dtype``,
-    ``scan_impl`` and the special token ids.
+    ``scan_impl`` and the special token ids.  ``scan_impl`` defaults to the
+    implementation of ``rg_config.scan_type`` (``AUTO``: ``'auto'``,
+    ``LINEAR_NATIVE``: ``'sequential'``, ``ASSOCIATIVE_NATIVE``:
+    ``'associative'``, ``LINEAR_PALLAS``: ``'pallas'``).
     """
     fields = ("vocab_size", "width", "mlp_expanded_width", "num_heads", "block_types",
               "embeddings_scale_by_sqrt_dim", "attention_window_size", "logits_soft_cap")
@@ -97,13 +115,18 @@ def config_from_recurrentgemma(rg_config, **overrides) -> griffin_lib.GriffinCon
                              else int(rg_config.lru_width)),
                   attention_window_size=int(rg_config.attention_window_size),
                   logits_soft_cap=cap if cap else None, block_types=_period(kinds),
-                  embeddings_scale_by_sqrt_dim=bool(rg_config.embeddings_scale_by_sqrt_dim))
+                  embeddings_scale_by_sqrt_dim=bool(rg_config.embeddings_scale_by_sqrt_dim),
+                  scan_impl=_scan_impl(rg_config))
     values.update(overrides)
     return griffin_lib.GriffinConfig(**values)
 
 
 def config_to_recurrentgemma(config: griffin_lib.GriffinConfig):
     """The ``recurrentgemma.GriffinConfig`` of ``config``.
+
+    ``scan_type`` is the package's name for ``config.scan_impl`` (see
+    :func:`config_from_recurrentgemma`); ``'chunked'`` and ``'native'``, which
+    the package lacks, become ``AUTO``.
 
     Raises:
       ImportError: the ``recurrentgemma`` package is not installed.
@@ -113,6 +136,7 @@ def config_to_recurrentgemma(config: griffin_lib.GriffinConfig):
     _check_expressible(config)
     from recurrentgemma import common as rg_common  # pylint: disable=import-outside-toplevel
 
+    scan_type = {v: k for k, v in _SCAN_TYPES.items()}.get(config.scan_impl, "AUTO")
     kinds = {"recurrent": rg_common.TemporalBlockType.RECURRENT,
              "attention": rg_common.TemporalBlockType.ATTENTION}
     return rg_common.GriffinConfig(
@@ -122,7 +146,7 @@ def config_to_recurrentgemma(config: griffin_lib.GriffinConfig):
         embeddings_scale_by_sqrt_dim=config.embeddings_scale_by_sqrt_dim,
         attention_window_size=config.attention_window_size,
         logits_soft_cap=float(config.logits_soft_cap or 0.0),
-        lru_width=config.lru_width)
+        lru_width=config.lru_width, scan_type=rg_common.ScanType[scan_type])
 
 
 def _check_expressible(config: griffin_lib.GriffinConfig) -> None:
