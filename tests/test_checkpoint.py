@@ -136,7 +136,8 @@ def test_a_kill_while_retention_deletes_leaves_only_whole_steps(tmp_path, monkey
     with Checkpointer(tmp_path, max_to_keep=1, keep_best=False) as again:
         assert again.all_steps() == [2]
         restored, meta = again.restore(target=abstract(make_state()))
-        assert_bit_exact(restored, make_state(2)) and meta == {"step": 2}
+        assert_bit_exact(restored, make_state(2))
+        assert meta == {"step": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2"]
 
 
@@ -325,7 +326,7 @@ def test_bad_arguments_and_read_only(tmp_path):
             ckpt.save(1, {"x": jnp.zeros(2)}, metadata={"a": object()})
         assert ckpt.all_steps() == []
     with Checkpointer(tmp_path, read_only=True) as ckpt:
-        with pytest.raises(PermissionError):
+        with pytest.raises(PermissionError, match="is read-only"):
             ckpt.save(1, {"x": jnp.zeros(2)}, metadata={})
 
 
@@ -502,5 +503,5 @@ def test_restore_last_good_and_set_aside(tmp_path):
                                  r"step 1: ") as info:
             ckpt.restore_last_good(target)
         assert info.value.step is None
-        with pytest.raises(PermissionError):
+        with pytest.raises(PermissionError, match="is read-only"):
             ckpt.set_aside([1])

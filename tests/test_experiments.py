@@ -62,7 +62,7 @@ def test_ablation_variants(variant, seq_len, vocab):
 
 @pytest.mark.parametrize("arg", ["mingru", "mingru,2,cpu", "lstm,1", "mingru,0"])
 def test_ablation_bad_arg(arg):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"arg must be <mingru\|minlstm\|glrnn>,<layers>"):
         config_lib.load_config(f"{ABLATION}:{arg}")
 
 
@@ -132,7 +132,8 @@ def test_parity_task_lengths():
     stage1 = config_lib.load_config(f"{PARITY}:mingru")
     assert not stage1.model.use_true_recurrence
     for bad in ("mingru,stage3", "mingru,stage2,scratch", "gru"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"arg must be <mingru\|minlstm\|glrnn>"
+                                             r"\[,stage2\|,scratch\], got '" + bad):
             config_lib.load_config(f"{PARITY}:{bad}")
 
 
@@ -198,7 +199,7 @@ def test_report(tmp_path):
     assert report.table(runs, columns=["params", "evals"]).splitlines()[:3] == [
         "| run | params | acc_long acc |", "| --- | --- | --- |",
         f"| glrnn a | {s['params']:,} | 50.0% |"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown columns \['bogus'\]"):
         report.table(runs, columns=["bogus"])
 
 
@@ -223,9 +224,11 @@ def test_report_threshold_not_reached():
     assert report.first_at(evals, 0.98) == evals[1]
 
 
-def test_report_bad_run_arg(tmp_path):
-    with pytest.raises(SystemExit):
+def test_report_bad_run_arg(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
         report.main(["no-equals-sign", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert "expected LABEL=WORKDIR, got 'no-equals-sign'" in capsys.readouterr().err
 
 
 def test_param_count_matches_init():

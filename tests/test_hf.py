@@ -189,7 +189,7 @@ def test_errors_name_the_problem(tmp_path):
             "model.embed_tokens.weight"] + 1})
     with pytest.raises(ValueError, match="does not use"):
         hf_lib.params_from_hf(config, {**tensors, "model.layers.9.x": np.zeros(2)})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="config.json"):
         fm.load_hf_recurrentgemma(str(tmp_path))
 
 

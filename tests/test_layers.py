@@ -78,6 +78,35 @@ def test_matches_float64_reference(name, h0_sign, true_rec):
     np.testing.assert_allclose(y, ref_y, **TOL["float32"])
 
 
+@pytest.mark.parametrize("impl", ["auto"] + IMPLS)
+@pytest.mark.parametrize("true_rec", [False, True], ids=["assoc", "true"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_float64_layers_match_the_float64_reference(name, true_rec, impl, monkeypatch):
+    """In float64 every implementation equals the NumPy recurrence to 1e-12
+    (float32 tolerances would hide an error of 1e-6 in a gate); 4-step tiles
+    put several tiles and a partial one in T = 13."""
+    monkeypatch.setattr(gated_lib, "_TILE_MIN", 4)
+    monkeypatch.setattr(gated_lib, "_TILE_MAX", 4)
+    with jax.enable_x64(True):
+        layer = LAYERS[name](scan_impl=impl, dtype=jnp.float64, param_dtype=jnp.float64)
+        x = jnp.asarray(np.random.default_rng(2).normal(size=(B, T, D_IN)))
+        params = _init(layer, x)
+        if true_rec:
+            shape = jax.eval_shape(layer.clone(use_true_recurrence=True).init,
+                                   jax.random.PRNGKey(0), x)["params"]["recurrent_kernel"].shape
+            kernel = 0.3 * np.random.default_rng(3).normal(size=shape)
+            params = {"params": dict(params["params"], recurrent_kernel=jnp.asarray(kernel))}
+            layer = layer.clone(use_true_recurrence=True)
+        h0 = jnp.asarray(np.random.default_rng(4).uniform(0.1, 1.0, (B, layer.state_size(D_IN))))
+        carry, y = layer.apply(params, x, h0)
+        assert carry.dtype == y.dtype == jnp.float64
+        kind, kw = REF_KW[name]
+        ref_h, ref_y = layer_forward(kind, params["params"], x, h0, true_recurrence=true_rec,
+                                     **kw)
+        np.testing.assert_allclose(carry, ref_h, rtol=1e-12, atol=1e-12 * np.abs(ref_h).max())
+        np.testing.assert_allclose(y, ref_y, rtol=1e-12, atol=1e-12 * np.abs(ref_y).max())
+
+
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_all_impls_and_modes_agree(name):
     """parallel (every impl) == true recurrence with U = 0 == token-by-token == chunked."""
@@ -609,12 +638,12 @@ def test_nan_and_inf_in_padding_change_nothing(name, impl):
                                     jnp.float32), x)
     clean = jnp.where(jnp.asarray(pad)[:, :, None], 0.0, x)
     params = jax.jit(layer.init)(jax.random.PRNGKey(0), clean)
-    g_y = jnp.asarray(rng.normal(size=jax.eval_shape(layer.apply, params, x)[1].shape),
-                      jnp.float32)
+    g_c, g_y = (jnp.asarray(rng.normal(size=s.shape), jnp.float32)
+                for s in jax.eval_shape(layer.apply, params, x))
 
     def loss(p, inputs):
         c, y = layer.apply(p, inputs, seq_lengths=lengths)
-        return jnp.sum(y * g_y) + jnp.sum(c), (c, y)
+        return jnp.sum(y * g_y) + jnp.sum(c * g_c), (c, y)
 
     run = jax.jit(jax.grad(loss, has_aux=True))  # Compiled once, for both inputs.
     got, want = run(params, garbage), run(params, clean)

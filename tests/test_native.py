@@ -145,8 +145,9 @@ def test_saturated_logits_stay_exact_and_finite(name):
     scale = np.abs(ref_y).max()
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6 * scale)
     np.testing.assert_allclose(carry, ref_h, rtol=1e-5, atol=1e-6 * scale)
-    g_c = jnp.ones((B, D_H), jnp.float32)
-    g_y = jnp.ones(y.shape, jnp.float32)
+    rng = np.random.default_rng(4)
+    g_c = jnp.asarray(rng.normal(size=(B, D_H)), jnp.float32)
+    g_y = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
     got = _grads(layer, "native", params, x, h0, g_c, g_y)
     want = _grads(layer, "chunked", params, x, h0, g_c, g_y)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -209,12 +210,14 @@ def test_bfloat16_matches_chunked(name, monkeypatch):
     x = _x(4).astype(jnp.bfloat16)
     params = _params(layer, x)
     assert _runs_kernels(layer.clone(scan_impl="native"), params, x)
-    g_y = jnp.asarray(np.random.default_rng(5).normal(size=(B, T, D_H)), jnp.float32)
+    rng = np.random.default_rng(5)
+    g_y = jnp.asarray(rng.normal(size=(B, T, D_H)), jnp.float32)
+    g_c = jnp.asarray(rng.normal(size=(B, D_H)), jnp.float32)
 
     def run(impl):
         def loss(p, xx):
             c, y = layer.clone(scan_impl=impl).apply(p, xx)
-            return jnp.sum(y.astype(jnp.float32) * g_y) + jnp.sum(c), y
+            return jnp.sum(y.astype(jnp.float32) * g_y) + jnp.sum(c * g_c), y
         return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
 
     (grads, y), (grads_ref, y_ref) = run("native"), run("chunked")

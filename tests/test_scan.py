@@ -480,16 +480,18 @@ def test_gated_scan_pytree_input_and_bfloat16(rng):
     a_ref, b_ref = fn((k, c), None)
     _, ref = linear_recurrence(a_ref, b_ref)
     assert rel_err(h, ref) <= 1e-5
-    dk, dc = jax.grad(lambda kc: jnp.sum(gated_scan(fn, kc, impl="sequential")[1]))((k, c))
+    g = rng.normal(size=(2, 12, 4))
+    dk, dc = jax.grad(lambda kc: jnp.sum(gated_scan(fn, kc, impl="sequential")[1]
+                                         * jnp.asarray(g, jnp.float32)))((k, c))
     assert dk.dtype == jnp.bfloat16 and dc.dtype == jnp.bfloat16
-    # float64 gradients of sum(h) on the bf16-rounded inputs: the adjoint
-    # lam_t = 1 + a_{t+1} lam_{t+1}, then the chain rule through the sigmoids.
+    # float64 gradients of sum(h * g) on the bf16-rounded inputs: the adjoint
+    # lam_t = g_t + a_{t+1} lam_{t+1}, then the chain rule through the sigmoids.
     a, b = (1 / (1 + np.exp(np.asarray(k, np.float64))),
             1 / (1 + np.exp(-np.asarray(c, np.float64))))
     _, h64 = linear_recurrence(a, b)
     h_prev = np.concatenate([np.zeros_like(h64[:, :1]), h64[:, :-1]], axis=1)
     _, lam = linear_recurrence(np.concatenate([a[:, 1:], np.zeros_like(a[:, :1])], axis=1),
-                               np.ones_like(a), reverse=True)
+                               g, reverse=True)
     for got, want in ((dk, -lam * h_prev * a * (1 - a)), (dc, lam * b * (1 - b))):
         np.testing.assert_allclose(np.asarray(got, np.float32), want,
                                    rtol=2e-2, atol=2e-2 * np.abs(want).max())

@@ -200,8 +200,15 @@ def test_gradients_match_autodiff_of_a_plain_loop(kind, reverse, masks, with_h0)
                            argnums=(0, 1, 2, 3, 4)))(x, kernel, u, bias, h0)
     for name, g, w in zip(("x", "kernel", "u", "bias", "h0"), got, want):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=name)
-    if not with_h0:
-        assert not np.any(np.asarray(got[4]))
+    if not with_h0:  # No h0 is the zero state.
+        def with_zeros(x, kernel, u, bias):
+            h_last, h = _op(kind, x, kernel, u, bias, jnp.zeros_like(h0), mask=valid,
+                            reset=reset, reverse=reverse)[:2]
+            return jnp.sum(h * w_h) + jnp.sum(h_last * w_last)
+        zeros = jax.jit(jax.grad(with_zeros, argnums=(0, 1, 2, 3)))(x, kernel, u, bias)
+        for name, g, w in zip(("x", "kernel", "u", "bias"), got, zeros):
+            np.testing.assert_allclose(g, w, rtol=1e-14, atol=1e-14 * np.abs(w).max(),
+                                       err_msg=name)
 
 
 @pytest.mark.parametrize("kind,reverse,masks,with_h0", CASES)
@@ -303,14 +310,16 @@ def test_token_by_token_and_chunks_equal_one_call(reverse):
     if reverse:
         return
 
+    w_last = jnp.asarray(np.random.default_rng(2).normal(size=full_last.shape))
+
     def chunked(u):
         h, outs = h0, []
         for s, e in [(0, 5), (5, 6), (6, 13)]:
             h, out = op(x[:, s:e], u, h)
             outs.append(out)
-        return jnp.sum(jnp.concatenate(outs, 1) ** 2) + jnp.sum(h)
+        return jnp.sum(jnp.concatenate(outs, 1) ** 2) + jnp.sum(h * w_last)
 
-    whole = lambda u: jnp.sum(op(x, u, h0)[1] ** 2) + jnp.sum(op(x, u, h0)[0])
+    whole = lambda u: jnp.sum(op(x, u, h0)[1] ** 2) + jnp.sum(op(x, u, h0)[0] * w_last)
     np.testing.assert_allclose(jax.jit(jax.grad(chunked))(u), jax.jit(jax.grad(whole))(u),
                                rtol=1e-11, atol=1e-13)
 
