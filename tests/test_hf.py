@@ -4,6 +4,7 @@ bit-exact round trips, a file written in the HF key layout from a
 ``interop``) logits against transformers' own PyTorch model."""
 
 import contextlib
+import dataclasses
 import json
 import os
 
@@ -180,6 +181,14 @@ def test_errors_name_the_problem(tmp_path):
                           (dict(rope_parameters={"rope_type": "linear"}), "rope_type")):
         with pytest.raises(ValueError, match=match):
             hf_lib.config_from_hf({**hf, **change})
+    # Overrides may set only what does not change the model's function.
+    assert hf_lib.config_from_hf(hf, eos_token_id=7, scan_impl="sequential") == \
+        dataclasses.replace(config, eos_token_id=7, scan_impl="sequential")
+    for load in (lambda **kw: hf_lib.config_from_hf(hf, **kw),
+                 lambda **kw: fm.load_hf_recurrentgemma(str(tmp_path), **kw)):
+        with pytest.raises(ValueError, match=r"overrides may set only .*config.json.*"
+                                             r"got \['hidden_size'\]"):
+            load(hidden_size=32)
     tensors = hf_lib.params_to_hf(config, variables)
     with pytest.raises(ValueError, match="model.final_norm.weight"):
         hf_lib.params_from_hf(config, {k: v for k, v in tensors.items()

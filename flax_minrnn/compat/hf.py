@@ -87,15 +87,18 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> griffin_lib.GriffinCon
 
     Args:
       hf: the parsed ``config.json``.
-      **overrides: fields to set that the file does not hold (``dtype``,
-        ``param_dtype``, ``scan_impl``).
+      **overrides: fields that do not change the model's function:
+        ``dtype``, ``param_dtype``, ``scan_impl`` (the file does not hold
+        them) and the special token ids (which replace the file's).
 
     Raises:
       ValueError: a model type other than ``recurrent_gemma``, a missing field,
-        or a setting this library does not support (named).
+        a setting this library does not support, or an override of a field
+        that changes the model (named).
     """
     if not isinstance(hf, Mapping):
         raise TypeError(f"hf must be the config.json dict, got {type(hf).__name__}")
+    griffin_lib.check_overrides(overrides, "config.json")
     model_type = hf.get("model_type", "recurrent_gemma")
     if model_type != "recurrent_gemma":
         raise ValueError(f"config.json has model_type={model_type!r}; expected 'recurrent_gemma'")
@@ -335,8 +338,9 @@ def load_hf_recurrentgemma(directory: str, **overrides) -> Tuple[griffin_lib.Gri
     Args:
       directory: holds ``config.json`` and ``model.safetensors``, or shards
         listed in ``model.safetensors.index.json`` (its ``weight_map``).
-      **overrides: ``dtype``, ``param_dtype``, ``scan_impl`` of the config
-        (``param_dtype`` defaults to the file's).  The arrays keep the file's
+      **overrides: as in :func:`config_from_hf`: ``dtype``, ``param_dtype``
+        (default: the weights' dtype), ``scan_impl`` and the special token
+        ids.  The arrays keep the file's
         dtype (NumPy; bfloat16 via ``ml_dtypes``).
 
     Returns:
@@ -346,6 +350,7 @@ def load_hf_recurrentgemma(directory: str, **overrides) -> Tuple[griffin_lib.Gri
       FileNotFoundError: no config or weights; ValueError: see
         :func:`config_from_hf` and :func:`params_from_hf`.
     """
+    griffin_lib.check_overrides(overrides, "config.json")  # Before reading the weights.
     st = _safetensors()
     with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
         hf_config = json.load(f)

@@ -48,9 +48,6 @@ __all__ = ["from_recurrentgemma", "to_recurrentgemma", "config_from_recurrentgem
 _FIXED = dict(num_key_value_heads=1, conv1d_width=4, partial_rotary_factor=0.5,
               rope_theta=10000.0, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
               attention_bias=False)
-# Fields of GriffinConfig that do not change the function the weights compute.
-_OVERRIDABLE = ("dtype", "param_dtype", "scan_impl", "pad_token_id", "eos_token_id",
-                "bos_token_id")
 _KINDS = {"RECURRENT": "recurrent", "ATTENTION": "attention"}
 # recurrentgemma.ScanType names and our scan_impl of the same algorithm; the
 # implementation never changes the function, only how it is computed.
@@ -101,10 +98,7 @@ def config_from_recurrentgemma(rg_config, **overrides) -> griffin_lib.GriffinCon
     if missing:
         raise TypeError(f"rg_config must be a recurrentgemma.GriffinConfig; "
                         f"{type(rg_config).__name__} has no {missing}")
-    bad = sorted(set(overrides) - set(_OVERRIDABLE))
-    if bad:
-        raise ValueError(f"overrides may set only {sorted(_OVERRIDABLE)} (the rest comes from "
-                         f"rg_config), got {bad}")
+    griffin_lib.check_overrides(overrides, "rg_config")
     kinds = tuple(_kind(v, i) for i, v in enumerate(rg_config.block_types))
     cap = float(rg_config.logits_soft_cap)
     values = dict(_FIXED, vocab_size=int(rg_config.vocab_size),

@@ -69,6 +69,19 @@ __all__ = ["RGLRU", "RecurrentBlock", "RecurrentState", "GriffinConfig", "Griffi
            "count_params", "embedding_scale", "BLOCK_TYPES", "HIDDEN_ACTIVATIONS"]
 
 BLOCK_TYPES = ("recurrent", "attention")
+# The GriffinConfig fields that do not change the function the weights
+# compute: what a converted checkpoint's config may override.
+OVERRIDABLE = ("dtype", "param_dtype", "scan_impl", "pad_token_id", "eos_token_id",
+               "bos_token_id")
+
+
+def check_overrides(overrides, source: str) -> None:
+    """Raises ``ValueError`` unless every key of ``overrides`` is in
+    :data:`OVERRIDABLE` (``source``: where the other fields come from)."""
+    bad = sorted(set(overrides) - set(OVERRIDABLE))
+    if bad:
+        raise ValueError(f"overrides may set only {sorted(OVERRIDABLE)} (the rest comes from "
+                         f"{source}), got {bad}")
 HIDDEN_ACTIVATIONS = ("gelu_pytorch_tanh",)
 
 
