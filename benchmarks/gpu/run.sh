@@ -15,7 +15,7 @@ set -u -o pipefail
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # bench.py stops itself by its --budget-s (450 s from its start, every
-# section capped); the timeout is the last resort: 8 minutes = 480 s in all.
+# section capped); the timeout, 15 s later, is the last resort.
 BUDGET_S=${BUDGET_S:-450}
 TIMEOUT_S=${TIMEOUT_S:-$((BUDGET_S + 15))}
 LOG=/tmp/gpu_bench_full.log

@@ -1,7 +1,9 @@
-"""Input validation for the whole package: one place for every check.
+"""Input validation shared by the package: every check that more than one
+module makes, and the helpers (ints, numbers, dtypes, choices, shapes,
+carries) that the modules' own checks are built from.
 
-Every public entry point (the scan, the layers, the models, the trainer's
-configs) validates its arguments with these helpers, so a bad input gets the
+The public entry points (the scan, the layers, the models, the trainer's
+configs) validate their arguments with these helpers, so a bad input gets the
 same kind of error everywhere: a ``TypeError`` or ``ValueError`` that names
 the argument, says what was expected and what was given.  Checks of values
 (ranges of lengths and ids) run when the value is known at trace time; under
