@@ -281,7 +281,12 @@ def _run(args: argparse.Namespace) -> int:
         from flax_minrnn.training import config as config_lib  # pylint: disable=g-import-not-at-top
         config = config_lib.load_config(args.config, args.overrides)
         explicit = (args.coordinator_address, args.num_processes, args.process_id)
-        if args.distributed or any(v is not None for v in explicit):
+        given = [v is not None for v in explicit]
+        if any(given) and not all(given):
+            raise ValueError("give all of --coordinator-address, --num-processes and "
+                             "--process-id, or none of them (--distributed alone "
+                             "auto-detects)")
+        if args.distributed or any(given):
             from flax_minrnn.training import mesh as parallel  # pylint: disable=g-import-not-at-top
             parallel.initialize_distributed(*explicit)
         from flax_minrnn.training import train  # pylint: disable=g-import-not-at-top

@@ -88,6 +88,14 @@ def test_oversized_seed_is_refused(tmp_path, capsys):
     assert "seed must be < 2**32" in capsys.readouterr().err
 
 
+def test_partial_multi_host_flags_are_refused_by_flag_name(tmp_path, capsys):
+    assert cli.main(["train", "--config", SHAKESPEARE, "--workdir", str(tmp_path / "run"),
+                     "--num-processes", "2", "--process-id", "0"]) == 2
+    assert ("give all of --coordinator-address, --num-processes and --process-id"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_run_exits_2(tmp_path, capsys):
     assert cli.main(["generate", "--workdir", str(tmp_path / "none"),
                      "--prompt", "a"]) == 2

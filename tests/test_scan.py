@@ -241,6 +241,8 @@ def test_auto_resolves_per_backend_never_to_a_backend():
     assert scan_lib.default_impl(4096, "tpu") is ScanImpl.ASSOCIATIVE
     assert scan_lib.default_impl(4096, "cpu") is ScanImpl.CHUNKED
     assert scan_lib.default_impl(8, "cpu") is ScanImpl.SEQUENTIAL
+    with pytest.raises(ValueError, match=r"backend must be one of \['cpu', .*got 'bogus'"):
+        scan_lib.default_impl(8, "bogus")
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
@@ -276,6 +278,9 @@ def test_traced_seq_lengths_are_clamped_or_checked_at_run_time(rng):
     err, out = checked(jnp.asarray([5, 2]))
     err.throw()  # in range: no error
     np.testing.assert_array_equal(out[0], f(jnp.asarray([5, 2]))[0])
+    with pytest.raises(ValueError, match="enabled must be a bool, got 'yes'"):
+        with fm.runtime_checks("yes"):
+            pass
 
 
 class TestBadInput:

@@ -161,6 +161,18 @@ def test_lm_config_translation():
     bad = config_lib.apply_overrides(config, ["model.dtype=float8"])
     with pytest.raises(config_lib.ConfigError, match="model.dtype"):
         train.lm_config(bad, 65)
+    # Errors name the config key, and the range the key allows.
+    for override, match in (("model.d_model=0", r"^model\.d_model must be"),
+                            ("model.d_h=-3", r"^model\.d_h must be >= 0 \(0: derived")):
+        with pytest.raises(config_lib.ConfigError, match=match):
+            train.lm_config(config_lib.apply_overrides(config, [override]), 65)
+    griffin = config_lib.load_config("configs/griffin_shakespeare.py")
+    for override, match in (("model.griffin.lru_width=-1", r"^model\.griffin\.lru_width must "
+                                                           r"be >= 0"),
+                            ("model.griffin.num_attention_heads=3",
+                             r"^model\.griffin\.num_attention_heads=3 must divide")):
+        with pytest.raises(config_lib.ConfigError, match=match):
+            train.griffin_config(config_lib.apply_overrides(griffin, [override]), 65)
 
 
 def test_weight_decay_mask_and_freeze():

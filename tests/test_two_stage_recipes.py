@@ -319,7 +319,7 @@ def test_stage2_mistakes_show_before_stage1_trains_and_can_be_fixed(tmp_path):
     workdir = str(tmp_path / "run")
     # A mistake in the shared config or in stage 2's overrides stops the run
     # before stage 1 trains, and leaves nothing that a fixed rerun would trip on.
-    for extra, match in ((["model.n_layer=0"], "^Invalid model config: n_layer"),
+    for extra, match in ((["model.n_layer=0"], "^model.n_layer must be"),
                          (["two_stage.stage2=init_from.recurrent_init=random,"
                            "train.recurrence_blend_steps=2"],
                           "^two_stage.stage2: init_from.compensate_bias"),

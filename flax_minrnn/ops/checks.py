@@ -85,8 +85,9 @@ def runtime_checks(enabled: bool = True):
     Yields:
       Nothing; the previous setting is restored on exit.
     """
+    check_bool("enabled", enabled)
     previous = getattr(_runtime, "enabled", False)
-    _runtime.enabled = bool(enabled)
+    _runtime.enabled = enabled
     try:
         yield
     finally:

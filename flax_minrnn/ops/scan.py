@@ -109,6 +109,8 @@ _BACKEND_MODULES = {ScanImpl.PALLAS: "flax_minrnn.backends.pallas",
 # From this length on the tiled scan is the faster one on the CPUs measured
 # (benchmarks/README.md); below it the plain loop, which makes fewer passes.
 _CPU_TILED_MIN_T = 64
+# The platforms default_impl knows.
+_BACKENDS = ("cpu", "gpu", "cuda", "rocm", "tpu")
 
 
 def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
@@ -116,7 +118,9 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
 
     Args:
       seq_len: length of the time axis.
-      backend: a JAX backend name; defaults to ``jax.default_backend()``.
+      backend: a JAX platform name (``'cpu'``, ``'gpu'``, ``'cuda'``,
+        ``'rocm'``, ``'tpu'``); defaults to ``jax.default_backend()``, where
+        any platform but ``'cpu'`` is treated as an accelerator.
 
     Returns:
       On CPU ``CHUNKED`` from ``T = 64`` and ``SEQUENTIAL`` below;
@@ -124,7 +128,10 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
       plain JAX.  The choice changes speed and memory only, never parameters
       (all implementations agree to float32 rounding).
     """
-    backend = backend or jax.default_backend()
+    if backend is None:
+        backend = jax.default_backend()  # Another plugin's platform counts as a GPU's.
+    elif backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {backend!r}")
     if backend == "cpu":
         return ScanImpl.CHUNKED if seq_len >= _CPU_TILED_MIN_T else ScanImpl.SEQUENTIAL
     return ScanImpl.ASSOCIATIVE

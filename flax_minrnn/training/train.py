@@ -110,14 +110,32 @@ def lm_config(config: ml_collections.ConfigDict, vocab_size: int
     for key in ("architecture", "griffin"):  # Not LMConfig fields.
         values.pop(key, None)
     _check_fields(values, LMConfig, "model.")
-    for key in ("d_h", "d_channel_mixing"):
-        values[key] = values[key] or None
+    _zero_means_none(values, ("d_h", "d_channel_mixing"), "model.")
     values.update(_model_dtypes(config))
     values["scan_impl"] = training_scan_impl(config)
     try:
         return LMConfig(vocab_size=int(vocab_size), **values)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"Invalid model config: {e}") from e
+        raise ConfigError(_keyed(e, values, "model.")) from e
+
+
+def _zero_means_none(values: dict, keys, prefix: str) -> None:
+    """Config keys whose 0 means "derived" (the dataclass's None)."""
+    for key in keys:
+        value = values[key]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{prefix}{key} must be >= 0 (0: derived from the other "
+                              f"sizes), got {value}")
+        values[key] = value or None
+
+
+def _keyed(error: Exception, values, prefix: str) -> str:
+    """The dataclass's error, its leading field name written as the config key."""
+    message = str(error)
+    field = message.split(" ", 1)[0].split("=", 1)[0]
+    if field in values:
+        return prefix + message
+    return f"Invalid {prefix.rstrip('.')} config: {message}"
 
 
 def training_scan_impl(config: ml_collections.ConfigDict) -> str:
@@ -176,15 +194,14 @@ def griffin_config(config: ml_collections.ConfigDict, vocab_size: int
     """
     values = config.model.griffin.to_dict()
     _check_fields(values, GriffinConfig, "model.griffin.")
-    for key in ("lru_width", "final_w_init_variance_scale"):
-        values[key] = values[key] or None
+    _zero_means_none(values, ("lru_width", "final_w_init_variance_scale"), "model.griffin.")
     values["block_types"] = tuple(
         name.strip() for name in str(values["block_types"]).split(","))
     values.update(_model_dtypes(config), scan_impl=config.model.scan_impl)
     try:
         return GriffinConfig(vocab_size=int(vocab_size), **values)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"Invalid model.griffin config: {e}") from e
+        raise ConfigError(_keyed(e, values, "model.griffin.")) from e
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int):
