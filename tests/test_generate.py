@@ -85,6 +85,25 @@ def test_sample_logits_exact_filters():
     assert abs(np.mean(draws == 1) - 0.625) < 0.03
 
 
+def test_sample_logits_checks_logits():
+    key = jax.random.key(0)
+    # The docstring says float: integer logits are refused, naming logits.
+    with pytest.raises(TypeError, match="logits must be a floating-point array, got dtype int32"):
+        sample_logits(jnp.zeros((1, 3), jnp.int32), key)
+    with pytest.raises(TypeError, match="logits must be an array, got list"):
+        sample_logits([[0.0, 1.0]], key)
+    # 0-d (no vocab axis) used to be an IndexError.
+    with pytest.raises(ValueError, match=r"logits must have shape \(\.\.\., vocab\) with "
+                                         r"vocab >= 1, got \(\)"):
+        sample_logits(jnp.zeros(()), key)
+    with pytest.raises(ValueError, match=r"logits must have shape .*got \(2, 0\)"):
+        sample_logits(jnp.zeros((2, 0)), key)
+    # (vocab,) and bfloat16 are fine; so is jit.
+    assert sample_logits(jnp.asarray([0.0, 5.0, 1.0]), key, 0.0).tolist() == 1
+    assert sample_logits(jnp.asarray([[0.0, 5.0]], jnp.bfloat16), key, 0.0).tolist() == [1]
+    assert jax.jit(sample_logits)(jnp.asarray([[0.0, 5.0]]), key, 0.0).tolist() == [1]
+
+
 @pytest.mark.parametrize("kw,name", [
     (dict(temperature=-0.1), "temperature"), (dict(top_k=-1), "top_k"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")])

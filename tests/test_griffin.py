@@ -741,6 +741,8 @@ def test_presets_build_abstractly_with_the_closed_form_count(preset, total, embe
     print(f"{preset.__name__}: {counted:,} parameters "
           f"({counted - embedding:,} without the embedding)")
     assert counted == count_params(cfg) == total
+    with pytest.raises(TypeError, match="config must be a GriffinConfig, got dict"):
+        count_params({"hidden_size": 1})
     assert cfg.mlp_width == 3 * cfg.hidden_size and cfg.head_dim == 256
     # Published: "2B non-embedding parameters" (RecurrentGemma, arXiv 2404.07839);
     # the 9B model's name; loose checks only.

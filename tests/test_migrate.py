@@ -218,3 +218,83 @@ def test_from_flax_gated_linear_rnn_errors():
     with pytest.raises(ValueError, match="recurrent_proj/kernel must have shape"):
         from_flax_gated_linear_rnn(
             dict(p, model={"recurrent_proj": {"kernel": jnp.zeros((2, 18), jnp.float32)}}))
+
+
+# ----------------------------------------------------------------------------
+# Keyword checks: migration options are not init arguments, and vice versa.
+
+
+@pytest.mark.parametrize("options,names", [
+    (dict(recurrent_init="random", rng=jax.random.PRNGKey(0)), r"\['recurrent_init', 'rng'\]"),
+    (dict(recurrent_init_scale=0.5), r"\['recurrent_init_scale'\]"),
+    (dict(state_means={}), r"\['state_means'\]"),
+    (dict(allow_drop_nonzero=True), r"\['allow_drop_nonzero'\]"),
+])
+def test_to_true_recurrence_refuses_migration_options(options, names):
+    # It promises the same function: a random recurrent_kernel must not slip in.
+    x = _x()
+    layer = LAYERS["mingru"]()
+    params = _init(layer, jax.random.PRNGKey(1), x)["params"]
+    with pytest.raises(ValueError, match=r"to_true_recurrence does not take the migration "
+                                         r"option\(s\) " + names + ".*migrate_params"):
+        to_true_recurrence(params, layer, x, **options)
+    # The documented way to a random start still works.
+    if "recurrent_init" in options:
+        rand = migrate_params(params, layer.clone(use_true_recurrence=True), x, **options)
+        assert np.any(np.asarray(rand["recurrent_kernel"]))
+
+
+@pytest.mark.parametrize("options,names", [
+    (dict(rng=jax.random.PRNGKey(0)), r"\['rng'\]"),
+    (dict(recurrent_init="random", recurrent_init_scale=0.5),
+     r"\['recurrent_init', 'recurrent_init_scale'\]"),
+    (dict(state_means={}), r"\['state_means'\]"),
+])
+def test_to_associative_refuses_migration_options(options, names):
+    x = _x()
+    layer = LAYERS["mingru"]()
+    params = to_true_recurrence(_init(layer, jax.random.PRNGKey(1), x)["params"], layer, x)
+    with pytest.raises(ValueError, match=r"to_associative does not take the migration "
+                                         r"option\(s\) " + names):
+        to_associative(params, layer, x, **options)
+    # allow_drop_nonzero is its own (keyword) option.
+    assert "recurrent_kernel" not in to_associative(params, layer, x, allow_drop_nonzero=True)
+
+
+def test_unknown_init_keyword_is_named_with_the_accepted_ones():
+    x = _x()
+    layer = LAYERS["mingru"]()
+    params = _init(layer, jax.random.PRNGKey(1), x)["params"]
+    true_layer = layer.clone(use_true_recurrence=True)
+    # A misspelled migration option: named up front, not deep inside Flax.
+    with pytest.raises(TypeError, match=r"^unknown keyword argument 'recurent_init' \(did you "
+                                        r"mean 'recurrent_init'\?\): neither a keyword of "
+                                        r"MinGRU.__call__ \[.*'seq_lengths'.*\] nor a "
+                                        r"migration option \[.*'recurrent_init'.*\]"):
+        migrate_params(params, true_layer, x, recurent_init="random")
+    # A misspelled init keyword, also through to_true_recurrence / to_associative.
+    with pytest.raises(TypeError, match=r"unknown keyword argument 'seq_length' \(did you "
+                                        r"mean 'seq_lengths'\?\)"):
+        to_true_recurrence(params, layer, x, seq_length=jnp.full((B,), T))
+    with pytest.raises(TypeError, match=r"unknown keyword argument 'masks'.*'mask'"):
+        to_associative(params, layer, x, masks=jnp.ones((B, T), bool))
+    # Real keywords of __call__ pass through.
+    lengths = jnp.asarray([T, 3], jnp.int32)
+    out = to_true_recurrence(params, layer, x, seq_lengths=lengths)
+    assert out["recurrent_kernel"].shape == (5, 10)
+    _assert_tree_equal(migrate_params(out, layer, x, carry=None, seq_lengths=lengths), params)
+
+
+class _KwargsModel(nn.Module):
+    """A module whose __call__ takes **kwargs: any keyword name is its own."""
+
+    @nn.compact
+    def __call__(self, x, **kwargs):
+        return nn.Dense(3)(x) * (1 + len(kwargs))
+
+
+def test_kwargs_signature_accepts_any_keyword():
+    x = _x()
+    model = _KwargsModel()
+    params = _init(model, jax.random.PRNGKey(1), x)["params"]
+    _assert_tree_equal(migrate_params(params, model, x, anything=jnp.zeros(())), params)

@@ -126,8 +126,14 @@ def sample_logits(logits: Array, rng: Array, temperature=1.0, top_k=0, top_p=1.0
       int32 ``(...)`` token ids.
 
     Raises:
-      ValueError: an argument out of range (checked when concrete), naming it.
+      TypeError: ``logits`` is not a floating-point array.
+      ValueError: ``logits`` has no vocab axis (0-d) or an empty one, or an
+        argument is out of range (checked when concrete), naming it.
     """
+    checks.check_float("logits", logits)
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape (..., vocab) with vocab >= 1, "
+                         f"got {tuple(logits.shape)}")
     _check_sampling(temperature, top_k, top_p)
     static_k, static_p = _concrete(top_k), _concrete(top_p)
     use_top_k = static_k is None or bool(static_k > 0)

@@ -452,6 +452,8 @@ def count_params(config: GriffinConfig) -> int:
                            (+ n d + 2 g d with attention_bias)
         final norm         H
     """
+    if not isinstance(config, GriffinConfig):
+        raise TypeError(f"config must be a GriffinConfig, got {type(config).__name__}")
     h, l, e = config.hidden_size, config.state_width, config.mlp_width
     n, d, g, k = (config.num_attention_heads, config.head_dim, config.num_key_value_heads,
                   config.conv1d_width)

@@ -211,22 +211,79 @@ class TokenClassifier(nn.Module):
 # Losses (float32 whatever the logits' dtype).
 
 
+def _check_logits(logits, shape_doc: str, ndim=None) -> None:
+    """``logits`` must be a floating array of rank ``ndim`` (``None``: any rank
+    >= 1; ``shape_doc`` in errors) with a non-empty last (vocab) axis."""
+    checks.check_float("logits", logits)
+    if logits.ndim < 1 if ndim is None else logits.ndim != ndim:
+        raise ValueError(f"logits must have shape {shape_doc}, got {tuple(logits.shape)}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a non-empty vocab axis (last), got shape "
+                         f"{tuple(logits.shape)}")
+
+
+def _check_int_array(name: str, x) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an integer array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array (class / token ids), "
+                        f"got dtype {x.dtype}")
+
+
+def _check_ids(name: str, ids, vocab: int, valid=None, note: str = "") -> None:
+    """Values of ``ids`` (any rank) in ``[0, vocab)`` where ``valid``, checked
+    when concrete (skipped under ``jax.jit``): :func:`checks.check_tokens` on
+    the flattened ids; ``note`` is appended to its error."""
+    if not ids.size:
+        return
+    flat = lambda a: None if a is None else jnp.reshape(a, (1, -1))
+    try:
+        checks.check_tokens(flat(ids), vocab, name=name, valid=flat(valid))
+    except ValueError as err:
+        raise ValueError(f"{err}{note}") from None
+
+
 def weighted_cross_entropy(logits: Array, targets: Array, weights: Array) -> Tuple[Array, Array]:
     """Weighted mean cross-entropy and the weight total.
 
     ``loss = sum_i w_i * (-log softmax(logits_i)[y_i]) / max(sum_i w_i, 1)``
 
     Args:
-      logits: ``(..., vocab)`` (any float dtype; computed in float32).
-      targets: int ``(...)``.
-      weights: ``(...)`` (0 drops a position).
+      logits: float ``(..., vocab)`` (any float dtype; computed in float32).
+      targets: int ``(...)`` (``logits.shape[:-1]``), ids in ``[0, vocab)``
+        at every position (a position with weight 0 too: pad with a valid id).
+      weights: bool, int or float ``(...)``, the targets' shape exactly (0
+        drops a position).
 
     Returns:
       ``(loss, total)``: float32 scalars.
+
+    Raises:
+      TypeError: an argument is not an array of the stated dtype, naming it.
+      ValueError: a shape differs from the stated one, or ``targets`` holds
+        an id outside ``[0, vocab)`` (checked when concrete, not under
+        ``jax.jit``), naming the argument.
     """
-    if logits.shape[:-1] != targets.shape or targets.shape != weights.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)}"
-                         f" + (vocab,), and weights {tuple(weights.shape)} the targets' shape")
+    _check_logits(logits, "(..., vocab)")
+    _check_int_array("targets", targets)
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets must have shape logits.shape[:-1] = "
+                         f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)}), "
+                         f"got {tuple(targets.shape)}")
+    if not hasattr(weights, "shape") or not hasattr(weights, "dtype"):
+        raise TypeError(f"weights must be an array, got {type(weights).__name__}")
+    if not (weights.dtype == jnp.bool_ or jnp.issubdtype(weights.dtype, jnp.integer)
+            or jnp.issubdtype(weights.dtype, jnp.floating)):
+        raise TypeError(f"weights must be a bool, integer or floating-point array, "
+                        f"got dtype {weights.dtype}")
+    if tuple(weights.shape) != tuple(targets.shape):
+        raise ValueError(f"weights must have the targets' shape {tuple(targets.shape)}, "
+                         f"got {tuple(weights.shape)}")
+    _check_ids("targets", targets, logits.shape[-1], note="; vocab_size is logits.shape[-1]")
+    return _weighted_cross_entropy(logits, targets, weights)
+
+
+def _weighted_cross_entropy(logits, targets, weights) -> Tuple[Array, Array]:
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     w = weights.astype(jnp.float32)
     total = jnp.sum(w)
@@ -245,17 +302,39 @@ def causal_lm_loss(logits: Array, labels: Array, ignore_index: int = -100, *,
 
     Args:
       logits: float ``(batch, T, V)``.
-      labels: int ``(batch, T)`` ids in ``[0, V)`` or ``ignore_index``.
-      ignore_index: the label of positions that are not scored.
+      labels: int ``(batch, T)`` (the first two axes of ``logits``), ids in
+        ``[0, V)`` or ``ignore_index``.  The ids are checked when concrete;
+        under ``jax.jit`` they are not (an id outside ``[0, V)`` then gives
+        a NaN loss).
+      ignore_index: the label of positions that are not scored (an integer).
       shift: score ``logits[:, t]`` against ``labels[:, t + 1]`` (True) or
         against ``labels[:, t]`` (False).
 
     Returns:
       ``(loss, num_tokens)``: float32 mean (0 when ``N = 0``) and int32 ``N``.
+
+    Raises:
+      TypeError: ``logits`` is not a floating array or ``labels`` not an
+        integer one, or ``ignore_index`` is not an integer, naming it.
+      ValueError: ``logits`` is not 3-D, ``labels`` does not have shape
+        ``logits.shape[:2]``, ``labels`` holds an id outside ``[0, V)`` other
+        than ``ignore_index`` (when concrete), or ``shift`` is not a bool.
     """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+    _check_logits(logits, "(batch, T, V)", ndim=3)
+    _check_int_array("labels", labels)
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"labels must have shape (batch, T) = {tuple(logits.shape[:2])} "
+                         f"(the first two axes of logits {tuple(logits.shape)}), "
+                         f"got {tuple(labels.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
+    checks.check_bool("shift", shift)
     valid = labels != ignore_index
+    _check_ids("labels", labels, logits.shape[-1], valid=valid,
+               note=f"; vocab_size is logits.shape[-1], and ignore_index={ignore_index} is "
+                    "allowed too")
+    if shift:
+        logits, labels, valid = logits[:, :-1], labels[:, 1:], valid[:, 1:]
     safe = jnp.where(valid, labels, jnp.zeros((), labels.dtype))
-    loss, _ = weighted_cross_entropy(logits, safe, valid)
+    loss, _ = _weighted_cross_entropy(logits, safe, valid)
     return loss, jnp.sum(valid.astype(jnp.int32))

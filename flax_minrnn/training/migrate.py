@@ -39,6 +39,8 @@ The flax-gated-linear-rnn package's parameters are converted by
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -75,6 +77,32 @@ def _is_all_zero(leaf, path: Path) -> bool:
             f"cannot inspect params leaf {_path_str(path)} under a JAX transformation "
             "(jit/vmap); call migrate_params eagerly") from err
     return not np.any(value)
+
+
+def _check_init_kwargs(target: nn.Module, init_kwargs: Mapping[str, Any]) -> None:
+    """Every name in ``init_kwargs`` must be a keyword of ``target.__call__``
+    (any name when it takes ``**kwargs``); ``TypeError`` naming the first
+    unknown one and listing the accepted ones."""
+    if not init_kwargs:
+        return
+    label = f"{type(target).__name__}.__call__"
+    try:
+        params = inspect.signature(target.__call__).parameters.values()
+    except (TypeError, ValueError):  # no signature to check against: init decides
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params
+                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                              inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [name for name in init_kwargs if name not in accepted]
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, accepted + list(_MIGRATE_OPTIONS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(
+            f"unknown keyword argument {name!r}{hint}: neither a keyword of {label} "
+            f"{accepted} nor a migration option {list(_MIGRATE_OPTIONS)}")
 
 
 def migrate_params(params: Params, target: nn.Module, *init_args,
@@ -126,7 +154,10 @@ def migrate_params(params: Params, target: nn.Module, *init_args,
       state_means: ``{layer path: E[h_{t-1}] (d_h,)}`` for every layer that
         gets a random ``U`` (the layer path is the ``recurrent_kernel``'s
         path without its last name); ``None``: no bias compensation.
-      **init_kwargs: keyword arguments of ``target.init``.
+      **init_kwargs: keyword arguments of ``target.__call__``, passed through
+        ``target.init`` (array-like values, as ``init_args``).  Their names
+        are checked against its signature before anything runs (any name
+        when it takes ``**kwargs``).
 
     Returns:
       The migrated parameters, same wrapping as ``params``.
@@ -136,10 +167,13 @@ def migrate_params(params: Params, target: nn.Module, *init_args,
         leaves other than ``recurrent_kernel``, extra leaves, non-zero
         ``recurrent_kernel`` to drop (unless allowed).  Also when ``target``
         creates no ``'params'`` at all.
-      TypeError: ``params`` is not a dict or ``target`` is not a Module.
+      TypeError: ``params`` is not a dict or ``target`` is not a Module, or
+        an ``init_kwargs`` name is not a keyword of ``target.__call__`` (a
+        misspelled option, say), naming it and listing the accepted ones.
     """
     if not isinstance(target, nn.Module):
         raise TypeError(f"target must be a flax.linen Module, got {type(target).__name__}")
+    _check_init_kwargs(target, init_kwargs)
     source, wrapped = checks.unwrap_params(params)
     variables = jax.eval_shape(target.init, jax.random.PRNGKey(0), *init_args, **init_kwargs)
     if "params" not in variables:
@@ -202,6 +236,20 @@ def migrate_params(params: Params, target: nn.Module, *init_args,
     return {"params": result} if wrapped else result
 
 
+# The migration options (keyword-only parameters of migrate_params).
+_MIGRATE_OPTIONS = tuple(
+    name for name, p in inspect.signature(migrate_params).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def _refuse_options(fn: str, init_kwargs: Mapping[str, Any], why: str) -> None:
+    """``ValueError`` naming every migration option that reached ``fn``'s
+    ``**init_kwargs`` (they would otherwise be passed to migrate_params)."""
+    given = [name for name in init_kwargs if name in _MIGRATE_OPTIONS]
+    if given:
+        raise ValueError(f"{fn} does not take the migration option(s) {given}: {why}")
+
+
 def _compensate_biases(out: Dict[Path, Any], new_kernels: List[Path],
                        state_means: Mapping[Path, Any], errors: List[str]) -> None:
     """``in_proj/bias <- bias - mean @ U`` for every new random ``U`` (in place)."""
@@ -249,12 +297,25 @@ def to_true_recurrence(params: Params, model: nn.Module, *init_args, **init_kwar
     Args:
       params: the model's parameters (inner dict recommended).
       model: the associative-mode module.
-      *init_args, **init_kwargs: example arguments of ``model.init``.
+      *init_args, **init_kwargs: example arguments of ``model.init``
+        (checked as by :func:`migrate_params`).
 
     Returns:
       Parameters of ``model.clone(use_true_recurrence=True)``, computing the
       same function as ``params`` did.
+
+    Raises:
+      ValueError: a migration option of :func:`migrate_params`
+        (``recurrent_init``, ``rng``, ...) in ``init_kwargs``, naming it: this
+        function always starts ``U`` at zero; call :func:`migrate_params`
+        for another start.  And the errors of :func:`migrate_params`.
+      TypeError: ``model`` has no ``use_true_recurrence`` field, or an
+        unknown keyword (see :func:`migrate_params`).
     """
+    _refuse_options("to_true_recurrence", init_kwargs,
+                    "it always starts recurrent_kernel at zero (the same function); for "
+                    "another start call migrate_params(params, "
+                    "model.clone(use_true_recurrence=True), *init_args, ...) with them")
     target = _clone_mode(model, True, "to_true_recurrence")
     return migrate_params(params, target, *init_args, **init_kwargs)
 
@@ -277,7 +338,19 @@ def to_associative(params: Params, model: nn.Module, *init_args,
     Returns:
       Parameters of ``model.clone(use_true_recurrence=False)``: the same
       function as ``params`` when every ``recurrent_kernel`` is zero.
+
+    Raises:
+      ValueError: a non-zero ``recurrent_kernel`` (see above), or a
+        migration option of :func:`migrate_params` other than
+        ``allow_drop_nonzero`` in ``init_kwargs``, naming it (they concern new
+        recurrent kernels, which the associative mode has none of).  And the
+        errors of :func:`migrate_params`.
+      TypeError: ``model`` has no ``use_true_recurrence`` field, or an
+        unknown keyword (see :func:`migrate_params`).
     """
+    _refuse_options("to_associative", init_kwargs,
+                    "the associative mode has no recurrent_kernel to initialise "
+                    "(allow_drop_nonzero is its only option)")
     target = _clone_mode(model, False, "to_associative")
     return migrate_params(params, target, *init_args,
                           allow_drop_nonzero=allow_drop_nonzero, **init_kwargs)
