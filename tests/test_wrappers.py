@@ -148,8 +148,10 @@ def test_bidirectional_seq_lengths_equals_truncated():
 
 def test_bidirectional_errors():
     x = _x()
-    with pytest.raises(ValueError, match="merge must be"):
+    with pytest.raises(ValueError, match=r"merge must be one of \['concat', 'sum'\], got 'mean'"):
         Bidirectional(MinGRU(d_h=4), MinGRU(d_h=4), merge="mean").init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match=r"merge must be one of \['concat', 'sum'\], got \('sum',\)"):
+        Bidirectional(MinGRU(d_h=4), MinGRU(d_h=4), merge=["sum"]).init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match="forward must run forwards"):
         Bidirectional(MinGRU(d_h=4, reverse=True), MinGRU(d_h=4)).init(jax.random.PRNGKey(0), x)
     with pytest.raises(TypeError, match="backward must be"):
@@ -264,10 +266,17 @@ def test_stack_errors():
         init(Stack([MinGRU(d_h=4), MinGRU(d_h=4)], residual=[True]))
     with pytest.raises(ValueError, match="residual must be"):
         init(Stack([MinGRU(d_h=4), MinGRU(d_h=4)], residual=[True, 1]))
-    with pytest.raises(ValueError, match="norm must be"):
+    with pytest.raises(ValueError, match="norm must be one of .*got 'batchnorm'"):
         init(Stack([MinGRU(d_h=4)], norm="batchnorm"))
-    with pytest.raises(ValueError, match="dropout must lie"):
-        init(Stack([MinGRU(d_h=4)], dropout=1.0))
+    with pytest.raises(ValueError, match=r"norm must be one of .*got \('rmsnorm',\)"):
+        init(Stack([MinGRU(d_h=4)], norm=["rmsnorm"]))
+    # dropout: a real number in [0, 1) (not a string, not a bool).
+    for rate in (1.0, -0.1, "0.1", True, float("nan")):
+        with pytest.raises(ValueError, match=r"dropout must be a finite number in \[0, 1\), got"):
+            init(Stack([MinGRU(d_h=4)], dropout=rate))
+    for eps in (0.0, -1e-5, "1e-5", True):
+        with pytest.raises(ValueError, match="eps must be a positive number, got"):
+            init(Stack([MinGRU(d_h=4)], norm="rmsnorm", eps=eps))
     with pytest.raises(ValueError, match="layers must be a non-empty"):
         init(Stack([]))
     with pytest.raises(TypeError, match=r"layers\[1\] must be a flax.linen Module"):

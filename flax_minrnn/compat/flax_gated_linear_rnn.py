@@ -253,7 +253,7 @@ class GatedLinearRNNLM(nn.Module):
         if self.positional_encoding_mode != "none":
             h = blocks.PositionalEncoding(self.positional_encoding_mode, self.max_seq_length,
                                    dtype=self.dtype, param_dtype=self.param_dtype,
-                                   name="wpe")(h, blocks.token_positions(start, seq_len, None), mask)
+                                   mode_name="positional_encoding_mode", name="wpe")(h, blocks.token_positions(start, seq_len, None), mask)
         h = nn.Dropout(rate=self.embedding_dropout, deterministic=not training)(h)
         states = []
         for l in range(self.n_layer):

@@ -90,6 +90,8 @@ def empty_state(batch: int, window: int, num_kv_heads: int, head_dim: int,
 
 def rotary_dim(head_dim: int, partial_rotary_factor: float) -> int:
     """Number of rotated dimensions per head; raises unless it is a positive even integer."""
+    checks.check_real("partial_rotary_factor", partial_rotary_factor, low=0.0, high=1.0,
+                        high_closed=True)
     rot = head_dim * float(partial_rotary_factor)
     if not 0.0 < float(partial_rotary_factor) <= 1.0 or rot != int(rot) or int(rot) % 2:
         raise ValueError(
@@ -175,6 +177,12 @@ class LocalAttention(nn.Module):
         checks.check_int_at_least("num_heads", self.num_heads, 1)  # pylint: disable=protected-access
         checks.check_int_at_least("num_kv_heads", self.num_kv_heads, 1)  # pylint: disable=protected-access
         checks.check_int_at_least("window", self.window, 1)  # pylint: disable=protected-access
+        checks.check_positive_number("rope_theta", self.rope_theta)
+        checks.check_positive_number("final_w_init_variance_scale",
+                                     self.final_w_init_variance_scale)
+        checks.check_bool("qkv_bias", self.qkv_bias)
+        checks.check_float_dtype("dtype", self.dtype, optional=True)
+        checks.check_float_dtype("param_dtype", self.param_dtype)
         if width % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide the input width {width}")
         if self.num_heads % self.num_kv_heads:

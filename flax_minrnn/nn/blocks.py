@@ -88,25 +88,36 @@ class PositionalEncoding(nn.Module):
     ``>= max_seq_length`` at a valid step raises ``ValueError`` when the
     positions are concrete; under ``jax.jit`` they cannot be checked and are
     clipped to ``max_seq_length - 1``.
+
+    Attributes:
+      mode: ``'learned'`` or ``'sinusoidal'``.
+      max_seq_length: number of learned positions (``>= 1``; ``'learned'`` only).
+      dtype, param_dtype: compute and parameter dtypes of the table.
+      mode_name: the name of ``mode`` in the caller's API, used in error
+        messages (default ``'positional_encoding'``, :class:`~flax_minrnn.
+        models.lm.LMConfig`'s field).
     """
 
     mode: str
     max_seq_length: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    mode_name: str = "positional_encoding"
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, valid: Optional[Array]) -> Array:
         d = x.shape[-1]
+        checks.check_choice(self.mode_name, self.mode, ("learned", "sinusoidal"))
         if self.mode == "sinusoidal":
             return x + sinusoidal_encoding(positions, d, checks.accum_dtype(x.dtype)).astype(x.dtype)
+        checks.check_int_at_least("max_seq_length", self.max_seq_length, 1)
         value = checks.concrete_or_none(positions if valid is None
                           else jnp.where(valid, positions, jnp.zeros_like(positions)))
         if value is not None and value.size and value.max() >= self.max_seq_length:
             raise ValueError(
                 f"positions up to {value.max()} exceed max_seq_length="
                 f"{self.max_seq_length} (learned positional encoding); raise "
-                "max_seq_length or use positional_encoding='sinusoidal'")
+                f"max_seq_length or use {self.mode_name}='sinusoidal'")
         table = nn.Embed(self.max_seq_length, d, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="table")
         return x + table(jnp.clip(positions, 0, self.max_seq_length - 1)).astype(x.dtype)
@@ -136,6 +147,9 @@ class Norm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        checks.check_choice("kind", self.kind, ("rmsnorm", "layernorm"))
+        checks.check_positive_number("eps", self.eps)
+        checks.check_bool("zero_centered", self.zero_centered)
         d = x.shape[-1]
         f = checks.accum_dtype(x.dtype)
         x = x.astype(f)
@@ -197,6 +211,7 @@ class CausalConv(nn.Module):
     def __call__(self, u: Array, state: Array, *, seq_lengths: Optional[Array] = None,
                  reset: Optional[Array] = None) -> Tuple[Array, Array]:
         batch, seq_len, d = u.shape
+        checks.check_int_at_least("width", self.width, 1)
         k = self.width
         init = self.kernel_init or nn.initializers.normal(stddev=1.0 / math.sqrt(k))
         kernel = self.param("kernel", init, (k, d), self.param_dtype).astype(self.dtype)
@@ -249,6 +264,9 @@ class ChannelMixing(nn.Module):
 
     @nn.compact
     def __call__(self, u: Array) -> Array:
+        checks.check_int_at_least("d_model", self.d_model, 1)
+        checks.check_int_at_least("d_hidden", self.d_hidden, 1)
+        checks.check_bool("glu", self.glu)
         dense = lambda n, name, **kw: dense_lib.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
                                                name=name, **kw)
         if self.glu:

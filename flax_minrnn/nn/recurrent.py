@@ -81,6 +81,13 @@ def _bias_init_with(base: Initializer, d_h: int, offsets: dict) -> Initializer:
     return init
 
 
+def _check_callable(name: str, value, optional: bool = False) -> None:
+    """An activation or initialiser field must be a function."""
+    if not callable(value) and not (optional and value is None):
+        raise TypeError(f"{name} must be a function{' or None' if optional else ''} "
+                        f"(e.g. jax.nn.sigmoid), got {value!r}")
+
+
 def _zero_invalid(y: Array, valid: Optional[Array]) -> Array:
     if valid is None:
         return y
@@ -90,16 +97,18 @@ def _zero_invalid(y: Array, valid: Optional[Array]) -> Array:
 _COMMON_ATTRIBUTES = """
       use_true_recurrence: gates and candidate also see ``h_{t-1}`` through
         a recurrent kernel ``recurrent_kernel`` (initialised to zero); runs
-        sequentially.
+        sequentially (default False).
       reverse: run from the last step to the first (the carry is then the
-        state at step 0).
-      scan_impl: a :class:`flax_minrnn.ops.scan.ScanImpl` name; never changes
-        the parameters, only speed (ignored in true-recurrence mode).
+        state at step 0; default False).
+      scan_impl: a :class:`flax_minrnn.ops.scan.ScanImpl` name (default
+        ``'auto'``); never changes the parameters, only speed (ignored in
+        true-recurrence mode).  ``'native'`` runs ``'chunked'`` for
+        GatedLinearRNN (the compiled kernels cover MinGRU/MinLSTM gates only).
       sequence_axis: a mesh axis name: the time axis is split over it
         (:func:`flax_minrnn.ops.parallel.sequence_parallel_scan`; the mesh is
         the context's, ``jax.set_mesh``); ``None``: one device. Same
         parameters.  Needs ``use_true_recurrence=False``.
-      use_bias: whether ``in_proj`` (and ``out_proj``) have a bias.
+      use_bias: whether ``in_proj`` (and ``out_proj``) have a bias (default True).
       dtype: compute dtype of the projections (``None``: the input's). Gates
         and the state are float32 (float64 when the computation is).
       param_dtype: parameter dtype.
@@ -157,12 +166,21 @@ class GatedRecurrence(nn.Module):
     # --- shared
 
     def _check_attributes(self) -> None:
-        """The widths and dtypes every layer has (run before anything is built)."""
+        """The fields every layer has (run before anything is built); a
+        subclass adds its own fields' checks."""
         for name in ("d_h", "d_model"):
             if getattr(self, name) is not None:
                 checks.check_int_at_least(name, getattr(self, name), 1)
+        for name in ("use_true_recurrence", "reverse", "use_bias"):
+            checks.check_bool(name, getattr(self, name))
+        if self.sequence_axis is not None and (
+                not isinstance(self.sequence_axis, str) or not self.sequence_axis):
+            raise ValueError(f"sequence_axis must be None or a mesh axis name (a non-empty "
+                             f"str), got {self.sequence_axis!r}")
         checks.check_float_dtype("dtype", self.dtype, optional=True)
         checks.check_float_dtype("param_dtype", self.param_dtype)
+        for name in ("kernel_init", "bias_init"):
+            _check_callable(name, getattr(self, name))
 
     def state_size(self, d_in: int) -> int:
         """The state width ``d_h`` for inputs of width ``d_in``."""
@@ -316,10 +334,17 @@ class _Expanded(GatedRecurrence):
     candidate_activation: Optional[Callable[[Array], Array]] = None
     forget_bias: float = 0.0
 
+    def _check_attributes(self) -> None:
+        super()._check_attributes()
+        checks.check_positive_number("expansion_factor", self.expansion_factor)
+        if self.use_out_proj is not None:
+            checks.check_bool("use_out_proj", self.use_out_proj)
+        _check_callable("candidate_activation", self.candidate_activation, optional=True)
+        checks.check_real("forget_bias", self.forget_bias)
+
     def state_size(self, d_in: int) -> int:
         """The state width ``d_h`` for inputs of width ``d_in``."""
         self._check_attributes()
-        checks.check_positive_or_none("expansion_factor", self.expansion_factor)
         if self.d_h is not None:
             return self.d_h
         return max(1, int(round(self.expansion_factor * d_in)))
@@ -419,6 +444,10 @@ class MinLSTM(_Expanded):
 
     normalize_gates: bool = True
 
+    def _check_attributes(self) -> None:
+        super()._check_attributes()
+        checks.check_bool("normalize_gates", self.normalize_gates)
+
     def num_blocks(self) -> int:
         return 3  # [forget logit, input logit, candidate]
 
@@ -474,6 +503,13 @@ class GatedLinearRNN(GatedRecurrence):
     gate_activation: Callable[[Array], Array] = nn.sigmoid
     use_tied_gates: bool = True
     forget_bias: float = 0.0
+
+    def _check_attributes(self) -> None:
+        super()._check_attributes()
+        for name in ("input_activation", "hidden_activation", "gate_activation"):
+            _check_callable(name, getattr(self, name))
+        checks.check_bool("use_tied_gates", self.use_tied_gates)
+        checks.check_real("forget_bias", self.forget_bias)
 
     def num_blocks(self) -> int:
         return 3 if self.use_tied_gates else 4

@@ -23,6 +23,15 @@ Dtype = Any
 __all__ = ["RGLRU", "BlockDiagonalLinear", "rglru_lambda_init"]
 
 
+def _check_radii(min_rad, max_rad) -> None:
+    """``0 < min_rad <= max_rad < 1`` (outside it ``Lambda`` is NaN)."""
+    checks.check_real("min_rad", min_rad, low=0.0, high=1.0)
+    checks.check_real("max_rad", max_rad, low=0.0, high=1.0)
+    if min_rad > max_rad:
+        raise ValueError(f"min_rad must be <= max_rad (0 < min_rad <= max_rad < 1), "
+                         f"got min_rad={min_rad!r}, max_rad={max_rad!r}")
+
+
 def rglru_lambda_init(min_rad: float = 0.9, max_rad: float = 0.999, eps: float = 1e-8):
     """Initialiser of ``Lambda`` with ``a = exp(-softplus(Lambda))`` in ``[min_rad, max_rad]``.
 
@@ -30,7 +39,11 @@ def rglru_lambda_init(min_rad: float = 0.9, max_rad: float = 0.999, eps: float =
     ring's area, the scheme of the LRU (Orvieto et al. 2023) that the
     recurrentgemma reference implementation uses), then
     ``Lambda = softplus^{-1}(-log a) = log(expm1(-log a))``.
+
+    Raises:
+      ValueError: unless ``0 < min_rad <= max_rad < 1``.
     """
+    _check_radii(min_rad, max_rad)
 
     def init(key, shape, dtype=jnp.float32):
         u = jax.random.uniform(key, shape, jnp.float32)
@@ -55,6 +68,10 @@ class BlockDiagonalLinear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         width = x.shape[-1]
+        checks.check_int_at_least("num_blocks", self.num_blocks, 1)
+        checks.check_positive_number("w_init_variance_scale", self.w_init_variance_scale)
+        if width % self.num_blocks:
+            raise ValueError(f"num_blocks={self.num_blocks} must divide the input width {width}")
         k = width // self.num_blocks
         kernel = self.param("kernel", nn.initializers.normal(
             stddev=math.sqrt(self.w_init_variance_scale / k)),
@@ -112,10 +129,13 @@ class RGLRU(nn.Module):
 
     Attributes:
       num_heads: number of diagonal blocks of the gate weights; divides ``D``.
-      c: the constant ``c`` (8 in the paper).
-      min_rad, max_rad: initial range of ``a = exp(-softplus(Lambda))``.
-      max_sqrt_gradient: bound of the derivative of the square root.
-      w_init_variance_scale: variance scale of the gate weights (fan-in).
+      c: the constant ``c`` (8 in the paper); a finite number ``> 0``.
+      min_rad, max_rad: initial range of ``a = exp(-softplus(Lambda))``
+        (defaults 0.9 and 0.999); ``0 < min_rad <= max_rad < 1``.
+      max_sqrt_gradient: bound of the derivative of the square root (``> 0``,
+        default 1000).
+      w_init_variance_scale: variance scale of the gate weights (fan-in;
+        ``> 0``, default 1).
       scan_impl: a :class:`flax_minrnn.ops.scan.ScanImpl` name (``'native'``
         runs ``'chunked'``: the compiled kernels cover MinGRU/MinLSTM gates
         only).
@@ -134,10 +154,21 @@ class RGLRU(nn.Module):
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
+    def _check_attributes(self) -> None:
+        """The settings (``ValueError`` naming the field and its range)."""
+        checks.check_int_at_least("num_heads", self.num_heads, 1)
+        checks.check_real("c", self.c, low=0.0)
+        _check_radii(self.min_rad, self.max_rad)
+        checks.check_positive_number("max_sqrt_gradient", self.max_sqrt_gradient)
+        checks.check_positive_number("w_init_variance_scale", self.w_init_variance_scale)
+        checks.check_float_dtype("dtype", self.dtype, optional=True)
+        checks.check_float_dtype("param_dtype", self.param_dtype)
+
     def initialize_carry(self, input_shape: Sequence[int], input_dtype=jnp.float32) -> Array:
         """Zero state ``(batch, D)`` for inputs ``(batch, ..., D)`` of dtype
         ``input_dtype``; no params, no RNG.  float32, or float64 when the
         computation is (as the gated layers' ``initialize_carry``)."""
+        self._check_attributes()
         return jnp.zeros((input_shape[0], input_shape[-1]),
                          checks.state_dtype(self.dtype or input_dtype, self.param_dtype))
 
@@ -161,9 +192,7 @@ class RGLRU(nn.Module):
         """
         checks.check_input(x)
         batch, seq_len, width = x.shape
-        checks.check_int_at_least("num_heads", self.num_heads, 1)  # pylint: disable=protected-access
-        checks.check_float_dtype("dtype", self.dtype, optional=True)
-        checks.check_float_dtype("param_dtype", self.param_dtype)
+        self._check_attributes()
         checks.check_param_width(self, x, "a_param")
         if width % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide the input width {width}")

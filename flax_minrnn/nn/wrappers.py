@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_minrnn.ops import checks
+
 Array = jax.Array
 Carry = Any
 
@@ -170,7 +172,7 @@ class Bidirectional(nn.Module):
     Attributes:
       forward: the forward-direction layer (``reverse=False``).
       backward: the backward-direction layer (cloned with ``reverse=True``).
-      merge: ``'concat'`` (feature axis) or ``'sum'``.
+      merge: ``'concat'`` (feature axis; the default) or ``'sum'``.
     """
 
     forward: nn.Module
@@ -189,8 +191,7 @@ class Bidirectional(nn.Module):
             raise ValueError(
                 "forward must run forwards (reverse=False), got a module with "
                 "reverse=True; pass it as backward instead")
-        if self.merge not in ("concat", "sum"):
-            raise ValueError(f"merge must be 'concat' or 'sum', got {self.merge!r}")
+        checks.check_choice("merge", self.merge, ("concat", "sum"))
         self.fwd = self.forward.clone()
         self.bwd = self.backward.clone(reverse=True)
 
@@ -297,12 +298,14 @@ class Stack(nn.Module):
         with the layers' call signature ``layer(x, carry, *, seq_lengths,
         mask, reset) -> (carry, y)``, e.g. MinGRU, MinLSTM, GatedLinearRNN or
         :class:`Bidirectional`.
-      dropout: dropout rate in ``[0, 1)`` between layers.
+      dropout: dropout rate in ``[0, 1)`` between layers (default 0).
       residual: add each layer's input (projected where the layer changes the
-        width) to its output: a bool for every layer, or one bool per layer.
-      norm: ``None``, ``'rmsnorm'`` or ``'layernorm'``: pre-norm on each
-        layer's input (parameters under ``'norms_<l>'``).
-      eps: epsilon of the norm.
+        width) to its output: a bool for every layer, or one bool per layer
+        (default False).
+      norm: ``None`` (the default: no norm), ``'rmsnorm'`` or
+        ``'layernorm'``: pre-norm on each layer's input (parameters under
+        ``'norms_<l>'``).
+      eps: epsilon of the norm, ``> 0`` (default 1e-5).
     """
 
     layers: Sequence[nn.Module]
@@ -319,13 +322,10 @@ class Stack(nn.Module):
             if not isinstance(layer, nn.Module):
                 raise TypeError(
                     f"layers[{i}] must be a flax.linen Module, got {type(layer).__name__}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
-        if self.norm is not None and self.norm not in _NORMS:
-            raise ValueError(
-                f"norm must be None, 'rmsnorm' or 'layernorm', got {self.norm!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be positive, got {self.eps}")
+        checks.check_real("dropout", self.dropout, low=0.0, high=1.0, low_closed=True)
+        if self.norm is not None:
+            checks.check_choice("norm", self.norm, [None, *_NORMS])
+        checks.check_positive_number("eps", self.eps)
         self._residual = _per_layer_residual(self.residual, len(self.layers))
         self.rnn = [layer.clone() for layer in self.layers]
         self.skip_proj = [_SkipProjection() for _ in self.layers]

@@ -14,6 +14,8 @@ the argument, says what was expected and what was given.  Checks of values
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import threading
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -197,11 +199,6 @@ def valid_mask(batch: int, seq_len: int, seq_lengths, mask) -> Optional[Array]:
     return None
 
 
-def check_positive_or_none(name: str, value) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-
-
 def check_float_dtype(name: str, value, *, optional: bool = False):
     """``value`` must name a floating-point dtype (or be ``None`` when
     ``optional``); ``TypeError`` naming ``name`` otherwise.
@@ -311,6 +308,34 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens",
         raise ValueError(
             f"{name} must lie in [0, vocab_size={vocab_size}), got values in "
             f"[{value.min()}, {value.max()}]")
+
+
+def check_real(name: str, value, *, low: Optional[float] = None,
+               high: Optional[float] = None, low_closed: bool = False,
+               high_closed: bool = False) -> None:
+    """``value`` must be a finite real number (an int or float, not a bool,
+    not a string) in the given range; ``ValueError`` naming ``name`` otherwise.
+
+    ``low`` / ``high`` bound the range (``None``: unbounded), open unless
+    ``low_closed`` / ``high_closed``.
+    """
+    if low is not None and high is not None:
+        allowed = (f" in {'[' if low_closed else '('}{low:g}, "
+                   f"{high:g}{']' if high_closed else ')'}")
+    elif low is not None:
+        allowed = f" {'>=' if low_closed else '>'} {low:g}"
+    elif high is not None:
+        allowed = f" {'<=' if high_closed else '<'} {high:g}"
+    else:
+        allowed = ""
+    ok = (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real)
+          and math.isfinite(value))
+    if ok and low is not None:
+        ok = value >= low if low_closed else value > low
+    if ok and high is not None:
+        ok = value <= high if high_closed else value < high
+    if not ok:
+        raise ValueError(f"{name} must be a finite number{allowed}, got {value!r}")
 
 
 def check_positive_number(name: str, value) -> None:
