@@ -87,7 +87,18 @@ __all__ = ["ScanImpl", "linear_scan", "default_impl", "resolve_impl", "reset_bou
 
 
 class ScanImpl(str, enum.Enum):
-    """Implementations of the scan (all with the same signature and results)."""
+    """Implementations of the scan (all with the same signature and results).
+
+    ``AUTO``: the default, resolved per backend by :func:`default_impl`;
+    ``ASSOCIATIVE``: ``jax.lax.associative_scan`` (depth ``log T``);
+    ``SEQUENTIAL``: a loop over time, a few steps per iteration;
+    ``CHUNKED``: for the layers, a loop over tiles of steps that runs each
+    tile's projection, gates and recurrence in cache
+    (:mod:`flax_minrnn.ops.gated`), and for a bare scan the sequential loop;
+    ``PALLAS`` and ``NATIVE``: the opt-in backends of
+    :mod:`flax_minrnn.backends`, used only when named.  The module
+    docstring says more.
+    """
 
     AUTO = "auto"
     ASSOCIATIVE = "associative"
