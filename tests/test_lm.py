@@ -11,6 +11,7 @@ import pytest
 from flax_minrnn.models.heads import (SequenceClassifier, TokenClassifier, causal_lm_loss,
                                weighted_cross_entropy)
 from flax_minrnn.compat.flax_gated_linear_rnn import GatedLinearRNNLM
+from flax_minrnn.models.griffin import GriffinConfig
 from flax_minrnn.models.lm import LM, LMCarry, LMConfig
 
 V = 13
@@ -57,12 +58,14 @@ def test_config_dtypes_must_be_floating(field, value):
         _cfg(**{field: value})
 
 
-def test_config_dtype_spellings_give_one_config():
-    spelled = [_cfg(dtype=d, param_dtype=p) for d, p in
+@pytest.mark.parametrize("make", [_cfg, lambda **kw: GriffinConfig(vocab_size=V, **kw)],
+                         ids=["LMConfig", "GriffinConfig"])
+def test_config_dtype_spellings_give_one_config(make):
+    spelled = [make(dtype=d, param_dtype=p) for d, p in
                [("bfloat16", "float32"), (jnp.bfloat16, jnp.float32),
                 (np.dtype("bfloat16"), np.float32)]]
     assert all(c == spelled[0] and hash(c) == hash(spelled[0]) for c in spelled)
-    assert spelled[0] != _cfg(dtype="float32", param_dtype="float32")
+    assert spelled[0] != make(dtype="float32", param_dtype="float32")
     assert spelled[0].dtype == np.dtype("bfloat16")
 
 
