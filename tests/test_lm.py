@@ -46,7 +46,8 @@ def _assert_carry_close(a, b):
 @pytest.mark.parametrize("field,value", [
     ("time_mixing", "lstm"), ("norm", "batchnorm"), ("positional_encoding", "rope"),
     ("n_layer", 0), ("d_model", 0), ("conv_width", -1), ("dropout", 1.0),
-    ("vocab_size", 0), ("scan_impl", "fast")])
+    ("vocab_size", 0), ("scan_impl", "fast"), ("eps", "1e-5"), ("eps", 0.0),
+    ("expansion_factor", None), ("glu", "yes"), ("tie_embeddings", 1)])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         _cfg(**{field: value})

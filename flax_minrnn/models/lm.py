@@ -129,14 +129,13 @@ class LMConfig:
         checks.check_int_at_least("d_model", self.d_model, 1)
         if self.d_h is not None:
             checks.check_int_at_least("d_h", self.d_h, 1)
-        if not float(self.expansion_factor) > 0:
-            raise ValueError(
-                f"expansion_factor must be positive, got {self.expansion_factor!r}")
+        checks.check_positive_number("expansion_factor", self.expansion_factor)
         if self.d_channel_mixing is not None:
             checks.check_int_at_least("d_channel_mixing", self.d_channel_mixing, 1)
         checks.check_choice("norm", self.norm, NORMS)
-        if not float(self.eps) > 0:
-            raise ValueError(f"eps must be positive, got {self.eps!r}")
+        checks.check_positive_number("eps", self.eps)
+        for name in ("glu", "tie_embeddings", "use_true_recurrence", "use_tied_gates"):
+            checks.check_bool(name, getattr(self, name))
         checks.check_int_at_least("conv_width", self.conv_width, 0)
         checks.check_rate("dropout", self.dropout)
         checks.check_rate("embedding_dropout", self.embedding_dropout)

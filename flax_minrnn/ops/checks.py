@@ -339,7 +339,9 @@ def check_real(name: str, value, *, low: Optional[float] = None,
 
 
 def check_positive_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    """``value`` must be a real number (not a bool or a string) ``> 0``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
+            or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
