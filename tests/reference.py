@@ -15,8 +15,9 @@ def linear_recurrence(a, b, h0=None, *, reset=None, mask=None, reverse=False):
     """h_t = a_t h_{t-1} + b_t, one step at a time in float64.
 
     reset[t]: the state restarts from zero at t (documents never mix, in either
-    direction). mask[t] False: the step is skipped (state unchanged, output 0).
-    Returns (h_last, h).
+    direction). mask[t] False: the step is skipped (state unchanged, output 0);
+    a boundary that falls on a skipped step zeroes the state before the next
+    step that is not skipped. Returns (h_last, h).
     """
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
@@ -24,16 +25,19 @@ def linear_recurrence(a, b, h0=None, *, reset=None, mask=None, reverse=False):
     h = np.zeros((batch,) + a.shape[2:]) if h0 is None else np.array(h0, np.float64)
     out = np.zeros_like(a)
     order = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
+    pending = [False] * batch  # a boundary met on skipped steps
     for t in order:
         for i in range(batch):
-            if mask is not None and not mask[i, t]:
-                continue
             # A boundary lies between t and the previous step in scan order.
-            boundary = reset is not None and (
+            boundary = reset is not None and bool(
                 reset[i, t] if not reverse else
                 (t + 1 < seq_len and reset[i, t + 1]))
-            if boundary:
+            if mask is not None and not mask[i, t]:
+                pending[i] = pending[i] or boundary
+                continue
+            if boundary or pending[i]:
                 h[i] = 0.0
+            pending[i] = False
             h[i] = a[i, t] * h[i] + b[i, t]
             out[i, t] = h[i]
     return h, out

@@ -140,7 +140,7 @@ def layer_ref(kind, p, x, h0, *, true_rec=False, valid=None, reset=None, reverse
               **kw):
     """``reference.layer_forward`` one row and one step at a time, with
     padding (invalid steps keep the state, output 0), resets (the state
-    restarts from zero at a document's first step in scan order, as in
+    restarts from zero at a document's first valid step in scan order, as in
     ``reference.linear_recurrence``) and reverse.  Returns (h_last, states, y)."""
     x = np.asarray(x, np.float64)
     batch, seq_len, _ = x.shape
@@ -151,14 +151,17 @@ def layer_ref(kind, p, x, h0, *, true_rec=False, valid=None, reset=None, reverse
     states = np.zeros((batch, seq_len, d_h))
     ys = [[None] * seq_len for _ in range(batch)]
     order = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
+    pending = [False] * batch  # a boundary met on invalid steps
     for t in order:
         for i in range(batch):
-            if valid is not None and not valid[i, t]:
-                continue
-            boundary = reset is not None and (
+            boundary = reset is not None and bool(
                 reset[i, t] if not reverse else (t + 1 < seq_len and reset[i, t + 1]))
-            if boundary:
+            if valid is not None and not valid[i, t]:
+                pending[i] = pending[i] or boundary
+                continue
+            if boundary or pending[i]:
                 h[i] = 0.0
+            pending[i] = False
             pre = pre_all[i, t]
             if true_rec:
                 pre = pre + h[i] @ np.asarray(p["recurrent_kernel"], np.float64)

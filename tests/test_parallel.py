@@ -263,7 +263,7 @@ def test_distributed_arguments_are_checked(tmp_path, capsys):
     from flax_minrnn import cli
     code = cli.main(["train", "--config", str(REPO / "configs" / "shakespeare.py"),
                      "--workdir", str(tmp_path), "--num-processes", "2"])
-    assert code == 2 and "coordinator_address" in capsys.readouterr().err
+    assert code == 2 and "--coordinator-address" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

@@ -35,19 +35,24 @@ def _masked_loop(a, b, h0, reset, mask, reverse):
     """Plain ``lax.scan`` of ``h = where(edge, 0, h) * a_t + b_t`` with padding
     (no library code; run in float64 as the autodiff reference). ``reset``
     and ``mask`` are NumPy (batch, T); going backward, the reset edge of step
-    ``t`` is ``reset[:, t + 1]``."""
+    ``t`` is ``reset[:, t + 1]``; an edge on a padded step waits for the next
+    valid one."""
     edges = reset if not reverse else np.concatenate(
         [reset[:, 1:], np.zeros_like(reset[:, :1])], axis=1)
 
-    def step(h, xs):
+    def step(carry, xs):
+        h, pending = carry
         a_t, b_t, e_t, m_t = xs
+        e_t = e_t | pending
         h_new = jnp.where(e_t[:, None], 0.0, h) * a_t + b_t
         h = jnp.where(m_t[:, None], h_new, h)
-        return h, jnp.where(m_t[:, None], h, 0.0)
+        return (h, e_t & ~m_t), jnp.where(m_t[:, None], h, 0.0)
 
-    h, outs = jax.lax.scan(step, h0, (jnp.swapaxes(a, 0, 1), jnp.swapaxes(b, 0, 1),
-                                      jnp.asarray(edges.T), jnp.asarray(mask.T)),
-                           reverse=reverse)
+    pending = jnp.zeros(mask.shape[:1], bool)
+    (h, _), outs = jax.lax.scan(step, (h0, pending),
+                                (jnp.swapaxes(a, 0, 1), jnp.swapaxes(b, 0, 1),
+                                 jnp.asarray(edges.T), jnp.asarray(mask.T)),
+                                reverse=reverse)
     return h, jnp.swapaxes(outs, 0, 1)
 
 
@@ -216,6 +221,41 @@ def test_reset_equals_separate_documents(rng, impl, reverse):
             _, ref = linear_recurrence(a[i:i + 1, lo:hi], b[i:i + 1, lo:hi],
                                        reverse=reverse)
             np.testing.assert_allclose(h[i, lo:hi], ref[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+def test_documents_never_mix_across_masked_steps(impl, reverse):
+    """Packed documents with masked separators: a reset on the separator or
+    on the first step after it (either direction's boundary) keeps the
+    documents apart, as if each were run alone.  A reset in the trailing
+    padding marks a document there: forwards it comes after the last valid
+    step and changes nothing; in reverse the padding is scanned first, so it
+    cuts the carry off the documents before it.  float64."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(8)
+        a = jnp.asarray(rng.uniform(0.5, 1.0, (4, 9, 2)))
+        b = jnp.asarray(rng.normal(size=(4, 9, 2)))
+        h0 = jnp.asarray(rng.normal(size=(4, 2)))
+        # Documents [0, 3) and [4, 7) (step 3 masked); steps 7, 8 padding.
+        mask = np.ones((4, 9), bool)
+        mask[:, 3] = mask[:, 7:] = False
+        reset = np.zeros((4, 9), bool)
+        reset[0, 3] = True             # on the separator
+        reset[1, 4] = True             # on the second document's first step
+        reset[2, [3, 4]] = True        # on both
+        reset[3, [4, 8]] = True        # and one in the padding
+        _, h = linear_scan(a, b, h0, impl=impl, reset=jnp.asarray(reset),
+                           mask=jnp.asarray(mask), reverse=reverse)
+        # Each document alone; the carry enters the first one in scan order.
+        first, second = (slice(0, 3), slice(4, 7)) if not reverse else (slice(4, 7), slice(0, 3))
+        carry = h0.at[3].set(0.0) if reverse else h0
+        _, ref_first = linear_recurrence(a[:, first], b[:, first], carry, reverse=reverse)
+        _, ref_second = linear_recurrence(a[:, second], b[:, second], reverse=reverse)
+        np.testing.assert_allclose(h[:, first], ref_first, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(h[:, second], ref_second, rtol=1e-13, atol=1e-13)
+        _, ref = linear_recurrence(a, b, h0, reset=reset, mask=mask, reverse=reverse)
+        np.testing.assert_allclose(h, ref, rtol=1e-13, atol=1e-13)
 
 
 def test_reset_drops_initial_state(rng):

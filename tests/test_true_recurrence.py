@@ -86,10 +86,13 @@ def np_reference(kind, x, kernel, u, bias, h0, *, valid=None, reset=None, revers
     hs = np.zeros((batch, seq_len, d))
     side = np.zeros((batch, seq_len, n_side))
     order = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
+    pending = np.zeros(batch, bool)  # a boundary met on invalid steps
     for t in order:
         # Reversed, the document starting at t + 1 must not see step t.
         starts = (reset[:, t + 1] if t + 1 < seq_len else np.zeros(batch, bool)) \
             if reverse else reset[:, t]
+        starts = starts | pending
+        pending = starts & ~valid[:, t]
         h_in = np.where((starts & valid[:, t])[:, None], 0.0, h)
         p = x[:, t] @ kernel + h_in @ u
         a, b = np_gates(kind, p[:, :n - n_side], np.asarray(bias, np.float64))
@@ -110,6 +113,7 @@ def jax_loop(kind, x, kernel, u, bias, h0, *, valid=None, reset=None, reverse=Fa
     h = jnp.zeros((batch, d)) if h0 is None else h0
     hs, sides = [None] * seq_len, [None] * seq_len
     order = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
+    pending = jnp.zeros(batch, bool)  # a boundary met on invalid steps
     for t in order:
         ok = jnp.ones(batch, bool) if valid is None else valid[:, t]
         if reset is None:
@@ -118,6 +122,8 @@ def jax_loop(kind, x, kernel, u, bias, h0, *, valid=None, reset=None, reverse=Fa
             starts = reset[:, t + 1] if t + 1 < seq_len else jnp.zeros(batch, bool)
         else:
             starts = reset[:, t]
+        starts = starts | pending
+        pending = starts & ~ok
         h_in = jnp.where((starts & ok)[:, None], 0.0, h)
         p = x[:, t] @ kernel + h_in @ u
         a, b = coeff(p[:, :n - n_side], bias)

@@ -203,6 +203,8 @@ class RGLRU(nn.Module):
         valid = checks.valid_mask(batch, seq_len, seq_lengths, mask)
         if reset is not None:
             reset = checks.check_bool_bt("reset", reset, batch, seq_len)
+            if valid is not None:  # A reset on a padded step starts the next valid one.
+                reset = scan_lib.reset_boundaries(reset, False, valid)
 
         lam = self.param("a_param", rglru_lambda_init(self.min_rad, self.max_rad), (width,),
                          self.param_dtype)

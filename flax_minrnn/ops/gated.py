@@ -640,7 +640,7 @@ def run(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, reve
         out = (jnp.zeros(state_shape, dtype) if readout_fn is None
                else jnp.zeros((0, seq_len) + y_s.shape[2:], y_s.dtype))
         return jnp.zeros(state_shape, dtype), out
-    boundary = None if reset is None else scan_lib.reset_boundaries(reset, reverse)
+    boundary = None if reset is None else scan_lib.reset_boundaries(reset, reverse, valid)
     expand = (slice(None), slice(None)) + (None,) * (len(state_shape) - 1)
 
     def coeffs(xs, consts, params):

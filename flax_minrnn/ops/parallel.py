@@ -178,11 +178,12 @@ def sequence_parallel_scan(
     b = b.astype(dtype)
     h0 = jnp.zeros(out[0].shape, dtype) if h0 is None else h0.astype(dtype)
     expand = (slice(None), slice(None)) + (None,) * (a.ndim - 2)
-    if reset is not None:
-        boundary = scan_lib.reset_boundaries(jnp.asarray(reset), reverse)
-        a = jnp.where(boundary[expand], jnp.zeros((), dtype), a)
     if seq_lengths is not None:
         mask = checks.lengths_to_mask(jnp.asarray(seq_lengths), seq_len)
+    if reset is not None:  # On the whole sequence: a boundary may move across shards.
+        boundary = scan_lib.reset_boundaries(jnp.asarray(reset), reverse,
+                                             None if mask is None else jnp.asarray(mask))
+        a = jnp.where(boundary[expand], jnp.zeros((), dtype), a)
     args, specs = [a, b, h0], [P(None, axis_name), P(None, axis_name), P()]
     if mask is not None:
         args.append(jnp.asarray(mask))

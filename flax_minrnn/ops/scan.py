@@ -26,7 +26,10 @@ Conventions
   documents never mix: forward, the state restarts from zero at a
   document's first step (``h_t = b_t`` where ``reset[t]``); with
   ``reverse=True``, at its last step (``h_{t-1} = b_{t-1}``, the step before
-  the next ``reset``).
+  the next ``reset``).  Where that step is invalid (below), the restart
+  moves to the next valid step in scan order, so a masked separator between
+  packed documents keeps them apart; a restart with no valid step after it
+  in the call does nothing.
 * ``seq_lengths`` (int ``(batch,)``) or ``mask`` (bool ``(batch, time)``):
   invalid steps leave the state unchanged (``a = 1, b = 0``), so the final
   carry is the state at the last valid step, and their outputs are zero.
@@ -181,16 +184,36 @@ def backend_module(impl: ScanImpl):
     return importlib.import_module(_BACKEND_MODULES[impl])
 
 
-def reset_boundaries(reset: Array, reverse: bool) -> Array:
+def reset_boundaries(reset: Array, reverse: bool, valid: Optional[Array] = None) -> Array:
     """Where the state is zeroed before the step, in scan order.
 
     Forward, a document starting at ``t`` zeroes the state before step ``t``.
     Reversed, it is the document starting at ``t + 1`` that must not leak into
     step ``t``, so the boundary moves one step earlier.
+
+    With ``valid`` (``(batch, time)``), a boundary that falls on an invalid
+    step moves to the next valid step in scan order: invalid steps keep the
+    state, so the zeroing must reach the first step that uses it (a masked
+    separator between two packed documents).  A boundary with no valid step
+    after it in this call does nothing: the carry is the state at the last
+    valid step.
     """
-    if not reverse:
-        return reset
-    return jnp.concatenate([reset[:, 1:], jnp.zeros_like(reset[:, :1])], axis=1)
+    boundary = reset
+    if reverse:
+        boundary = jnp.concatenate([reset[:, 1:], jnp.zeros_like(reset[:, :1])], axis=1)
+    if valid is None:
+        return boundary
+    if reverse:
+        boundary, valid = boundary[:, ::-1], valid[:, ::-1]
+    # Boundaries in (the last valid step before t, t], counted with cumsums.
+    steps = jnp.broadcast_to(jnp.arange(boundary.shape[1], dtype=jnp.int32), boundary.shape)
+    seen = jnp.cumsum(boundary.astype(jnp.int32), axis=1)
+    last = jax.lax.cummax(jnp.where(valid, steps, -1), axis=1)
+    before = jnp.concatenate([jnp.full_like(last[:, :1], -1), last[:, :-1]], axis=1)
+    seen_before = jnp.where(
+        before >= 0, jnp.take_along_axis(seen, jnp.maximum(before, 0), axis=1), 0)
+    moved = valid & (seen > seen_before)
+    return moved[:, ::-1] if reverse else moved
 
 
 # ----------------------------------------------------------------------------
@@ -369,7 +392,7 @@ def prepare(a: Array, b: Array, h0: Array, dtype, *, reset, valid, reverse):
     expand = (slice(None), slice(None)) + (None,) * (a.ndim - 2)
     a, b, h0 = a.astype(dtype), b.astype(dtype), h0.astype(dtype)
     if reset is not None:
-        boundary = reset_boundaries(reset, reverse)
+        boundary = reset_boundaries(reset, reverse, valid)
         a = jnp.where(boundary[expand], jnp.zeros((), dtype), a)
     if valid is not None:
         a = jnp.where(valid[expand], a, jnp.ones((), dtype))
@@ -413,7 +436,10 @@ def linear_scan(
       reset: optional bool ``(batch, time)``; True where a new document starts.
         The state restarts from zero at each document's first step in scan
         order: the ``reset`` step itself, or with ``reverse=True`` the step
-        before the next ``reset`` (documents never mix).  A reverse scan
+        before the next ``reset`` (documents never mix); from an invalid step,
+        the next valid one in scan order (none left in the call: no effect,
+        so a streamed call ending in masked steps with a ``reset`` drops it;
+        mark the next call's first step instead).  A reverse scan
         streamed in chunks (later chunk first, its ``h_last`` as the earlier
         chunk's ``h0``) cannot see a ``reset`` at the later chunk's first
         step: pass a zero ``h0`` there.

@@ -464,9 +464,7 @@ def _run(coeff_fn, x, h0, recurrent_kernel, kernel, params, n_side, reset, seq_l
         u, u_side = jnp.split(u, [n_rec], axis=-1)
     bnd = None
     if reset is not None:
-        bnd = scan_lib.reset_boundaries(reset, reverse)
-        if valid is not None:
-            bnd = bnd & valid
+        bnd = scan_lib.reset_boundaries(reset, reverse, valid)
     h_last, h = _core(coeff_fn, bool(reverse), _UNROLL, pre.astype(dtype), u, params, h0,
                       (bnd, valid))
     if n_side:
