@@ -139,8 +139,13 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
     Returns:
       On CPU ``CHUNKED`` from ``T = 64`` and ``SEQUENTIAL`` below;
       ``ASSOCIATIVE`` on GPU and TPU.  Never a backend: the default path is
-      plain JAX.  The choice changes speed and memory only, never parameters
-      (all implementations agree to float32 rounding).
+      plain JAX.  The choice changes speed and memory only, never parameters.
+      The implementations agree to rounding, which they accumulate in
+      different orders: over long runs of gates near 1 it grows like ``T``
+      times the epsilon (in float32, about 1e-4 relative at ``T = 16384``
+      with ``a = 1 - 1e-6``), so a model can differ at that level between a
+      CPU (``chunked``) and a GPU (``associative``); float64 computes it
+      exactly enough for any ``T``.
     """
     if backend is None:
         backend = jax.default_backend()  # Another plugin's platform counts as a GPU's.
