@@ -145,7 +145,7 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
       times the epsilon (in float32, about 1e-4 relative at ``T = 16384``
       with ``a = 1 - 1e-6``), so a model can differ at that level between a
       CPU (``chunked``) and a GPU (``associative``); float64 computes it
-      exactly enough for any ``T``.
+      to about ``T`` times 1e-16.
     """
     if backend is None:
         backend = jax.default_backend()  # Another plugin's platform counts as a GPU's.
