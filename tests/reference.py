@@ -11,6 +11,24 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def scan_steps(batch, seq_len, *, reset=None, mask=None, reverse=False):
+    """The valid ``(t, i, restart)`` of a recurrence in scan order: ``restart``
+    when a document boundary lies before step ``t`` of row ``i`` (reversed,
+    a reset at ``t + 1``), or lay before skipped steps since the last valid
+    one."""
+    order = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
+    pending = [False] * batch
+    for t in order:
+        for i in range(batch):
+            boundary = reset is not None and bool(
+                reset[i, t] if not reverse else (t + 1 < seq_len and reset[i, t + 1]))
+            if mask is not None and not mask[i, t]:
+                pending[i] = pending[i] or boundary
+                continue
+            yield t, i, boundary or pending[i]
+            pending[i] = False
+
+
 def linear_recurrence(a, b, h0=None, *, reset=None, mask=None, reverse=False):
     """h_t = a_t h_{t-1} + b_t, one step at a time in float64.
 
@@ -24,22 +42,11 @@ def linear_recurrence(a, b, h0=None, *, reset=None, mask=None, reverse=False):
     batch, seq_len = a.shape[:2]
     h = np.zeros((batch,) + a.shape[2:]) if h0 is None else np.array(h0, np.float64)
     out = np.zeros_like(a)
-    order = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
-    pending = [False] * batch  # a boundary met on skipped steps
-    for t in order:
-        for i in range(batch):
-            # A boundary lies between t and the previous step in scan order.
-            boundary = reset is not None and bool(
-                reset[i, t] if not reverse else
-                (t + 1 < seq_len and reset[i, t + 1]))
-            if mask is not None and not mask[i, t]:
-                pending[i] = pending[i] or boundary
-                continue
-            if boundary or pending[i]:
-                h[i] = 0.0
-            pending[i] = False
-            h[i] = a[i, t] * h[i] + b[i, t]
-            out[i, t] = h[i]
+    for t, i, restart in scan_steps(batch, seq_len, reset=reset, mask=mask, reverse=reverse):
+        if restart:
+            h[i] = 0.0
+        h[i] = a[i, t] * h[i] + b[i, t]
+        out[i, t] = h[i]
     return h, out
 
 

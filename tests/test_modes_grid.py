@@ -50,7 +50,7 @@ import pytest
 
 import flax_minrnn as fm
 from flax_minrnn.ops import gated as gated_lib
-from reference import _dense, layer_forward, layer_step_coeffs
+from reference import _dense, layer_forward, layer_step_coeffs, scan_steps
 from test_griffin import griffin_ref, rglru_ref
 
 # Every scan_impl is covered: on CPU "auto" is "sequential" below T = 64,
@@ -150,25 +150,16 @@ def layer_ref(kind, p, x, h0, *, true_rec=False, valid=None, reset=None, reverse
     h = np.array(h0, np.float64)
     states = np.zeros((batch, seq_len, d_h))
     ys = [[None] * seq_len for _ in range(batch)]
-    order = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
-    pending = [False] * batch  # a boundary met on invalid steps
-    for t in order:
-        for i in range(batch):
-            boundary = reset is not None and bool(
-                reset[i, t] if not reverse else (t + 1 < seq_len and reset[i, t + 1]))
-            if valid is not None and not valid[i, t]:
-                pending[i] = pending[i] or boundary
-                continue
-            if boundary or pending[i]:
-                h[i] = 0.0
-            pending[i] = False
-            pre = pre_all[i, t]
-            if true_rec:
-                pre = pre + h[i] @ np.asarray(p["recurrent_kernel"], np.float64)
-            a, b, o = layer_step_coeffs(kind, pre, d_h, **kw)
-            h[i] = a * h[i] + b
-            states[i, t] = h[i]
-            ys[i][t] = np.tanh(h[i]) * o if kind == "glrnn" else h[i].copy()
+    for t, i, restart in scan_steps(batch, seq_len, reset=reset, mask=valid, reverse=reverse):
+        if restart:
+            h[i] = 0.0
+        pre = pre_all[i, t]
+        if true_rec:
+            pre = pre + h[i] @ np.asarray(p["recurrent_kernel"], np.float64)
+        a, b, o = layer_step_coeffs(kind, pre, d_h, **kw)
+        h[i] = a * h[i] + b
+        states[i, t] = h[i]
+        ys[i][t] = np.tanh(h[i]) * o if kind == "glrnn" else h[i].copy()
     y = np.stack([np.stack([v if v is not None else np.zeros(d_h) for v in row]) for row in ys])
     if "out_proj" in p:
         y = _dense(y, p["out_proj"])
@@ -315,16 +306,23 @@ def test_layer_lengths_and_resets_equal_the_reference(name, true_rec, impl):
     valid = np.arange(T_L)[None, :] < L_LENGTHS[:, None]
     want_h, states, want_y = _layer_reference(name, true_rec, params, x, h0, valid=valid,
                                               reset=L_RESET)
-    for way in ("masked_jit", "masked_eager", "masked_tokens", "masked_chunks"):
+    _check_masked(runs, "masked", (want_h, want_y), states, valid, h0,
+                  last=lambda n: n - 1)  # The row's last valid step.
+
+
+def _check_masked(runs, prefix, want, states, valid, h0, last):
+    """The ``prefix`` ways equal ``want``, are exactly zero at padded steps,
+    and carry the state at step ``last(n)`` of each row (``h0`` itself for a
+    row of length 0)."""
+    for way in (f"{prefix}_{w}" for w in ("jit", "eager", "tokens", "chunks")):
         carry, y = runs[way]
-        _close((carry, y), (want_h, want_y), way)
-        # Padded steps: exactly zero.
+        _close((carry, y), want, way)
         assert not np.any(y[~valid]), way
         for i, n in enumerate(L_LENGTHS):
             if n == 0:
                 np.testing.assert_array_equal(carry[i], np.asarray(h0)[i], err_msg=way)
-            else:  # The state at the row's last valid step.
-                _close(carry[i], states[i, n - 1], f"{way} row {i}")
+            else:
+                _close(carry[i], states[i, last(n)], f"{way} row {i}")
 
 
 @pytest.mark.parametrize("name,true_rec,impl", GATED_GRID)
@@ -337,15 +335,8 @@ def test_layer_reverse_equals_the_reference(name, true_rec, impl):
     valid = np.arange(T_L)[None, :] < L_LENGTHS[:, None]
     want_h, states, want_y = _layer_reference(name, true_rec, params, x, h0, valid=valid,
                                               reset=L_RESET, reverse=True)
-    for way in ("rev_masked_jit", "rev_masked_eager", "rev_masked_tokens", "rev_masked_chunks"):
-        carry, y = runs[way]
-        _close((carry, y), (want_h, want_y), way)
-        assert not np.any(y[~valid]), way
-        for i, n in enumerate(L_LENGTHS):
-            if n == 0:
-                np.testing.assert_array_equal(carry[i], np.asarray(h0)[i], err_msg=way)
-            else:  # Reversed, the last valid step in scan order is step 0.
-                _close(carry[i], states[i, 0], f"{way} row {i}")
+    _check_masked(runs, "rev_masked", (want_h, want_y), states, valid, h0,
+                  last=lambda n: 0)  # Reversed, the last valid step in scan order.
 
 
 @pytest.mark.parametrize("impl", ("associative", "sequential", "chunked"))
