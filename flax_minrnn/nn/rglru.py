@@ -201,10 +201,11 @@ class RGLRU(nn.Module):
         s_dtype = checks.state_dtype(dtype, self.param_dtype)
         h0 = checks.check_carry(carry, batch, width, s_dtype)
         valid = checks.valid_mask(batch, seq_len, seq_lengths, mask)
+        starts = None  # The steps that start a document (the gates skip their scale there).
         if reset is not None:
             reset = checks.check_bool_bt("reset", reset, batch, seq_len)
-            if valid is not None:  # A reset on a padded step starts the next valid one.
-                reset = scan_lib.reset_boundaries(reset, False, valid)
+            # A reset on a padded step starts the next valid one.
+            starts = scan_lib.reset_boundaries(reset, False, valid)
 
         lam = self.param("a_param", rglru_lambda_init(self.min_rad, self.max_rad), (width,),
                          self.param_dtype)
@@ -212,11 +213,10 @@ class RGLRU(nn.Module):
             self.num_heads, self.w_init_variance_scale, dtype=dtype,
             param_dtype=self.param_dtype, name=name)
         x = x.astype(dtype)
-        if valid is not None:
-            # Padded steps: zero inputs, so garbage there cannot reach a gradient.
-            x = jnp.where(valid[:, :, None], x, jnp.zeros((), dtype))
+        # Padded steps: zero inputs, so garbage there cannot reach a gradient.
+        x = scan_lib.zero_invalid(x, valid)
         a, b = gates_lib.rglru_gates(x.astype(s_dtype), gate("input_gate")(x).astype(s_dtype),
                                      gate("a_gate")(x).astype(s_dtype), lam.astype(s_dtype),
-                                     self.c, self.max_sqrt_gradient, reset)
+                                     self.c, self.max_sqrt_gradient, starts)
         h_last, h = scan_lib.linear_scan(a, b, h0, impl=self.scan_impl, reset=reset, mask=valid)
         return h_last, h.astype(dtype)

@@ -210,13 +210,13 @@ def reset_boundaries(reset: Array, reverse: bool, valid: Optional[Array] = None)
         return boundary
     if reverse:
         boundary, valid = boundary[:, ::-1], valid[:, ::-1]
-    # Boundaries in (the last valid step before t, t], counted with cumsums.
-    steps = jnp.broadcast_to(jnp.arange(boundary.shape[1], dtype=jnp.int32), boundary.shape)
+    # A valid step restarts if a boundary lies in (the last valid step
+    # before it, itself]: the boundaries seen so far outnumber those seen up
+    # to that step (the count never decreases, so its running maximum over
+    # the valid steps is the count at the last one).
     seen = jnp.cumsum(boundary.astype(jnp.int32), axis=1)
-    last = jax.lax.cummax(jnp.where(valid, steps, -1), axis=1)
-    before = jnp.concatenate([jnp.full_like(last[:, :1], -1), last[:, :-1]], axis=1)
-    seen_before = jnp.where(
-        before >= 0, jnp.take_along_axis(seen, jnp.maximum(before, 0), axis=1), 0)
+    upto_valid = jax.lax.cummax(jnp.where(valid, seen, 0), axis=1)
+    seen_before = jnp.concatenate([jnp.zeros_like(seen[:, :1]), upto_valid[:, :-1]], axis=1)
     moved = valid & (seen > seen_before)
     return moved[:, ::-1] if reverse else moved
 
