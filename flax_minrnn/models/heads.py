@@ -222,14 +222,6 @@ def _check_logits(logits, shape_doc: str, ndim=None) -> None:
                          f"{tuple(logits.shape)}")
 
 
-def _check_int_array(name: str, x) -> None:
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an integer array, got {type(x).__name__}")
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array (class / token ids), "
-                        f"got dtype {x.dtype}")
-
-
 def _check_ids(name: str, ids, vocab: int, valid=None, note: str = "") -> None:
     """Values of ``ids`` (any rank) in ``[0, vocab)`` where ``valid``, checked
     when concrete (skipped under ``jax.jit``): :func:`checks.check_tokens` on
@@ -265,7 +257,7 @@ def weighted_cross_entropy(logits: Array, targets: Array, weights: Array) -> Tup
         ``jax.jit``), naming the argument.
     """
     _check_logits(logits, "(..., vocab)")
-    _check_int_array("targets", targets)
+    checks.check_int_array("targets", targets, "class / token ids")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"targets must have shape logits.shape[:-1] = "
                          f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)}), "
@@ -321,7 +313,7 @@ def causal_lm_loss(logits: Array, labels: Array, ignore_index: int = -100, *,
         than ``ignore_index`` (when concrete), or ``shift`` is not a bool.
     """
     _check_logits(logits, "(batch, T, V)", ndim=3)
-    _check_int_array("labels", labels)
+    checks.check_int_array("labels", labels, "class / token ids")
     if tuple(labels.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"labels must have shape (batch, T) = {tuple(logits.shape[:2])} "
                          f"(the first two axes of logits {tuple(logits.shape)}), "

@@ -93,7 +93,7 @@ def rotary_dim(head_dim: int, partial_rotary_factor: float) -> int:
     checks.check_real("partial_rotary_factor", partial_rotary_factor, low=0.0, high=1.0,
                         high_closed=True)
     rot = head_dim * float(partial_rotary_factor)
-    if not 0.0 < float(partial_rotary_factor) <= 1.0 or rot != int(rot) or int(rot) % 2:
+    if not rot > 0 or rot != int(rot) or int(rot) % 2:
         raise ValueError(
             f"partial_rotary_factor must lie in (0, 1] and make head_dim * "
             f"partial_rotary_factor an even integer; got partial_rotary_factor="

@@ -322,9 +322,8 @@ class Stack(nn.Module):
             if not isinstance(layer, nn.Module):
                 raise TypeError(
                     f"layers[{i}] must be a flax.linen Module, got {type(layer).__name__}")
-        checks.check_real("dropout", self.dropout, low=0.0, high=1.0, low_closed=True)
-        if self.norm is not None:
-            checks.check_choice("norm", self.norm, [None, *_NORMS])
+        checks.check_rate("dropout", self.dropout)
+        checks.check_choice("norm", self.norm, [None, *_NORMS])
         checks.check_positive_number("eps", self.eps)
         self._residual = _per_layer_residual(self.residual, len(self.layers))
         self.rnn = [layer.clone() for layer in self.layers]

@@ -248,8 +248,8 @@ def check_bool(name: str, value) -> None:
 
 
 def check_rate(name: str, value) -> None:
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+    """A dropout rate: a finite number in ``[0, 1)``."""
+    check_real(name, value, low=0.0, high=1.0, low_closed=True)
 
 
 def check_carry_leaves(carry, ref, batch: int) -> None:
@@ -277,6 +277,14 @@ def check_carry_leaves(carry, ref, batch: int) -> None:
                          f"{['carry' + k for k in got]} (see initialize_carry)")
 
 
+def check_int_array(name: str, x, what: str) -> None:
+    """``x`` must be an array of integers (``what`` they hold, for the error)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an integer array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array ({what}), got dtype {x.dtype}")
+
+
 def check_tokens(tokens, vocab_size: int, name: str = "tokens",
                  seq_lengths=None, valid=None) -> None:
     """Integer ``(batch, time)`` ids; values checked against ``vocab_size`` when concrete.
@@ -285,12 +293,9 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens",
     mask only the valid steps are checked: padding may hold any id (the
     models ignore it).
     """
-    if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
-        raise TypeError(f"{name} must be an integer array, got {type(tokens).__name__}")
+    check_int_array(name, tokens, "token ids")
     if tokens.ndim != 2:
         raise ValueError(f"{name} must have shape (batch, time), got {tuple(tokens.shape)}")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array (token ids), got dtype {tokens.dtype}")
     if tokens.shape[1] < 1:
         raise ValueError(f"{name} must have at least one step")
     value = concrete_or_none(tokens)
