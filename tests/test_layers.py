@@ -411,6 +411,42 @@ def test_bfloat16_compute_float32_state():
     np.testing.assert_allclose(carry, ref_c, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["mingru", "minlstm", "glrnn_tied", "glrnn_untied"])
+def test_bfloat16_compute_keeps_the_float32_gate_bias(name, impl):
+    """Under bfloat16 compute the in_proj bias joins the gates in float32.
+
+    Small-integer inputs and kernel make every bfloat16 projection exact, so
+    the float32 state must match the float64 reference to float32 rounding,
+    with a bias that bfloat16 cannot hold (a retention logit of ln(9999)).
+    The bias gradient of a carry loss must match the float32 layer's."""
+    kind, ref_kw = REF_KW[name]
+    layer = LAYERS[name](dtype=jnp.bfloat16, scan_impl=impl, forget_bias=np.log(9999.0))
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.integers(-2, 3, (B, 16, D_IN)), jnp.float32)
+    params = jax.tree.map(np.asarray, _init(layer, x))
+    proj = params["params"]["in_proj"]
+    proj["kernel"] = rng.integers(-1, 2, proj["kernel"].shape).astype(np.float32) / 4
+    bias = rng.standard_normal(proj["bias"].shape) * 2
+    d_h = layer.initialize_carry(x.shape).shape[-1]
+    for index, value in layer.bias_offsets().items():
+        bias[index * d_h:(index + 1) * d_h] = value + rng.standard_normal(d_h) * 0.01
+    proj["bias"] = bias.astype(np.float32)
+    h_ref, _ = layer_forward(kind, params["params"], x, **ref_kw)
+    carry, y = layer.apply(params, x)
+    assert carry.dtype == jnp.float32 and y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(carry, h_ref, rtol=1e-5, atol=1e-6)
+
+    g = jnp.asarray(rng.standard_normal(carry.shape), jnp.float32)
+
+    def bias_grad(module):
+        loss = lambda p: jnp.sum(module.apply(p, x)[0] * g)
+        return jax.grad(loss)(params)["params"]["in_proj"]["bias"]
+
+    np.testing.assert_allclose(bias_grad(layer), bias_grad(layer.clone(dtype=jnp.float32)),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_forget_bias_sets_initial_retention():
     x = _x(9, (1, 3, 4))
     for layer, (seg, value) in [(MinGRU(d_h=4, forget_bias=3.0), (0, -3.0)),

@@ -358,7 +358,7 @@ def _applies(spec, x, kernel, consts, params, h0, n_side) -> bool:
     if kernel.shape[1] != spec.blocks * h0.shape[1]:
         return False
     bias = params[0] if isinstance(params, tuple) and params else None
-    if bias is not None and (bias.dtype != x.dtype or bias.shape != (kernel.shape[1],)):
+    if bias is not None and (bias.dtype != f32 or bias.shape != (kernel.shape[1],)):
         return False
     return usable()
 

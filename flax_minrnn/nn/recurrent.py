@@ -109,8 +109,9 @@ _COMMON_ATTRIBUTES = """
         the context's, ``jax.set_mesh``); ``None``: one device. Same
         parameters.  Needs ``use_true_recurrence=False``.
       use_bias: whether ``in_proj`` (and ``out_proj``) have a bias (default True).
-      dtype: compute dtype of the projections (``None``: the input's). Gates
-        and the state are float32 (float64 when the computation is).
+      dtype: compute dtype of the projections (``None``: the input's). Gates,
+        ``in_proj``'s bias (added to the projection) and the state are float32
+        (float64 when the computation is).
       param_dtype: parameter dtype.
       kernel_init, bias_init: initialisers of the projections."""
 
@@ -252,7 +253,11 @@ class GatedRecurrence(nn.Module):
                 out_features, use_bias=self.use_bias, param_dtype=self.param_dtype,
                 kernel_init=self.kernel_init, bias_init=self.bias_init,
                 name="out_proj")(d_h)
-        x_c, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+        x_c, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=dtype)
+        # The bias joins the projection in the state dtype (``biased`` below),
+        # so it is not rounded to a 16-bit compute dtype on the way: a gate
+        # logit of ln(9999) would move by 0.02 in bfloat16.
+        bias = None if bias is None else jnp.asarray(bias, s_dtype)
         # Padded steps: zero inputs, so garbage there cannot reach a gradient.
         x_c = _zero_invalid(x_c, valid)
         out_proj = jax.tree.map(lambda w: jnp.asarray(w, dtype), out_proj)
@@ -271,7 +276,7 @@ class GatedRecurrence(nn.Module):
                 return p
             blocks = p.shape[-1] // d_h
             return jnp.concatenate([dense_lib.add_bias(q, c) for q, c in zip(
-                jnp.split(p, blocks, -1), jnp.split(b.astype(s_dtype), blocks))], -1)
+                jnp.split(p, blocks, -1), jnp.split(b, blocks))], -1)
 
         # Everything traced that the coefficients and the readout use.
         params = (cols(bias, True), None if output_gate is None else cols(bias, False),
