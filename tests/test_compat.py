@@ -126,7 +126,7 @@ def test_positional_arguments_follow_the_package():
     ("output_vocab_size", 0, "output_vocab_size must be an integer >= 1"),
     ("eps", -1.0, "eps"),
     ("eps", 0.0, "eps"),
-    ("time_mixing_dropout", 1.5, r"time_mixing_dropout must be a number in \[0, 1\]"),
+    ("time_mixing_dropout", 1.5, r"time_mixing_dropout must be a finite number in \[0, 1\]"),
     ("embedding_dropout", -0.5, "embedding_dropout"),
     ("use_head", 1, "use_head must be a bool"),
 ])

@@ -215,10 +215,9 @@ class GatedLinearRNNLM(nn.Module):
             checks.check_int_at_least("max_seq_length", self.max_seq_length, 1)
         checks.check_positive_number("eps", self.eps)
         for name in ("channel_mixing_dropout", "time_mixing_dropout", "embedding_dropout"):
-            rate = getattr(self, name)
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
-                    or not 0.0 <= rate <= 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1], got {rate!r}")
+            # [0, 1] as nn.Dropout allows (the package's own rates stop short of 1).
+            checks.check_real(name, getattr(self, name), low=0.0, high=1.0,
+                              low_closed=True, high_closed=True)
         for name in ("use_word_embedding", "use_head", "use_true_recurrence", "use_tied_gates"):
             checks.check_bool(name, getattr(self, name))
         if self.use_word_embedding:
