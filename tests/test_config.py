@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import textwrap
 
 import pytest
@@ -141,6 +142,61 @@ def test_overrides_parse_by_schema_type(tmp_path):
     assert config.init_from.workdir == "/runs/stage1"
     with pytest.raises(AttributeError):  # Still locked.
         config.train.new_key = 1
+    # Free-form values: bools read as the schema's do, and a new value
+    # replaces an old one of another type.
+    again = apply_overrides(config, ["data.task_kwargs.running=False",
+                                     "data.task_kwargs.fast=yes",
+                                     "data.task_kwargs.num_pairs=8.5",
+                                     "data.task_kwargs.mode=none"])
+    assert again.data.task_kwargs.to_dict() == {
+        "num_pairs": 8.5, "vocab": [1, 2], "mode": "none", "running": False, "fast": True}
+    assert apply_overrides(again, ["data.task_kwargs.running=1"]).data.task_kwargs.running == 1
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["data.name=parity", "data.seq_len=4096"], "data.seq_len"),
+    (["data.name=mqar", "data.path=corpus.txt"], "data.path"),
+    (["data.name=s5", "data.val_fraction=0.2"], "data.val_fraction"),
+    (["model.architecture=griffin", "model.dropout=0.5"], "model.dropout"),
+    (["model.architecture=griffin", "model.n_layer=7"], "model.n_layer"),
+    (["model.griffin.hidden_size=64"], "model.griffin.hidden_size"),
+])
+def test_keys_the_task_or_architecture_does_not_read_are_refused(overrides, key):
+    with pytest.raises(ConfigError, match=f"{re.escape(repr(key))} = .* is read only with"):
+        apply_overrides(default_config(), overrides)
+    # The same value is fine where it is read, and the shared keys stay free.
+    reader = {"data": "data.name=char", "model.griffin": "model.architecture=griffin",
+              "model": "model.architecture=lm"}[key.rpartition(".")[0]]
+    apply_overrides(default_config(), [*overrides, reader])
+    apply_overrides(default_config(), ["model.architecture=griffin", "model.dtype=bfloat16",
+                                       "model.scan_impl=sequential"])
+
+
+def test_shrink_leaves_unread_keys_alone():
+    for name in ("parity", "mqar"):
+        config = shrink(apply_overrides(default_config(), [f"data.name={name}"]))
+        assert config.data.seq_len == default_config().data.seq_len
+    griffin = shrink(apply_overrides(default_config(), ["model.architecture=griffin"]))
+    assert griffin.model.d_model == default_config().model.d_model
+    assert griffin.model.griffin.hidden_size == SHRINK["model.griffin.hidden_size"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("mesh.shape=(2, 4)", [2, 4]),
+    ("mesh.shape=[2,4]", [2, 4]),
+    ("mesh.shape=", []),
+    ("mesh.axis_names='data', \"seq\"", ["data", "seq"]),
+    ("two_stage.stage2=init_from.freeze_regex=(embedder|head),train.sample_prompt=\"Hi\"",
+     ["init_from.freeze_regex=(embedder|head)", 'train.sample_prompt="Hi"']),
+    ("two_stage.stage2=[init_from.freeze_regex=blocks_[01]]",
+     ["init_from.freeze_regex=blocks_[01]"]),
+])
+def test_sequence_overrides_keep_brackets_and_quotes_inside_items(override, expected):
+    key = override.partition("=")[0]
+    node = apply_overrides(default_config(), [override])
+    for part in key.split("."):
+        node = node[part]
+    assert list(node) == expected
 
 
 @pytest.mark.parametrize("override, match", [

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from flax_minrnn.training.data import (SHAKESPEARE_SHA256, AssociativeRecall,
-                              CharDataset, CharVocab, Parity, SelectiveCopying,
+                              CharDataset, CharVocab, Parity, S5WordProblem,
+                              SelectiveCopying,
                               load_text, make_task, sha256_of_text)
 
 KEYS = ("inputs", "targets", "weights")
@@ -88,6 +89,10 @@ def test_vocab_round_trip_and_json(shakespeare):
     odd = CharVocab("zaé")
     assert CharVocab.from_json(odd.to_json()).chars == "zaé"
     np.testing.assert_array_equal(odd.encode("éza"), [2, 0, 1])
+    # Every character survives decoding: NUL (trailing too) and beyond the BMP.
+    wide = CharVocab("a\x00\U0001F600")
+    for text in ("a\x00a\x00", "\x00", "\U0001F600\x00a"):
+        assert wide.decode(wide.encode(text)) == text
 
 
 def test_vocab_errors():
@@ -361,6 +366,9 @@ def test_synthetic_argument_errors(cls, kwargs, arg):
 
 
 def test_non_int_arguments():
+    for cls in (Parity, S5WordProblem):
+        with pytest.raises(ValueError, match="running must be a bool, got 'false'"):
+            cls(running="false")
     with pytest.raises(TypeError, match="batch_size"):
         Parity(batch_size=2.5)
     with pytest.raises(TypeError, match="step"):

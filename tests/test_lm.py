@@ -53,6 +53,17 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
         _cfg(**{field: value})
 
 
+def test_options_of_another_time_mixing_are_refused():
+    with pytest.raises(ValueError, match="rglru_num_heads=2 needs time_mixing='rglru', "
+                                         "got 'mingru'"):
+        _cfg(time_mixing="mingru", rglru_num_heads=2)
+    with pytest.raises(ValueError, match="use_tied_gates=False needs time_mixing='glrnn', "
+                                         "got 'minlstm'"):
+        _cfg(time_mixing="minlstm", use_tied_gates=False)
+    _cfg(time_mixing="rglru", rglru_num_heads=2, d_h=8)
+    _cfg(time_mixing="glrnn", use_tied_gates=False)
+
+
 @pytest.mark.parametrize("field,value", [("dtype", jnp.int32), ("param_dtype", "float17")])
 def test_config_dtypes_must_be_floating(field, value):
     with pytest.raises(TypeError, match=f"^{field} must be a floating-point dtype"):

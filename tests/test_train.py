@@ -303,6 +303,75 @@ def test_resume_with_other_config_is_an_error(char_run):
         train.train_and_evaluate(other, workdir)
 
 
+def test_resume_checks_the_checkpoints_own_config(char_run, tmp_path):
+    """Without workdir/config.json the restored step's saved config is the
+    reference; keys read only on a fresh start may change."""
+    workdir = tmp_path / "run"
+    shutil.copytree(char_run[0], workdir)
+    os.remove(workdir / config_lib.CONFIG_FILENAME)
+    other = config_lib.apply_overrides(char_run[1], ["optim.learning_rate=0.5", "seed=7"])
+    with pytest.raises(config_lib.ConfigError, match="optim.learning_rate.*seed"):
+        train.train_and_evaluate(other, str(workdir))
+    same = config_lib.apply_overrides(char_run[1], [
+        "init_from.workdir=/moved/stage1", "train.sample_length=5",
+        "train.sample_prompt=A", "train.sample_temperature=0.5"])
+    assert train.train_and_evaluate(same, str(workdir))["step"] == 4
+
+
+def test_resume_with_a_changed_corpus_is_an_error(char_run, tmp_path):
+    """Same size of vocabulary, other characters: ids would shift."""
+    text = (REPO / "flax_minrnn" / "training" / "data" / "tinyshakespeare"
+            / "input.txt").read_text()
+    assert "#" not in text and "z" in text
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    config = config_lib.apply_overrides(char_run[1], [f"data.path={corpus}",
+                                                      "train.num_steps=2"])
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    corpus.write_text(text.replace("z", "#"))
+    more = config_lib.apply_overrides(config, ["train.num_steps=4"])
+    with pytest.raises(config_lib.ConfigError, match="another vocabulary"):
+        train.train_and_evaluate(more, workdir)
+
+
+def test_sample_past_learned_positions_is_refused_before_training(char_run, tmp_path):
+    # Positions 0 .. prompt + length - 2 are fed to the model.
+    longest = 32 - len(char_run[1].train.sample_prompt) + 1
+    config = config_lib.apply_overrides(char_run[1], [
+        "model.positional_encoding=learned", "model.max_seq_length=32",
+        f"train.sample_length={longest + 1}"])
+    with pytest.raises(config_lib.ConfigError,
+                       match="train.sample_length: .*exceed model.max_seq_length=32"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    fits = config_lib.apply_overrides(config, [f"train.sample_length={longest}",
+                                               "train.num_steps=1"])
+    assert "sample" in train.train_and_evaluate(fits, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.1], ids=["plain", "stop_at_accuracy"])
+def test_lowering_num_steps_to_a_step_saved_without_eval(tmp_path, threshold):
+    """The re-evaluation of a step saved without an eval is logged, and
+    reaching train.stop_at_eval_accuracy there does not save it again."""
+    config = small_config(str(REPO / "configs" / "parity.py"), "train.num_steps=10",
+                          "train.eval_every=100", "train.checkpoint_every=4",
+                          "optim.learning_rate=0.02",
+                          f"train.stop_at_eval_accuracy={threshold}")
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir, stop_at_step=4)
+    evals = lambda: [(r["step"], r["accuracy"]) for r in read_metrics(workdir)
+                     if r["split"] == "eval"]
+    assert [s for s, _ in evals()] == [0] and evals()[0][1] < 0.1
+    shorter = config_lib.apply_overrides(config, ["train.num_steps=4"])
+    metrics = train.train_and_evaluate(shorter, workdir)
+    assert metrics["finished"] and metrics["step"] == 4
+    assert evals()[1:] == [(4, metrics["eval_accuracy"])]
+    assert metrics["eval_accuracy"] > 0.1
+    with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
+        assert ckpt.all_steps() == [4]
+
+
 def _hashes(path: pathlib.Path) -> dict:
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}

@@ -82,8 +82,8 @@ class LMConfig:
         ``max_seq_length`` rows) or ``'sinusoidal'`` (computed, any position).
       max_seq_length: number of learned positions (unused otherwise).
       use_true_recurrence: layers' gates also see ``h_{t-1}`` (sequential).
-      use_tied_gates: ``glrnn`` only: ``f = 1 - i``.
-      rglru_num_heads: ``rglru`` only: number of diagonal blocks of the
+      use_tied_gates: ``glrnn`` only: ``f = 1 - i`` (False needs ``glrnn``).
+      rglru_num_heads: ``rglru`` only (else 1): number of diagonal blocks of the
         RG-LRU's gate weights (must divide ``d_model``).
       scan_impl: :class:`flax_minrnn.ops.scan.ScanImpl` name of every layer.
       sequence_axis: mesh axis the time axis is split over in every layer's
@@ -143,6 +143,13 @@ class LMConfig:
         checks.check_int_at_least("max_seq_length", self.max_seq_length, 1)
         scan_lib.resolve_impl(self.scan_impl, 1, name="scan_impl")
         checks.check_int_at_least("rglru_num_heads", self.rglru_num_heads, 1)
+        # Options of one time mixing are refused elsewhere, not ignored.
+        if self.time_mixing != "rglru" and self.rglru_num_heads != 1:
+            raise ValueError(f"rglru_num_heads={self.rglru_num_heads} needs "
+                             f"time_mixing='rglru', got {self.time_mixing!r}")
+        if self.time_mixing != "glrnn" and not self.use_tied_gates:
+            raise ValueError(f"use_tied_gates=False needs time_mixing='glrnn', got "
+                             f"{self.time_mixing!r}")
         if self.time_mixing == "rglru":
             if self.state_size != self.d_model:
                 raise ValueError(

@@ -322,14 +322,66 @@ def validate(config: Mapping[str, Any] | ConfigDict) -> ConfigDict:
         config = config.to_dict()
     result = default_config()
     _merge(result, config)
+    _check_read(result)
     result.lock()
     return result
 
 
+# model.* keys that both architectures read; Griffin reads model.griffin.* too.
+_SHARED_MODEL_KEYS = ("architecture", "scan_impl", "dtype", "param_dtype", "griffin")
+
+
+def _unread(config: ConfigDict) -> dict[str, str]:
+    """``{dotted key: what reads it}`` for the keys that ``config``'s task
+    and architecture do not read."""
+    unread = {}
+    if config.data.name != "char":
+        for key in ("path", "seq_len", "val_fraction"):
+            unread[f"data.{key}"] = ("data.name='char' (a synthetic task takes its sizes "
+                                     "from data.task_kwargs)")
+    if config.model.architecture == "griffin":
+        for key in config.model:
+            if key not in _SHARED_MODEL_KEYS:
+                unread[f"model.{key}"] = ("model.architecture='lm' (Griffin's own keys are "
+                                          "model.griffin.*)")
+    else:
+        for key in config.model.griffin:
+            unread[f"model.griffin.{key}"] = "model.architecture='griffin'"
+    return unread
+
+
+def _get(config: ConfigDict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        config = config[key]
+    return config
+
+
+def _check_read(config: ConfigDict) -> None:
+    """A key that this task or architecture does not read must keep its
+    default: a value set there would be ignored."""
+    defaults = default_config()
+    for dotted, reader in _unread(config).items():
+        value = _get(config, dotted)
+        if value != _get(defaults, dotted):
+            raise ConfigError(f"Config key {dotted!r} = {value!r} is read only with "
+                              f"{reader}; leave it at its default "
+                              f"{_get(defaults, dotted)!r}.")
+
+
+def _unwrap(text: str, pairs: Sequence[str]) -> str:
+    """``text`` without its first and last character when they are one of
+    the ``pairs`` (``"()"``)."""
+    if len(text) >= 2 and text[0] + text[-1] in pairs:
+        return text[1:-1]
+    return text
+
+
 def _parse(dotted: str, text: str, default: Any) -> Any:
     if dotted in SEQUENCES:  # "2,4", "(2, 4)", "[2, 4]", "data,seq", "".
-        items = [t.strip().strip("'\"") for t in
-                 text.strip().strip("()[]").split(",")]
+        # Only a bracket pair around the whole text, and quotes around a whole
+        # item, are syntax: "a=(x|y)" and 'b="Hi"' keep theirs.
+        text = _unwrap(text.strip(), ("()", "[]"))
+        items = [_unwrap(t.strip(), ("''", '""')) for t in text.split(",")]
         return [SEQUENCES[dotted](t) for t in items if t]
     if isinstance(default, bool):
         lowered = text.strip().lower()
@@ -343,6 +395,20 @@ def _parse(dotted: str, text: str, default: Any) -> Any:
     return text
 
 
+def _parse_free(text: str) -> Any:
+    """A free-form value: true/false/yes/no (any case) as bools, as the
+    schema's bools read; else a Python literal; else the raw string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes"):
+        return True
+    if lowered in ("false", "no"):
+        return False
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def apply_overrides(config: ConfigDict, overrides: Sequence[str]
                     ) -> ConfigDict:
     """Returns a validated, locked copy of ``config`` with ``overrides``.
@@ -351,8 +417,10 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]
         config: A config (validated by this function).
         overrides: ``"section.key=value"`` strings. The value is parsed by the
             schema type of the key (bool: true/false/1/0; str: verbatim).
-            ``data.task_kwargs.<name>=<value>`` values go through
-            ``ast.literal_eval``, falling back to the raw string.
+            ``data.task_kwargs.<name>=<value>`` values are true/false/yes/no
+            (any case) as bools, else go through ``ast.literal_eval``,
+            falling back to the raw string; they replace the old value
+            whatever its type.
 
     Raises:
         ConfigError: Malformed override, unknown key or unparsable value.
@@ -374,10 +442,10 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]
                 if not isinstance(node.get(key), ConfigDict):
                     node[key] = ConfigDict()
                 node = node[key]
-            try:
-                node[leaf] = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                node[leaf] = text
+            # Free-form values replace the old one whatever its type.
+            if leaf in node:
+                del node[leaf]
+            node[leaf] = _parse_free(text)
             continue
         node, keys = result, dotted.split(".")
         for i, key in enumerate(keys):
@@ -396,6 +464,7 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]
                 f"{type(default).__name__}, cannot parse {text!r} ({e})."
             ) from e
         node[keys[-1]] = _check_value(dotted, value, default)
+    _check_read(result)
     result.lock()
     return result
 
@@ -489,7 +558,10 @@ def shrink(config: ConfigDict) -> ConfigDict:
     the shrunk ``train.num_steps`` too.
     """
     result = validate(config)
+    unread = _unread(result)
     for dotted, value in SHRINK.items():
+        if dotted in unread:  # It must keep its default.
+            continue
         *parents, leaf = dotted.split(".")
         node = result
         for key in parents:

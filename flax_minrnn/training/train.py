@@ -81,7 +81,13 @@ SUPERSEDED_SAMPLES_FILE = "samples.superseded.txt"
 TB_DIR = "tb"
 # Config keys that may differ between a workdir's run and its resumption
 # (the mesh too: a run may resume on another number of devices).
-RESUMABLE_KEYS = ("train.num_steps", "train.progress_bar", "mesh.shape",
+# Keys that may change when a run resumes: they change neither the trained
+# state nor the data order.  The samples use a stream of their own, and
+# init_from.workdir is read on a fresh start only (a moved two-stage run then
+# still resumes its stage 2).
+RESUMABLE_KEYS = ("train.num_steps", "train.progress_bar", "train.sample_every",
+                  "train.sample_length", "train.sample_prompt", "train.sample_temperature",
+                  "train.sample_top_k", "init_from.workdir", "mesh.shape",
                   "mesh.axis_names", "mesh.data_axis", "mesh.fsdp",
                   "mesh.sequence_axis")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
@@ -719,11 +725,16 @@ def _write(message: str) -> None:
 
 def _check_resumable(config, workdir: str, also: Sequence[str] = ()) -> None:
     """Raises unless ``config`` equals the workdir's (but RESUMABLE_KEYS and
-    ``also``)."""
+    ``also``).  Without ``workdir/config.json`` nothing is checked here;
+    :func:`train_and_evaluate` then checks the restored checkpoint's own copy."""
     try:
         saved = config_lib.load_saved_config(workdir)
     except FileNotFoundError:
         return
+    _check_same_config(saved, config, workdir, also)
+
+
+def _check_same_config(saved, config, workdir: str, also: Sequence[str] = ()) -> None:
     flat = lambda c: traverse_util.flatten_dict(c.to_dict(), sep=".")
     old, new = flat(saved), flat(config)
     diffs = [f"{k}: saved {old.get(k)!r}, new {new.get(k)!r}"
@@ -774,12 +785,23 @@ def _build(config: ml_collections.ConfigDict):
     sample prompt checked against the vocabulary (``ConfigError``)."""
     dataset = build_dataset(config)
     vocab = getattr(dataset, "vocab", None)
+    model = build_model(config, dataset.vocab_size)
     if vocab is not None:
         try:
-            _encode_prompt(vocab, config.train.sample_prompt)
+            prompt = _encode_prompt(vocab, config.train.sample_prompt)
         except ValueError as e:
             raise ConfigError(f"train.sample_prompt: {e}") from e
-    return dataset, vocab, build_model(config, dataset.vocab_size), _mesh_plan(config, dataset)
+        # Learned positions: generate() refuses positions past the table, at
+        # the end of training (the last new token is never fed back).
+        lm_config = getattr(model, "config", None)
+        length = config.train.sample_length
+        if (getattr(lm_config, "positional_encoding", None) == "learned"
+                and len(prompt) + length - 1 > lm_config.max_seq_length):
+            raise ConfigError(
+                f"train.sample_length: the prompt's {len(prompt)} characters + "
+                f"sample_length {length} - 1 exceed model.max_seq_length="
+                f"{lm_config.max_seq_length} (learned positions)")
+    return dataset, vocab, model, _mesh_plan(config, dataset)
 
 
 def _abstract_params(model, example: np.ndarray):
@@ -849,6 +871,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         Final metrics: step, train_loss, train_accuracy, eval_loss,
         eval_accuracy, wall_time, finished (num_steps or
         ``train.stop_at_eval_accuracy`` reached) (and sample for char tasks).
+        ``train_*`` are the mean over the last log window's steps of each
+        step's weighted mean (the objective each step minimised); ``eval_*``
+        weigh every target of the evaluation set by its weight.
 
     Raises:
         ConfigError: Bad config or a mismatched workdir.
@@ -905,6 +930,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if latest is not None:
             resumed, state, meta = _resume(ckpt, state, step,
                                            fallback_to_last_good)
+            _check_checkpoint_meta(meta, config, vocab, workdir, resumed)
             elapsed0 = float(meta.get("elapsed", 0.0))
             stopped_early = bool(meta.get("stopped_early"))
             schedule_steps = saved_schedule_steps(meta, t.num_steps)
@@ -929,6 +955,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         # A start that failed before saving leaves no empty checkpoints/.
         if new_dir and os.path.isdir(ckpt_dir) and not os.listdir(ckpt_dir):
             os.rmdir(ckpt_dir)
+
+
+def _check_checkpoint_meta(meta: Mapping[str, Any], config, vocab, workdir: str,
+                           step: int) -> None:
+    """The restored step's own config and vocabulary must match this run's
+    (``workdir/config.json`` may be missing or replaced): ``ConfigError``."""
+    if meta.get("config"):
+        _check_same_config(config_lib.config_from_json(meta["config"]), config, workdir)
+    saved = meta.get("vocab")
+    if (saved is not None and vocab is not None
+            and CharVocab.from_json(saved) != vocab):
+        raise ConfigError(
+            f"Step {step} in {workdir!r} was trained with another vocabulary than "
+            "the data gives now (the corpus changed?): the token ids would not "
+            "match. Restore the corpus or use a new workdir.")
 
 
 def _resume(ckpt: ckpt_lib.Checkpointer, target, step: int | None,
@@ -1073,6 +1114,7 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
         nonlocal last_saved
         meta = dict(metadata, step=step, data_position=step,
                     elapsed=wall(), stopped_early=stopped_early,
+                    evaluated=eval_metrics is not None,
                     samples_bytes=logger.samples_bytes(),
                     train_window={"loss": window_loss,
                                   "accuracy": window_acc})
@@ -1093,13 +1135,16 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
                    dynamic_ncols=True, desc="train")
     try:
         if not resumed or step >= t.num_steps or stopped_early:
-            # A finished run re-evaluates; its eval line is already logged.
-            first = run_eval(log=not resumed)
+            # A finished run re-evaluates; its eval line is logged unless the
+            # step saved was not an eval step (train.num_steps lowered to
+            # it).  Checkpoints older than the flag were all eval steps.
+            first = run_eval(log=not resumed or not restored.get("evaluated", True))
             if reached(first) and not stopped_early:
                 stopped_early = True
                 _write(f"step {step}: eval accuracy {first['eval_accuracy']:.4f} "
                        f">= train.stop_at_eval_accuracy; stopping.")
-                save(first)
+                if last_saved != step:  # A rerun reaches the same verdict.
+                    save(first)
         while step < t.num_steps and not stopped_early and (
                 stop_at_step is None or step < stop_at_step):
             tic = time.perf_counter()

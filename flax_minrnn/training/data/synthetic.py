@@ -65,6 +65,7 @@ import inspect
 
 import numpy as np
 
+from flax_minrnn.ops.checks import check_bool
 from flax_minrnn.training.data.text import (CharDataset, check_int, check_seed, check_step,
                                             load_text)
 
@@ -208,7 +209,8 @@ class Parity(_LengthGeneralisationTask):
         """
         super().__init__(batch_size, seed)
         self._set_lengths(min_len, max_len, eval_min_len, eval_max_len, pad_to, extra=1)
-        self.running = bool(running)
+        check_bool("running", running)
+        self.running = running
         self.vocab_size = 4
         self.seq_len = pad_to or self.max_len + 1
         self.eval_seq_len = pad_to or self.eval_max_len + 1
@@ -274,7 +276,8 @@ class S5WordProblem(_LengthGeneralisationTask):
         """
         super().__init__(batch_size, seed)
         self._set_lengths(min_len, max_len, eval_min_len, eval_max_len, pad_to, extra=0)
-        self.running = bool(running)
+        check_bool("running", running)
+        self.running = running
         self.perms = _permutations(self.N)
         index = {tuple(p): k for k, p in enumerate(self.perms)}
         # (g o f)(i) = g[f[i]]

@@ -93,7 +93,8 @@ class CharVocab:
         codes = _codepoints(self.chars)
         self._order = np.argsort(codes)  # Sorted position -> id.
         self._sorted_codes = codes[self._order]
-        self._char_array = np.array(chars)
+        # object, not '<U1': numpy strips a trailing NUL from '<U1' items.
+        self._char_array = np.array(chars, dtype=object)
 
     @classmethod
     def from_text(cls, text: str) -> "CharVocab":
