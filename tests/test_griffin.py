@@ -382,6 +382,20 @@ def test_recurrent_block_matches_reference_and_streams():
         np.testing.assert_allclose(a, b, **F32)
 
 
+def test_recurrent_block_float64_input_with_the_default_dtype():
+    """dtype=None computes in the input's dtype, so its carry is float64 too."""
+    with jax.enable_x64(True):
+        block = RecurrentBlock(lru_width=8, num_heads=2, conv1d_width=3)
+        x = jnp.asarray(_x((2, 9, 6), 12), jnp.float64)
+        params = block.init(jax.random.key(0), x)
+        state, y = block.apply(params, x)
+        assert y.dtype == state.conv.dtype == state.rg_lru.dtype == jnp.float64
+        ref = recurrent_block_ref(_np(params["params"]), np.asarray(x), np.zeros((2, 9), bool))
+        np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+        state2, y2 = _stream(block.apply, params, x, (0, 4, 9), None)
+        np.testing.assert_allclose(y2, y, rtol=1e-13, atol=1e-13)
+
+
 ATT = dict(num_heads=4, num_kv_heads=2, window=3)
 
 

@@ -388,7 +388,8 @@ M_RESET[2, 2] = True
 MODELS = {
     **{f"lm_{tm}": (lambda tm: lambda impl: fm.LM(fm.LMConfig(
         vocab_size=V, time_mixing=tm, n_layer=1, d_model=4, d_h=4, d_channel_mixing=8,
-        conv_width=2, positional_encoding="sinusoidal", rglru_num_heads=2, scan_impl=impl,
+        conv_width=2, positional_encoding="sinusoidal",
+        rglru_num_heads=2 if tm == "rglru" else 1, scan_impl=impl,
         **F64)))(tm) for tm in ("mingru", "minlstm", "glrnn", "rglru")},
     "griffin": lambda impl: fm.Griffin(fm.GriffinConfig(
         vocab_size=V, num_hidden_layers=2, hidden_size=8, intermediate_size=16,

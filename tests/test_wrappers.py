@@ -66,6 +66,20 @@ def test_rnn_cell_matches_layer(name):
     np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(y_ref)[valid], **TOL)
 
 
+@pytest.mark.parametrize("field", ["dtype", "param_dtype"])
+def test_rnn_cell_float64_layer_matches_the_layer(field):
+    with jax.enable_x64(True):
+        layer = MinGRU(d_h=5, **{field: jnp.float64})
+        x = jnp.asarray(_x(), jnp.float64)
+        rnn = nn.RNN(RNNCell(layer), return_carry=True)
+        variables = rnn.init(jax.random.PRNGKey(1), x)
+        c, y = rnn.apply(variables, x)
+        c_ref, y_ref = layer.apply({"params": variables["params"]["cell"]["rnn"]}, x)
+        assert c.dtype == y.dtype == jnp.float64
+        np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(c, c_ref, rtol=1e-13, atol=1e-13)
+
+
 def test_rnn_cell_carry_and_errors():
     cell = RNNCell(MinGRU(d_h=7))
     c = cell.initialize_carry(jax.random.PRNGKey(0), (2, 3))

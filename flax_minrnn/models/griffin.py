@@ -160,10 +160,12 @@ class RecurrentBlock(nn.Module):
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
-    def initialize_carry(self, batch_size: int, width: int) -> RecurrentState:
-        """Zero state for inputs of width ``width`` (no params, no RNG)."""
+    def initialize_carry(self, batch_size: int, width: int,
+                         input_dtype=jnp.float32) -> RecurrentState:
+        """Zero state for inputs of width ``width`` and dtype ``input_dtype``
+        (no params, no RNG)."""
         return _empty_recurrent_state(batch_size, self.lru_width or width, self.conv1d_width,
-                                      self.dtype or jnp.float32, self.param_dtype)
+                                      self.dtype or input_dtype, self.param_dtype)
 
     @nn.compact
     def __call__(self, x: Array, carry: Optional[RecurrentState] = None, *,
@@ -176,7 +178,7 @@ class RecurrentBlock(nn.Module):
         dtype = self.dtype or x.dtype
         lru_width = self.lru_width or width
         if carry is None:
-            carry = self.initialize_carry(batch, width)
+            carry = self.initialize_carry(batch, width, x.dtype)
         if not isinstance(carry, RecurrentState):
             raise TypeError(f"carry must be a RecurrentState, got {type(carry).__name__}")
         conv_shape = (batch, self.conv1d_width - 1, lru_width)

@@ -73,7 +73,8 @@ class RNNCell(nn.RNNCellBase):
 
     Padding is handled by ``nn.RNN(..., seq_lengths=...)``: it keeps the carry
     of the last valid step but (unlike the layers) does not zero the outputs at
-    padded steps.  ``nn.RNN`` has no document resets (call the layer directly
+    padded steps, and for a row of length 0 it returns the carry after the
+    whole padded row (Flax indexes step ``-1``), not the initial one.  ``nn.RNN`` has no document resets (call the layer directly
     with ``reset=`` for those).  The layer's ``reverse`` field has no effect on
     a single step; use ``nn.RNN(..., reverse=True)``.  Prefer the layer itself
     for training: its parallel scan is much faster than stepping.
@@ -111,7 +112,12 @@ class RNNCell(nn.RNNCellBase):
 
     @nn.nowrap
     def initialize_carry(self, rng: Array, input_shape: Tuple[int, ...]) -> Array:
-        """Zero state ``(batch, d_h)`` (float32) from the layer.
+        """Zero state ``(batch, d_h)`` from the layer.
+
+        ``RNNCellBase`` passes no input dtype, so the state dtype is the
+        layer's for float32 inputs: float32, or float64 when the layer's
+        ``dtype`` or ``param_dtype`` is.  A float64 input to a layer with
+        neither set to float64 then fails the carry's dtype check.
 
         Args:
           rng: unused (the state starts at zero); kept for ``RNNCellBase``.
