@@ -181,6 +181,14 @@ def test_errors_name_the_problem(tmp_path):
                           (dict(rope_parameters={"rope_type": "linear"}), "rope_type")):
         with pytest.raises(ValueError, match=match):
             hf_lib.config_from_hf({**hf, **change})
+    # Fields a file may omit take transformers' defaults, where ours differ;
+    # transformers 4.40 wrote the block pattern as _block_types.
+    bare = {k: v for k, v in hf.items() if k not in (
+        "attention_window_size", "pad_token_id", "eos_token_id", "bos_token_id", "block_types")}
+    pattern = ["attention", "recurrent"]
+    assert hf_lib.config_from_hf({**bare, "_block_types": pattern}) == dataclasses.replace(
+        config, attention_window_size=2048, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        block_types=tuple(pattern))
     # Overrides may set only what does not change the model's function.
     assert hf_lib.config_from_hf(hf, eos_token_id=7, scan_impl="sequential") == \
         dataclasses.replace(config, eos_token_id=7, scan_impl="sequential")

@@ -282,3 +282,6 @@ def test_conversion_errors_name_the_problem():
         other = fm.GriffinConfig(**{**config.__dict__, field: value})
         with pytest.raises(ValueError, match=field):
             fm.to_recurrentgemma(other, variables)
+    odd = fm.GriffinConfig(**{**config.__dict__, "num_attention_heads": 1, "lru_width": 9})
+    with pytest.raises(ValueError, match=r"even RG-LRU width; config has lru_width=9"):
+        fm.to_recurrentgemma(odd, variables)

@@ -57,6 +57,10 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 # Hugging Face config fields copied as they are.
+# RecurrentGemmaConfig's defaults where GriffinConfig's differ (a file may
+# omit them; transformers then uses these).
+_HF_DEFAULTS = {"attention_window_size": 2048, "pad_token_id": 0, "eos_token_id": 1,
+                "bos_token_id": 2}
 _SAME = ("vocab_size", "num_hidden_layers", "hidden_size", "intermediate_size",
          "num_attention_heads", "attention_window_size", "conv1d_width", "rms_norm_eps",
          "hidden_activation", "attention_bias", "attention_dropout", "w_init_variance_scale",
@@ -81,9 +85,11 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> griffin_lib.GriffinCon
 
     Reads both layouts of the rotary settings: ``rope_theta`` and
     ``partial_rotary_factor`` at the top level (the published config.json) or
-    inside ``rope_parameters`` (transformers 5).  Missing fields take
-    ``RecurrentGemmaConfig``'s defaults where it has one that changes the
-    model (``num_key_value_heads``: ``num_attention_heads``).
+    inside ``rope_parameters`` (transformers 5), and ``block_types`` also
+    under its transformers 4.40 name ``_block_types``.  Missing fields take
+    ``RecurrentGemmaConfig``'s defaults (``num_key_value_heads``:
+    ``num_attention_heads``; ``attention_window_size`` 2048; token ids pad 0,
+    eos 1, bos 2).
 
     Args:
       hf: the parsed ``config.json``.
@@ -99,6 +105,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> griffin_lib.GriffinCon
     if not isinstance(hf, Mapping):
         raise TypeError(f"hf must be the config.json dict, got {type(hf).__name__}")
     griffin_lib.check_overrides(overrides, "config.json")
+    hf = {**_HF_DEFAULTS, **hf}
     model_type = hf.get("model_type", "recurrent_gemma")
     if model_type != "recurrent_gemma":
         raise ValueError(f"config.json has model_type={model_type!r}; expected 'recurrent_gemma'")
@@ -127,7 +134,8 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> griffin_lib.GriffinCon
     values["lru_width"] = None if lru in (None, hf["hidden_size"]) else int(lru)
     cap = hf.get("logits_soft_cap", 30.0)
     values["logits_soft_cap"] = float(cap) if cap else None
-    values["block_types"] = tuple(hf.get("block_types", ("recurrent", "recurrent", "attention")))
+    values["block_types"] = tuple(hf.get("block_types", hf.get(
+        "_block_types", ("recurrent", "recurrent", "attention"))))
     eos = hf.get("eos_token_id", None)
     values["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else eos
     init = hf.get("final_w_init_variance_scale")

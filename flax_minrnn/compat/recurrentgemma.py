@@ -150,6 +150,9 @@ def _check_expressible(config: griffin_lib.GriffinConfig) -> None:
         if getattr(config, name) != value:
             raise ValueError(f"recurrentgemma.jax.Griffin has {name}={value!r}; "
                              f"config has {name}={getattr(config, name)!r}")
+    if config.state_width % 2:
+        raise ValueError(f"recurrentgemma.jax.Griffin needs an even RG-LRU width; config has "
+                         f"lru_width={config.lru_width!r} (width {config.state_width})")
     init = 2.0 / config.num_hidden_layers
     if config.final_w_init_variance_scale not in (None, init):
         raise ValueError(f"recurrentgemma.jax.Griffin has final_w_init_variance_scale = "
