@@ -447,6 +447,16 @@ def test_bfloat16_compute_keeps_the_float32_gate_bias(name, impl):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("true_rec", [False, True], ids=["assoc", "true"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_empty_batch_keeps_the_time_axis(name, true_rec):
+    layer = LAYERS[name](use_true_recurrence=true_rec)
+    params = _init(layer, _x())
+    carry, y = layer.apply(params, jnp.zeros((0, T, D_IN)))
+    ref_carry, ref_y = layer.apply(params, _x())
+    assert carry.shape == (0,) + ref_carry.shape[1:] and y.shape == (0,) + ref_y.shape[1:]
+
+
 def test_forget_bias_sets_initial_retention():
     x = _x(9, (1, 3, 4))
     for layer, (seg, value) in [(MinGRU(d_h=4, forget_bias=3.0), (0, -3.0)),

@@ -296,6 +296,29 @@ def test_empty_batch_returns_empty_arrays(impl):
     assert grads.shape == a.shape
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16])
+def test_narrow_integer_lengths_do_not_wrap(rng, dtype):
+    """Steps are counted in at least int32: a uint8 counter would wrap at 256
+    and mark steps 256.. valid again."""
+    a = jnp.asarray(rng.uniform(0.5, 1.0, (2, 300, 2)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(2, 300, 2)), jnp.float32)
+    lengths = np.asarray([100, 120], dtype)
+    want = linear_recurrence(np.float64(a), np.float64(b), mask=np.arange(300) < lengths[:, None])
+    for impl in ("sequential", "chunked", "associative"):
+        h_last, h = linear_scan(a, b, seq_lengths=jnp.asarray(lengths), impl=impl)
+        np.testing.assert_allclose(h_last, want[0], rtol=1e-5, atol=1e-5, err_msg=impl)
+        np.testing.assert_allclose(h, want[1], rtol=1e-5, atol=1e-5, err_msg=impl)
+
+
+def test_gated_scan_empty_batch_and_complex_coefficients():
+    x = jnp.zeros((0, 5, 3, 2), jnp.float32)
+    h_last, h = gated_scan(_jnp_gates, x, None)
+    assert h_last.shape == (0, 3) and h.shape == (0, 5, 3)
+    complex_gates = lambda x, p: (x.astype(jnp.complex64) * 0.5j, x)
+    with pytest.raises(TypeError, match=r"coeff_fn must return real .* complex64"):
+        gated_scan(complex_gates, jnp.ones((1, 3, 2)), None)
+
+
 def test_traced_seq_lengths_are_clamped_or_checked_at_run_time(rng):
     """Under jit the lengths are unknown at trace time: without a check they
     are clamped (above T acts as T, negative as 0); inside

@@ -301,6 +301,8 @@ def _symbolic_time_case(name):
         "MinLSTM_reverse": (fm.MinLSTM(d_h=4, d_model=3, reverse=True, **F64), 3),
         "GatedLinearRNN_true": (fm.GatedLinearRNN(d_h=4, d_model=3, use_true_recurrence=True,
                                                   **F64), 3),
+        "MinGRU_true_reverse": (fm.MinGRU(d_h=3, use_true_recurrence=True, reverse=True,
+                                          **F64), 3),
         "RGLRU": (fm.RGLRU(num_heads=2, **F64), 4)}
     if name == "linear_scan":  # Resets, lengths and reverse, all traced.
         def apply(theta, x):
@@ -329,7 +331,8 @@ def _symbolic_time_case(name):
 
 
 @pytest.mark.parametrize("name", ["linear_scan", "MinGRU", "MinLSTM_reverse",
-                                  "GatedLinearRNN_true", "RGLRU", "LM", "Griffin"])
+                                  "GatedLinearRNN_true", "MinGRU_true_reverse", "RGLRU", "LM",
+                                  "Griffin"])
 def test_export_with_a_symbolic_time_axis(name):
     """Exported once with a symbolic batch and time axis (scan_impl 'auto'),
     the forward pass and the gradient run at other batches and lengths, T = 1

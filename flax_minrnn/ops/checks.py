@@ -52,9 +52,21 @@ def concrete_or_none(x) -> Optional[np.ndarray]:
         return None
 
 
+def check_real_outputs(name: str, *outputs) -> None:
+    """``outputs`` (``ShapeDtypeStruct``s of a user function's results) must
+    be real (float or integer): a complex value would lose its imaginary part
+    in the float state."""
+    for out in outputs:
+        if not (jnp.issubdtype(out.dtype, jnp.floating) or jnp.issubdtype(out.dtype, jnp.integer)):
+            raise TypeError(f"{name} must return real (float or integer) arrays, got dtype "
+                            f"{out.dtype}")
+
+
 def lengths_to_mask(seq_lengths: Array, seq_len: int) -> Array:
     """Boolean ``(batch, seq_len)`` mask, True at steps ``t < seq_lengths``."""
-    return jnp.arange(seq_len, dtype=seq_lengths.dtype)[None, :] < seq_lengths[:, None]
+    # At least 32 bits: a narrower step counter would wrap (uint8 past 255).
+    dtype = seq_lengths.dtype if np.iinfo(seq_lengths.dtype).bits >= 32 else jnp.int32
+    return jnp.arange(seq_len, dtype=dtype)[None, :] < seq_lengths.astype(dtype)[:, None]
 
 
 _runtime = threading.local()

@@ -611,6 +611,7 @@ def run(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, reve
         one_step = jax.ShapeDtypeStruct((batch, 1, kernel.shape[1] - n_side),
                                         jnp.result_type(x, kernel))
     a_s, b_s = jax.eval_shape(coeff_fn, one_step, params)
+    checks.check_real_outputs("coeff_fn", a_s, b_s)
     if a_s.shape != b_s.shape or tuple(a_s.shape[:2]) != (batch, 1):
         raise ValueError(
             "coeff_fn must return (a, b) of the same shape (batch, steps, "
@@ -637,7 +638,7 @@ def run(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, reve
     h0 = jnp.zeros(state_shape, dtype) if h0 is None else h0.astype(dtype)
     x, kernel, params, h0 = checks.same_varying(x, kernel, params, h0)
     if batch == 0:
-        out = (jnp.zeros(state_shape, dtype) if readout_fn is None
+        out = (jnp.zeros((0, seq_len) + state_shape[1:], dtype) if readout_fn is None
                else jnp.zeros((0, seq_len) + y_s.shape[2:], y_s.dtype))
         return jnp.zeros(state_shape, dtype), out
     boundary = None if reset is None else scan_lib.reset_boundaries(reset, reverse, valid)

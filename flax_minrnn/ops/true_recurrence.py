@@ -213,7 +213,7 @@ def _load_with_first(h, h0, reverse: bool, start, length, *arrays):
     stays ``None``), and the state before the block's first step in scan
     order (``h0`` at the edge)."""
     seq_len = h.shape[1]
-    if jax.export.is_symbolic_dim(start):  # A symbolic T: compared at run time.
+    if jax.export.is_symbolic_dim(start) or jax.export.is_symbolic_dim(seq_len):
         start = jnp.asarray(start, jnp.int32)
     if reverse:
         after = start + length
@@ -437,6 +437,7 @@ def _run(coeff_fn, x, h0, recurrent_kernel, kernel, params, n_side, reset, seq_l
     c_dtype = jnp.result_type(x, recurrent_kernel, *(() if kernel is None else (kernel,)))
     dtype = checks.accum_dtype(c_dtype)
     a_s, b_s = jax.eval_shape(coeff_fn, jax.ShapeDtypeStruct((batch, 1, n_rec), dtype), params)
+    checks.check_real_outputs("coeff_fn", a_s, b_s)
     if a_s.shape != (batch, 1, d_h) or b_s.shape != (batch, 1, d_h):
         raise ValueError(
             "coeff_fn must return (a, b) of shape (batch, steps, d_h) with d_h = "
