@@ -81,7 +81,8 @@ def _add_buckets(p: argparse.ArgumentParser, what: str) -> None:
                    action="store_true", default=True,
                    help=f"pad {what} to a few bucket lengths (16, 24, 32, 48, "
                         "64, ...) so that different lengths share compiled "
-                        "code; same results (default: on)")
+                        "code; same results up to float32 rounding "
+                        "(default: on)")
     p.add_argument("--no-bucket-lengths", dest="bucket_lengths",
                    action="store_false", default=True,
                    help="turn bucketing off: compile for each exact length "
@@ -319,7 +320,15 @@ def _drop_orphaned_future_errors(record: logging.LogRecord) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit code (2 for user errors)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes one run of positionals: overrides after an option come
+    # back unparsed, and join the others in order.
+    if extra and hasattr(args, "overrides") and all(
+            "=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.getLogger("asyncio").addFilter(_drop_orphaned_future_errors)
     try:
         return _run(args)

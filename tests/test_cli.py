@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from flax_minrnn import cli
+from flax_minrnn.training import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAKESPEARE = str(REPO / "configs" / "shakespeare.py")
@@ -56,6 +57,18 @@ def test_bad_override_exits_2_naming_the_key(override, key, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_overrides_may_sit_on_both_sides_of_an_option(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    assert cli.main(["train", "--config", SHAKESPEARE, *TINY[:1], "--workdir", workdir,
+                     *TINY[1:], "seed=3"]) == 0
+    saved = config_lib.load_saved_config(workdir)
+    assert saved.seed == 3 and saved == config_lib.apply_overrides(
+        config_lib.load_config(SHAKESPEARE), [*TINY, "seed=3"])
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--config", SHAKESPEARE, "--workdir", workdir, "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_missing_config_file_exits_2(tmp_path, capsys):
     assert cli.main(["train", "--config", str(tmp_path / "nope.py"),
                      "--workdir", str(tmp_path)]) == 2
@@ -86,6 +99,16 @@ def test_oversized_seed_is_refused(tmp_path, capsys):
     assert cli.main(["train", "--config", SHAKESPEARE, "--workdir",
                      str(tmp_path / "run"), "seed=99999999999999999999"]) == 2
     assert "seed must be < 2**32" in capsys.readouterr().err
+
+
+def test_distributed_without_a_cluster_says_what_to_give(tmp_path):
+    env_vars = ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE")
+    assert not any(v in os.environ for v in env_vars)
+    result = run_cli("train", "--distributed", "--config", SHAKESPEARE, "--workdir",
+                     str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr
+    assert "auto-detection found no cluster" in result.stderr
+    assert "--coordinator-address" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_partial_multi_host_flags_are_refused_by_flag_name(tmp_path, capsys):

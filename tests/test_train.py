@@ -351,7 +351,7 @@ def test_sample_past_learned_positions_is_refused_before_training(char_run, tmp_
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.1], ids=["plain", "stop_at_accuracy"])
-def test_lowering_num_steps_to_a_step_saved_without_eval(tmp_path, threshold):
+def test_lowering_num_steps_to_a_step_saved_without_eval(tmp_path, capsys, threshold):
     """The re-evaluation of a step saved without an eval is logged, and
     reaching train.stop_at_eval_accuracy there does not save it again."""
     config = small_config(str(REPO / "configs" / "parity.py"), "train.num_steps=10",
@@ -364,12 +364,20 @@ def test_lowering_num_steps_to_a_step_saved_without_eval(tmp_path, threshold):
                      if r["split"] == "eval"]
     assert [s for s, _ in evals()] == [0] and evals()[0][1] < 0.1
     shorter = config_lib.apply_overrides(config, ["train.num_steps=4"])
+    capsys.readouterr()
     metrics = train.train_and_evaluate(shorter, workdir)
+    assert "train.num_steps=4 is not past step 4: nothing trains" in capsys.readouterr().out
     assert metrics["finished"] and metrics["step"] == 4
     assert evals()[1:] == [(4, metrics["eval_accuracy"])]
     assert metrics["eval_accuracy"] > 0.1
     with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
         assert ckpt.all_steps() == [4]
+
+
+def test_a_missing_stage_one_run_names_init_from(tmp_path):
+    config = small_config(STAGE2, f"init_from.workdir={tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match=r"^init_from.workdir=.*nowhere.*No checkpoints"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def _hashes(path: pathlib.Path) -> dict:

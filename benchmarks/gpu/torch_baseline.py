@@ -10,7 +10,7 @@ every measurement, so a run cut short keeps what it measured)::
 
 Timing is the same as the JAX side's: wall time of one call ended by
 ``torch.cuda.synchronize()``, median of at least ``--min-calls`` calls after
-one warm-up call.  A ``T`` whose warm-up call says that ``--min-calls`` calls
+two warm-up calls.  A ``T`` whose warm-up calls say that ``--min-calls`` calls
 would take more than ``--case-cap-s`` or the time left is skipped (recorded,
 with the warm-up time).
 
@@ -167,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--d", type=int, default=256,
                    help="input and hidden width (default: %(default)s)")
     p.add_argument("--min-calls", type=int, default=20,
-                   help="timed calls per T at least, after one warm-up call "
+                   help="timed calls per T at least, after two warm-up calls "
                         "(default: %(default)s)")
     p.add_argument("--copy-bytes", type=int, default=1 << 30,
                    help="bytes of the device-to-device copy (default: %(default)s, 1 GiB)")

@@ -277,4 +277,12 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     if all(given) and not (num_processes >= 1 and 0 <= process_id < num_processes):
         raise ValueError(
             f"process_id={process_id} must lie in [0, num_processes={num_processes})")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except ValueError as e:
+        if any(given):
+            raise
+        raise ValueError(
+            f"auto-detection found no cluster (Slurm, Open MPI or TPU) to join ({e}); give "
+            "coordinator_address, num_processes and process_id (the CLI's "
+            "--coordinator-address, --num-processes and --process-id)") from e

@@ -530,7 +530,10 @@ def initial_params(config: ml_collections.ConfigDict, model: LM,
     source = config.init_from.workdir
     if not source:
         return params
-    loaded, meta = ckpt_lib.load_params(_checkpoint_dir(source))
+    try:
+        loaded, meta = ckpt_lib.load_params(_checkpoint_dir(source))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"init_from.workdir={source!r}: {e}") from e
     if vocab is not None and meta.get("vocab"):
         if CharVocab.from_json(meta["vocab"]) != vocab:
             raise ConfigError(f"init_from.workdir {source!r} was trained with "
@@ -937,6 +940,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             tx = make_optimizer(config, params, schedule_steps)
             _write(f"Resuming {workdir} from step {resumed}.")
             note = schedule_note(config, schedule_steps)
+            if note and t.num_steps <= resumed:
+                note = (f"train.num_steps={t.num_steps} is not past step {resumed}: nothing "
+                        f"trains, step {resumed} is evaluated.")
             if note:
                 _write(note)
         if jax.process_index() == 0:
