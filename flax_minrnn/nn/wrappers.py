@@ -74,8 +74,9 @@ class RNNCell(nn.RNNCellBase):
     Padding is handled by ``nn.RNN(..., seq_lengths=...)``: it keeps the carry
     of the last valid step but (unlike the layers) does not zero the outputs at
     padded steps, and for a row of length 0 it returns the carry after the
-    whole padded row (Flax indexes step ``-1``), not the initial one.  ``nn.RNN`` has no document resets (call the layer directly
-    with ``reset=`` for those).  The layer's ``reverse`` field has no effect on
+    whole padded row (Flax indexes step ``-1``), not the initial one.
+    ``nn.RNN`` has no document resets (call the layer directly with
+    ``reset=`` for those).  The layer's ``reverse`` field has no effect on
     a single step; use ``nn.RNN(..., reverse=True)``.  Prefer the layer itself
     for training: its parallel scan is much faster than stepping.
 
