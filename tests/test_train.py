@@ -342,7 +342,8 @@ def test_sample_past_learned_positions_is_refused_before_training(char_run, tmp_
         "model.positional_encoding=learned", "model.max_seq_length=32",
         f"train.sample_length={longest + 1}"])
     with pytest.raises(config_lib.ConfigError,
-                       match="train.sample_length: .*exceed model.max_seq_length=32"):
+                       match=rf"train.sample_length: prompt length {32 - longest + 1} \+ "
+                             rf"max_new_tokens {longest + 1} - 1 exceeds max_seq_length=32"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
     fits = config_lib.apply_overrides(config, [f"train.sample_length={longest}",

@@ -248,7 +248,7 @@ class _Spec(NamedTuple):
 
 def _bias(params, width: int) -> Array:
     bias = params[0]
-    return jnp.zeros((width,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    return jnp.zeros((width,), jnp.float32) if bias is None else bias  # float32 (_applies)
 
 
 @jax.custom_jvp

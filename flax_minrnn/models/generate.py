@@ -470,14 +470,8 @@ def generate(model, params, prompt: Array, max_new_tokens: Optional[int] = None,
     eos_ids = _token_ids("eos_id", eos_id, vocab)
     _token_ids("pad_id", pad_id, vocab, single=True)
     stop = _stop_array(stop_sequences, vocab)
-    if getattr(config, "positional_encoding", None) == "learned" and max_new_tokens > 0:
-        longest = plen if lengths_value is None else int(lengths_value.max())
-        # The last new token is never fed back, so positions reach
-        # longest + max_new_tokens - 2.
-        if longest + max_new_tokens - 1 > config.max_seq_length:
-            raise ValueError(
-                f"prompt length {longest} + max_new_tokens {max_new_tokens} - 1 exceeds "
-                f"max_seq_length={config.max_seq_length} (learned positions)")
+    check_learned_positions(config, plen if lengths_value is None else
+                            int(lengths_value.max()), max_new_tokens)
     if max_new_tokens == 0:
         empty = jnp.zeros((batch, 0), jnp.int32)
         return GenerateOutput(empty, jnp.zeros((batch,), jnp.int32),
@@ -510,6 +504,18 @@ def generate(model, params, prompt: Array, max_new_tokens: Optional[int] = None,
         tokens, logits = _first(tokens, max_new_tokens), _first(logits, max_new_tokens)
         lengths = jnp.minimum(lengths, jnp.int32(max_new_tokens))
     return GenerateOutput(tokens, lengths, logits if return_logits else None)
+
+
+def check_learned_positions(config, prompt_length: int, max_new_tokens: int) -> None:
+    """``ValueError`` when a model with learned positions (``config``, an
+    ``LMConfig``; other configs pass) would be fed a position past its table.
+    The last new token is never fed back, so positions reach
+    ``prompt_length + max_new_tokens - 2``."""
+    if (getattr(config, "positional_encoding", None) == "learned" and max_new_tokens > 0
+            and prompt_length + max_new_tokens - 1 > config.max_seq_length):
+        raise ValueError(
+            f"prompt length {prompt_length} + max_new_tokens {max_new_tokens} - 1 exceeds "
+            f"max_seq_length={config.max_seq_length} (learned positions)")
 
 
 def _scalar_int(value):

@@ -79,12 +79,11 @@ SAMPLES_FILE = "samples.txt"
 # Samples of steps newer than the one a run resumes from: kept here.
 SUPERSEDED_SAMPLES_FILE = "samples.superseded.txt"
 TB_DIR = "tb"
-# Config keys that may differ between a workdir's run and its resumption
-# (the mesh too: a run may resume on another number of devices).
-# Keys that may change when a run resumes: they change neither the trained
-# state nor the data order.  The samples use a stream of their own, and
-# init_from.workdir is read on a fresh start only (a moved two-stage run then
-# still resumes its stage 2).
+# Config keys that may differ between a workdir's run and its resumption:
+# they change neither the trained state nor the data order.  The mesh may
+# change (a run may resume on another number of devices), the samples use a
+# stream of their own, and init_from.workdir is read on a fresh start only (a
+# moved two-stage run then still resumes its stage 2).
 RESUMABLE_KEYS = ("train.num_steps", "train.progress_bar", "train.sample_every",
                   "train.sample_length", "train.sample_prompt", "train.sample_temperature",
                   "train.sample_top_k", "init_from.workdir", "mesh.shape",
@@ -794,16 +793,13 @@ def _build(config: ml_collections.ConfigDict):
             prompt = _encode_prompt(vocab, config.train.sample_prompt)
         except ValueError as e:
             raise ConfigError(f"train.sample_prompt: {e}") from e
-        # Learned positions: generate() refuses positions past the table, at
-        # the end of training (the last new token is never fed back).
-        lm_config = getattr(model, "config", None)
-        length = config.train.sample_length
-        if (getattr(lm_config, "positional_encoding", None) == "learned"
-                and len(prompt) + length - 1 > lm_config.max_seq_length):
-            raise ConfigError(
-                f"train.sample_length: the prompt's {len(prompt)} characters + "
-                f"sample_length {length} - 1 exceed model.max_seq_length="
-                f"{lm_config.max_seq_length} (learned positions)")
+        # What generate() would refuse at the end of training.
+        from flax_minrnn.models.generate import check_learned_positions  # pylint: disable=g-import-not-at-top
+        try:
+            check_learned_positions(getattr(model, "config", None), len(prompt),
+                                    config.train.sample_length)
+        except ValueError as e:
+            raise ConfigError(f"train.sample_length: {e}") from e
     return dataset, vocab, model, _mesh_plan(config, dataset)
 
 
@@ -1142,8 +1138,9 @@ def _loop(config, workdir, ckpt, model, tx, dataset, vocab, state, metadata,
     try:
         if not resumed or step >= t.num_steps or stopped_early:
             # A finished run re-evaluates; its eval line is logged unless the
-            # step saved was not an eval step (train.num_steps lowered to
-            # it).  Checkpoints older than the flag were all eval steps.
+            # step saved was an eval step (a step saved without one: num_steps
+            # lowered to it).  Checkpoints without the flag log no line, as
+            # before it.
             first = run_eval(log=not resumed or not restored.get("evaluated", True))
             if reached(first) and not stopped_early:
                 stopped_early = True
