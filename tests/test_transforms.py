@@ -335,8 +335,9 @@ def _symbolic_time_case(name):
                                   "Griffin"])
 def test_export_with_a_symbolic_time_axis(name):
     """Exported once with a symbolic batch and time axis (scan_impl 'auto'),
-    the forward pass and the gradient run at other batches and lengths, T = 1
-    included, and equal the unexported calls."""
+    the forward pass, the gradient and a forward-mode derivative run at
+    other batches and lengths (T = 1, and lengths that are and are not
+    multiples of the loop's blocks) and equal the unexported calls."""
     apply, theta, make = _symbolic_time_case(name)
     x = make(1, 4)
     spec = jax.ShapeDtypeStruct(export.symbolic_shape(
@@ -346,9 +347,14 @@ def test_export_with_a_symbolic_time_axis(name):
         return sum(jnp.sum(o ** 2) for o in jax.tree.leaves(apply(theta, x))
                    if jnp.issubdtype(o.dtype, jnp.floating))
 
-    for fun in (apply, jax.grad(loss)):
+    def directional(theta, x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # token ids
+            return jax.jvp(lambda t: loss(t, x), (theta,), (jnp.cos(theta),))
+        return jax.jvp(loss, (theta, x), (jnp.cos(theta), jnp.sin(x)))
+
+    for fun in (apply, jax.grad(loss), directional):
         restored = export.deserialize(export.export(jax.jit(fun))(theta, spec).serialize())
-        for batch, seq_len in ((1, 1), (2, 5), (3, 13)):
+        for batch, seq_len in ((1, 1), (2, 5), (1, 8), (3, 13)):
             xt = make(batch, seq_len)
             got, want = restored.call(theta, xt), fun(theta, xt)
             assert jax.tree.structure(got) == jax.tree.structure(want)
