@@ -749,5 +749,5 @@ def test_chunked_stores_projection_blocks_of_the_state_width():
     x = jnp.zeros((2, 64, 5))
     _, _, pre, _, _ = gated_lib.tiles_forward(
         lambda p, c, q: tuple(jnp.split(p, 2, axis=-1)), None, x, jnp.ones((5, 16)),
-        (None, None), None, h0, False, 16, 0, store=True)
+        (None, None), None, h0, False, 16, 0, 64, store=True)
     assert isinstance(pre, tuple) and [p.shape for p in pre] == [(2, 64, 8)] * 2

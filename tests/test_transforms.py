@@ -270,8 +270,8 @@ def test_every_transformation(name):
 def test_export_with_a_symbolic_batch(name):
     """Exported once with a symbolic batch size, the forward pass and the
     gradient run at other batch sizes and equal the unexported calls; with a
-    symbolic time axis, a named implementation that needs a concrete length
-    is refused with an error that says so."""
+    symbolic time axis, a named ``associative`` (which needs a concrete
+    length) is refused with an error that says so."""
     apply, theta, inputs = _case(name)
     x = inputs(1)[0]
     dims = ", ".join(str(d) for d in x.shape[2:])
@@ -287,8 +287,9 @@ def test_export_with_a_symbolic_batch(name):
         restored = export.deserialize(exported.serialize())
         for xb in (x[:1], jnp.concatenate([x, x[::-1]], axis=0)):
             _close(restored.call(theta, xb), fun(theta, xb), 1e-12)
-    # These cases name a scan implementation that needs a concrete length.
-    with pytest.raises(ValueError, match=r"scan_impl='(chunked|associative)' needs a concrete "
+    # The associative scan needs a concrete length.
+    apply, theta, _ = _case(name, tiled="associative")
+    with pytest.raises(ValueError, match=r"scan_impl='associative' needs a concrete "
                                          r"sequence length.*symbolic size t.*'auto'"):
         export.export(jax.jit(apply))(theta, spec(f"{x.shape[0]}, t"))
 
@@ -360,6 +361,45 @@ def test_export_with_a_symbolic_time_axis(name):
             assert jax.tree.structure(got) == jax.tree.structure(want)
             _close([g for g in jax.tree.leaves(got) if g.size],
                    [w for w in jax.tree.leaves(want) if w.size], 1e-12)
+
+
+@pytest.mark.parametrize("name", ["MinGRU", "GatedLinearRNN_reverse"])
+def test_symbolic_time_axis_runs_whole_tiles_then_short_blocks(monkeypatch, name):
+    """With a symbolic time axis, ``auto`` runs the tile loop: whole tiles,
+    then blocks of 8 steps that may run over identity steps appended past
+    the end.  Exported once (tiles of 32 steps here), the forward pass, the
+    gradient and a forward-mode derivative equal the unexported calls, with
+    resets and padded rows, at lengths below, at and past one tile and
+    several tiles, in both directions, with and without a readout."""
+    symbolic_t = export.symbolic_shape("t")[0]
+    assert fm.ops.scan.default_impl(symbolic_t, backend="cpu") is fm.ops.scan.ScanImpl.CHUNKED
+    monkeypatch.setattr(gated_lib, "_TILE_MAX", 32)
+    layer = (fm.MinGRU(d_h=3, **F64) if name == "MinGRU" else
+             fm.GatedLinearRNN(d_h=4, d_model=3, reverse=True, **F64))
+    rng = np.random.default_rng(11)
+    theta, unravel = ravel_pytree(layer.init(jax.random.PRNGKey(0), jnp.ones((1, 4, 3))))
+    theta = theta + 0.2 * jnp.asarray(rng.normal(size=theta.shape))
+
+    def apply(theta, x):
+        lengths = x.shape[1] - (jnp.arange(x.shape[0], dtype=jnp.int32) % 3)
+        return layer.apply(unravel(theta), x, reset=x[..., 0] > 1.2,
+                           seq_lengths=jnp.maximum(lengths, 0))
+
+    def loss(theta, x):
+        carry, y = apply(theta, x)
+        return jnp.sum(y ** 2) + jnp.sum(jnp.sin(carry))
+
+    def directional(theta, x):
+        return jax.jvp(loss, (theta, x), (jnp.cos(theta), jnp.sin(x)))
+
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape("b, t, 3"), jnp.float64)
+    for fun in (apply, jax.grad(loss, argnums=(0, 1)), directional):
+        restored = export.deserialize(export.export(jax.jit(fun))(theta, spec).serialize())
+        for batch, seq_len in ((3, 1), (3, 9), (2, 32), (3, 33), (3, 101)):
+            xt = jnp.asarray(rng.normal(size=(batch, seq_len, 3)))
+            got, want = restored.call(theta, xt), fun(theta, xt)
+            assert jax.tree.structure(got) == jax.tree.structure(want)
+            _close(got, want, 1e-12)
 
 
 # ----------------------------------------------------------------------------

@@ -311,7 +311,7 @@ def _tangent(static, res, lin):
     coeffs, reverse, tile = static
     x, kernel, consts, params, h0, h, pre = res
     return gated_lib.tiles_tangent(coeffs, None, x, kernel, consts, params, h0, h, (pre,), None,
-                                   *lin, reverse, tile)
+                                   *lin, reverse, tile, 0, x.shape[1])
 
 
 def _adjoint(spec, static, res, ct):

@@ -61,6 +61,8 @@ __all__ = ["gated_scan", "gated_scan_with_readout", "tile_size"]
 # whole-sequence buffers.
 _TILE_BYTES = 2 * 2 ** 20
 _TILE_MIN, _TILE_MAX = 32, 512
+# The batch a tile is sized for when the batch is symbolic (jax.export).
+_NOMINAL_ROWS = 8
 
 
 def tile_size(row_bytes: int, seq_len: int) -> int:
@@ -69,10 +71,12 @@ def tile_size(row_bytes: int, seq_len: int) -> int:
     At most a quarter of ``seq_len`` (rounded down to a power of two, at
     least ``_TILE_MIN``): with at least four tiles, the tiles' temporaries
     stay small next to the sequence's own buffers.  Never more than
-    ``seq_len``.
+    ``seq_len``.  A symbolic ``seq_len`` (``jax.export``) bounds nothing.
     """
     steps = max(1, _TILE_BYTES // max(1, row_bytes))
     size = min(_TILE_MAX, max(_TILE_MIN, 2 ** int(math.log2(steps))))
+    if jax.export.is_symbolic_dim(seq_len):
+        return size
     quarter = 2 ** int(math.log2(max(1, seq_len // 4)))
     return int(min(seq_len, max(_TILE_MIN, min(size, quarter))))
 
@@ -146,11 +150,11 @@ def _load_columns(bufs, start, length: int, dtype) -> Array:
     return jnp.concatenate([_loaded(b, dtype) for b in _take(bufs, start, length)], axis=-1)
 
 
-def _tile_states(h, h0, start, length: int, reverse: bool):
+def _tile_states(h, h0, start, length: int, reverse: bool, seq_len):
     """``(h_t, h_prev)``: the states ``h`` of steps ``[start, start + length)``
     and the state before each of them in scan order (``h0`` before the
-    sequence's first step)."""
-    seq_len = h.shape[1]
+    sequence's first step; the sequence has ``seq_len`` steps, and ``h`` may
+    hold more after them)."""
 
     def at(i):
         i = jnp.clip(i, 0, seq_len - 1)
@@ -182,6 +186,63 @@ def _grads_of(sums, params):
 # ----------------------------------------------------------------------------
 # impl="chunked": the tile loop.
 
+# Steps per block past the last whole tile of a symbolic length.
+_UNIT = 8
+
+
+def _tile_layout(seq_len, tile: int, reverse: bool):
+    """The tiles of ``seq_len`` steps in scan order: ``[(count, start, length,
+    loop)]``, ``count`` tiles of ``length`` steps, the ``i``-th of them
+    starting at ``start(i)``, run by a loop (``loop``) or by one call.
+
+    A concrete length has the layout of :func:`flax_minrnn.ops.scan.blocks`.
+    A symbolic one (``jax.export``) has ``seq_len // tile`` whole tiles and
+    then blocks of ``_UNIT`` steps up to the end, at the end of time in
+    either direction; the last block may run up to ``_UNIT - 1`` steps past
+    the end, so the arrays must hold ``tile`` more steps, identities
+    (:func:`_append_steps`).
+    """
+    if not jax.export.is_symbolic_dim(seq_len):
+        num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
+        return [(num_full, full_start, tile, True)] + (
+            [(1, lambda i: rem_start, rem, False)] if rem else [])
+    unit = min(_UNIT, tile)
+    full = seq_len // tile
+    units = (seq_len - full * tile + unit - 1) // unit
+    edge = lambda: jnp.asarray(full * tile, jnp.int32)
+    if reverse:
+        return [(units, lambda i: edge() + (units - 1 - i) * unit, unit, True),
+                (full, lambda i: (full - 1 - i) * tile, tile, True)]
+    return [(full, lambda i: i * tile, tile, True),
+            (units, lambda i: edge() + i * unit, unit, True)]
+
+
+def _visit_tiles(run_tile, carry, seq_len, tile: int, reverse: bool, against: bool = False):
+    """``carry = run_tile(carry, start, length)`` over the tiles of
+    :func:`_tile_layout`, in scan order, or against it (``against``: the
+    adjoint's order)."""
+    layout = _tile_layout(seq_len, tile, reverse)
+    if against:
+        layout = [(count, (lambda i, start=start, count=count: start(count - 1 - i)), length,
+                   loop) for count, start, length, loop in reversed(layout)]
+    for count, start, length, loop in layout:
+        if loop:
+            carry = jax.lax.fori_loop(
+                0, count, lambda i, c, start=start, length=length: run_tile(c, start(i), length),
+                carry)
+        else:
+            carry = run_tile(carry, start(0), length)
+    return carry
+
+
+def _append_steps(x, steps: int):
+    """``x`` (a pytree of ``(batch, time, ...)`` arrays, or ``None``) with
+    ``steps`` steps of zeros (False) appended to the time axis."""
+    def append(v):
+        tail = jax.lax.full_like(v, 0, v.dtype, (v.shape[0], steps) + tuple(v.shape[2:]))
+        return jnp.concatenate([v, tail], axis=1)
+    return jax.tree.map(append, x)
+
 
 def _readout_buffer(readout, h0, params, seq_len: int, n_side: int, p_dtype):
     """``(dtype, buffer)``: the dtype of ``readout``'s output and a zero
@@ -195,8 +256,9 @@ def _readout_buffer(readout, h0, params, seq_len: int, n_side: int, p_dtype):
 
 
 def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: bool,
-                  tile: int, n_side: int, *, store: bool):
-    """The forward tile loop.
+                  tile: int, n_side: int, seq_len, *, store: bool):
+    """The forward tile loop over the ``seq_len`` steps of ``x``'s time axis
+    (which may hold more: :func:`_tile_layout`).
 
     ``store``: keep what the derivatives read, the states and the projection
     (which is then computed for the whole sequence before the loop); else
@@ -210,9 +272,8 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
     (both only with ``store`` and a kernel; ``side`` only with side columns);
     ``y`` the readout of each step (``None`` without ``readout``).
     """
-    batch, seq_len = jax.tree.leaves(x)[0].shape[:2]
-    num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
-    h_buf = (_buffer(h0, h0.dtype, (batch, seq_len) + h0.shape[1:])
+    batch, length = jax.tree.leaves(x)[0].shape[:2]
+    h_buf = (_buffer(h0, h0.dtype, (batch, length) + h0.shape[1:])
              if store or readout is None else None)
     pre_buf = side_buf = y_buf = y_dtype = None
     p_dtype = None if kernel is None else jnp.result_type(x, kernel)
@@ -224,10 +285,10 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
         pre_buf, side_buf = _project_stored(x, kernel, n_side, _column_groups(
             kernel.shape[1] - n_side, h0))
     if readout is not None:
-        y_dtype, y_buf = _readout_buffer(readout, h0, params, seq_len, n_side, p_dtype)
+        y_dtype, y_buf = _readout_buffer(readout, h0, params, length, n_side, p_dtype)
 
-    def run_tile(h, bufs, start, length):
-        h_buf, y_buf = bufs
+    def run_tile(carry, start, length):
+        h, (h_buf, y_buf) = carry
         pre, side = _tile_projection(x, kernel, n_side, pre_buf, side_buf, start, length)
         c_t = _take(consts, start, length)
         a, b = coeff_fn(pre, c_t, params)
@@ -241,14 +302,7 @@ def tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0, reverse: boo
             y_buf = _put(y_buf, _stored(readout(h_tile, side, c_t, params)), start)
         return h, (h_buf, y_buf)
 
-    def body(i, carry):
-        return run_tile(*carry, full_start(i), tile)
-
-    carry = (h0, (h_buf, y_buf))
-    carry = jax.lax.fori_loop(0, num_full, body, carry)
-    if rem:
-        carry = run_tile(*carry, rem_start, rem)
-    h_last, (h, y) = carry
+    h_last, (h, y) = _visit_tiles(run_tile, (h0, (h_buf, y_buf)), seq_len, tile, reverse)
     if y is not None:
         y = _loaded(y, y_dtype)
     return h_last, h, pre_buf, side_buf, y
@@ -293,15 +347,12 @@ def _project(x, kernel, n_side: int, start, length: int):
 
 
 def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, side_buf,
-                   g, g_last, reverse: bool, tile: int, n_side: int = 0):
+                   g, g_last, reverse: bool, tile: int, n_side: int, seq_len):
     """``(dx, dkernel, dparams, dh0)`` of :func:`tiles_forward` for the
     cotangents ``g`` of the outputs (the states, or the readout) and
     ``g_last`` of the final state: the hand-written adjoint, from the stored
     states and projections (``h``, ``pre_buf``, ``side_buf``).
     """
-    seq_len = g.shape[1]
-    # The forward pass's tiles, visited in the opposite order.
-    num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
     p_dtype = jnp.result_type(x, kernel) if kernel is not None else None
 
     # dx is written tile by tile over the first stored projection buffer when
@@ -312,13 +363,14 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
     reuse = (pre_buf is not None and pre_buf[0].shape == x.shape
              and pre_buf[0].dtype == _stored_dtype(x.dtype))
 
-    def run_tile(dh, dx, dkernel, dparams, start, length):
+    def run_tile(carry, start, length):
+        dh, dx, dkernel, dparams = carry
         x_t = _take(x, start, length)
         c_t = _take(consts, start, length)
         bufs = (dx,) + pre_buf[1:] if reuse else pre_buf
         pre, side_t = _tile_projection(x, kernel, n_side, bufs, side_buf, start, length)
         (a, _), pullback = jax.vjp(lambda q, p: coeff_fn(q, c_t, p), pre, params)
-        h_t, h_prev = _tile_states(h, h0, start, length, reverse)
+        h_t, h_prev = _tile_states(h, h0, start, length, reverse, seq_len)
         g_t, g_side = jax.lax.dynamic_slice_in_dim(g, start, length, 1), None
         if readout is not None:
             # The readout's gradient, tile by tile: its cotangent with respect
@@ -345,17 +397,12 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
         dx_t = jax.tree.map(lambda d, v: _stored(d.astype(v.dtype)), dx_t, x)
         return dh, _put(dx, dx_t, start), dkernel, _add_grads(dparams, dp)
 
-    def body(i, carry):
-        return run_tile(*carry, full_start(num_full - 1 - i), tile)
-
     dkernel = (None if kernel is None else
                jax.lax.full_like(kernel, 0, checks.accum_dtype(kernel.dtype)))
     dx = pre_buf[0] if reuse else jax.tree.map(lambda v: _buffer(v, v.dtype, v.shape), x)
-    carry = (g_last, dx, dkernel, _grad_sums(params))
-    if rem:  # the forward pass's last tile comes first
-        carry = run_tile(*carry, rem_start, rem)
-    carry = jax.lax.fori_loop(0, num_full, body, carry)
-    dh0, dx, dkernel, dparams = carry
+    # The forward pass's tiles, visited in the opposite order.
+    dh0, dx, dkernel, dparams = _visit_tiles(run_tile, (g_last, dx, dkernel, _grad_sums(params)),
+                                             seq_len, tile, reverse, against=True)
     if kernel is not None:
         dkernel = dkernel.astype(kernel.dtype)
     return (jax.tree.map(lambda d, v: _loaded(d, v.dtype), dx, x), dkernel,
@@ -363,7 +410,7 @@ def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf,
 
 
 def tiles_tangent(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, side_buf,
-                  dx, dkernel, dparams, dh0, reverse: bool, tile: int, n_side: int = 0):
+                  dx, dkernel, dparams, dh0, reverse: bool, tile: int, n_side: int, seq_len):
     """``(dh_last, dout)``: the tangent of :func:`tiles_forward` for the
     tangents ``(dx, dkernel, dparams, dh0)`` of its inputs (forward mode),
     from the stored states and projections (``h``, ``pre_buf``, ``side_buf``).
@@ -376,12 +423,10 @@ def tiles_tangent(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, 
     and the readout's tangent.  The primal's projection and recurrence are
     read, not run again.
     """
-    seq_len = h.shape[1]
-    num_full, rem, full_start, rem_start = scan_lib.blocks(seq_len, tile, reverse)
     if readout is None:
         out_dtype, out_buf = h.dtype, _buffer(h0, h.dtype, h.shape)
     else:
-        out_dtype, out_buf = _readout_buffer(readout, h0, params, seq_len, n_side,
+        out_dtype, out_buf = _readout_buffer(readout, h0, params, h.shape[1], n_side,
                                              None if kernel is None else
                                              jnp.result_type(x, kernel))
 
@@ -392,13 +437,14 @@ def tiles_tangent(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, 
         k_pre, k_side = _project(x, dkernel, n_side, start, length)
         return d_pre + k_pre, (None if d_side is None else d_side + k_side)
 
-    def run_tile(dh, out_buf, start, length):
+    def run_tile(carry, start, length):
+        dh, out_buf = carry
         c_t = _take(consts, start, length)
         pre, side_t = _tile_projection(x, kernel, n_side, pre_buf, side_buf, start, length)
         d_pre, d_side = tangent_projection(start, length)
         (a, _), (da, db) = jax.jvp(lambda q, p: coeff_fn(q, c_t, p), (pre, params),
                                    (d_pre, dparams))
-        h_t, h_prev = _tile_states(h, h0, start, length, reverse)
+        h_t, h_prev = _tile_states(h, h0, start, length, reverse, seq_len)
         u = (da * h_prev + db).astype(dh.dtype)
         dh, dh_t = scan_lib.sequential_into(a, u, dh, reverse)
         if readout is not None:
@@ -406,54 +452,52 @@ def tiles_tangent(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, 
                            (dh_t, d_side, dparams))[1]
         return dh, _put(out_buf, _stored(dh_t), start)
 
-    def body(i, carry):
-        return run_tile(*carry, full_start(i), tile)
-
-    carry = jax.lax.fori_loop(0, num_full, body, (dh0, out_buf))
-    if rem:
-        carry = run_tile(*carry, rem_start, rem)
-    dh_last, out = carry
+    dh_last, out = _visit_tiles(run_tile, (dh0, out_buf), seq_len, tile, reverse)
     return dh_last, _loaded(out, out_dtype)
 
 
-def _tiled_outputs(coeff_fn, readout, reverse, tile, n_side, x, kernel, consts, params, h0):
+def _tiled_outputs(coeff_fn, readout, reverse, tile, n_side, seq_len, x, kernel, consts, params,
+                   h0):
     h_last, h, _, _, y = tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
-                                       reverse, tile, n_side, store=False)
+                                       reverse, tile, n_side, seq_len, store=False)
     return h_last, (h if readout is None else y)
 
 
 def _tiled_tangent(static, res, lin):
     """Forward mode: the tangent loop (:func:`tiles_tangent`)."""
-    coeff_fn, readout, reverse, tile, n_side = static
+    coeff_fn, readout, reverse, tile, n_side, seq_len = static
     x, kernel, consts, params, h0, h, pre, side = res
     return tiles_tangent(coeff_fn, readout, x, kernel, consts, params, h0, h, pre, side,
-                         *lin, reverse, tile, n_side)
+                         *lin, reverse, tile, n_side, seq_len)
 
 
 def _tiled_adjoint(static, res, ct):
     """Reverse mode: the hand-written adjoint (:func:`tiles_backward`)."""
-    coeff_fn, readout, reverse, tile, n_side = static
+    coeff_fn, readout, reverse, tile, n_side, seq_len = static
     x, kernel, consts, params, h0, h, pre, side = res
     g_last, g = ct
     return tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre, side,
-                          g, g_last, reverse, tile, n_side)
+                          g, g_last, reverse, tile, n_side, seq_len)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 7, 8, 9))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 7, 8, 9, 10))
 def _tiled(coeff_fn, readout, x, kernel, consts, params, h0, reverse: bool, tile: int,
-           n_side: int):
-    return _tiled_outputs(coeff_fn, readout, reverse, tile, n_side, x, kernel, consts,
+           n_side: int, seq_len):
+    """The tile loop over the first ``seq_len`` steps of the time axis
+    (:func:`_tile_layout`): ``(h_last, states or readout)``, as long as the
+    axis."""
+    return _tiled_outputs(coeff_fn, readout, reverse, tile, n_side, seq_len, x, kernel, consts,
                           params, h0)
 
 
 @_tiled.defjvp
-def _tiled_jvp(coeff_fn, readout, reverse, tile, n_side, primals, tangents):
+def _tiled_jvp(coeff_fn, readout, reverse, tile, n_side, seq_len, primals, tangents):
     x, kernel, consts, params, h0 = primals
     dx, dkernel, _, dparams, dh0 = tangents
     # The states and the projection, which both the tangent and the adjoint read.
     h_last, h, pre, side, y = tiles_forward(coeff_fn, readout, x, kernel, consts, params, h0,
-                                            reverse, tile, n_side, store=True)
-    static = (coeff_fn, readout, reverse, tile, n_side)
+                                            reverse, tile, n_side, seq_len, store=True)
+    static = (coeff_fn, readout, reverse, tile, n_side, seq_len)
     tangent = linear_op(functools.partial(_tiled_tangent, static),
                         functools.partial(_tiled_adjoint, static),
                         (x, kernel, consts, params, h0, h, pre, side),
@@ -673,9 +717,9 @@ def run(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, reve
             row_bytes = sum(math.prod(l.shape[2:]) * l.dtype.itemsize for l in leaves)
         else:
             row_bytes = kernel.shape[1] * jnp.result_type(x, kernel).itemsize
-        # A symbolic batch (jax.export) is sized as one row: the tile only
-        # changes speed, never the results beyond rounding.
-        rows = 1 if jax.export.is_symbolic_dim(batch) else batch
+        # A symbolic batch (jax.export) is sized as _NOMINAL_ROWS rows: the
+        # tile only changes speed, never the results beyond rounding.
+        rows = _NOMINAL_ROWS if jax.export.is_symbolic_dim(batch) else batch
         return tile_size(rows * row_bytes, seq_len)
 
     if impl is ScanImpl.NATIVE:
@@ -686,9 +730,18 @@ def run(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, reve
             return out
         impl = ScanImpl.CHUNKED
     if impl is ScanImpl.CHUNKED:
-        h_last, out = _tiled(coeffs, readout, x, kernel, consts, params, h0, bool(reverse),
-                             tile(), n_side)
-        return h_last, (scan_lib.zero_invalid(out, valid) if readout is None else out)
+        size = tile()
+        symbolic = jax.export.is_symbolic_dim(seq_len)
+        if symbolic:
+            # The last block may run past the end (_tile_layout): invalid
+            # steps (identities) follow it.
+            if valid is None:
+                valid = jax.lax.full_like(leaves[0], True, jnp.bool_, (batch, seq_len))
+            x, (boundary, valid) = _append_steps(x, size), _append_steps((boundary, valid), size)
+        h_last, out = _tiled(coeffs, readout, x, kernel, (boundary, valid), params, h0,
+                             bool(reverse), size, n_side, seq_len)
+        out = scan_lib.zero_invalid(out, valid) if readout is None else out
+        return h_last, (out[:, :seq_len] if symbolic else out)
     side = None
     if kernel is not None:
         n_rec = kernel.shape[1] - n_side

@@ -138,7 +138,9 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
 
     Returns:
       On CPU ``CHUNKED`` from ``T = 64`` and ``SEQUENTIAL`` below;
-      ``ASSOCIATIVE`` on GPU and TPU.  Never a backend: the default path is
+      ``ASSOCIATIVE`` on GPU and TPU.  For a symbolic ``seq_len``
+      (``jax.export``) ``CHUNKED`` on CPU and ``SEQUENTIAL`` elsewhere.
+      Never a backend: the default path is
       plain JAX.  The choice changes speed and memory only, never parameters.
       The implementations agree to rounding, which they accumulate in
       different orders: over long runs of gates near 1 it grows like ``T``
@@ -151,6 +153,10 @@ def default_impl(seq_len: int, backend: Optional[str] = None) -> ScanImpl:
         backend = jax.default_backend()  # Another plugin's platform counts as a GPU's.
     elif backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {backend!r}")
+    if jax.export.is_symbolic_dim(seq_len):
+        # jax.export with a symbolic time axis: no associative scan, which
+        # needs a concrete length.
+        return ScanImpl.CHUNKED if backend == "cpu" else ScanImpl.SEQUENTIAL
     if backend == "cpu":
         return ScanImpl.CHUNKED if seq_len >= _CPU_TILED_MIN_T else ScanImpl.SEQUENTIAL
     return ScanImpl.ASSOCIATIVE
@@ -162,9 +168,9 @@ def resolve_impl(impl: Union[str, ScanImpl], seq_len: int, *,
 
     ``name`` is the argument named in the error (``scan_impl`` in layers).
     A symbolic ``seq_len`` (``jax.export`` with a polymorphic time axis)
-    resolves ``"auto"`` to ``SEQUENTIAL``, which then runs one step per loop
-    iteration (the only implementation whose layout needs no concrete
-    length); any other named implementation is refused.
+    allows ``"auto"``, ``"chunked"`` and ``"sequential"``, whose loops need
+    no concrete length (:func:`default_impl`); any other named
+    implementation is refused.
     """
     if isinstance(impl, ScanImpl):
         value = impl
@@ -172,13 +178,12 @@ def resolve_impl(impl: Union[str, ScanImpl], seq_len: int, *,
         value = ScanImpl(impl)
     else:
         raise ValueError(f"{name} must be one of {list(IMPLEMENTATIONS)}, got {impl!r}")
-    if jax.export.is_symbolic_dim(seq_len):
-        if value not in (ScanImpl.AUTO, ScanImpl.SEQUENTIAL):
-            raise ValueError(
-                f"{name}={value.value!r} needs a concrete sequence length, but the time axis "
-                f"has the symbolic size {seq_len}: use {name}='auto' or 'sequential' "
-                "(or export with a fixed T)")
-        return ScanImpl.SEQUENTIAL
+    if jax.export.is_symbolic_dim(seq_len) and value not in (
+            ScanImpl.AUTO, ScanImpl.CHUNKED, ScanImpl.SEQUENTIAL):
+        raise ValueError(
+            f"{name}={value.value!r} needs a concrete sequence length, but the time axis "
+            f"has the symbolic size {seq_len}: use {name}='auto', 'chunked' or 'sequential' "
+            "(or export with a fixed T)")
     if value is ScanImpl.AUTO:
         value = default_impl(seq_len)
     return value
