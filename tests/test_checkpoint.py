@@ -505,3 +505,66 @@ def test_restore_last_good_and_set_aside(tmp_path):
         assert info.value.step is None
         with pytest.raises(PermissionError, match="is read-only"):
             ckpt.set_aside([1])
+
+
+# ----------------------------------------------------------------------------
+# Step order and argument validation.
+
+def test_saving_below_the_latest_step_is_refused_and_deletes_nothing(tmp_path):
+    with Checkpointer(tmp_path, max_to_keep=1) as ckpt:
+        ckpt.save(5, make_state(5), metadata={}, metrics={"eval_loss": 1.0})
+        ckpt.save(6, make_state(6), metadata={}, metrics={"eval_loss": 2.0})
+        with pytest.raises(ValueError, match=r"step must be greater than "
+                                             r"the latest step 6.*set_aside"):
+            ckpt.save(3, make_state(3), metadata={})
+        with pytest.raises(ValueError, match=r"step 6 already exists.*"
+                                             r"set_aside"):
+            ckpt.save(6, make_state(3), metadata={})
+        assert ckpt.all_steps() == [5, 6] and ckpt.latest_step() == 6
+        restored, _ = ckpt.restore(target=abstract(make_state()))
+        assert_bit_exact(restored, make_state(6))
+        # Moving the newer steps aside frees the lower numbers again.
+        ckpt.set_aside([6])
+        ckpt.save(6, make_state(7), metadata={})
+        assert ckpt.all_steps() == [5, 6] and ckpt.latest_step() == 6
+
+
+@pytest.mark.parametrize("step,error", [(-1, ValueError), (1.0, TypeError),
+                                        ("2", TypeError), (True, TypeError),
+                                        (None, TypeError)])
+def test_save_rejects_a_step_that_is_not_a_non_negative_int(tmp_path, step,
+                                                            error):
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(error, match="step must be"):
+            ckpt.save(step, {"x": jnp.zeros(2)}, metadata={})
+        assert ckpt.all_steps() == []
+        ckpt.save(np.int64(4), {"x": jnp.zeros(2)}, metadata={})
+        assert ckpt.all_steps() == [4]
+
+
+@pytest.mark.parametrize("value", [1.5, "3", True])
+def test_max_to_keep_must_be_a_positive_int(tmp_path, value):
+    with pytest.raises((TypeError, ValueError), match="max_to_keep must be"):
+        Checkpointer(tmp_path, max_to_keep=value)
+
+
+def test_restore_rejects_a_step_that_is_not_an_int(tmp_path):
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        ckpt.save(1, {"x": jnp.zeros(2)}, metadata={})
+        for step in (1.7, 1.0, "x"):
+            with pytest.raises(TypeError, match="step must be an int"):
+                ckpt.restore(step, target={"x": jnp.zeros(2)})
+            with pytest.raises(TypeError, match="step must be an int"):
+                ckpt.restore_params(step)
+
+
+@pytest.mark.parametrize("value", [None, "1.0", True, [1.0], 1 + 2j])
+def test_metrics_must_be_real_numbers(tmp_path, value):
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(TypeError, match=r"metrics\['eval_loss'\] must be"):
+            ckpt.save(1, {"x": jnp.zeros(2)}, metadata={},
+                      metrics={"eval_loss": value})
+        assert ckpt.all_steps() == []
+        ckpt.save(1, {"x": jnp.zeros(2)}, metadata={},
+                  metrics={"eval_loss": jnp.float32(0.5), "n": np.int64(3)})
+        assert ckpt.best_step() == 1

@@ -36,6 +36,7 @@ either. :meth:`Checkpointer.verify` checks a step without restoring it.
 import json
 import logging
 import math
+import numbers
 import os
 import sys
 import traceback
@@ -146,6 +147,21 @@ def _cause(err: Exception) -> str:
     text = str(err).split(" See full TensorStore details")[0].strip()
     lines = text.splitlines() or [""]
     return f"{type(err).__name__}: {lines[0][:300]}"
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int if it is an integer >= ``minimum``, else raises.
+
+    Python and numpy integers qualify; bools, floats (even integral ones)
+    and strings do not: nothing is coerced.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} "
+                        f"{value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, not {value}")
+    return int(value)
 
 
 def _keystr(path) -> str:
@@ -318,12 +334,23 @@ def _host_target(saved):
         saved)
 
 
+def _metric_value(key: Any, value: Any) -> float:
+    """A metric as a float; a real number (Python, numpy or 0-d jax) only."""
+    scalar = np.asarray(value) if np.ndim(value) == 0 else None
+    if (isinstance(value, (bool, np.bool_)) or scalar is None
+            or scalar.dtype.kind not in "fiu"):
+        raise TypeError(f"metrics[{key!r}] must be a real number, not "
+                        f"{type(value).__name__} {value!r}")
+    return float(value)
+
+
 class Checkpointer:
     """Keeps the last ``max_to_keep`` checkpoints plus the best one.
 
     Args:
         directory: Checkpoint directory (created unless ``read_only``).
-        max_to_keep: Number of most recent steps kept; None keeps all.
+        max_to_keep: Number of most recent steps kept, an int >= 1; None
+            keeps all.
         keep_best: Also keep the step with the best ``metrics[best_metric]``.
         best_metric: Metric name used to rank steps.
         best_mode: 'min' or 'max'. NaN metrics rank worst.
@@ -336,9 +363,8 @@ class Checkpointer:
         if best_mode not in ("min", "max"):
             raise ValueError(
                 f"best_mode must be 'min' or 'max', not {best_mode!r}")
-        if max_to_keep is not None and max_to_keep < 1:
-            raise ValueError(f"max_to_keep must be None or >= 1, not "
-                             f"{max_to_keep}")
+        if max_to_keep is not None:
+            max_to_keep = _check_int("max_to_keep", max_to_keep, 1)
         self.directory = epath.Path(directory).absolute()
         self._keep_best, self._metric = keep_best, best_metric
         self._mode, self._read_only = best_mode, read_only
@@ -388,29 +414,48 @@ class Checkpointer:
         """Saves ``state`` and ``metadata`` as ``step``; returns once committed.
 
         Args:
-            step: Training step; must not exist yet.
+            step: Training step, an int >= 0 greater than every existing
+                step (retention keeps the newest saves, so a lower step
+                would make it delete newer ones): to save a lower step
+                again, first move the newer steps away with
+                :meth:`set_aside`.
             state: Pytree of arrays / scalars (params, optax state, raw PRNG
                 key, step...).
             metadata: JSON-serialisable dict, returned by ``restore``.
-            metrics: Scalar metrics. The step competes for "best" only if
-                they hold ``best_metric``.
+            metrics: Real-number scalar metrics (not bools). The step
+                competes for "best" only if they hold ``best_metric``.
+
+        Raises:
+            ValueError: ``step`` is not above the latest existing step.
+            TypeError: ``step`` is not an int, a metric is not a real
+                number, or ``metadata`` is not JSON-serialisable.
         """
         if self._read_only:
             raise PermissionError(
                 f"Checkpointer({self.directory}) is read-only")
+        step = _check_int("step", step, 0)
+        have = self.all_steps()
+        if step in have:
+            raise ValueError(
+                f"Checkpoint step {step} already exists in {self.directory}; "
+                "steps are never overwritten (move it away with "
+                "set_aside).")
+        if have and step < have[-1]:
+            raise ValueError(
+                f"step must be greater than the latest step {have[-1]} in "
+                f"{self.directory}, not {step}: retention keeps the newest "
+                "saves and would delete the newer steps. Move the steps "
+                f"above {step} away first with set_aside.")
+        metrics = {str(k): _metric_value(k, v)
+                   for k, v in (metrics or {}).items()}
         try:
             metadata = json.loads(json.dumps(dict(metadata), allow_nan=True))
         except TypeError as e:
             raise TypeError(f"checkpoint metadata is not JSON-serialisable: "
                             f"{e}") from e
-        if int(step) in self._mgr.all_steps():
-            raise ValueError(
-                f"Checkpoint step {step} already exists in {self.directory}; "
-                "steps are never overwritten (move a broken one away).")
-        metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         ranked = self._keep_best and self._metric in metrics
         self._mgr.save(
-            int(step), force=True, metrics=metrics if ranked else None,
+            step, force=True, metrics=metrics if ranked else None,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 metadata=ocp.args.JsonSave(metadata),
@@ -423,8 +468,9 @@ class Checkpointer:
         return sorted(self._mgr.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest committed step, or None."""
-        return self._mgr.latest_step()
+        """The highest committed step (the one ``restore`` picks), or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def best_step(self) -> int | None:
         """The step with the best metric, or None if no step was ranked."""
@@ -461,7 +507,7 @@ class Checkpointer:
 
     def _check_step(self, step: int | None) -> int:
         steps = self._check_steps()
-        step = steps[-1] if step is None else int(step)
+        step = steps[-1] if step is None else _check_int("step", step, 0)
         if step not in steps:
             raise FileNotFoundError(
                 f"No checkpoint for step {step} in {self.directory}; "
