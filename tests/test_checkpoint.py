@@ -1,6 +1,7 @@
 """Tests for flax_minrnn.training.checkpoint: bit-exact round trips, retention,
 atomicity under SIGKILL, corrupt and missing checkpoints."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -568,3 +569,72 @@ def test_metrics_must_be_real_numbers(tmp_path, value):
         ckpt.save(1, {"x": jnp.zeros(2)}, metadata={},
                   metrics={"eval_loss": jnp.float32(0.5), "n": np.int64(3)})
         assert ckpt.best_step() == 1
+
+
+# ----------------------------------------------------------------------------
+# The metadata and metrics are checked against checksums too.
+
+def _edit_json(path: pathlib.Path, edit) -> None:
+    """Rewrites a JSON file as valid JSON with ``edit`` applied."""
+    value = json.loads(path.read_text())
+    edit(value)
+    path.write_text(json.dumps(value))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_edited_metadata_is_corruption_and_falls_back(tmp_path):
+    from flax_minrnn.training import train  # pylint: disable=g-import-not-at-top
+    # Tuples, int keys and NaN change in the JSON round trip: what is read
+    # back is what the checksum was taken of.
+    meta = {"schedule_steps": 4, "t": (1, 2), 3: "int key",
+            "loss": float("nan")}
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, make_state(step), metadata=dict(meta, step=step),
+                      metrics={"eval_loss": 1.0})
+        _, got = ckpt.restore(target=abstract(make_state()))
+        assert got["t"] == [1, 2] and got["3"] == "int key"
+        assert ckpt.verify(2) is True
+    _edit_json(tmp_path / "2" / "metadata" / "metadata",
+               lambda m: m.update(schedule_steps=9))
+    target = abstract(make_state())
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        for read in (lambda: ckpt.restore(target=target),
+                     lambda: ckpt.restore_params(), ckpt.verify):
+            with pytest.raises(CheckpointCorruptError,
+                               match="metadata read back differ") as info:
+                read()
+            assert info.value.step == 2 and info.value.older_steps == [1]
+        step, state, got, skipped = ckpt.restore_last_good(target)
+        assert step == 1 and got["schedule_steps"] == 4
+        assert [e.step for e in skipped] == [2]
+        assert_bit_exact(state, make_state(1))
+    with pytest.raises(CheckpointCorruptError, match="metadata"):
+        load_params(str(tmp_path))
+    assert [(r.step, r.ok) for r in train.check_workdir(str(tmp_path))] == [
+        (1, True), (2, False)]
+    # A step saved before the metadata had a checksum loads as it reads.
+    _edit_json(tmp_path / "2" / "checksums" / "metadata",
+               lambda sums: sums.pop("<metadata>"))
+    with Checkpointer(tmp_path, max_to_keep=None, read_only=True) as ckpt:
+        assert ckpt.verify(2) is True
+        state, got = ckpt.restore(target=target)
+        assert got["schedule_steps"] == 9
+        assert_bit_exact(state, make_state(2))
+
+
+def test_edited_or_missing_metrics_fail_verify(tmp_path):
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, make_state(step), metadata={},
+                      metrics={"eval_loss": float(step)})
+    _edit_json(tmp_path / "2" / "metrics" / "metrics",
+               lambda m: m.update(eval_loss=0.5))
+    shutil.rmtree(tmp_path / "1" / "metrics")
+    with Checkpointer(tmp_path, max_to_keep=None, read_only=True) as ckpt:
+        with pytest.raises(CheckpointCorruptError,
+                           match="metrics read back differ"):
+            ckpt.verify(2)
+        with pytest.raises(CheckpointCorruptError, match="metrics.*missing"):
+            ckpt.verify(1)
+

@@ -5,7 +5,8 @@ Layout of a checkpoint directory (orbax-checkpoint 0.12 ``CheckpointManager``)::
     <directory>/<step>/state/      the state pytree (params, opt_state, rng...)
     <directory>/<step>/metadata/   JSON: resolved config, data position, ...
     <directory>/<step>/metrics/    JSON metrics (only with ``keep_best``)
-    <directory>/<step>/checksums/  JSON: two checksums per state leaf
+    <directory>/<step>/checksums/  JSON: two checksums per state leaf, and
+                                   SHA-256 of the metadata (and metrics)
     <directory>/<step>.orbax-checkpoint-tmp/   an interrupted save (ignored)
     <directory>/superseded/<step>/ a step set aside by :meth:`set_aside`
     <directory>/deleting/<step>/   a step retention is deleting (transient)
@@ -25,14 +26,19 @@ the removal leaves no half-deleted step among the steps; whatever is left in
 ``deleting/`` is removed when a writable :class:`Checkpointer` opens. Nothing is deleted because it cannot be read: a corrupt
 step raises :class:`CheckpointCorruptError`, which names older candidates.
 
-Verification: every save also records :func:`tree_checksums` of the state,
-and every read compares what it read against them. A read of the parameters
+Verification: every save also records :func:`tree_checksums` of the state
+and the SHA-256 of the canonical JSON of the metadata (and of the metrics
+when they are written), and every read compares what it read against them:
+the state and metadata on every read, the metrics in
+:meth:`Checkpointer.verify`. Steps saved before the metadata checksum was
+recorded are read without that comparison. A read of the parameters
 only (:meth:`Checkpointer.restore_params`, :func:`load_params`) also reads the
 rest of the step (optimizer state...) into host memory and checks it, so that
 a step which cannot be resumed from is never used silently for evaluation
 either. :meth:`Checkpointer.verify` checks a step without restoring it.
 """
 
+import hashlib
 import json
 import logging
 import math
@@ -239,6 +245,8 @@ _CHECKSUMS = "checksums"     # The checksums item of a step.
 _SUPERSEDED = "superseded"   # Where set_aside moves steps (not a step name).
 _DELETING = "deleting"       # Where retention moves steps it deletes.
 _WEIGHT = 0x9E3779B1          # Odd multiplier of the position weights.
+_METADATA_SUM = "<metadata>"  # Checksums entry of the metadata's JSON.
+_METRICS_SUM = "<metrics>"    # Checksums entry of the metrics' JSON.
 
 
 def _words(x, xp, bitcast):
@@ -318,6 +326,17 @@ def tree_checksums(tree: Any) -> dict[str, list[int]]:
         out.update({k: [int(v) for v in _fetch(s)]
                     for k, s in _device_sums(device).items()})
     return out
+
+
+def _json_sum(value: Any) -> str:
+    """SHA-256 (hex) of ``value``'s canonical JSON (sorted keys, no spaces).
+
+    ``value`` must be as JSON reads it back (string keys, lists, not
+    tuples), so that what is hashed on save is what a read hashes.
+    """
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"),
+                      allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _mismatch(tree: Any, expected: Mapping[str, Any]) -> list[str]:
@@ -454,12 +473,21 @@ class Checkpointer:
             raise TypeError(f"checkpoint metadata is not JSON-serialisable: "
                             f"{e}") from e
         ranked = self._keep_best and self._metric in metrics
+        sums = tree_checksums(state)
+        reserved = sorted({_METADATA_SUM, _METRICS_SUM} & set(sums))
+        if reserved:
+            raise ValueError(f"state has a leaf at {reserved[0]!r}, a name "
+                             "reserved for the metadata checksums")
+        sums[_METADATA_SUM] = _json_sum(metadata)
+        if ranked:
+            metrics = json.loads(json.dumps(metrics, allow_nan=True))
+            sums[_METRICS_SUM] = _json_sum(metrics)
         self._mgr.save(
             step, force=True, metrics=metrics if ranked else None,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 metadata=ocp.args.JsonSave(metadata),
-                **{_CHECKSUMS: ocp.args.JsonSave(tree_checksums(state))}))
+                **{_CHECKSUMS: ocp.args.JsonSave(sums)}))
         self._mgr.wait_until_finished()
         self._finish_deletions()
 
@@ -548,9 +576,26 @@ class Checkpointer:
         if rest:
             self._check_sums(step, self._restore_items(step, rest), expected)
 
-    def _metadata(self, step: int) -> dict[str, Any]:
-        return dict(self._mgr.restore(step, args=ocp.args.Composite(
+    @staticmethod
+    def _check_json(what: str, value: Any,
+                    expected: Mapping[str, Any] | None) -> None:
+        """Compares ``value`` with its recorded SHA-256 (if one was)."""
+        key = {"metadata": _METADATA_SUM, "metrics": _METRICS_SUM}[what]
+        if expected is None or key not in expected:
+            return  # Saved before the JSON items had checksums.
+        if value is None:
+            raise FileNotFoundError(f"the {what} saved with the step are "
+                                    "missing")
+        if _json_sum(value) != expected[key]:
+            raise ValueError(f"the {what} read back differ from what was "
+                             "saved (checksum mismatch)")
+
+    def _metadata(self, step: int,
+                  expected: Mapping[str, Any] | None) -> dict[str, Any]:
+        meta = dict(self._mgr.restore(step, args=ocp.args.Composite(
             metadata=ocp.args.JsonRestore())).metadata)
+        self._check_json("metadata", meta, expected)
+        return meta
 
     def _read(self, step: int, target: Any, subtree: str | None):
         try:
@@ -571,11 +616,12 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(item),
                     metadata=ocp.args.JsonRestore()))
                 self._check_sums(step, out.state, expected)
+                self._check_json("metadata", dict(out.metadata), expected)
                 return out.state, dict(out.metadata)
             state = self._restore_items(step, item)
             self._check_sums(step, state, expected)
             self._read_rest(step, saved, subtree, expected)
-            return state[subtree], self._metadata(step)
+            return state[subtree], self._metadata(step, expected)
         except Exception as e:  # pylint: disable=broad-except
             raise self._corrupt(step, e) from e
 
@@ -583,8 +629,9 @@ class Checkpointer:
         """Reads all of ``step`` (default latest) to host memory and checks it.
 
         Every array is read back (one step at a time, into numpy arrays) and
-        compared with the checksums recorded when it was saved; the metadata
-        must parse. Nothing is kept or changed.
+        compared with the checksums recorded when it was saved, and so are
+        the metadata and metrics (for steps saved with their checksums;
+        older steps' metadata must parse). Nothing is kept or changed.
 
         Returns:
             True if the checksums were compared; False for a step saved
@@ -601,7 +648,8 @@ class Checkpointer:
             expected = self._expected(step)
             self._check_sums(step, self._restore_items(
                 step, _host_target(saved)), expected)
-            self._metadata(step)
+            self._metadata(step, expected)
+            self._check_json("metrics", self._mgr.metrics(step), expected)
         except Exception as e:  # pylint: disable=broad-except
             raise self._corrupt(step, e) from e
         return expected is not None
@@ -631,7 +679,8 @@ class Checkpointer:
             ValueError: ``target``'s key paths or shapes differ from the
                 checkpoint's.
             CheckpointCorruptError: The step's files cannot be read, or
-                what they hold differs from what was saved (checksums).
+                what they hold (state or metadata) differs from what was
+                saved (checksums).
         """
         return self._read(self._check_step(step), target, None)
 
