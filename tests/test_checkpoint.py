@@ -638,3 +638,74 @@ def test_edited_or_missing_metrics_fail_verify(tmp_path):
         with pytest.raises(CheckpointCorruptError, match="metrics.*missing"):
             ckpt.verify(1)
 
+
+
+# ----------------------------------------------------------------------------
+# Ranking: unreadable metrics, other metrics, NaN.
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_unreadable_metrics_file_is_named_and_blocks_only_its_step(
+        tmp_path):
+    from flax_minrnn.training import train  # pylint: disable=g-import-not-at-top
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, make_state(step), metadata={"step": step},
+                      metrics={"eval_loss": float(step)})
+    broken = tmp_path / "2" / "metrics" / "metrics"
+    broken.write_text("{not json")
+    with pytest.raises(CheckpointCorruptError,
+                       match=r"metrics of steps \[2\] do not parse \(" +
+                             str(broken)):
+        Checkpointer(tmp_path, max_to_keep=None)
+    # Reading the other steps does not need the metrics.
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert ckpt.all_steps() == [1, 2, 3] and ckpt.latest_step() == 3
+        _, meta = ckpt.restore(target=abstract(make_state()))
+        assert meta == {"step": 3}
+        with pytest.raises(CheckpointCorruptError) as info:
+            ckpt.best_step()
+        assert info.value.step == 2
+        with pytest.raises(CheckpointCorruptError) as info:
+            ckpt.verify(2)
+        assert info.value.step == 2
+    params, meta = load_params(str(tmp_path))
+    assert meta == {"step": 3}
+    assert_bit_exact(params, make_state(3)["params"])
+    assert [(r.step, r.ok) for r in train.check_workdir(str(tmp_path))] == [
+        (1, True), (2, False), (3, True)]
+
+
+def test_a_run_ranked_by_another_metric(tmp_path):
+    with Checkpointer(tmp_path, max_to_keep=1, best_metric="acc",
+                      best_mode="max") as ckpt:
+        for step, acc in [(1, 0.9), (2, 0.1), (3, 0.2)]:
+            ckpt.save(step, make_state(step), metadata={"step": step},
+                      metrics={"acc": acc})
+        assert ckpt.all_steps() == [1, 3] and ckpt.best_step() == 1
+    params, meta = load_params(str(tmp_path), best=True, best_metric="acc",
+                               best_mode="max")
+    assert meta == {"step": 1}
+    assert_bit_exact(params, make_state(1)["params"])
+    with pytest.raises(FileNotFoundError, match="best_metric='eval_loss'"):
+        load_params(str(tmp_path), best=True)
+    # Ranked by eval_loss, the acc-only steps are not ranked.
+    with Checkpointer(tmp_path, max_to_keep=1) as ckpt:
+        assert ckpt.best_step() is None
+        ckpt.save(4, make_state(4), metadata={}, metrics={"eval_loss": 2.0})
+        ckpt.save(5, make_state(5), metadata={}, metrics={"eval_loss": 3.0})
+        assert ckpt.all_steps() == [4, 5] and ckpt.best_step() == 4
+
+
+def test_nan_metrics_are_never_best_and_ties_go_to_the_newest(tmp_path):
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, make_state(step), metadata={},
+                      metrics={"eval_loss": float("nan")})
+        assert ckpt.best_step() is None
+        with pytest.raises(FileNotFoundError, match="eval_loss"):
+            ckpt.restore_best(abstract(make_state()))
+        for step in (3, 4):
+            ckpt.save(step, make_state(step), metadata={},
+                      metrics={"eval_loss": 1.0})
+        ckpt.save(5, make_state(5), metadata={}, metrics={"eval_loss": 1.5})
+        assert ckpt.best_step() == 4

@@ -20,8 +20,9 @@ new one is committed. :meth:`Checkpointer.save` returns after the commit.
 
 Retention: ``AnyPreservationPolicy([LatestN(max_to_keep), BestN(n=1)])``: the
 last ``max_to_keep`` steps plus the best one by ``metrics[best_metric]``, all
-in the same directory. A step to delete is first renamed into ``deleting/``
-(orbax's ``todelete_subdir``) and only then removed, so that a kill during
+in the same directory (a step without ``best_metric``, or with NaN, ranks
+worst and is never :meth:`Checkpointer.best_step`). A step to delete is
+first renamed into ``deleting/`` (orbax's ``todelete_subdir``) and only then removed, so that a kill during
 the removal leaves no half-deleted step among the steps; whatever is left in
 ``deleting/`` is removed when a writable :class:`Checkpointer` opens. Nothing is deleted because it cannot be read: a corrupt
 step raises :class:`CheckpointCorruptError`, which names older candidates.
@@ -373,7 +374,15 @@ class Checkpointer:
         keep_best: Also keep the step with the best ``metrics[best_metric]``.
         best_metric: Metric name used to rank steps.
         best_mode: 'min' or 'max'. NaN metrics rank worst.
-        read_only: Never create, write or delete anything.
+        read_only: Never create, write or delete anything. A read-only
+            instance reads the metrics only when :meth:`best_step` asks,
+            so that one unreadable metrics file does not stop reading the
+            other steps.
+
+    Raises:
+        CheckpointCorruptError: A writable instance cannot index the steps
+            (e.g. a step's metrics file does not parse; the message names
+            it).
     """
 
     def __init__(self, directory: str, *, max_to_keep: int | None = 3,
@@ -398,17 +407,35 @@ class Checkpointer:
             read_only=read_only, best_fn=self._score if keep_best else None,
             best_mode=best_mode,
             todelete_subdir=None if read_only else _DELETING,
-            preservation_policy=ocm.AnyPreservationPolicy(policies))
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            lightweight_initialize=read_only)  # Reads no metrics.
         try:
             self._mgr = ocp.CheckpointManager(self.directory, options=options)
         except Exception as e:  # pylint: disable=broad-except
-            raise CheckpointCorruptError(
-                f"Cannot index the checkpoints in {self.directory}: a step's "
-                f"files are unreadable ({_cause(e)}). Nothing was deleted; "
-                "move the broken step directory away.",
-                path=str(self.directory)) from e
+            raise self._index_error(e) from e
         self._pytree = ocp.PyTreeCheckpointHandler()
         self._finish_deletions()
+
+    def _index_error(self, err: Exception) -> CheckpointCorruptError:
+        """The error of an index (orbax reads every step's metrics) that
+        failed, naming the steps whose metrics file does not parse."""
+        bad = {}
+        if self.directory.exists():
+            for entry in self.directory.iterdir():
+                path = entry / "metrics" / "metrics"
+                if entry.name.isdigit() and path.exists():
+                    try:
+                        json.loads(path.read_text())
+                    except Exception:  # pylint: disable=broad-except
+                        bad[int(entry.name)] = str(path)
+        what = (f"the metrics of steps {sorted(bad)} do not parse "
+                f"({', '.join(bad[s] for s in sorted(bad))})" if bad else
+                "a step's files are unreadable")
+        return CheckpointCorruptError(
+            f"Cannot index the checkpoints in {self.directory}: {what} "
+            f"({_cause(err)}). Nothing was deleted; move the broken step "
+            f"directory away (e.g. into {self.directory / _SUPERSEDED}).",
+            path=str(self.directory), cause=_cause(err))
 
     def _finish_deletions(self) -> None:
         """Removes the steps retention has moved to ``deleting/``."""
@@ -423,7 +450,8 @@ class Checkpointer:
         root.rmdir()
 
     def _score(self, metrics: Mapping[str, float]) -> float:
-        value = float(metrics[self._metric])
+        """Retention's rank of a step (without ``best_metric``: worst)."""
+        value = float(metrics.get(self._metric, math.nan))
         if math.isnan(value):
             return math.inf if self._mode == "min" else -math.inf
         return value
@@ -501,8 +529,33 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def best_step(self) -> int | None:
-        """The step with the best metric, or None if no step was ranked."""
-        return self._mgr.best_step() if self._keep_best else None
+        """The step with the best ``metrics[best_metric]``, or None.
+
+        Reads every step's metrics and checks them against their checksum.
+        A step without metrics, without ``best_metric`` among them or with
+        a NaN value is not ranked (None if no step is, or without
+        ``keep_best``); of equal values the newest step wins.
+
+        Raises:
+            CheckpointCorruptError: A step's metrics cannot be read, or
+                differ from what was saved.
+        """
+        if not self._keep_best:
+            return None
+        best, best_value = None, math.nan
+        for step in self.all_steps():
+            try:
+                metrics = self._mgr.metrics(step)
+                self._check_json("metrics", metrics, self._expected(step))
+                value = float((metrics or {}).get(self._metric, math.nan))
+            except Exception as e:  # pylint: disable=broad-except
+                raise self._corrupt(step, e) from e
+            if math.isnan(value):
+                continue
+            if best is None or (value <= best_value if self._mode == "min"
+                                else value >= best_value):
+                best, best_value = step, value
+        return best
 
     def _saved_tree(self, step: int):
         """The saved state's metadata tree (opens every array's header)."""
@@ -747,7 +800,10 @@ class Checkpointer:
             for step, dest in zip(steps, moved):
                 (self.directory / str(step)).rename(dest)
         ocp.multihost.sync_global_processes("flax_minrnn_set_aside_done")
-        self._mgr.reload()
+        try:
+            self._mgr.reload()
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._index_error(e) from e
         return moved
 
     def restore_best(self, target: Any) -> tuple[Any, dict[str, Any]]:
@@ -755,7 +811,7 @@ class Checkpointer:
         best = self.best_step()
         if best is None:
             raise FileNotFoundError(
-                f"No checkpoint ranked by {self._metric!r} in "
+                f"No checkpoint ranked by best_metric={self._metric!r} in "
                 f"{self.directory}.")
         return self.restore(best, target=target)
 
@@ -789,6 +845,7 @@ class Checkpointer:
 
 def load_params(directory: str, target: Any = None, *,
                 step: int | None = None, best: bool = False,
+                best_metric: str = "eval_loss", best_mode: str = "min",
                 subtree: str = "params") -> tuple[Any, dict[str, Any]]:
     """Loads ``state[subtree]`` and the metadata of a run, read-only.
 
@@ -800,6 +857,9 @@ def load_params(directory: str, target: Any = None, *,
         target: Optional params pytree (arrays / ShapeDtypeStruct).
         step: Step to load; default the latest (the best with ``best``).
         best: Load the best-metric step instead of the latest.
+        best_metric: The metric ``best`` ranks steps by (steps without it
+            are not ranked; see :meth:`Checkpointer.best_step`).
+        best_mode: 'min' or 'max': which value of ``best_metric`` is best.
         subtree: Top-level key of the saved state to load.
 
     Returns:
@@ -807,9 +867,12 @@ def load_params(directory: str, target: Any = None, *,
     """
     if not epath.Path(directory).exists():
         raise FileNotFoundError(f"No checkpoints in {directory} (missing).")
-    with Checkpointer(directory, read_only=True) as ckpt:
+    with Checkpointer(directory, read_only=True, best_metric=best_metric,
+                      best_mode=best_mode) as ckpt:
         if best and step is None:
             step = ckpt.best_step()
             if step is None:
-                raise FileNotFoundError(f"No ranked checkpoint in {directory}.")
+                raise FileNotFoundError(
+                    f"No checkpoint in {directory} is ranked by best_metric="
+                    f"{best_metric!r} (none has a non-NaN value of it).")
         return ckpt.restore_params(step, target=target, subtree=subtree)
