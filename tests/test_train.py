@@ -381,6 +381,28 @@ def test_a_missing_stage_one_run_names_init_from(tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_corrupt_stage_one_run_names_init_from_and_how_to_recover(
+        char_run, tmp_path):
+    source = tmp_path / "stage1"
+    shutil.copytree(char_run[0], source)
+    for f in (source / "checkpoints" / "4" / "state" / "d").iterdir():
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+    config = small_config(STAGE2, f"init_from.workdir={source}")
+    with pytest.raises(ValueError) as info:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    # Not a CheckpointCorruptError, whose CLI message advises this run's
+    # --step / --fallback-to-last-good.
+    assert not isinstance(info.value, ckpt_lib.CheckpointCorruptError)
+    message = str(info.value)
+    assert message.startswith(f"init_from.workdir={str(source)!r}")
+    assert str(source / "checkpoints" / "4") in message
+    assert str(source / "checkpoints" / "superseded") in message
+    assert "--step" not in message and "fallback" not in message
+
+
 def _hashes(path: pathlib.Path) -> dict:
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}

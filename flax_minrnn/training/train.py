@@ -522,6 +522,9 @@ def initial_params(config: ml_collections.ConfigDict, model: LM,
     Raises:
         ConfigError: The source run has another vocabulary or nothing
             matches ``load_regex``.
+        ValueError: The source run's latest checkpoint is corrupt (not a
+            ``CheckpointCorruptError``: this run's ``--step`` and
+            ``--fallback-to-last-good`` cannot help).
     """
     key = jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM)
     params = unfreeze(model.init({"params": key}, example_tokens,
@@ -529,10 +532,24 @@ def initial_params(config: ml_collections.ConfigDict, model: LM,
     source = config.init_from.workdir
     if not source:
         return params
+    source_dir = _checkpoint_dir(source)
     try:
-        loaded, meta = ckpt_lib.load_params(_checkpoint_dir(source))
+        loaded, meta = ckpt_lib.load_params(source_dir)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"init_from.workdir={source!r}: {e}") from e
+    except ckpt_lib.CheckpointCorruptError as e:
+        # Not a CheckpointCorruptError: the CLI would advise --step and
+        # --fallback-to-last-good, which act on this run's own workdir.
+        what = (f"step {e.step} at {e.path} is corrupt or unreadable "
+                f"({e.cause})" if e.step is not None else str(e))
+        raise ValueError(
+            f"init_from.workdir={source!r}: its latest checkpoint cannot be "
+            f"loaded: {what}. Nothing was deleted. init_from loads the "
+            "source run's latest step: move the broken step directory out "
+            f"of {source_dir} (e.g. into "
+            f"{os.path.join(source_dir, 'superseded')}) to start "
+            "from its newest good step; 'flax-minrnn check --workdir "
+            f"{source}' lists the good steps.") from e
     if vocab is not None and meta.get("vocab"):
         if CharVocab.from_json(meta["vocab"]) != vocab:
             raise ConfigError(f"init_from.workdir {source!r} was trained with "
