@@ -709,3 +709,42 @@ def test_nan_metrics_are_never_best_and_ties_go_to_the_newest(tmp_path):
                       metrics={"eval_loss": 1.0})
         ckpt.save(5, make_state(5), metadata={}, metrics={"eval_loss": 1.5})
         assert ckpt.best_step() == 4
+
+
+# ----------------------------------------------------------------------------
+# set_aside: argument checks, and a failure part-way.
+
+@pytest.mark.parametrize("steps", [2, "2", [2, 2], [1.0], [True], [-1]])
+def test_set_aside_rejects_bad_steps_and_moves_nothing(tmp_path, steps):
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"x": jnp.full(2, step)}, metadata={})
+        with pytest.raises(ValueError, match="steps must be"):
+            ckpt.set_aside(steps)
+        assert ckpt.all_steps() == [1, 2]
+        assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
+def test_set_aside_failing_part_way_leaves_a_true_index(tmp_path,
+                                                        monkeypatch):
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"x": jnp.full(2, step)}, metadata={"s": step})
+        path_type = type(ckpt.directory)
+        rename = path_type.rename
+
+        def failing_rename(self, target):
+            if self.name == "3":
+                raise OSError("disk gone")
+            return rename(self, target)
+
+        monkeypatch.setattr(path_type, "rename", failing_rename)
+        with pytest.raises(OSError, match="disk gone"):
+            ckpt.set_aside([2, 3])
+        monkeypatch.undo()
+        assert ckpt.all_steps() == [1, 3] and ckpt.latest_step() == 3
+        assert sorted(os.listdir(tmp_path / "superseded")) == ["2"]
+        _, meta = ckpt.restore(target={"x": jnp.zeros(2, jnp.int32)})
+        assert meta == {"s": 3}
+        assert ckpt.set_aside([3]) == [str(tmp_path / "superseded" / "3")]
+        assert ckpt.all_steps() == [1]

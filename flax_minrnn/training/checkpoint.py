@@ -773,37 +773,61 @@ class Checkpointer:
         (not restored, not counted for retention, not overwritten): used
         before training resumes from an older step, so that the newer steps'
         numbers can be saved again. A step moved aside twice gets a suffix
-        (``superseded/4.1``).
+        (``superseded/4.1``). Every process picks the same new paths
+        (before process 0, which alone renames, starts).
+
+        Args:
+            steps: Distinct existing steps, a sequence of ints (``[4]``,
+                not ``4``).
 
         Returns:
             The new paths, in the order of ``steps``.
+
+        Raises:
+            ValueError: ``steps`` is not a sequence of distinct ints >= 0.
+            FileNotFoundError: A step does not exist (nothing is moved).
+            OSError: A rename failed; the steps renamed before it stay
+                moved, and the index is reloaded from the directory either
+                way.
         """
         if self._read_only:
             raise PermissionError(
                 f"Checkpointer({self.directory}) is read-only")
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
+            raise ValueError(f"steps must be a sequence of step numbers "
+                             f"(e.g. [4]), not {type(steps).__name__} "
+                             f"{steps!r}")
+        bad = [s for s in steps if isinstance(s, (bool, np.bool_))
+               or not isinstance(s, numbers.Integral) or s < 0]
+        if bad or len(set(steps)) != len(steps):
+            raise ValueError(f"steps must be distinct ints >= 0, not "
+                             f"{list(steps)}")
+        steps = [int(s) for s in steps]
         have = self.all_steps()
         missing = [s for s in steps if s not in have]
         if missing:
             raise FileNotFoundError(
                 f"No checkpoint for steps {missing} in {self.directory}; "
                 f"have {have}.")
-        ocp.multihost.sync_global_processes("flax_minrnn_set_aside_start")
         root, moved = self.directory / _SUPERSEDED, []
         for step in steps:
             dest, n = root / str(step), 0
-            while dest.exists() or str(dest) in moved:
+            while dest.exists():
                 n += 1
                 dest = root / f"{step}.{n}"
             moved.append(str(dest))
-        if jax.process_index() == 0:
-            root.mkdir(exist_ok=True)
-            for step, dest in zip(steps, moved):
-                (self.directory / str(step)).rename(dest)
-        ocp.multihost.sync_global_processes("flax_minrnn_set_aside_done")
+        ocp.multihost.sync_global_processes("flax_minrnn_set_aside_start")
         try:
-            self._mgr.reload()
-        except Exception as e:  # pylint: disable=broad-except
-            raise self._index_error(e) from e
+            if jax.process_index() == 0:
+                root.mkdir(exist_ok=True)
+                for step, dest in zip(steps, moved):
+                    (self.directory / str(step)).rename(dest)
+        finally:
+            ocp.multihost.sync_global_processes("flax_minrnn_set_aside_done")
+            try:
+                self._mgr.reload()
+            except Exception as e:  # pylint: disable=broad-except
+                raise self._index_error(e) from e
         return moved
 
     def restore_best(self, target: Any) -> tuple[Any, dict[str, Any]]:
