@@ -748,3 +748,37 @@ def test_set_aside_failing_part_way_leaves_a_true_index(tmp_path,
         assert meta == {"s": 3}
         assert ckpt.set_aside([3]) == [str(tmp_path / "superseded" / "3")]
         assert ckpt.all_steps() == [1]
+
+
+# ----------------------------------------------------------------------------
+# Leaf dtypes: complex is summed, sub-byte types are refused.
+
+def test_complex_leaves_are_summed_as_real_then_imaginary_words(tmp_path,
+                                                                rng):
+    a = (rng.standard_normal((3, 4))
+         + 1j * rng.standard_normal((3, 4))).astype(np.complex64)
+    parts = np.stack([a.real, a.imag], axis=-1)  # float32 words re, im.
+    got = tree_checksums({"device": jnp.asarray(a), "host": a})
+    assert got["device"] == got["host"] == _reference_sums(parts)
+    assert got["host"] == _reference_sums(a)  # Words of complex64's bytes.
+    c = a.astype(np.complex128)
+    assert tree_checksums(c)[""] == _reference_sums(
+        np.stack([c.real, c.imag], axis=-1))
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"z": jnp.asarray(a)}, metadata={})
+        assert ckpt.verify(1) is True
+        restored, _ = ckpt.restore(target={"z": jnp.zeros_like(a)})
+    assert restored["z"].dtype == np.complex64
+    assert np.asarray(restored["z"]).tobytes() == a.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["int4", "uint4", "float4_e2m1fn"])
+def test_sub_byte_leaves_are_refused_by_path_before_writing(tmp_path, dtype):
+    for leaf in (jnp.zeros(4, dtype), np.zeros(4, jnp.dtype(dtype))):
+        state = {"params": {"q": leaf, "w": jnp.ones(2)}}
+        with Checkpointer(tmp_path) as ckpt:
+            with pytest.raises(TypeError,
+                               match=f"leaf 'params/q' of dtype {dtype}"):
+                ckpt.save(1, state, metadata={})
+            assert ckpt.all_steps() == []
+        assert not [p for p in tmp_path.iterdir() if p.name[0].isdigit()]

@@ -250,14 +250,34 @@ _METADATA_SUM = "<metadata>"  # Checksums entry of the metadata's JSON.
 _METRICS_SUM = "<metrics>"    # Checksums entry of the metrics' JSON.
 
 
+def _summable(dtype: np.dtype) -> bool:
+    """Whether :func:`_words` takes ``dtype``: bool, or a number type whose
+    elements fill 1, 2, 4 or 8 bytes (complex: per part); not sub-byte
+    types (int4, float4...), strings or objects."""
+    if dtype == np.bool_ or dtype.kind == "c":
+        return True
+    for info in (jnp.iinfo, jnp.finfo):
+        try:
+            bits = info(dtype).bits
+        except Exception:  # pylint: disable=broad-except
+            continue
+        return bits == 8 * dtype.itemsize and dtype.itemsize in (1, 2, 4, 8)
+    return False
+
+
 def _words(x, xp, bitcast):
     """The bits of every element of ``x`` as uint32 words, flattened.
 
     1-, 2- and 4-byte elements become one word each (bool: 0 or 1), 8-byte
-    ones two (low word first). ``xp`` is numpy or jax.numpy, ``bitcast``
-    its same-size bit reinterpretation, so host and device agree.
+    ones two (low word first); a complex element is its real part's words,
+    then its imaginary part's (complex64: the words of its bytes). ``xp`` is
+    numpy or jax.numpy, ``bitcast`` its same-size bit reinterpretation, so
+    host and device agree. Callers check :func:`_summable` first.
     """
     dtype = np.dtype(x.dtype)
+    if dtype.kind == "c":
+        return _words(xp.stack([xp.real(x), xp.imag(x)], axis=-1), xp,
+                      bitcast)
     if dtype == np.bool_:
         words = x.astype(xp.uint32)
     elif dtype.itemsize in (1, 2, 4):
@@ -310,19 +330,37 @@ def tree_checksums(tree: Any) -> dict[str, list[int]]:
     same for a jax array under any sharding (computed where it lives, by one
     jitted function per tree structure) and for the numpy copy of it. Any
     change of a single word changes ``s2`` (``c_i`` is odd, so invertible
-    modulo ``2**32``); a permutation of the words changes it unless the
-    words are equal. PRNG key arrays are summed through their key data,
-    Python scalars and numpy arrays on the host.
+    modulo ``2**32``). A permutation of the words is not always detected:
+    swapping ``w_i != w_j`` changes ``s2`` by ``(c_i - c_j) * (w_j - w_i)
+    mod 2**32``, which is 0 when the powers of two in the two factors reach
+    ``2**32`` (e.g. ``c_0 - c_1 = -0x9E3779B0`` holds ``2**4``, so words
+    0x3F800000 and 0x4F800000, ``2**28`` apart, swap unnoticed). PRNG key
+    arrays are summed through their key data, Python scalars and numpy
+    arrays on the host.
+
+    Raises:
+        TypeError: A leaf's dtype cannot be summed (sub-byte types such as
+            int4, strings in arrays, objects); names the leaf and dtype.
     """
     device, out = {}, {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         key = _keystr(path)
-        if isinstance(leaf, jax.Array):
-            device[key] = jax.random.key_data(leaf) if _is_key(leaf) else leaf
-        elif isinstance(leaf, str):
+        if isinstance(leaf, str):
             out[key] = _host_sums(np.frombuffer(leaf.encode(), np.uint8))
+            continue
+        if isinstance(leaf, jax.Array) and _is_key(leaf):
+            leaf = jax.random.key_data(leaf)
+        elif not isinstance(leaf, jax.Array):
+            leaf = np.asarray(leaf)
+        if not _summable(np.dtype(leaf.dtype)):
+            raise TypeError(f"cannot checksum the leaf {key!r} of dtype "
+                            f"{np.dtype(leaf.dtype)}: only bool and number "
+                            "types of 1, 2, 4 or 8 bytes (complex: per "
+                            "part) are supported")
+        if isinstance(leaf, jax.Array):
+            device[key] = leaf
         else:
-            out[key] = _host_sums(np.asarray(leaf))
+            out[key] = _host_sums(leaf)
     if device:
         out.update({k: [int(v) for v in _fetch(s)]
                     for k, s in _device_sums(device).items()})
