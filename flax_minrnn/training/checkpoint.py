@@ -132,8 +132,10 @@ class CheckpointCorruptError(ValueError):
     Attributes:
         step: The unreadable step (None if unknown).
         path: Its directory.
-        older_steps: Older steps whose metadata reads fine (fall-back
-            candidates for an explicit ``restore(step=...)``).
+        older_steps: Older steps whose saved state tree (the arrays'
+            headers) reads: fall-back candidates for an explicit
+            ``restore(step=...)``, not verified (their data, metadata and
+            checksums are not read).
         cause: What failed, one line.
     """
 
