@@ -21,11 +21,16 @@ new one is committed. :meth:`Checkpointer.save` returns after the commit.
 Retention: ``AnyPreservationPolicy([LatestN(max_to_keep), BestN(n=1)])``: the
 last ``max_to_keep`` steps plus the best one by ``metrics[best_metric]``, all
 in the same directory (a step without ``best_metric``, or with NaN, ranks
-worst and is never :meth:`Checkpointer.best_step`). A step to delete is
-first renamed into ``deleting/`` (orbax's ``todelete_subdir``) and only then removed, so that a kill during
-the removal leaves no half-deleted step among the steps; whatever is left in
-``deleting/`` is removed when a writable :class:`Checkpointer` opens. Nothing is deleted because it cannot be read: a corrupt
-step raises :class:`CheckpointCorruptError`, which names older candidates.
+worst and is never :meth:`Checkpointer.best_step`). LatestN keeps the
+latest saves, so :meth:`Checkpointer.save` refuses a step that is not above
+every existing one (:meth:`Checkpointer.set_aside` moves newer steps away
+first). A step to delete is
+first renamed into ``deleting/`` (orbax's ``todelete_subdir``) and only then
+removed, so that a kill during the removal leaves no half-deleted step among
+the steps; whatever is left in ``deleting/`` is removed when a writable
+:class:`Checkpointer` opens. Nothing is deleted because it cannot be read: a
+corrupt step raises :class:`CheckpointCorruptError`, which names older
+candidates.
 
 Verification: every save also records :func:`tree_checksums` of the state
 and the SHA-256 of the canonical JSON of the metadata (and of the metrics
