@@ -9,8 +9,9 @@ Run::
 The package of ``--base`` is exported with ``git archive`` into a temporary
 folder and imported under another name (``flax_minrnn_base``), so both
 versions run side by side in the same plain process (nothing tuned unless
-``--malloc tuned``).  Per layer and T, forward+backward (``grad`` of
-``sum(y)`` w.r.t. parameters and input, B = 8, d = 256, float32) of:
+``--malloc tuned``).  Per layer and T, forward+backward (``value_and_grad``
+of ``sum(y)`` w.r.t. parameters and input: the loss and its gradients, as
+training computes them; B = 8, d = 256, float32) of:
 
 * ``head[auto]`` and ``head[native]``: this checkout;
 * ``base[auto]``: the base commit's default;
@@ -159,11 +160,13 @@ def _output(module, pair: bool):
 
 
 def fwdbwd(module, pair: bool = True):
-    """Jitted ``grad`` of ``sum(y)`` w.r.t. parameters and input (``y`` as in
-    :func:`_output`)."""
+    """Jitted ``value_and_grad`` of ``sum(y)`` w.r.t. parameters and input
+    (``y`` as in :func:`_output`): ``(loss, (d params, d x))``.  The loss is
+    returned, as a training step has it, so that XLA keeps the forward
+    products only ``y`` needs (an output projection's ``z W``)."""
     apply = _output(module, pair)
-    return jax.jit(jax.grad(lambda params, x: jnp.sum(apply(params, x).astype(jnp.float32)),
-                            argnums=(0, 1)))
+    return jax.jit(jax.value_and_grad(
+        lambda params, x: jnp.sum(apply(params, x).astype(jnp.float32)), argnums=(0, 1)))
 
 
 def forward_mode(module, pair: bool = True):

@@ -6,10 +6,11 @@ Run::
     python -m benchmarks.bench_export --out DIR       # also writes bench_export.{json,md}
 
 Per layer (``MinGRU``, ``MinLSTM``, ``GatedLinearRNN``, ``scan_impl="auto"``,
-B = 8, d = 256, float32) and T, the forward pass and ``grad`` of ``sum(y)``
-with respect to parameters and input are each exported twice, serialized and
-deserialized: once for the concrete ``(B, T, d)`` and once for
-``symbolic_shape("b, t, d")``.  Both are called on the same input, in
+B = 8, d = 256, float32) and T, the forward pass and ``value_and_grad`` of
+``sum(y)`` with respect to parameters and input (the loss and its gradients)
+are each exported twice, serialized and deserialized: once for the concrete
+``(B, T, d)`` and once for ``symbolic_shape("b, t, 256")`` (batch and time
+both symbolic, the width fixed).  Both are called on the same input, in
 interleaved rounds after a warm-up round; the table gives the median ms of
 each and their ratio.  A symbolic ``t`` runs the sequential loop one step per
 iteration (``flax_minrnn.ops.scan.resolve_impl``); a fixed ``T`` runs
@@ -44,7 +45,9 @@ def measure(layer_name: str, seq_len: int, rounds: int) -> List[Dict[str, Any]]:
     x = make_input(B, seq_len, D)
     params = init_params(layer, x)
     forward = lambda p, x: layer.apply(p, x)[1]
-    grad = jax.grad(lambda p, x: jnp.sum(forward(p, x)), argnums=(0, 1))
+    # The loss is returned with its gradients, as training has it (with the
+    # gradients alone XLA drops forward products that only y needs).
+    grad = jax.value_and_grad(lambda p, x: jnp.sum(forward(p, x)), argnums=(0, 1))
     fixed = jax.ShapeDtypeStruct(x.shape, x.dtype)
     symbolic = jax.ShapeDtypeStruct(export.symbolic_shape(f"b, t, {D}"), x.dtype)
     rows = []

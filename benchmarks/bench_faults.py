@@ -6,8 +6,10 @@ Run::
     python -m benchmarks.bench_faults --malloc tuned --out DIR
 
 Per layer (``MinGRU``, ``MinLSTM``, ``GatedLinearRNN`` at ``scan_impl="auto"``
-and the naive minGRU of :mod:`benchmarks.bench_layers`) and T, for ``grad`` of
-``sum(y)`` with respect to parameters and input (B = 8, d = 256, float32):
+and the naive minGRU of :mod:`benchmarks.bench_layers`) and T, for
+``value_and_grad`` of ``sum(y)`` with respect to parameters and input (the
+loss and its gradients, :func:`benchmarks.bench_ab.fwdbwd`; B = 8, d = 256,
+float32):
 
 * ``temp MiB``: XLA's temporary allocation (``memory_analysis()``);
 * ``faults/call``: minor page faults per call (``getrusage``, after three

@@ -14,7 +14,10 @@ Setting (the issue's): one layer, batch B=8, d_in = d_h = D = 256, float32,
 T in {256, 1024, 4096, 16384}.  Every layer is timed under ``jax.jit``:
 
 * ``fwd``: ``y = layer(x)``;
-* ``fwdbwd``: ``jax.grad(sum(y))`` with respect to the parameters AND ``x``.
+* ``fwdbwd``: ``jax.value_and_grad(sum(y))`` with respect to the parameters
+  AND ``x``: the loss and its gradients, as a training step computes them
+  (returning the gradients alone would let XLA drop the products that only
+  the loss's value needs, such as an output projection's forward product).
 
 A timing is the median of repeated calls after a warm-up call, each ended by
 ``block_until_ready``; at each T every row is compiled and warmed up first,
@@ -215,8 +218,12 @@ def make_configs(d: int) -> List[Config]:
 def make_fns(model: nn.Module, outputs: Callable, out_dtype=None):
     """Fresh ``fwd(params, x)`` and ``fwdbwd(params, x)`` closures.
 
-    ``fwdbwd`` returns the gradients of ``sum(y)`` (summed in float32) with
-    respect to the parameters and the input.
+    ``fwdbwd`` returns ``(loss, (d params, d x))``: ``loss = sum(y)`` (summed
+    in float32) and its gradients with respect to the parameters and the
+    input.  The loss is returned so that the compiled function computes ``y``
+    in full, as training does: with the gradients alone, XLA removes every
+    forward product whose result only ``y`` needs (the output projection's
+    ``z W``, whose gradients do not depend on it).
     """
 
     def fwd(params, x):
@@ -225,7 +232,7 @@ def make_fns(model: nn.Module, outputs: Callable, out_dtype=None):
     def loss(params, x):
         return jnp.sum(outputs(model.apply(params, x)).astype(jnp.float32))
 
-    grad = jax.grad(loss, argnums=(0, 1))
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
 
     def fwdbwd(params, x):
         return grad(params, x)
@@ -627,7 +634,7 @@ def markdown_report(results: Dict[str, Any]) -> str:
         "",
     ]
     lines += headline(results)
-    for mode, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward (grad of sum(y) w.r.t. params and x)")):
+    for mode, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward (value_and_grad of sum(y) w.r.t. params and x)")):
         lines += [f"## {title}: median ms", ""]
         hdr = "| layer | " + " | ".join(f"T={t}" for t in ts) + " |"
         lines += [hdr, "|---|" + "---:|" * len(ts)]

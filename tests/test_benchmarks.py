@@ -638,3 +638,56 @@ def test_bench_export_times_both_exports_of_every_layer(tmp_path, monkeypatch):
         assert r["T"] == 3 and _positive(r["fixed_ms"]) and _positive(r["symbolic_ms"])
         assert r["symbolic_over_fixed"] == pytest.approx(r["symbolic_ms"] / r["fixed_ms"])
     assert "utc_time" in data["machine"]
+
+
+def _n_dots(fn, *args):
+    import re
+    import jax
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return sum(1 for line in text.splitlines() if re.search(r"\bdot\(", line))
+
+
+@pytest.mark.parametrize("name", ["GatedLinearRNN[auto]", "GatedLinearRNN[sequential]",
+                                  "naive GatedLinearRNN (Dense + lax.scan)",
+                                  "flax-gated-linear-rnn 1.0.3", "MinGRU[auto]",
+                                  "naive minGRU (Dense + lax.scan)"])
+def test_fwdbwd_keeps_the_output_projection_product(name):
+    """The timed forward+backward returns the loss with the gradients, so its
+    compiled HLO keeps the output projection's forward product ``z W``,
+    which the gradients alone do not need (XLA drops it from ``jax.grad``):
+    one matrix product more than the gradients alone for the layers with an
+    output projection, the same for the others.  bench_ab's ``fwdbwd`` and
+    the GPU bench's ``layer_grad`` likewise."""
+    import jax
+    import jax.numpy as jnp
+    from benchmarks import bench_ab
+    from benchmarks.gpu import bench as gpu_bench
+
+    b, t, d = 2, 128, 8
+    cfg = next(c for c in bench_layers.make_configs(d) if c.name == name)
+    model = cfg.build()
+    x = bench_layers.make_input(b, t, d)
+    params = bench_layers.init_params(model, x)
+    apply = lambda p, v: cfg.outputs(model.apply(p, v))
+    grads_only = jax.grad(lambda p, v: jnp.sum(apply(p, v)), argnums=(0, 1))
+    extra = 1 if cfg.family in ("GatedLinearRNN", "flax-gated-linear-rnn") else 0
+    n_grad = _n_dots(grads_only, params, x)
+
+    fwdbwd = bench_layers.make_fns(model, cfg.outputs)["fwdbwd"]
+    assert _n_dots(fwdbwd, params, x) == n_grad + extra
+    loss, (d_params, d_x) = jax.jit(fwdbwd)(params, x)
+    np.testing.assert_allclose(loss, np.sum(np.asarray(apply(params, x), np.float64)),
+                               rtol=1e-4, atol=1e-4)
+    assert d_x.shape == x.shape
+
+    ab = bench_ab.fwdbwd(model, pair=cfg.outputs is bench_layers._y_of_pair)
+    assert _n_dots(ab, params, x) == n_grad + extra
+    np.testing.assert_allclose(ab(params, x)[0], loss, rtol=1e-6)
+
+    g = bench_layers.make_input(b, t, d, seed=3)
+    layer_grad = gpu_bench.layer_grad(apply)
+    n_vjp = _n_dots(lambda p, v, c: jax.vjp(apply, p, v)[1](c), params, x, g)
+    assert _n_dots(layer_grad, params, x, g) == n_vjp + extra
+    np.testing.assert_allclose(jax.jit(layer_grad)(params, x, g)[0],
+                               np.sum(np.asarray(apply(params, x), np.float64) * g),
+                               rtol=1e-4, atol=1e-4)

@@ -490,10 +490,14 @@ def layer_fwd_bwd(module) -> Callable:
 
 
 def layer_grad(apply: Callable) -> Callable:
-    """``(params, x, g) -> (d params, d x)`` of ``sum(apply(params, x) * g)``."""
+    """``(params, x, g) -> (loss, (d params, d x))`` of ``loss = sum(apply(params,
+    x) * g)`` (in float32).  The loss is returned, as a training step has it:
+    with the gradients alone XLA drops the forward products that only ``y``
+    needs (an output projection's ``z W``)."""
     def f(params, x, g):
         y, vjp = jax.vjp(apply, params, x)
-        return vjp(g.astype(y.dtype))
+        loss = jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32))
+        return loss, vjp(g.astype(y.dtype))
     return f
 
 
