@@ -16,15 +16,22 @@ training computes them; B = 8, d = 256, float32) of:
 * ``head[auto]`` and ``head[native]``: this checkout;
 * ``base[auto]``: the base commit's default;
 * the naive minGRU of :mod:`benchmarks.bench_layers` (one fused ``Dense`` and
-  ``lax.scan``; issue 17's baseline for all three layers) and
-  ``nn.RNN(GRUCell)`` of the same width (with the MinGRU rows);
+  ``lax.scan``; issue 17's baseline for all three layers), in every layer's
+  rounds, so that ``naive / head`` divides two times of the same rounds;
+* ``nn.RNN(GRUCell)`` of the same width, in the MinGRU rounds only (it is
+  several times slower than the rest, and timing it three times per length
+  would triple the run).  The MinLSTM and GatedLinearRNN rows' GRU ratios
+  divide by that time, taken in other rounds than theirs: the report marks
+  them "(from the MinGRU rounds)";
 * ``own naive``: the naive version of the same layer, written the same way
   (the MinGRU's is the naive minGRU);
 * ``products``: the layer's input-projection products alone (``x W``, ``g
-  W^T``, ``x^T g`` for a fixed cotangent ``g``), as the chunked scan runs
-  them and nothing else (:func:`products_fwdbwd`).  No implementation
-  that computes those products with XLA runs faster, so ``naive / products``
-  bounds what ``naive / head`` can reach on the machine.
+  W^T``, ``x^T g`` for a fixed cotangent ``g``), as the chunked scan's tile
+  loop runs them and nothing else (:func:`products_fwdbwd`).  ``naive /
+  products`` is what ``naive / head`` would be if the layer spent no time
+  outside those products *in that tiling*: a reference for the chunked
+  scan, not a bound on every implementation (another tiling, or a kernel
+  that fuses the products with the scan, could run them faster).
 
 With ``--transform jvp`` every variant runs forward mode instead
 (``jax.jvp`` of ``y`` for fixed random tangents of the parameters and the
@@ -118,12 +125,19 @@ PROJECTED = {"MinGRU": 2, "MinLSTM": 3, "GatedLinearRNN": 3}
 
 def products_fwdbwd(b: int, t: int, d: int, n: int):
     """``f(x, kernel, g) -> (pre, dx, dkernel)``: the products of a layer's
-    forward+backward alone, ``pre = x @ kernel`` (kernel ``(d, n)``), ``dx = g
-    @ kernel.T`` and ``dkernel = x.T @ g``, as the chunked scan runs them: the
+    forward+backward alone, ``x @ kernel`` (kernel ``(d, n)``), ``dx = g @
+    kernel.T`` and ``dkernel = x.T @ g``, as the chunked scan runs them: the
     forward for the whole sequence, one product per ``d``-wide block of
-    columns (``pre`` is the tuple of blocks), the backward tile by tile (same
-    tile size, or one tile when ``t`` is not a multiple of it), visiting the
-    tiles in reverse and accumulating ``dkernel``."""
+    columns, the backward tile by tile (same tile size, or one tile when
+    ``t`` is not a multiple of it), visiting the tiles in reverse and
+    accumulating ``dkernel``.
+
+    As in the layers (``flax_minrnn.ops.gated.tiles_backward``), ``dx`` is
+    written tile by tile over the first ``d``-wide block of the forward
+    product, with no buffer of its own and no fill of zeros; ``pre`` is the
+    tuple of the other blocks.  Where the blocks are not ``d`` wide (``n``
+    not a multiple of ``d``) ``dx`` starts from zeros, as the layers' does
+    then."""
     tile = gated_lib.tile_size(b * n * 4, t)
     if t % tile:
         tile = t
@@ -143,9 +157,10 @@ def products_fwdbwd(b: int, t: int, d: int, n: int):
                 dx, jnp.einsum("bto,io->bti", g_t, kernel), start, 1)
             return dx, dk + jnp.einsum("bti,bto->io", x_t, g_t)
 
-        dx, dk = jax.lax.fori_loop(0, tiles, backward,
-                                   (jnp.zeros_like(x), jnp.zeros_like(kernel)))
-        return pre, dx, dk
+        reuse = pre[0].shape == x.shape
+        dx = pre[0] if reuse else jnp.zeros_like(x)
+        dx, dk = jax.lax.fori_loop(0, tiles, backward, (dx, jnp.zeros_like(kernel)))
+        return (pre[1:] if reuse else pre), dx, dk
 
     return jax.jit(run)
 
@@ -228,10 +243,13 @@ def _run(base, base_ref: str, base_commit: str, ts: Sequence[int], rounds: int, 
             n_cols = PROJECTED[family] * d
             if transform == "grad":
                 variants["products"] = products_fwdbwd(b, t, d, n_cols)
+            # The naive minGRU in every family's rounds (the baseline of all
+            # three); the GRU in the MinGRU rounds only (see the docstring).
+            peers = {"naive": naive_layer("MinGRU", d)}
             if family == "MinGRU":
-                peers = {"naive": naive_layer(family, d), "gru": nn.RNN(nn.GRUCell(features=d))}
+                peers["gru"] = nn.RNN(nn.GRUCell(features=d))
             else:
-                peers = {"own_naive": naive_layer(family, d)}
+                peers["own_naive"] = naive_layer(family, d)
             for k, module in peers.items():
                 variants[k] = build(module, pair=False)
             params = getattr(head, family)(**kw).init(jax.random.PRNGKey(0), x[:, :4])
@@ -270,9 +288,14 @@ def report(results: Dict) -> str:
              f"CPUs), jax {results['machine']['jax_version']}; head: "
              f"{harness.run_stamp(results['machine'])}.", "",
              "`products`: the layer's input-projection products alone, as the chunked "
-             "scan runs them; naive/products and GRU/products bound naive/head and "
-             "GRU/head. `naive`: the naive minGRU (the baseline for every layer); "
-             "`own naive`: the naive version of the same layer.", "",
+             "scan's tile loop runs them; naive/products and GRU/products are what "
+             "naive/head and GRU/head would be if the layer spent no time outside those "
+             "products in that tiling (a reference, not a bound on every implementation). "
+             "`naive`: the naive minGRU (the baseline for every layer), timed in every "
+             "row's rounds; `own naive`: the naive version of the same layer. The GRU "
+             "runs in the MinGRU rounds only: a ratio marked † divides by that time, "
+             "from other rounds than the row's (as does a naive ratio marked †, in "
+             "results from before the naive minGRU ran in every row's rounds).", "",
              "| T | layer | head auto ms | base auto ms | head/base | head native ms | "
              "naive ms | naive/head | own naive ms | own naive/head | GRU ms | GRU/head | "
              "products ms | naive/products | GRU/products |",
@@ -283,14 +306,19 @@ def report(results: Dict) -> str:
            if r["family"] == "MinGRU"}
     for r in results["rows"]:
         m = r["median_ms"]
-        nv = naive.get(r["T"])
         head_ms = m["head[auto]"]
-        gv = gru.get(r["T"])
-        speedup = "–" if nv is None else f"{nv / head_ms:.2f}"
-        gru_ratio = "–" if gv is None else f"{gv / head_ms:.1f}"
+        # A dagger: the divisor was timed in the MinGRU rounds, not this row's.
+        nv, n_mark = m.get("naive"), ""
+        if nv is None:
+            nv, n_mark = naive.get(r["T"]), "†"
+        gv, g_mark = m.get("gru"), ""
+        if gv is None:
+            gv, g_mark = gru.get(r["T"]), "†"
+        speedup = "–" if nv is None else f"{nv / head_ms:.2f}{n_mark}"
+        gru_ratio = "–" if gv is None else f"{gv / head_ms:.1f}{g_mark}"
         prod = m.get("products")
-        bound = "–" if nv is None or prod is None else f"{nv / prod:.2f}"
-        gru_bound = "–" if gv is None or prod is None else f"{gv / prod:.1f}"
+        bound = "–" if nv is None or prod is None else f"{nv / prod:.2f}{n_mark}"
+        gru_bound = "–" if gv is None or prod is None else f"{gv / prod:.1f}{g_mark}"
         own = m.get("own_naive", m.get("naive"))
         own_ratio = "–" if own is None else f"{own / head_ms:.2f}"
         lines.append(harness.md_row([
