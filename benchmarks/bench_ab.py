@@ -273,6 +273,10 @@ def _run(base, base_ref: str, base_commit: str, ts: Sequence[int], rounds: int, 
             row = dict(T=t, family=family, median_ms=med, all_ms=times, compile_s=compile_s)
             results["rows"].append(row)
             log(f"T={t} {family}: " + "  ".join(f"{k} {v:.1f} ms" for k, v in med.items()))
+    # After the timings: whether head[native] (and the base's kernels, where
+    # its version has them) ran compiled kernels or fell back to chunked.
+    results["native_kernels"] = harness.native_kernels(head.__name__)
+    results["base_native_kernels"] = harness.native_kernels(base.__name__)
     return results
 
 
@@ -286,7 +290,10 @@ def report(results: Dict) -> str:
              f"malloc {results['machine'].get('malloc')})", "",
              f"Machine: {results['machine']['cpu_model']} ({results['machine']['cpu_count']} "
              f"CPUs), jax {results['machine']['jax_version']}; head: "
-             f"{harness.run_stamp(results['machine'])}.", "",
+             f"{harness.run_stamp(results['machine'])}; head "
+             f"{harness.native_note(results.get('native_kernels'))}; base "
+             f"{harness.native_note(results.get('base_native_kernels'), 'its fallback ran')}"
+             ".", "",
              "`products`: the layer's input-projection products alone, as the chunked "
              "scan's tile loop runs them; naive/products and GRU/products are what "
              "naive/head and GRU/head would be if the layer spent no time outside those "

@@ -493,6 +493,7 @@ def run(ts: Sequence[int] = FULL_TS, *, b: int = 8, d: int = 256, quick: bool = 
         results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     except OSError:
         pass
+    results["native_kernels"] = harness.native_kernels()
     results["total_wall_s"] = time.perf_counter() - t_start
     return results
 
@@ -623,7 +624,8 @@ def markdown_report(results: Dict[str, Any]) -> str:
         f"Machine: {m['cpu_model'] or m['processor']} ({m['cpu_count']} CPUs), "
         f"backend {m['backend']} ({m['device_kind']}), jax {m['jax_version']}, "
         f"flax {m['flax_version']}; load average at start {m['loadavg_at_start']}, "
-        f"at end {m.get('loadavg_at_end')}; {harness.run_stamp(m)}.",
+        f"at end {m.get('loadavg_at_end')}; {harness.run_stamp(m)}; "
+        f"{harness.native_note(results.get('native_kernels'))}.",
         f"Setting: one layer, B={s['B']}, d_in=d_h={s['D']}, float32, "
         f"{'--quick' if s['quick'] else 'full'} run; total {results['total_wall_s']:.0f} s.",
         f"Measured bandwidth (jitted `x + 1.0` over "

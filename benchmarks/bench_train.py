@@ -90,6 +90,7 @@ def run(quick: bool = False, log=print) -> Dict[str, Any]:
                 f"{r['tokens_per_s']:10,.0f} tokens/s  (first step {r['first_step_s']:.1f} s, "
                 f"{r['params']:,} params)")
     return dict(machine=harness.machine_info(), rows=rows,
+                native_kernels=harness.native_kernels(),
                 settings=dict(quick=quick, config="configs/shakespeare.py",
                               overrides=overrides))
 
@@ -98,7 +99,8 @@ def markdown(res: Dict[str, Any]) -> str:
     m = res["machine"]
     lines = [f"LM training step ({res['settings']['config']}), {m['cpu_model'] or m['processor']}"
              f" ({m['cpu_count']} CPUs), backend {m['backend']}, jax {m['jax_version']}, "
-             f"malloc {m.get('malloc')}; {harness.run_stamp(m)}:", "",
+             f"malloc {m.get('malloc')}; {harness.run_stamp(m)}; "
+             f"{harness.native_note(res.get('native_kernels'))}:", "",
              "| time mixing | params | " + " | ".join(f"{i} tokens/s" for i in IMPLS) + " |",
              "|---|---:|" + "---:|" * len(IMPLS)]
     by = {(r["time_mixing"], r["impl"]): r for r in res["rows"]}

@@ -344,6 +344,40 @@ def machine_info() -> Dict[str, Any]:
     }
 
 
+def native_kernels(package: str = "flax_minrnn") -> Dict[str, Any]:
+    """Whether ``package``'s compiled CPU kernels (``backends.native``) were
+    built and loaded: ``{"available": bool, "reason": str or None}``.  Without
+    them ``scan_impl="native"`` runs ``chunked``, so a ``native`` row says
+    nothing about the kernels unless this is ``True``.  ``available`` is
+    ``None`` when the package has no such module (or asking it failed).
+
+    Call it after the timings: the first ``available()`` of a process builds
+    the kernels when no ``native`` row has yet."""
+    import importlib  # pylint: disable=import-outside-toplevel
+    try:
+        native = importlib.import_module(f"{package}.backends.native")
+        ok = bool(native.available())
+    except Exception as e:  # noqa: BLE001 - an older package, or a failed build
+        return dict(available=None, reason=f"{type(e).__name__}: {e}")
+    reason = None
+    if not ok and hasattr(native, "unavailable_reason"):
+        reason = native.unavailable_reason()
+    return dict(available=ok, reason=reason)
+
+
+def native_note(status: Optional[Dict[str, Any]],
+                fallback: str = "`native` rows ran `chunked`") -> str:
+    """One phrase for a report: whether the compiled kernels ran
+    (``fallback``: what ran instead where they did not)."""
+    if not status:
+        return "compiled kernels: not recorded"
+    if status.get("available"):
+        return "compiled kernels: loaded"
+    if status.get("available") is None:
+        return f"compiled kernels: unknown ({status.get('reason')})"
+    return f"compiled kernels: unavailable, {fallback} ({status.get('reason')})"
+
+
 def run_stamp(machine: Dict[str, Any]) -> str:
     """When and at which commit a run was made, for a report's header, from
     :func:`machine_info` (older results lack the keys: "not recorded")."""

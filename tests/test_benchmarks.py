@@ -82,6 +82,10 @@ def test_bench_layers_tiny(tmp_path):
     with open(paths["md"]) as fh:
         md = fh.read()
     assert "| MinGRU[auto] |" in md
+    # Whether the native rows ran the compiled kernels or fell back to chunked.
+    from flax_minrnn.backends import native
+    assert data["native_kernels"]["available"] is native.available()
+    assert "compiled kernels: " in md
     with open(paths["png"], "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -698,3 +702,23 @@ def test_fwdbwd_keeps_the_output_projection_product(name):
     np.testing.assert_allclose(jax.jit(layer_grad)(params, x, g)[0],
                                np.sum(np.asarray(apply(params, x), np.float64) * g),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_native_kernels_state_is_reported(monkeypatch):
+    """harness.native_kernels records whether the compiled kernels loaded
+    (and why not), and bench_train's report says so."""
+    from benchmarks import bench_train, harness
+    from flax_minrnn.backends import native
+
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler")
+    status = harness.native_kernels()
+    assert status == {"available": False, "reason": "no C++ compiler"}
+    assert harness.native_kernels("no_such_package_here")["available"] is None
+    res = {"machine": {"cpu_model": "cpu", "cpu_count": 2, "backend": "cpu",
+                       "jax_version": "0", "malloc": "default"},
+           "settings": {"config": "configs/shakespeare.py"},
+           "rows": [dict(time_mixing=m, impl=bench_train.IMPLS[0], params=1, tokens_per_s=1.0)
+                    for m in bench_train.MIXINGS],
+           "native_kernels": status}
+    assert "`native` rows ran `chunked` (no C++ compiler)" in bench_train.markdown(res)
