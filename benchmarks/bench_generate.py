@@ -20,8 +20,11 @@ Usage::
 
     python -m benchmarks.bench_generate --quick --out /tmp/gen.json
     python -m benchmarks.bench_generate                                # full size, printed only
-    # full size, refreshing the committed file (it was measured with --malloc tuned):
-    python -m benchmarks.bench_generate --malloc tuned --out benchmarks/results/bench_generate.json
+    # full size, refreshing the committed file with the plain process (the
+    # headline; the committed one was measured with --malloc tuned):
+    python -m benchmarks.bench_generate --out benchmarks/results/bench_generate.json
+    # tuned only beside it, into another file:
+    python -m benchmarks.bench_generate --malloc tuned --out /tmp/bench_generate_tuned.json
 """
 
 from __future__ import annotations
@@ -62,11 +65,14 @@ def _carry_fn(model, params, batch: int, n: int):
 
 
 def _recompute_fn(model, params, batch: int, length: int, steps: int):
-    """``steps`` decode steps, each a full forward over a ``(batch, length)`` buffer."""
+    """``steps`` decode steps, each a full forward over a ``(batch, length)`` buffer.
+
+    The parameters are an argument of the jitted function (as they are of
+    ``generate`` on the carry path), not constants folded into it."""
     vocab = model.config.vocab_size
 
     @jax.jit
-    def run(key):
+    def run_with(params, key):
         buf = jax.random.randint(key, (batch, length), 0, vocab, jnp.int32)
 
         def step(i, buf):
@@ -78,7 +84,7 @@ def _recompute_fn(model, params, batch: int, length: int, steps: int):
 
         return jax.lax.fori_loop(0, steps, step, buf)
 
-    return run
+    return lambda key: run_with(params, key)
 
 
 def _memory(model, params, batch: int, n: int):
@@ -132,7 +138,11 @@ def run(batches: List[int], lengths: List[int], *, d_model: int, vocab: int, n_l
 
 def markdown(res: Dict[str, Any]) -> str:
     fmt = lambda x: "—" if x is None else f"{x:,.0f}"
-    lines = ["| batch | new tokens | carry tok/s | recompute tok/s | speed-up | note |",
+    m = res["machine"]
+    lines = [f"Machine: {m['cpu_model'] or m['processor']} ({m['cpu_count']} CPUs), backend "
+             f"{m['backend']}, jax {m['jax_version']}, malloc {m.get('malloc')}; "
+             f"{harness.run_stamp(m)}.", "",
+             "| batch | new tokens | carry tok/s | recompute tok/s | speed-up | note |",
              "|---:|---:|---:|---:|---:|---|"]
     for r in res["rows"]:
         ratio = (None if r["recompute_tokens_per_s"] is None
@@ -148,9 +158,24 @@ def markdown(res: Dict[str, Any]) -> str:
             lines.append(f"| {n} | n/a | n/a |")
         else:
             lines.append(f"| {n} | {m['temp_size_in_bytes']:,} | {m['output_size_in_bytes']:,} |")
-    lines += ["", "Temp bytes grow only by the stacked (new tokens, batch) int32 token buffer "
-              "of the scan; the carry and per-step work are independent of the length."]
+    lines += ["", memory_sentence(mem)]
     return "\n".join(lines)
+
+
+def memory_sentence(mem: Dict[str, Any]) -> str:
+    """What the measured temp and output bytes do from the shortest to the
+    longest length (derived from the numbers, not assumed)."""
+    known = {int(n): v for n, v in mem["by_new_tokens"].items() if v is not None}
+    if len(known) < 2:
+        return "Memory: fewer than two lengths measured, no comparison."
+    lo, hi = min(known), max(known)
+    d_temp = known[hi]["temp_size_in_bytes"] - known[lo]["temp_size_in_bytes"]
+    d_out = known[hi]["output_size_in_bytes"] - known[lo]["output_size_in_bytes"]
+    tokens = (hi - lo) * mem["batch"] * 4
+    word = lambda d: "grow" if d > 0 else ("shrink" if d < 0 else "stay the same")
+    return (f"From {lo} to {hi} new tokens, temp bytes {word(d_temp)} ({d_temp:+,}) and "
+            f"output bytes {word(d_out)} ({d_out:+,}); the (batch, new tokens) int32 token "
+            f"output alone accounts for {tokens:+,}.")
 
 
 def main(argv=None) -> None:

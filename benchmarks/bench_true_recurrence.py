@@ -108,13 +108,15 @@ def _prepare(module: nn.Module, x, w, mode: str):
         lambda path, v: v + 0.05 * jax.random.normal(jax.random.PRNGKey(1), v.shape, v.dtype)
         if "recurrent_kernel" in jax.tree_util.keystr(path) else v, params)
 
-    def loss(params, x):
+    # w is an argument, not a constant captured by the closure: a captured
+    # (B, T, d) array would be folded into the executable as a literal.
+    def loss(params, x, w):
         out = module.apply(params, x)
         y = out[1] if isinstance(out, tuple) else out
         return jnp.sum(y * w)
 
     fn = jax.jit(loss if mode == "fwd" else jax.value_and_grad(loss, argnums=(0, 1)))
-    return fn, (params, x)
+    return fn, (params, x, w)
 
 
 def measure(shape, rows: Dict[str, Callable[[], nn.Module]], rounds: int,

@@ -722,3 +722,31 @@ def test_native_kernels_state_is_reported(monkeypatch):
                     for m in bench_train.MIXINGS],
            "native_kernels": status}
     assert "`native` rows ran `chunked` (no C++ compiler)" in bench_train.markdown(res)
+
+
+def test_bench_generate_memory_sentence_follows_the_numbers():
+    """The memory note is derived from the measured bytes: temp bytes that
+    shrink are said to shrink (the committed run's case), not to grow."""
+    from benchmarks import bench_generate
+
+    mem = {"batch": 64, "by_new_tokens": {
+        "256": {"temp_size_in_bytes": 2754832, "output_size_in_bytes": 65808},
+        "4096": {"temp_size_in_bytes": 2704656, "output_size_in_bytes": 1048848}}}
+    text = bench_generate.memory_sentence(mem)
+    assert "temp bytes shrink (-50,176)" in text
+    assert "output bytes grow (+983,040)" in text and "accounts for +983,040" in text
+
+
+def test_bench_true_recurrence_passes_its_weights_as_arguments():
+    """The loss weights ``w`` are an argument of the jitted function, not a
+    (B, T, d) constant captured by its closure."""
+    import re
+    import jax.numpy as jnp
+    from benchmarks import bench_true_recurrence
+    from flax_minrnn import MinGRU
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 8)), jnp.float32)
+    for mode in ("fwd", "fwdbwd"):
+        fn, args = bench_true_recurrence._prepare(MinGRU(d_h=8), x, 2 * x, mode)
+        assert len(args) == 3
+        assert not re.search(r"constant.*tensor<2x16x8xf32>", fn.lower(*args).as_text())
