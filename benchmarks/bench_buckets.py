@@ -143,7 +143,10 @@ def run(n: int, log=print) -> Dict[str, Any]:
 
 def markdown(res: Dict[str, Any]) -> str:
     n = res["settings"]["lengths"]
-    lines = [f"{n} distinct lengths (1..{n}; generate: prompt lengths, "
+    m = res["machine"]
+    lines = [f"Machine: {m['cpu_model'] or m['processor']} ({m['cpu_count']} CPUs), backend "
+             f"{m['backend']}, jax {m['jax_version']}; {harness.run_stamp(m)}.", "",
+             f"{n} distinct lengths (1..{n}; generate: prompt lengths, "
              f"{res['settings']['new_tokens']} new tokens each; eval: (8, T) batches), "
              "after a warm-up call:", "",
              "| workload | mode | RSS after warm-up MB | RSS after MB | growth MB | "

@@ -10,10 +10,11 @@ Without ``--out`` it prints the report and writes nothing.
 ``h_t = a_t * h_{t-1} + b_t`` with ``a, b`` of shape ``(B, T, D)`` = (8, T, 256),
 float32, T in {16, 32, 64, 128, 256, 1024, 4096}; ``fwd`` = ``linear_scan``,
 ``fwdbwd`` = gradient of ``sum(h)`` w.r.t. ``a`` and ``b`` (the shared custom
-VJP).  Inputs are positive (``a`` in (0, 1), ``b > 0``) so the log-space
-impls are in their domain too; ``auto`` can only pick among the linear-space
-impls (associative, sequential, chunked), so the winner per T is computed
-among those.  This is what justifies ``flax_minrnn.ops.scan.default_impl``.
+VJP).  Inputs are positive (``a`` in (0, 1), ``b > 0``).  The impls timed
+are the ones ``auto`` picks among (associative, sequential, chunked; the
+log-space scans of older results are gone, now test references in
+``tests/reference.py``), and the report gives the winner per T among them.
+This is what justifies ``flax_minrnn.ops.scan.default_impl``.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def markdown_report(res: Dict[str, Any]) -> str:
                 for t in ts) + " |")
         lines.append("| **winner (linear impls)** | " + " | ".join(
             str(w["linear"].get(t, "–")) for t in ts) + " |")
-        lines.append("| winner (all) | " + " | ".join(str(w["overall"].get(t, "–")) for t in ts) + " |")
+        if set(impls) - set(LINEAR_IMPLS):  # older results: impls beyond auto's choices
+            lines.append("| winner (all) | " + " | ".join(
+                str(w["overall"].get(t, "–")) for t in ts) + " |")
         lines.append("| chunked / sequential | " + " | ".join(
             f"{by[('chunked', t, mode)]['median_ms'] / by[('sequential', t, mode)]['median_ms']:.2f}"
             if ('chunked', t, mode) in by and ('sequential', t, mode) in by else "–"
