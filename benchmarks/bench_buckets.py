@@ -142,6 +142,7 @@ def run(n: int, log=print) -> Dict[str, Any]:
 
 
 def markdown(res: Dict[str, Any]) -> str:
+    from benchmarks import harness  # pylint: disable=g-import-not-at-top
     n = res["settings"]["lengths"]
     m = res["machine"]
     lines = [f"Machine: {m['cpu_model'] or m['processor']} ({m['cpu_count']} CPUs), backend "
