@@ -344,20 +344,34 @@ def machine_info() -> Dict[str, Any]:
     }
 
 
+# Where a version of the package keeps its compiled kernels' module: today's
+# layout, then the flat one of earlier versions (93fcfe8, say).
+_NATIVE_MODULES = ("backends.native", "native")
+
+
 def native_kernels(package: str = "flax_minrnn") -> Dict[str, Any]:
-    """Whether ``package``'s compiled CPU kernels (``backends.native``) were
-    built and loaded: ``{"available": bool, "reason": str or None}``.  Without
-    them ``scan_impl="native"`` runs ``chunked``, so a ``native`` row says
+    """Whether ``package``'s compiled CPU kernels (``backends.native``, or
+    ``native`` in earlier versions) were built and loaded: ``{"available":
+    bool, "reason": str or None}``.  Without them ``scan_impl="native"``
+    (and an earlier version's ``auto``) runs pure JAX, so such a row says
     nothing about the kernels unless this is ``True``.  ``available`` is
     ``None`` when the package has no such module (or asking it failed).
 
     Call it after the timings: the first ``available()`` of a process builds
-    the kernels when no ``native`` row has yet."""
+    the kernels when no row has yet."""
     import importlib  # pylint: disable=import-outside-toplevel
+    native, errors = None, []
+    for name in _NATIVE_MODULES:
+        try:
+            native = importlib.import_module(f"{package}.{name}")
+            break
+        except ImportError as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    if native is None:
+        return dict(available=None, reason="; ".join(errors))
     try:
-        native = importlib.import_module(f"{package}.backends.native")
         ok = bool(native.available())
-    except Exception as e:  # noqa: BLE001 - an older package, or a failed build
+    except Exception as e:  # noqa: BLE001 - a failed build
         return dict(available=None, reason=f"{type(e).__name__}: {e}")
     reason = None
     if not ok and hasattr(native, "unavailable_reason"):

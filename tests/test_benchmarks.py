@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -715,6 +716,14 @@ def test_native_kernels_state_is_reported(monkeypatch):
     status = harness.native_kernels()
     assert status == {"available": False, "reason": "no C++ compiler"}
     assert harness.native_kernels("no_such_package_here")["available"] is None
+    # An earlier version's flat layout (flax_minrnn/native.py) is found too.
+    flat = types.ModuleType("flat_pkg_for_test")
+    flat.__path__ = []
+    flat_native = types.ModuleType("flat_pkg_for_test.native")
+    flat_native.available = lambda: True
+    monkeypatch.setitem(sys.modules, "flat_pkg_for_test", flat)
+    monkeypatch.setitem(sys.modules, "flat_pkg_for_test.native", flat_native)
+    assert harness.native_kernels("flat_pkg_for_test") == {"available": True, "reason": None}
     res = {"machine": {"cpu_model": "cpu", "cpu_count": 2, "backend": "cpu",
                        "jax_version": "0", "malloc": "default"},
            "settings": {"config": "configs/shakespeare.py"},
