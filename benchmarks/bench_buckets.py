@@ -144,9 +144,7 @@ def run(n: int, log=print) -> Dict[str, Any]:
 def markdown(res: Dict[str, Any]) -> str:
     from benchmarks import harness  # pylint: disable=g-import-not-at-top
     n = res["settings"]["lengths"]
-    m = res["machine"]
-    lines = [f"Machine: {m['cpu_model'] or m['processor']} ({m['cpu_count']} CPUs), backend "
-             f"{m['backend']}, jax {m['jax_version']}; {harness.run_stamp(m)}.", "",
+    lines = [f"{harness.machine_line(res['machine'], malloc=False)}.", "",
              f"{n} distinct lengths (1..{n}; generate: prompt lengths, "
              f"{res['settings']['new_tokens']} new tokens each; eval: (8, T) batches), "
              "after a warm-up call:", "",

@@ -138,10 +138,7 @@ def run(batches: List[int], lengths: List[int], *, d_model: int, vocab: int, n_l
 
 def markdown(res: Dict[str, Any]) -> str:
     fmt = lambda x: "—" if x is None else f"{x:,.0f}"
-    m = res["machine"]
-    lines = [f"Machine: {m['cpu_model'] or m['processor']} ({m['cpu_count']} CPUs), backend "
-             f"{m['backend']}, jax {m['jax_version']}, malloc {m.get('malloc')}; "
-             f"{harness.run_stamp(m)}.", "",
+    lines = [f"{harness.machine_line(res['machine'])}.", "",
              "| batch | new tokens | carry tok/s | recompute tok/s | speed-up | note |",
              "|---:|---:|---:|---:|---:|---|"]
     for r in res["rows"]:

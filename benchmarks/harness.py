@@ -392,6 +392,18 @@ def native_note(status: Optional[Dict[str, Any]],
     return f"compiled kernels: unavailable, {fallback} ({status.get('reason')})"
 
 
+def machine_line(machine: Dict[str, Any], *, malloc: bool = True) -> str:
+    """A report's header line from :func:`machine_info`: ``Machine: <cpu>
+    (<n> CPUs), backend <b>, jax <v>, malloc <m>; <run_stamp>`` (without the
+    malloc setting for a script that has none)."""
+    m = machine
+    line = (f"Machine: {m['cpu_model'] or m['processor']} ({m['cpu_count']} CPUs), backend "
+            f"{m['backend']}, jax {m['jax_version']}")
+    if malloc:
+        line += f", malloc {m.get('malloc')}"
+    return f"{line}; {run_stamp(m)}"
+
+
 def run_stamp(machine: Dict[str, Any]) -> str:
     """When and at which commit a run was made, for a report's header, from
     :func:`machine_info` (older results lack the keys: "not recorded")."""

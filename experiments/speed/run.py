@@ -119,10 +119,8 @@ def main(argv=None) -> int:
     repeats = harness.Repeats(max_n=20, min_n=5, budget_s=1.0)
     rows = rows_for(args.T, repeats)
     res = dict(machine=harness.machine_info(), B=B, D=D, rows=rows)
-    m = res["machine"]
-    lines = [f"Machine: {m['cpu_model'] or m['processor']} ({m['cpu_count']} CPUs), backend "
-             f"{m['backend']}, jax {m['jax_version']}, malloc {m['malloc']}; "
-             f"{harness.run_stamp(m)}; B={B}, d={D}, float32, medians of interleaved rounds.",
+    lines = [f"{harness.machine_line(res['machine'])}; B={B}, d={D}, float32, medians of "
+             "interleaved rounds.",
              "",
              "| T | MinGRU ms | nn.RNN(GRUCell) ms | speed-up | torch cuDNN GRU ms | speed-up |",
              "|---:|---:|---:|---:|---:|---:|"]
