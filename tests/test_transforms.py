@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import flax_minrnn as fm
 from flax_minrnn.ops import gated as gated_lib
+from reference import layer_forward
 
 EPS = 1e-6
 _DEFAULT_TILES = (gated_lib._TILE_MIN, gated_lib._TILE_MAX)  # pylint: disable=protected-access
@@ -400,6 +401,33 @@ def test_symbolic_time_axis_runs_whole_tiles_then_short_blocks(monkeypatch, name
             got, want = restored.call(theta, xt), fun(theta, xt)
             assert jax.tree.structure(got) == jax.tree.structure(want)
             _close(got, want, 1e-12)
+
+    # Against the float64 NumPy loop, and streamed: the exported call on the
+    # sequence equals the reference, and so does the same export run on two
+    # chunks with the carry passed between them (the later chunk first in
+    # reverse), at lengths past several tiles.
+    kind, kw = ("mingru", {}) if name == "MinGRU" else ("glrnn", {"tied": True})
+    reverse = name != "MinGRU"
+    params = jax.tree.map(np.asarray, unravel(theta))["params"]
+    b, t = export.symbolic_shape("b, t")
+    streamed = export.deserialize(export.export(jax.jit(
+        lambda theta, x, h0: layer.apply(unravel(theta), x, h0)))(
+            theta, jax.ShapeDtypeStruct((b, t, 3), jnp.float64),
+            jax.ShapeDtypeStruct((b, layer.d_h), jnp.float64)).serialize())
+    for batch, seq_len, split in ((3, 101, 40), (2, 70, 33)):
+        x = rng.normal(size=(batch, seq_len, 3))
+        x_ref = x[:, ::-1] if reverse else x
+        ref_h, ref_y = layer_forward(kind, params, x_ref, **kw)
+        ref_y = ref_y[:, ::-1] if reverse else ref_y
+        h0 = np.zeros((batch, layer.d_h))
+        carry, y = streamed.call(theta, jnp.asarray(x), jnp.asarray(h0))
+        _close((carry, y), (ref_h, ref_y), 1e-12)
+        first, second = (x[:, split:], x[:, :split]) if reverse else (x[:, :split], x[:, split:])
+        mid, y_first = streamed.call(theta, jnp.asarray(first), jnp.asarray(h0))
+        carry, y_second = streamed.call(theta, jnp.asarray(second), mid)
+        y = (jnp.concatenate([y_second, y_first], 1) if reverse
+             else jnp.concatenate([y_first, y_second], 1))
+        _close((carry, y), (ref_h, ref_y), 1e-12)
 
 
 # ----------------------------------------------------------------------------
