@@ -6,15 +6,17 @@ Run::
     python -m benchmarks.bench_export --out DIR       # also writes bench_export.{json,md}
 
 Per layer (``MinGRU``, ``MinLSTM``, ``GatedLinearRNN``, ``scan_impl="auto"``,
-B = 8, d = 256, float32) and T, the forward pass and ``value_and_grad`` of
+and each with ``use_true_recurrence=True``; B = 8, d = 256, float32)
+and T, the forward pass and ``value_and_grad`` of
 ``sum(y)`` with respect to parameters and input (the loss and its gradients)
 are each exported twice, serialized and deserialized: once for the concrete
 ``(B, T, d)`` and once for ``symbolic_shape("b, t, 256")`` (batch and time
 both symbolic, the width fixed).  Both are called on the same input, in
 interleaved rounds after a warm-up round; the table gives the median ms of
-each and their ratio.  A symbolic ``t`` runs the sequential loop one step per
-iteration (``flax_minrnn.ops.scan.resolve_impl``); a fixed ``T`` runs
-``auto``'s tiled loop.
+each and their ratio.  On CPU a symbolic ``t`` runs the tile loop of a fixed
+``T``, laid out for an unknown length (``flax_minrnn.ops.gated._tile_layout``);
+the true recurrence runs blocks of 8 steps per loop iteration for a fixed
+``T`` and one step per iteration for a symbolic ``t``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ import flax_minrnn
 from benchmarks import harness
 from benchmarks.bench_layers import init_params, make_input
 
-LAYERS = ("MinGRU", "MinLSTM", "GatedLinearRNN")
+# Row label: (layer class, keyword arguments besides d_h).
+LAYERS = {**{name: (name, {}) for name in ("MinGRU", "MinLSTM", "GatedLinearRNN")},
+          **{f"{name}[true recurrence]": (name, {"use_true_recurrence": True})
+             for name in ("MinGRU", "MinLSTM", "GatedLinearRNN")}}
 B, D = 8, 256
 
 
@@ -41,7 +46,8 @@ def _exported(fun, params, spec):
 
 
 def measure(layer_name: str, seq_len: int, rounds: int) -> List[Dict[str, Any]]:
-    layer = getattr(flax_minrnn, layer_name)(d_h=D)
+    cls, kwargs = LAYERS[layer_name]
+    layer = getattr(flax_minrnn, cls)(d_h=D, **kwargs)
     x = make_input(B, seq_len, D)
     params = init_params(layer, x)
     forward = lambda p, x: layer.apply(p, x)[1]
