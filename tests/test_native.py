@@ -9,6 +9,7 @@ build's failure modes make "native" run "chunked".
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -32,7 +33,9 @@ pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"compiled kernels unavailable: {native.unavailable_reason()}")
 
 # d_h = 160: the kernels split the features into two ranges (80 + 80), so
-# both the threaded split and its boundary are exercised.
+# both the threaded split and its boundary are exercised.  LAYERS holds every
+# gate function and candidate the kernels implement (native.GATE_KINDS x
+# native.CANDIDATES), once each at least.
 B, T, D_IN, D_H = 2, 37, 5, 160
 
 LAYERS = {
@@ -40,6 +43,10 @@ LAYERS = {
     "mingru_g": (lambda **kw: MinGRU(d_h=D_H, d_model=D_H, candidate_activation=g_activation,
                                      **kw), ("mingru", {"g": True})),
     "minlstm": (lambda **kw: MinLSTM(d_h=D_H, d_model=D_H, **kw), ("minlstm", {})),
+    "minlstm_g": (lambda **kw: MinLSTM(d_h=D_H, d_model=D_H, candidate_activation=g_activation,
+                                       **kw), ("minlstm", {"g": True})),
+    "minlstm_unnorm": (lambda **kw: MinLSTM(d_h=D_H, d_model=D_H, normalize_gates=False, **kw),
+                       ("minlstm", {"normalize": False})),
     "minlstm_unnorm_g": (lambda **kw: MinLSTM(d_h=D_H, d_model=D_H, normalize_gates=False,
                                               candidate_activation=g_activation, **kw),
                          ("minlstm", {"normalize": False, "g": True})),
@@ -295,12 +302,13 @@ def test_missing_compiler_warns_once_and_falls_back(tmp_path):
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
             "    ok = [native.available(), native.available()]\n"
-            "print(ok, len(w))\n"
+            "print(ok, len(w), w[0].filename)\n"
             "print(native.unavailable_reason())\n" + _RUNS)
     proc = _python(code, CXX="no-such-compiler-xyz", FLAX_MINRNN_CACHE=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     first, reason, runs = proc.stdout.strip().split("\n")
-    assert first == "[False, False] 1"
+    # One warning, pointing at the caller's line, not at the package's.
+    assert first == "[False, False] 1 <string>"
     assert "no-such-compiler-xyz" in reason
     assert runs == "False"
 
@@ -320,26 +328,86 @@ def test_importing_the_package_builds_and_loads_nothing():
     assert "RuntimeWarning" not in proc.stderr
 
 
-@pytest.mark.parametrize("kind, candidate", [("mingru", "identity"), ("mingru", "g"),
-                                             ("minlstm", "identity"),
-                                             ("minlstm_unnormalized", "g")])
-def test_kernels_compute_the_python_gate_equations(rng, kind, candidate):
-    """The C++ gates against nn.gates (the one copy of the equations) on
-    random pre-activations, bias and state: the forward kernel equals
-    linear_scan of the Python gates' coefficients."""
-    n = 2 if kind == "mingru" else 3
-    pre = jnp.asarray(3 * rng.normal(size=(2, 29, n * 7)), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(n * 7,)), jnp.float32)
-    h0 = jnp.asarray(rng.normal(size=(2, 7)), jnp.float32)
+def _python_gates(kind, candidate, pre, bias, h0, reverse):
+    """linear_scan of the coefficients of nn.gates (the one copy of the
+    equations) for the kernels' inputs."""
     cand = None if candidate == "identity" else gates_lib.g_activation
     biased = pre + bias[None, None]
     gate = (gates_lib.mingru_gates(biased, cand) if kind == "mingru" else
             gates_lib.minlstm_gates(biased, cand, normalize=kind == "minlstm"))
+    return scan_lib.linear_scan(gate.a, gate.b, h0, impl="sequential", reverse=reverse)
+
+
+def _gate_inputs(rng, kind, batch=2, steps=29, width=7):
+    n = 2 if kind == "mingru" else 3
+    pre = jnp.asarray(3 * rng.normal(size=(batch, steps, n * width)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(n * width,)), jnp.float32)
+    h0 = jnp.asarray(rng.normal(size=(batch, width)), jnp.float32)
+    return pre, bias, h0
+
+
+ALL_GATES = [(kind, cand) for kind in native.GATE_KINDS for cand in native.CANDIDATES]
+
+
+@pytest.mark.parametrize("kind, candidate", ALL_GATES)
+def test_kernels_compute_the_python_gate_equations(rng, kind, candidate):
+    """The C++ gates against nn.gates on random pre-activations, bias and
+    state, for every gate function and candidate the kernels implement: the
+    forward kernel equals linear_scan of the Python gates' coefficients."""
+    pre, bias, h0 = _gate_inputs(rng, kind)
     for reverse in (False, True):
         got = native.gates_forward(native._Spec(kind, candidate), pre, bias, h0, reverse)
-        want = scan_lib.linear_scan(gate.a, gate.b, h0, impl="sequential", reverse=reverse)
+        want = _python_gates(kind, candidate, pre, bias, h0, reverse)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, candidate", ALL_GATES)
+def test_kernels_match_the_python_gates_at_non_finite_inputs(rng, kind, candidate):
+    """Pre-activations of +-inf, NaN and +-1e30 give the Python gates'
+    values, NaN where they give NaN (a gate of exactly 0 times an infinite
+    candidate) and inf where they give inf.  Two steps, so that most rows
+    stay finite."""
+    pre, bias, h0 = _gate_inputs(rng, kind, batch=64, steps=2)
+    specials = np.array([np.inf, -np.inf, np.nan, 1e30, -1e30, 200.0, -200.0], np.float32)
+    picks = rng.integers(0, len(specials), size=pre.shape)
+    pre = jnp.where(jnp.asarray(rng.random(pre.shape) < 0.1), jnp.asarray(specials[picks]), pre)
+    got = native.gates_forward(native._Spec(kind, candidate), pre, bias, h0, False)
+    want = _python_gates(kind, candidate, pre, bias, h0, False)
+    for a, b in zip(got, want):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.isnan(b).any() and np.isfinite(b).any()
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_array_equal(np.isposinf(a), np.isposinf(b))
+        np.testing.assert_array_equal(np.isneginf(a), np.isneginf(b))
+        np.testing.assert_allclose(a[np.isfinite(b)], b[np.isfinite(b)], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(native.GATE_KINDS))
+def test_bfloat16_cotangents_are_the_float32_ones_rounded_to_nearest_even(rng, kind):
+    """The backward kernel on bfloat16 projections computes in float32 and
+    rounds its projection cotangents to nearest even: exactly the float32
+    kernel's on the same (bf16-exact) values, cast to bfloat16."""
+    pre, bias, h0 = _gate_inputs(rng, kind)
+    pre16 = pre.astype(jnp.bfloat16)
+    spec = native._Spec(kind, "identity")
+    _, h = native.gates_forward(spec, pre16.astype(jnp.float32), bias, h0, False)
+    g = jnp.asarray(rng.normal(size=h.shape), jnp.float32)
+    dh = jnp.asarray(rng.normal(size=h0.shape), jnp.float32)
+    length = pre.shape[1]
+    got = native.gates_backward(spec, pre16, bias, h, h0, g, dh, 0, length, False)
+    want = native.gates_backward(spec, pre16.astype(jnp.float32), bias, h, h0, g, dh, 0,
+                                 length, False)
+    assert got[0].dtype == jnp.bfloat16
+    # Rounding, not truncation, changes some of them.
+    assert np.any(np.asarray(want[0].astype(jnp.bfloat16)) !=
+                  np.asarray(jax.lax.bitcast_convert_type(jax.lax.shift_left(
+                      jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(
+                          want[0], jnp.uint32), jnp.uint32(16)), jnp.uint32(16)),
+                      jnp.float32).astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0].astype(jnp.bfloat16)))
+    for a, b in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_limits_raise_errors_that_name_the_way_out():
@@ -376,3 +444,88 @@ def test_failed_build_reports_the_compiler_error(tmp_path):
     assert proc.stdout.startswith("False\n")
     assert "broken toolchain" in proc.stdout
     assert not list((tmp_path / "cache").glob("*.so"))
+
+
+def test_layers_cover_every_kernel():
+    """LAYERS runs every gate function and candidate of the kernels."""
+    def gate(kind, kw):
+        if kind == "minlstm" and not kw.get("normalize", True):
+            kind = "minlstm_unnormalized"
+        return kind, "g" if kw.get("g") else "identity"
+    assert {gate(*spec) for _, spec in LAYERS.values()} == set(ALL_GATES)
+
+
+def test_truncated_cached_library_is_built_again(tmp_path):
+    """A cached library cut short (a crash while it was written: loading it
+    would kill the process with SIGBUS) does not match the SHA-256 written
+    beside it, so it is built again, whole and readable by every user."""
+    import shutil
+    import stat
+    built = native._build(native._compiler())
+    digest = built.with_name(built.name + ".sha256")
+    shutil.copy(digest, tmp_path / digest.name)
+    (tmp_path / built.name).write_bytes(built.read_bytes()[:100_000])
+    proc = _python("from flax_minrnn.backends import native\n"
+                   "print(native.available(), native.unavailable_reason())",
+                   FLAX_MINRNN_CACHE=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "None"]
+    lib = tmp_path / built.name
+    assert lib.read_bytes() == built.read_bytes()
+    assert stat.S_IMODE(lib.stat().st_mode) & 0o444 == 0o444
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([built.name, digest.name])
+
+
+def test_a_cache_that_cannot_be_written_is_passed_over(tmp_path, monkeypatch):
+    """A library cached whole in a read-only cache is used; where none is, the
+    build goes to the temporary directory's cache; where neither can be
+    written, the error names both."""
+    import hashlib
+    import tempfile
+    shared, tmp = tmp_path / "shared", tmp_path / "tmp"
+    shared.mkdir()
+    tmp.mkdir()
+    monkeypatch.setenv("FLAX_MINRNN_CACHE", str(shared))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    compiled = []
+
+    def compile_into(cxx, lib, writable=(tmp / "flax_minrnn",)):
+        if lib.parent not in writable:
+            raise PermissionError(13, "Permission denied", str(lib.parent))
+        compiled.append(lib)
+        return lib
+
+    monkeypatch.setattr(native, "_compile", compile_into)
+    lib = native._build(native._compiler())
+    assert compiled == [lib] and lib.parent == tmp / "flax_minrnn"
+    # A whole library in the shared cache is loaded from there, unbuilt.
+    whole = shared / lib.name
+    whole.write_bytes(b"library")
+    whole.with_name(whole.name + ".sha256").write_text(hashlib.sha256(b"library").hexdigest())
+    assert native._build(native._compiler()) == whole and len(compiled) == 1
+    whole.write_bytes(b"librar")  # cut short: built again
+    monkeypatch.setattr(native, "_compile", lambda cxx, lib: compile_into(cxx, lib, ()))
+    with pytest.raises(OSError, match=f"{re.escape(str(shared))}.*{re.escape(str(tmp))}"):
+        native._build(native._compiler())
+
+
+def test_compiler_may_hold_a_launcher(monkeypatch):
+    """$CXX is a command: its first word is looked up on the PATH and the rest
+    kept ("ccache g++")."""
+    import shutil
+    monkeypatch.setenv("CXX", "env g++ -O2")
+    assert native._compiler() == [shutil.which("env"), "g++", "-O2"]
+    monkeypatch.setenv("CXX", "no-such-launcher-xyz g++")
+    assert native._compiler() is None
+
+
+def test_raw_kernels_refuse_to_run_unregistered(monkeypatch):
+    """The kernels' own entry points, while they are unavailable: an error
+    that says so and names the way out, not XLA's missing FFI handler."""
+    monkeypatch.setattr(native, "_state", {"checked": True, "ok": False,
+                                            "error": "disabled by FLAX_MINRNN_NATIVE=0"})
+    with pytest.raises(RuntimeError, match="unavailable.*FLAX_MINRNN_NATIVE=0.*'chunked'"):
+        native.empty((2, 3), jnp.float32)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        native.gates_forward(native._Spec("mingru", "identity"), jnp.zeros((1, 2, 4)),
+                             jnp.zeros((4,)), jnp.zeros((1, 2)), False)

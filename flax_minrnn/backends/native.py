@@ -13,13 +13,18 @@ GatedLinearRNN's output gate, float16, other candidate activations, bodies
 of ``shard_map``, no compiler) runs ``"chunked"``, bit for bit.
 
 The source is compiled on first use with the system's C++ compiler (``$CXX``,
-else ``g++``; ``-O3 -march=native``, a few seconds) into a cache directory
-(``$FLAX_MINRNN_CACHE``, else ``$XDG_CACHE_HOME/flax_minrnn`` or
-``~/.cache/flax_minrnn``), keyed by the source, the flags, the compiler's
-version, the jaxlib version and the CPU (model and flags), and loaded from
-there afterwards.  Where no compiler is found or the build fails,
-:func:`available` is ``False`` (one warning names the cause) and ``"native"``
-runs ``"chunked"``.  ``FLAX_MINRNN_NATIVE=0`` turns the kernels off.
+which may hold a launcher or flags, as ``"ccache g++"``; else ``g++``; ``-O3
+-march=native``, a few seconds) into a cache directory (``$FLAX_MINRNN_CACHE``,
+else ``$XDG_CACHE_HOME/flax_minrnn`` or ``~/.cache/flax_minrnn``), keyed by
+the source, the flags, the compiler's version, the jaxlib version and the CPU
+(model and flags), and loaded from there afterwards.  The library's SHA-256
+is written beside it, and a library without a matching one (cut short by a
+crash, say) is built again rather than loaded; the library is readable by
+every user, and a cache directory that cannot be written is passed over for
+one in the temporary directory.  Where no compiler is found or the build
+fails, :func:`available` is ``False`` (one warning names the cause) and
+``"native"`` runs ``"chunked"``.  ``FLAX_MINRNN_NATIVE=0`` turns the kernels
+off.
 
 Transformations: ``jit``, ``grad``/``vjp``, ``jvp`` and ``linearize`` (whose
 tangents run the pure-JAX tile loop), ``vmap``, ``jax.checkpoint`` and
@@ -35,8 +40,10 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -89,41 +96,88 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
-def _compiler() -> Optional[str]:
-    cxx = os.environ.get("CXX", "g++")
-    return shutil.which(cxx)
+def _compiler() -> Optional[Sequence[str]]:
+    """``$CXX`` (else ``g++``) as a command: its first word resolved on the
+    PATH, the rest kept (``CXX="ccache g++"``); ``None`` when not found."""
+    words = shlex.split(os.environ.get("CXX", "g++"))
+    found = shutil.which(words[0]) if words else None
+    return None if found is None else [found, *words[1:]]
 
 
-def _build(cxx: str) -> Path:
-    """Compiles the kernels (or finds them in the cache); returns the library."""
-    import jaxlib  # pylint: disable=g-import-not-at-top
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
-    key = hashlib.sha256("\0".join([
-        _SOURCE.read_text(encoding="utf-8"), " ".join(_FLAGS), version,
-        jaxlib.__version__, _cpu_id()]).encode()).hexdigest()[:20]
-    cache = _cache_dir()
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """``path`` gets ``data`` whole or not at all: written to a unique file in
+    its directory, flushed to disk, given ``mode``, then renamed."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        cache = Path(tempfile.gettempdir()) / "flax_minrnn"
-        cache.mkdir(parents=True, exist_ok=True)
-    lib = cache / f"gates-{key}.so"
-    if lib.exists():
-        return lib
-    # Built under a unique name, then renamed: concurrent processes (pytest
-    # workers) never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    try:
-        cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, lib)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _cached(lib: Path) -> bool:
+    """Whether ``lib`` is a complete build: it has the SHA-256 recorded next
+    to it when it was written.  (Loading a truncated library can kill the
+    process with SIGBUS, so nothing else is loaded.)"""
+    digest = lib.with_name(lib.name + ".sha256")
+    try:
+        return digest.read_text(encoding="ascii").strip() == _sha256(lib)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _build(cxx: Sequence[str]) -> Path:
+    """Compiles the kernels (or finds them in the cache); returns the library."""
+    import jaxlib  # pylint: disable=g-import-not-at-top
+    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    key = hashlib.sha256("\0".join([
+        _SOURCE.read_text(encoding="utf-8"), " ".join(_FLAGS), " ".join(cxx[1:]), version,
+        jaxlib.__version__, _cpu_id()]).encode()).hexdigest()[:20]
+    name = f"gates-{key}.so"
+    caches = [_cache_dir(), Path(tempfile.gettempdir()) / "flax_minrnn"]
+    for cache in caches:
+        if _cached(cache / name):
+            return cache / name
+    errors = []
+    for cache in caches:
+        # The first cache that takes the files; a read-only one (shared, or
+        # another user's) is skipped.
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            return _compile(cxx, cache / name)
+        except OSError as e:
+            errors.append(f"{cache}: {e}")
+    raise OSError("no writable cache directory for the compiled kernels: " + "; ".join(errors))
+
+
+def _compile(cxx: Sequence[str], lib: Path) -> Path:
+    """Compiles the source into ``lib``, then records its SHA-256 beside it
+    (:func:`_cached`).  Both are written under unique names and renamed, so
+    concurrent processes (pytest workers) never see a half-written file;
+    the library is readable by everyone (a cache may be shared)."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        cmd = [*cxx, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        data = Path(tmp).read_bytes()
+    finally:
+        os.remove(tmp)
+    _write_atomically(lib, data, 0o755)
+    _write_atomically(lib.with_name(lib.name + ".sha256"),
+                      hashlib.sha256(data).hexdigest().encode("ascii"), 0o644)
     return lib
 
 
@@ -156,10 +210,21 @@ def available() -> bool:
         if not ok and _state["error"] and not _state["error"].startswith("disabled"):
             warnings.warn("flax_minrnn: the compiled CPU kernels are unavailable ("
                           f"{_state['error']}); scan_impl='native' runs 'chunked'",
-                          RuntimeWarning,
-                          stacklevel=2)
+                          RuntimeWarning, stacklevel=_caller_stacklevel())
         _state.update(checked=True, ok=ok)
         return ok
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a warning raised by its caller that points at the
+    first frame outside flax_minrnn, JAX and Flax (the user's call)."""
+    internal = tuple(os.path.dirname(m.__file__) + os.sep
+                     for m in (sys.modules.get(name) for name in ("flax_minrnn", "jax", "flax"))
+                     if m is not None and getattr(m, "__file__", None))
+    frame, level = sys._getframe(1), 1  # pylint: disable=protected-access
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def unavailable_reason() -> Optional[str]:
@@ -182,10 +247,19 @@ def usable() -> bool:
     return not manual
 
 
+def _require() -> None:
+    """Raises unless the kernels are registered (:func:`available`)."""
+    if not available():
+        raise RuntimeError(f"the compiled CPU kernels are unavailable ({_state['error']}); "
+                           "flax_minrnn.backends.native.available() says whether they are, "
+                           "and scan_impl='chunked' computes the same function in plain JAX")
+
+
 def empty(shape: Sequence[int], dtype) -> Array:
     """An array of ``shape`` and ``dtype`` with unspecified contents (XLA
     allocates it; nothing writes it).  Only for buffers the caller then
     writes completely."""
+    _require()
     return jax.ffi.ffi_call("flax_minrnn_native_empty", jax.ShapeDtypeStruct(tuple(shape), dtype),
                             vmap_method="broadcast_all")()
 
@@ -200,6 +274,7 @@ def gates_forward(spec, pre: Array, bias: Array, h0: Array,
     """The recurrence on ``pre`` ``(B, T, n*D)`` (unbiased projections,
     float32 or bfloat16) from the float32 state ``h0`` ``(B, D)``; ``bias``
     float32.  Returns float32 ``(h_last, h)`` with ``h`` ``(B, T, D)``."""
+    _require()
     batch, seq_len, _ = pre.shape
     out = (jax.ShapeDtypeStruct(h0.shape, jnp.float32),
            jax.ShapeDtypeStruct((batch, seq_len, h0.shape[1]), jnp.float32))
@@ -215,6 +290,7 @@ def gates_backward(spec, pre_buf: Array, bias: Array, h_buf: Array, h0: Array,
     cotangent of the state after the tile (in scan order).  Returns ``(d pre
     (B, L, n*D) in pre_buf's dtype, cotangent of the state before the tile,
     d bias (n*D,) float32)``."""
+    _require()
     batch, _, width = pre_buf.shape
     out = (jax.ShapeDtypeStruct((batch, length, width), pre_buf.dtype),
            jax.ShapeDtypeStruct(dh.shape, jnp.float32),

@@ -65,6 +65,14 @@ inline float exp_approx(float x) {
 
 constexpr float kExpMin = -86.0f;
 
+// exp(x) for x <= 0, and 0 below kExpMin (as XLA:CPU, which flushes the
+// subnormal results there to zero): sigmoid(-inf) is then 0, so 0 * inf is
+// NaN as in the Python gate equations.
+inline float exp_nonpositive(float x) {
+  float e = exp_approx(std::max(x, kExpMin));
+  return x < kExpMin ? 0.0f : e;
+}
+
 // Projections are float32 or bfloat16 (its 16 high bits); computing is float32.
 inline float load(const float* p) { return *p; }
 inline float load(const uint16_t* p) {
@@ -82,9 +90,9 @@ inline void store(uint16_t* p, float v) {  // round to nearest even (finite v)
 inline void normalized(float kf, float ki, float& a, float& i, float& u, float& v,
                        float& r) {
   float m = std::max(0.0f, std::max(-kf, -ki));
-  float e0 = exp_approx(std::max(-m, kExpMin));
-  u = exp_approx(std::max(-kf - m, kExpMin));
-  v = exp_approx(std::max(-ki - m, kExpMin));
+  float e0 = exp_nonpositive(-m);
+  u = exp_nonpositive(-kf - m);
+  v = exp_nonpositive(-ki - m);
   r = 1.0f / (2.0f * e0 + u + v);
   a = (e0 + v) * r;
   i = (e0 + u) * r;
@@ -92,8 +100,7 @@ inline void normalized(float kf, float ki, float& a, float& i, float& u, float& 
 
 // (sigmoid(k), sigmoid(-k)) from one exp, without cancellation.
 inline void sigmoid_pair(float k, float& pos, float& neg) {
-  float m = std::max(k >= 0.0f ? -k : k, kExpMin);
-  float e = exp_approx(m);
+  float e = exp_nonpositive(k >= 0.0f ? -k : k);
   float big = 1.0f / (1.0f + e);
   float small = e * big;
   pos = k >= 0.0f ? big : small;
@@ -107,7 +114,7 @@ inline void candidate(float p, float& c, float& dc) {
     c = p;
     dc = 1.0f;
   } else {
-    float e = exp_approx(std::max(std::min(p, 0.0f), kExpMin));
+    float e = exp_nonpositive(std::min(p, 0.0f));
     float s = e / (1.0f + e);
     c = p >= 0.0f ? p + 0.5f : s;
     dc = p >= 0.0f ? 1.0f : s * (1.0f - s);
