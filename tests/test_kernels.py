@@ -86,3 +86,21 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="must divide"):
         kernel.linear_scan_pallas(jnp.ones((1, 6, 2)), jnp.ones((1, 6, 2)),
                                   jnp.ones((1, 2)), interpret=True, num_chunks=4)
+
+
+@pytest.mark.parametrize("num_chunks", [0, -2, 2.0, True])
+def test_num_chunks_must_be_a_positive_int(num_chunks):
+    with pytest.raises(ValueError, match=f"num_chunks must be an integer >= 1, got {num_chunks}"):
+        kernel.linear_scan_pallas(jnp.ones((1, 6, 2)), jnp.ones((1, 6, 2)),
+                                  jnp.ones((1, 2)), interpret=True, num_chunks=num_chunks)
+
+
+@pytest.mark.parametrize("name", ["a", "b", "h0"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.int32])
+def test_inputs_must_share_a_float32_or_float64_dtype(name, dtype):
+    """The kernels scan float32 (or float64) only; linear_scan(impl="pallas")
+    casts, the kernel itself names the argument."""
+    args = dict(a=jnp.ones((1, 6, 2)), b=jnp.ones((1, 6, 2)), h0=jnp.ones((1, 2)))
+    args[name] = args[name].astype(dtype)
+    with pytest.raises(TypeError, match=f"one dtype, float32 or float64; {name} is "):
+        kernel.linear_scan_pallas(**args, interpret=True)

@@ -132,12 +132,12 @@ def linear_scan_pallas(a: Array, b: Array, h0: Array, *, reverse: bool = False,
     """``(h_last, h)`` of ``h_t = a_t h_{t-1} + b_t`` over axis 1 of ``(B, T, D)``.
 
     Args:
-      a, b: float32 ``(batch, time, d)``.
-      h0: float32 ``(batch, d)``.
+      a, b: float32 (or float64) ``(batch, time, d)``.
+      h0: ``(batch, d)``, of the dtype of ``a`` and ``b``.
       reverse: scan from the last step to the first.
       interpret: run the kernels in Pallas's interpreter (any backend; for
         tests).
-      num_chunks: chunks of the time axis (a power of two dividing ``time``);
+      num_chunks: chunks of the time axis, a positive int dividing ``time``;
         ``None`` picks enough for about ``_TARGET_PROGRAMS`` programs.
 
     Returns:
@@ -148,10 +148,18 @@ def linear_scan_pallas(a: Array, b: Array, h0: Array, *, reverse: bool = False,
         raise ValueError(
             "linear_scan_pallas needs a, b of shape (batch, time, d) and h0 of "
             f"shape (batch, d); got {a.shape}, {b.shape}, {h0.shape}")
+    for name, x in (("a", a), ("b", b), ("h0", h0)):
+        if x.dtype not in (jnp.float32, jnp.float64) or x.dtype != a.dtype:
+            raise TypeError(
+                "linear_scan_pallas needs a, b and h0 of one dtype, float32 or float64; "
+                f"{name} is {x.dtype}{'' if name == 'a' else f' (a is {a.dtype})'}; "
+                "linear_scan(impl='pallas') casts its inputs itself")
+    if num_chunks is not None:
+        checks.check_int_at_least("num_chunks", num_chunks, 1)
     batch, seq_len, d = a.shape
     block_d = _block_d(d)
     lane_blocks = d // block_d
-    n = num_chunks or _num_chunks(seq_len, batch * lane_blocks)
+    n = _num_chunks(seq_len, batch * lane_blocks) if num_chunks is None else int(num_chunks)
     if seq_len % n:
         raise ValueError(f"num_chunks={n} must divide the time axis {seq_len}")
     chunk = seq_len // n
