@@ -122,14 +122,17 @@ def apply_rope(x: Array, positions: Array, rot: int, base: float) -> Array:
     theta = pos * inv_freq.reshape((1,) * lead + (half,))
     cos, sin = jnp.cos(theta), jnp.sin(theta)
     xf = x.astype(accum)
-    x1, x2, rest = xf[..., :half], xf[..., half:rot], xf[..., rot:]
+    # jnp.split, not NumPy-style slicing, which lowers to a gather when a
+    # dimension is symbolic (jax.export).
+    x1, x2, rest = jnp.split(xf, [half, rot], axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.astype(x.dtype)
 
 
 def _take_rows(x: Array, idx: Array) -> Array:
     """``x[b, idx[b]]`` for ``x`` of shape ``(batch, time)``."""
-    return jnp.take_along_axis(x, idx[:, None], axis=1)[:, 0]
+    return jax.lax.index_in_dim(jnp.take_along_axis(x, idx[:, None], axis=1), 0, 1,
+                                keepdims=False)
 
 
 class LocalAttention(nn.Module):

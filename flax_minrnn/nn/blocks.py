@@ -77,7 +77,9 @@ def next_position(positions: Array, seq_lengths: Optional[Array], current: Array
     batch, seq_len = positions.shape
     n = jnp.full((batch,), seq_len, jnp.int32) if seq_lengths is None \
         else seq_lengths.astype(jnp.int32)
-    last = jnp.take_along_axis(positions, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+    last = jax.lax.index_in_dim(
+        jnp.take_along_axis(positions, jnp.maximum(n - 1, 0)[:, None], axis=1), 0, 1,
+        keepdims=False)
     return jnp.where(n > 0, last + 1, current)
 
 
@@ -224,10 +226,13 @@ class CausalConv(nn.Module):
             doc = jnp.concatenate([jnp.zeros((batch, k - 1), jnp.int32),
                                    jnp.cumsum(reset.astype(jnp.int32), axis=1)], axis=1)
         y = jnp.broadcast_to(bias, (batch, seq_len, d))
+        # lax slices: NumPy-style slicing of a symbolic time axis (jax.export)
+        # would lower to a gather.
+        window = lambda v, j: jax.lax.slice_in_dim(v, j, j + seq_len, axis=1)
         for j in range(k):
-            tap = buf[:, j:j + seq_len]
+            tap = window(buf, j)
             if doc is not None:
-                same = doc[:, j:j + seq_len] == doc[:, k - 1:]
+                same = window(doc, j) == window(doc, k - 1)
                 tap = jnp.where(same[:, :, None], tap, jnp.zeros((), tap.dtype))
             y = y + tap * kernel[j][None, None, :]
         if k == 1:

@@ -343,7 +343,7 @@ def _project(x, kernel, n_side: int, start, length: int):
     if not n_side:
         return pre, None
     n_rec = kernel.shape[1] - n_side
-    return pre[..., :n_rec], pre[..., n_rec:]
+    return tuple(jnp.split(pre, [n_rec], axis=-1))
 
 
 def tiles_backward(coeff_fn, readout, x, kernel, consts, params, h0, h, pre_buf, side_buf,
@@ -741,7 +741,7 @@ def run(coeff_fn, x, h0, kernel, params, impl, *, reset, seq_lengths, mask, reve
         h_last, out = _tiled(coeffs, readout, x, kernel, (boundary, valid), params, h0,
                              bool(reverse), size, n_side, seq_len)
         out = scan_lib.zero_invalid(out, valid) if readout is None else out
-        return h_last, (out[:, :seq_len] if symbolic else out)
+        return h_last, (scan_lib.time_slice(out, 0, seq_len) if symbolic else out)
     side = None
     if kernel is not None:
         n_rec = kernel.shape[1] - n_side

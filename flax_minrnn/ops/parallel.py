@@ -52,20 +52,19 @@ def _local_scan(a, b, h0, mask, *, axis_name: str, impl, reverse: bool):
     ``a`` already carries the resets (``a = 0`` at document boundaries).
     Returns the replicated final state and this shard's states.
     """
-    batch = a.shape[0]
     feat = (None,) * (a.ndim - 2)
     # Local pass from a zero state and the cumulative product of a: one
     # linear_scan over the two problems stacked on the batch axis.  The
     # initial states derive from `a` so that they vary over the axis like it.
-    zero = jnp.zeros_like(a[:, 0])
-    one = jnp.ones_like(a[:, 0])
+    zero = jnp.zeros_like(scan_lib.at_step(a, 0))
+    one = jnp.ones_like(zero)
     stacked_mask = None if mask is None else jnp.concatenate([mask, mask], 0)
     ends, states = scan_lib.linear_scan(
         jnp.concatenate([a, a], 0), jnp.concatenate([b, jnp.zeros_like(b)], 0),
         jnp.concatenate([zero, one], 0), impl=impl, mask=stacked_mask,
         reverse=reverse)
-    h_local, a_cum = states[:batch], states[batch:]
-    h_end, a_prod = ends[:batch], ends[batch:]
+    h_local, a_cum = jnp.split(states, 2, axis=0)
+    h_end, a_prod = jnp.split(ends, 2, axis=0)
 
     # Every shard's (A_k, H_k) on every shard: a psum of one-hot slots, so
     # the summaries (and what is computed from them) are replicated.
@@ -79,12 +78,7 @@ def _local_scan(a, b, h0, mask, *, axis_name: str, impl, reverse: bool):
     # Cross-shard combine: s_k = A_k s_{k-1} + H_k (n steps, same recurrence).
     _, s = scan_lib.linear_scan(s_prod, s_end, h0, impl=scan_lib.ScanImpl.SEQUENTIAL,
                                 reverse=reverse)
-    if reverse:
-        before = jnp.concatenate([s[:, 1:], h0[:, None]], axis=1)
-        h_last = s[:, 0]
-    else:
-        before = jnp.concatenate([h0[:, None], s[:, :-1]], axis=1)
-        h_last = s[:, -1]
+    before, h_last = scan_lib.states_before(s, h0, reverse), scan_lib.last_state(s, reverse)
     h_init = jax.lax.dynamic_index_in_dim(before, k, axis=1, keepdims=False)
     # Local correction; a_cum and h_local are zero at masked steps.
     return h_last, h_local + a_cum * h_init[(slice(None), None) + (slice(None),) * len(feat)]

@@ -210,20 +210,22 @@ def reset_boundaries(reset: Array, reverse: bool, valid: Optional[Array] = None)
     """
     boundary = reset
     if reverse:
-        boundary = jnp.concatenate([reset[:, 1:], jnp.zeros_like(reset[:, :1])], axis=1)
+        boundary = jnp.concatenate([time_slice(reset, 1, None),
+                                    jnp.zeros_like(time_slice(reset, 0, 1))], axis=1)
     if valid is None:
         return boundary
     if reverse:
-        boundary, valid = boundary[:, ::-1], valid[:, ::-1]
+        boundary, valid = flip_time(boundary), flip_time(valid)
     # A valid step restarts if a boundary lies in (the last valid step
     # before it, itself]: the boundaries seen so far outnumber those seen up
     # to that step (the count never decreases, so its running maximum over
     # the valid steps is the count at the last one).
     seen = jnp.cumsum(boundary.astype(jnp.int32), axis=1)
     upto_valid = jax.lax.cummax(jnp.where(valid, seen, 0), axis=1)
-    seen_before = jnp.concatenate([jnp.zeros_like(seen[:, :1]), upto_valid[:, :-1]], axis=1)
+    seen_before = jnp.concatenate([jnp.zeros_like(time_slice(seen, 0, 1)),
+                                   time_slice(upto_valid, 0, -1)], axis=1)
     moved = valid & (seen > seen_before)
-    return moved[:, ::-1] if reverse else moved
+    return flip_time(moved) if reverse else moved
 
 
 # ----------------------------------------------------------------------------
@@ -231,16 +233,37 @@ def reset_boundaries(reset: Array, reverse: bool, valid: Optional[Array] = None)
 # a, b are (B, T, *F) and h0 is (B, *F).  Each returns (h_last, h).
 
 
+# Indexing of the time axis (axis 1) by lax ops: NumPy-style indexing of an
+# array with a symbolic dimension (jax.export) lowers to a gather, whose
+# transpose is a scatter that XLA may spend seconds constant-folding; these
+# lower to slices, as the indexing does for concrete shapes.
+
+
+def at_step(x: Array, i: int) -> Array:
+    """``x[:, i]`` for a static ``i`` (0 or -1 on a symbolic time axis)."""
+    return jax.lax.index_in_dim(x, i, 1, keepdims=False)
+
+
+def time_slice(x: Array, start: int, stop) -> Array:
+    """``x[:, start:stop]`` (``stop`` may be ``None``, negative or symbolic)."""
+    return jax.lax.slice_in_dim(x, start, stop, axis=1)
+
+
+def flip_time(x: Array) -> Array:
+    """``x[:, ::-1]``."""
+    return jax.lax.rev(x, (1,))
+
+
 def last_state(h: Array, reverse: bool) -> Array:
-    return h[:, 0] if reverse else h[:, -1]
+    return at_step(h, 0 if reverse else -1)
 
 
 def states_before(h: Array, h0: Array, reverse: bool) -> Array:
     """The state before each step in scan order: ``h`` shifted by one step,
     with ``h0`` before the first."""
     if reverse:
-        return jnp.concatenate([h[:, 1:], h0[:, None]], axis=1)
-    return jnp.concatenate([h0[:, None], h[:, :-1]], axis=1)
+        return jnp.concatenate([time_slice(h, 1, None), h0[:, None]], axis=1)
+    return jnp.concatenate([h0[:, None], time_slice(h, 0, -1)], axis=1)
 
 
 def _combine(x, y):
@@ -250,8 +273,9 @@ def _combine(x, y):
 
 
 def _associative(a, b, h0, reverse):
-    idx = -1 if reverse else 0
-    b = b.at[:, idx].add(a[:, idx] * h0)
+    first = a.shape[1] - 1 if reverse else 0
+    b = jax.lax.dynamic_update_index_in_dim(
+        b, at_step(b, first) + at_step(a, first) * h0, first, 1)
     _, h = jax.lax.associative_scan(_combine, (a, b), axis=1, reverse=reverse)
     return last_state(h, reverse), h
 
@@ -313,10 +337,10 @@ def sequential_into(a: Array, out: Array, h: Array, reverse: bool, *, b: Optiona
         states = [None] * length
         for u in (reversed(range(length)) if reverse else range(length)):
             if adjoint:
-                states[u] = h + b_blk[:, u]
-                h = a_blk[:, u] * states[u]
+                states[u] = h + at_step(b_blk, u)
+                h = at_step(a_blk, u) * states[u]
             else:
-                h = a_blk[:, u] * h + b_blk[:, u]
+                h = at_step(a_blk, u) * h + at_step(b_blk, u)
                 states[u] = h
         out = jax.lax.dynamic_update_slice_in_dim(out, jnp.stack(states, 1), offset + start, 1)
         # The carry is read back from the stored block: XLA fuses the chain of
@@ -325,7 +349,7 @@ def sequential_into(a: Array, out: Array, h: Array, reverse: bool, *, b: Optiona
         last = 0 if reverse else length - 1
         h = jax.lax.dynamic_index_in_dim(out, offset + start + last, 1, keepdims=False)
         if adjoint:
-            h = a_blk[:, last] * h
+            h = at_step(a_blk, last) * h
         return h, out
 
     def body(i, carry):
@@ -370,13 +394,13 @@ def adjoint(impl, reverse, a, ct):
     """Transpose of ``(u, dh0) -> core(a, u, dh0)``: the cotangents of ``u``
     and ``dh0`` for the cotangents ``(g_last, g)`` of ``(h_last, h)``."""
     g_last, g = ct
-    ones = jnp.ones_like(a[:, :1])
+    ones = jnp.ones_like(time_slice(a, 0, 1))
     if reverse:
-        shifted, a_first = jnp.concatenate([ones, a[:, :-1]], axis=1), a[:, -1]
+        shifted, a_first = jnp.concatenate([ones, time_slice(a, 0, -1)], axis=1), at_step(a, -1)
     else:
-        shifted, a_first = jnp.concatenate([a[:, 1:], ones], axis=1), a[:, 0]
+        shifted, a_first = jnp.concatenate([time_slice(a, 1, None), ones], axis=1), at_step(a, 0)
     _, lam = core(shifted, g, g_last, impl, not reverse)
-    lam_first = lam[:, -1] if reverse else lam[:, 0]
+    lam_first = at_step(lam, -1 if reverse else 0)
     return lam, a_first * lam_first
 
 
@@ -491,7 +515,7 @@ def linear_scan(
         reset = checks.check_bool_bt("reset", reset, batch, seq_len)
     if h0 is None:
         # Built from a (not jnp.zeros) so it has a's type inside shard_map too.
-        h0 = jnp.zeros_like(a[:, 0], dtype=dtype)
+        h0 = jnp.zeros_like(at_step(a, 0), dtype=dtype)
     if batch == 0:
         return (jnp.zeros(state_shape, dtype), jnp.zeros(a.shape, dtype))
     a, b, h0 = checks.same_varying(*prepare(a, b, h0, dtype, reset=reset, valid=valid,

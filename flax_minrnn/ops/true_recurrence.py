@@ -71,6 +71,7 @@ import numpy as np
 from flax_minrnn.ops import checks
 from flax_minrnn.ops import scan as scan_lib
 from flax_minrnn.ops.linear import linear_op, matmul
+from flax_minrnn.ops.scan import at_step
 
 Array = jax.Array
 
@@ -102,7 +103,7 @@ def _step(coeff_fn, u, params, h, pre_t, bnd_t, valid_t):
     h_in = h if bnd_t is None else jnp.where(_expand(bnd_t, h), jnp.zeros((), h.dtype), h)
     p = pre_t + _recurrent_product(h_in, u, h.dtype)
     a, b = coeff_fn(p[:, None], params)
-    h_new = a[:, 0].astype(h.dtype) * h_in + b[:, 0].astype(h.dtype)
+    h_new = at_step(a, 0).astype(h.dtype) * h_in + at_step(b, 0).astype(h.dtype)
     if valid_t is not None:
         h_new = jnp.where(_expand(valid_t, h), h_new, h)
     return h_new, p
@@ -158,9 +159,9 @@ def _forward(coeff_fn, reverse: bool, unroll: int, pre, u, params, h0, bnd, vali
         pre_blk, bnd_blk, valid_blk = inputs
         hs, ps = [None] * length, [None] * length
         for i in (reversed(range(length)) if reverse else range(length)):
-            h, ps[i] = _step(coeff_fn, u, params, h, pre_blk[:, i],
-                             None if bnd_blk is None else bnd_blk[:, i],
-                             None if valid_blk is None else valid_blk[:, i])
+            h, ps[i] = _step(coeff_fn, u, params, h, at_step(pre_blk, i),
+                             None if bnd_blk is None else at_step(bnd_blk, i),
+                             None if valid_blk is None else at_step(valid_blk, i))
             hs[i] = h
         h_buf = jax.lax.dynamic_update_slice_in_dim(h_buf, jnp.stack(hs, 1), start, 1)
         if keep_pre:
@@ -181,7 +182,7 @@ def _states_in(h, h0, bnd, reverse):
 
 def _opaque_one(x):
     """The scalar 1 computed from ``x``: a value XLA cannot fold to a constant."""
-    first = x.reshape(-1)[:1]
+    first = jax.lax.slice_in_dim(x.reshape(-1), 0, 1)
     return (jnp.where(jnp.isfinite(first), first, 0) * 0 + 1).reshape(())
 
 
@@ -280,11 +281,12 @@ def _tangent_loop(coeff_fn, reverse: bool, unroll: int, u, params, h0, bnd, vali
         outs = [None] * length
         for i in (reversed(range(length)) if reverse else range(length)):
             dh_in = dh if bnd_blk is None else jnp.where(
-                _expand(bnd_blk[:, i], dh), jnp.zeros((), dtype), dh)
-            dp = (q_blk[:, i] + _recurrent_product(dh_in, u, dtype)).reshape(
+                _expand(at_step(bnd_blk, i), dh), jnp.zeros((), dtype), dh)
+            dp = (at_step(q_blk, i) + _recurrent_product(dh_in, u, dtype)).reshape(
                 batch, n_blocks, -1)
             # Divided by a one that XLA cannot fold, as in _backward.
-            dh = (keep[:, i] * dh_in + jnp.sum(k[:, i] * dp, axis=1) + s_blk[:, i]) / one
+            dh = (at_step(keep, i) * dh_in + jnp.sum(at_step(k, i) * dp, axis=1)
+                  + at_step(s_blk, i)) / one
             outs[i] = dh
         dh_buf = jax.lax.dynamic_update_slice_in_dim(dh_buf, jnp.stack(outs, 1), start, 1)
         return dh, dh_buf
@@ -328,15 +330,15 @@ def _backward(coeff_fn, reverse: bool, unroll: int, u, params, h0, bnd, valid, h
                                  valid_blk)
         lams = [None] * length
         for i in (range(length) if reverse else reversed(range(length))):
-            lam_t = c + g_blk[:, i]
-            dp = (k[:, i] * lam_t[:, None]).reshape(batch, n)
+            lam_t = c + at_step(g_blk, i)
+            dp = (at_step(k, i) * lam_t[:, None]).reshape(batch, n)
             back = jnp.dot(dp.astype(u.dtype), u_t, preferred_element_type=dtype).astype(dtype)
             if bnd_blk is not None:
-                back = jnp.where(_expand(bnd_blk[:, i], back), jnp.zeros((), dtype), back)
+                back = jnp.where(_expand(at_step(bnd_blk, i), back), jnp.zeros((), dtype), back)
             # Divided by a one that XLA cannot fold: the carry is then
             # computed once per step (XLA would otherwise recompute the chain
             # of cheap steps in each of their consumers).
-            c = (keep[:, i] * lam_t + back) / one
+            c = (at_step(keep, i) * lam_t + back) / one
             lams[i] = lam_t
         lam_buf = jax.lax.dynamic_update_slice_in_dim(lam_buf, jnp.stack(lams, 1), start, 1)
         return c, lam_buf
