@@ -268,6 +268,14 @@ def test_every_transformation(name):
         _close(got, want_out, 1e-12)
 
 
+def _no_indexing_ops(exported) -> bool:
+    """Whether an export holds no gather or scatter (NumPy-style indexing of
+    a symbolic dimension lowers to them; the library indexes with lax
+    slices)."""
+    return not re.search(r"stablehlo\.(gather|dynamic_gather|scatter)\b",
+                         exported.mlir_module())
+
+
 @pytest.mark.parametrize("name", ["MinGRU", "GatedLinearRNN_untied_assoc", "LM", "Griffin"])
 def test_export_with_a_symbolic_batch(name):
     """Exported once with a symbolic batch size, the forward pass and the
@@ -286,6 +294,7 @@ def test_export_with_a_symbolic_batch(name):
 
     for fun in (apply, jax.grad(loss)):
         exported = export.export(jax.jit(fun))(theta, spec(f"b, {x.shape[1]}"))
+        assert name in ("LM", "Griffin") or _no_indexing_ops(exported)
         restored = export.deserialize(exported.serialize())
         for xb in (x[:1], jnp.concatenate([x, x[::-1]], axis=0)):
             _close(restored.call(theta, xb), fun(theta, xb), 1e-12)
@@ -362,15 +371,10 @@ def test_export_with_a_symbolic_time_axis(name):
             return jax.jvp(lambda t: loss(t, x), (theta,), (jnp.cos(theta),))
         return jax.jvp(loss, (theta, x), (jnp.cos(theta), jnp.sin(x)))
 
-    def indexing_ops(exported):
-        text = exported.mlir_module()
-        return {op: len(re.findall(rf"stablehlo\.{op}\b", text))
-                for op in ("gather", "dynamic_gather", "scatter")}
-
     for fun in (apply, jax.grad(loss), directional):
         exported = export.export(jax.jit(fun))(theta, spec)
         if name not in ("LM", "Griffin"):
-            assert indexing_ops(exported) == {"gather": 0, "dynamic_gather": 0, "scatter": 0}
+            assert _no_indexing_ops(exported)
         restored = export.deserialize(exported.serialize())
         for batch, seq_len in ((1, 1), (2, 5), (1, 8), (3, 13)):
             xt = make(batch, seq_len)
