@@ -65,9 +65,9 @@ inline float exp_approx(float x) {
 
 constexpr float kExpMin = -86.0f;
 
-// exp(x) for x <= 0, and 0 below kExpMin (as XLA:CPU, which flushes the
-// subnormal results there to zero): sigmoid(-inf) is then 0, so 0 * inf is
-// NaN as in the Python gate equations.
+// exp(x) for x <= 0, and 0 below kExpMin: sigmoid(-inf) is then 0, so
+// 0 * inf is NaN as in the Python gate equations.  (XLA:CPU's exp is below
+// 4.4e-38 there and flushes to zero from about -87.3.)
 inline float exp_nonpositive(float x) {
   float e = exp_approx(std::max(x, kExpMin));
   return x < kExpMin ? 0.0f : e;
